@@ -1,0 +1,61 @@
+//! Wiring: open the store, start the link, the router and the flusher, and
+//! stop them in order.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_xmpp::parsers::jid::Jid;
+use tracing::info;
+
+use crate::config::Config;
+use crate::link::{CHANNEL_CAPACITY, Link, LinkSettings};
+use crate::router::{Router, run_flusher};
+use crate::store::Store;
+
+/// Open the store off the runtime (sled's open blocks).
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<Store>> {
+    let c = config.store.clone();
+    let store = tokio::task::spawn_blocking(move || {
+        Store::open(&c.path, c.durability, c.flush_interval_ms, c.cache_bytes)
+    })
+    .await??;
+    Ok(Arc::new(store))
+}
+
+/// Run the component until `shutdown` is cancelled.
+pub async fn run(config: Config, secret: String, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let store = open_store(&config).await?;
+    info!(path = %config.store.path.display(), durability = config.store.durability.as_str(), "store open");
+
+    let (out_tx, out_rx) = mpsc::channel(CHANNEL_CAPACITY);
+    let (ev_tx, ev_rx) = mpsc::channel(CHANNEL_CAPACITY);
+    let (flush_tx, flush_rx) = mpsc::unbounded_channel();
+    let (done_tx, done_rx) = mpsc::channel(16);
+
+    let link = Link::new(
+        LinkSettings {
+            domain: config.component.domain.clone(),
+            server: config.server_addr(),
+            secret,
+            keepalive: std::time::Duration::from_secs(config.component.keepalive_s),
+            ping_to: Jid::new(&config.relay.default_domain)?,
+            reconnect_max: std::time::Duration::from_millis(config.component.reconnect_max_ms),
+        },
+        out_rx,
+        ev_tx,
+        shutdown.clone(),
+    );
+    let router = Router::new(config.clone(), store.clone(), out_tx, flush_tx)?;
+    let flusher = tokio::spawn(run_flusher(store.clone(), flush_rx, done_tx));
+    let link = tokio::spawn(link.run());
+    router.run(ev_rx, done_rx, shutdown.clone()).await;
+    // The router is gone: the link closes the stream on the same token.
+    shutdown.cancel();
+    let _ = link.await;
+    flusher.abort();
+    Router::flush_store(store).await;
+    info!("redeliver stopped");
+    Ok(())
+}

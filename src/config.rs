@@ -1,0 +1,413 @@
+//! The TOML configuration: schema, defaults and validation.
+//!
+//! Unknown keys are rejected everywhere so that a typo never silently falls
+//! back to a default. The shared secret is never part of the TOML: it comes
+//! from `REDELIVER_SECRET` or from the file named by `component.secret_file`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use xmpp_parsers::jid::{BareJid, DomainPart};
+
+/// Environment variable that carries the component's shared secret.
+pub const SECRET_ENV: &str = "REDELIVER_SECRET";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub component: ComponentConfig,
+    pub relay: RelayConfig,
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// How to reach the server and under which name.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentConfig {
+    /// The component's own domain, e.g. `relay.example.com`.
+    pub domain: String,
+    /// The server's component listener, a literal `ip:port`.
+    pub server: String,
+    /// A file holding the shared secret (first line, trimmed). Used when
+    /// `REDELIVER_SECRET` is not set.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// Seconds of silence on the link before a keepalive ping is sent.
+    #[serde(default = "default_keepalive_s")]
+    pub keepalive_s: u64,
+    /// Cap of the jittered reconnect backoff.
+    #[serde(default = "default_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+}
+
+/// Who may relay and where relayed messages go.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Domain of `bob` in `bob@relay.example.com`.
+    pub default_domain: String,
+    /// Domains whose users may send through the relay (and be reached
+    /// through it with an XEP-0106 escaped localpart).
+    pub allowed_sender_domains: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Every accepted message is fsynced before it is relayed; concurrent
+    /// messages share one fsync (group commit).
+    Fsync,
+    /// Messages are relayed at once and fsynced every `flush_interval_ms`.
+    Batched,
+}
+
+impl Durability {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::Fsync => "fsync",
+            Durability::Batched => "batched",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Directory of the sled database.
+    pub path: PathBuf,
+    #[serde(default = "default_durability")]
+    pub durability: Durability,
+    #[serde(default = "default_flush_interval_ms")]
+    pub flush_interval_ms: u64,
+    /// sled's page cache, in bytes.
+    #[serde(default = "default_cache_bytes")]
+    pub cache_bytes: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// A sent message unconfirmed after this long marks the recipient offline.
+    #[serde(default = "default_receipt_timeout_ms")]
+    pub receipt_timeout_ms: u64,
+    /// Wait after a recipient comes online before replaying, so that the
+    /// server's own offline copies and their receipts arrive first.
+    #[serde(default = "default_replay_grace_ms")]
+    pub replay_grace_ms: u64,
+    /// Unconfirmed messages in flight per recipient.
+    #[serde(default = "default_window")]
+    pub window: usize,
+    /// First retry delay while a recipient's presence is unknown.
+    #[serde(default = "default_retry_initial_ms")]
+    pub retry_initial_ms: u64,
+    /// Cap of that retry delay.
+    #[serde(default = "default_retry_max_ms")]
+    pub retry_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    #[serde(default = "default_max_pending")]
+    pub max_pending_per_recipient: u64,
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes_per_recipient: u64,
+    #[serde(default = "default_max_stanza_bytes")]
+    pub max_stanza_bytes: usize,
+    #[serde(default = "default_ttl")]
+    pub message_ttl_s: u64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default)]
+    pub jids: Vec<String>,
+}
+
+fn default_keepalive_s() -> u64 {
+    30
+}
+fn default_reconnect_max_ms() -> u64 {
+    30_000
+}
+fn default_durability() -> Durability {
+    Durability::Fsync
+}
+fn default_flush_interval_ms() -> u64 {
+    5
+}
+fn default_cache_bytes() -> u64 {
+    32 * 1024 * 1024
+}
+fn default_receipt_timeout_ms() -> u64 {
+    30_000
+}
+fn default_replay_grace_ms() -> u64 {
+    2_000
+}
+fn default_window() -> usize {
+    64
+}
+fn default_retry_initial_ms() -> u64 {
+    5_000
+}
+fn default_retry_max_ms() -> u64 {
+    600_000
+}
+fn default_max_pending() -> u64 {
+    10_000
+}
+fn default_max_bytes() -> u64 {
+    10 * 1024 * 1024
+}
+fn default_max_stanza_bytes() -> usize {
+    256 * 1024
+}
+fn default_ttl() -> u64 {
+    7 * 24 * 3600
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            receipt_timeout_ms: default_receipt_timeout_ms(),
+            replay_grace_ms: default_replay_grace_ms(),
+            window: default_window(),
+            retry_initial_ms: default_retry_initial_ms(),
+            retry_max_ms: default_retry_max_ms(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_pending_per_recipient: default_max_pending(),
+            max_bytes_per_recipient: default_max_bytes(),
+            max_stanza_bytes: default_max_stanza_bytes(),
+            message_ttl_s: default_ttl(),
+        }
+    }
+}
+
+/// Prosody drops a component link on a stanza over 512 KiB; what we relay
+/// grows by a few hundred bytes, so stay clearly below that.
+const MAX_STANZA_CEILING: usize = 500 * 1024;
+
+impl Config {
+    /// Read, parse and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if DomainPart::new(&self.component.domain).is_err() || self.component.domain.is_empty() {
+            return bad(format!(
+                "component.domain {:?} is not a valid domain",
+                self.component.domain
+            ));
+        }
+        if self.component.server.parse::<SocketAddr>().is_err() {
+            return bad(format!(
+                "component.server {:?} must be a literal ip:port, e.g. \"127.0.0.1:5347\"",
+                self.component.server
+            ));
+        }
+        if DomainPart::new(&self.relay.default_domain).is_err() {
+            return bad(format!(
+                "relay.default_domain {:?} is not a valid domain",
+                self.relay.default_domain
+            ));
+        }
+        if self.relay.default_domain == self.component.domain {
+            return bad("relay.default_domain must differ from component.domain".into());
+        }
+        if self.relay.allowed_sender_domains.is_empty() {
+            return bad("relay.allowed_sender_domains must name at least one domain".into());
+        }
+        for d in &self.relay.allowed_sender_domains {
+            if DomainPart::new(d).is_err() {
+                return bad(format!(
+                    "relay.allowed_sender_domains: {d:?} is not a valid domain"
+                ));
+            }
+            if d == &self.component.domain {
+                return bad("relay.allowed_sender_domains must not contain component.domain".into());
+            }
+        }
+        if self.store.durability == Durability::Batched && self.store.flush_interval_ms == 0 {
+            return bad("store.flush_interval_ms must be at least 1 in batched mode".into());
+        }
+        let d = &self.delivery;
+        if d.window == 0 {
+            return bad("delivery.window must be at least 1".into());
+        }
+        if d.receipt_timeout_ms == 0 {
+            return bad("delivery.receipt_timeout_ms must be at least 1".into());
+        }
+        if d.retry_initial_ms == 0 || d.retry_max_ms < d.retry_initial_ms {
+            return bad("delivery.retry_initial_ms must be >= 1 and <= retry_max_ms".into());
+        }
+        let l = &self.limits;
+        if l.max_stanza_bytes == 0 || l.max_stanza_bytes > MAX_STANZA_CEILING {
+            return bad(format!(
+                "limits.max_stanza_bytes must be between 1 and {MAX_STANZA_CEILING} \
+                 (servers drop a component link on a stanza over 512 KiB)"
+            ));
+        }
+        if l.max_pending_per_recipient == 0 || l.max_bytes_per_recipient == 0 {
+            return bad("limits.max_pending_per_recipient and max_bytes_per_recipient must be at least 1".into());
+        }
+        if l.message_ttl_s == 0 {
+            return bad("limits.message_ttl_s must be at least 1".into());
+        }
+        for j in &self.admin.jids {
+            if j.parse::<BareJid>().is_err() {
+                return bad(format!("admin.jids: {j:?} is not a bare JID"));
+            }
+        }
+        if self.component.keepalive_s == 0 {
+            return bad("component.keepalive_s must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    pub fn server_addr(&self) -> SocketAddr {
+        // validate() guarantees this parses.
+        self.component
+            .server
+            .parse()
+            .expect("validated component.server")
+    }
+
+    pub fn receipt_timeout(&self) -> Duration {
+        Duration::from_millis(self.delivery.receipt_timeout_ms)
+    }
+
+    pub fn replay_grace(&self) -> Duration {
+        Duration::from_millis(self.delivery.replay_grace_ms)
+    }
+
+    /// The shared secret: `REDELIVER_SECRET` first, then `secret_file`.
+    pub fn secret(&self) -> Result<String, ConfigError> {
+        if let Ok(s) = std::env::var(SECRET_ENV)
+            && !s.is_empty()
+        {
+            return Ok(s);
+        }
+        let Some(path) = &self.component.secret_file else {
+            return Err(ConfigError::Invalid(format!(
+                "no secret: set {SECRET_ENV} or component.secret_file"
+            )));
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let secret = text.lines().next().unwrap_or("").trim().to_owned();
+        if secret.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "secret file {} is empty",
+                path.display()
+            )));
+        }
+        Ok(secret)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[component]
+domain = "relay.example.com"
+server = "127.0.0.1:5347"
+[relay]
+default_domain = "example.com"
+allowed_sender_domains = ["example.com"]
+[store]
+path = "/tmp/x"
+"#;
+
+    #[test]
+    fn minimal_gets_defaults() {
+        let c: Config = toml::from_str(MINIMAL).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.store.durability, Durability::Fsync);
+        assert_eq!(c.delivery.window, 64);
+        assert_eq!(c.limits.max_stanza_bytes, 262_144);
+    }
+
+    #[test]
+    fn unknown_keys_rejected() {
+        let text = format!("{MINIMAL}\n[limits]\nmax_pending = 3\n");
+        let err = toml::from_str::<Config>(&text).unwrap_err().to_string();
+        assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_rejected() {
+        for (from, to, what) in [
+            ("127.0.0.1:5347", "localhost:5347", "literal ip:port"),
+            ("[\"example.com\"]", "[]", "at least one domain"),
+            ("relay.example.com", "exa mple", "not a valid domain"),
+        ] {
+            let text = MINIMAL.replacen(from, to, 1);
+            let c: Config = toml::from_str(&text).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(what), "{what}: {err}");
+        }
+    }
+
+    #[test]
+    fn shipped_configs_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("component-config");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 1);
+    }
+}

@@ -1,0 +1,13 @@
+//! redeliver: an XEP-0114 component that makes message delivery reliable.
+//!
+//! Data flows one way: [`link`] (the XEP-0114 session) hands stanzas to the
+//! [`router`], which accepts, stores ([`store`]), forwards and confirms
+//! messages, tracks presence and drives replays, and sends through the
+//! link's bounded outbox. See docs/architecture.md.
+
+pub mod address;
+pub mod app;
+pub mod config;
+pub mod link;
+pub mod router;
+pub mod store;

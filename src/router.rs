@@ -1,0 +1,1145 @@
+//! The router: every stanza from the link goes through here.
+//!
+//! It is one task that owns all delivery state, so no locks: messages are
+//! accepted into the store, sent once durable, confirmed by receipts and
+//! markers, and replayed when presence says the recipient is back. See the
+//! lifecycle in docs/architecture.md.
+
+use std::collections::{BTreeMap, HashMap};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::time::{DelayQueue, delay_queue};
+use tokio_xmpp::Stanza;
+use tokio_xmpp::minidom::Element;
+use tokio_xmpp::parsers::date::DateTime;
+use tokio_xmpp::parsers::delay::Delay;
+use tokio_xmpp::parsers::disco::{DiscoInfoQuery, DiscoInfoResult, DiscoItemsResult, Identity};
+use tokio_xmpp::parsers::iq::Iq;
+use tokio_xmpp::parsers::jid::{BareJid, Jid};
+use tokio_xmpp::parsers::message::{Id, Message, MessageType};
+use tokio_xmpp::parsers::ns;
+use tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
+use tokio_xmpp::parsers::receipts::{Received, Request};
+use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
+use tokio_xmpp::parsers::stanza_id::StanzaId;
+use tracing::{debug, error, info, warn};
+
+use crate::address::{AddressBook, AddressError};
+use crate::config::{Config, Durability};
+use crate::link::{LinkEvent, Outbound};
+use crate::store::{Accepted, NewMessage, QueueLimits, Record, Store, StoreError, Subscription, bare_of};
+
+const CHAT_MARKERS: &str = "urn:xmpp:chat-markers:0";
+const CHAT_STATES: &str = "http://jabber.org/protocol/chatstates";
+const HINTS: &str = "urn:xmpp:hints";
+
+/// Delivery phase of one recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Nothing sent and nothing scheduled.
+    Idle,
+    /// Sending pending messages in order, up to the window.
+    Sending,
+    /// Back online; replay starts when the grace timer fires.
+    Grace,
+    /// Known to be offline: wait for presence (or any stanza from it).
+    Offline,
+    /// Presence unknown after a failure: retry when the timer fires.
+    Backoff,
+}
+
+/// One message on the wire, waiting for its receipt.
+#[derive(Debug)]
+struct InFlight {
+    id: String,
+    sender_bare: String,
+    timer: delay_queue::Key,
+}
+
+/// An available resource of a recipient.
+#[derive(Debug, Clone, Copy)]
+struct Resource {
+    priority: i8,
+    /// From disco#info: `Some(false)` when the client says it cannot send
+    /// receipts.
+    receipts: Option<bool>,
+}
+
+/// Runtime (not stored) delivery state of one recipient.
+#[derive(Debug)]
+struct Peer {
+    phase: Phase,
+    /// Available resources, from presence addressed to our bare domain.
+    resources: HashMap<String, Resource>,
+    /// Whether the resources map reflects real presence information.
+    presence_known: bool,
+    in_flight: BTreeMap<u64, InFlight>,
+    /// Next seq to consider sending while `Sending`.
+    cursor: u64,
+    /// Grace or backoff timer.
+    timer: Option<delay_queue::Key>,
+    /// Next backoff delay.
+    backoff: Duration,
+    /// Send attempts per pending seq since start (not stored).
+    attempts: HashMap<u64, u32>,
+}
+
+impl Peer {
+    fn new(initial_backoff: Duration) -> Peer {
+        Peer {
+            phase: Phase::Idle,
+            resources: HashMap::new(),
+            presence_known: false,
+            in_flight: BTreeMap::new(),
+            cursor: 0,
+            timer: None,
+            backoff: initial_backoff,
+            attempts: HashMap::new(),
+        }
+    }
+
+    fn online(&self) -> bool {
+        self.resources.values().any(|r| r.priority >= 0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Timer {
+    Receipt { recipient: String, seq: u64 },
+    /// Grace or backoff elapsed: start (re)sending.
+    Resume { recipient: String },
+}
+
+/// Counters for logs and the admin commands.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub accepted_total: u64,
+    pub confirmed_total: u64,
+    pub replays_total: u64,
+    pub bounces_total: u64,
+    pub refused_total: u64,
+}
+
+/// Inputs besides link events.
+#[derive(Debug)]
+pub enum Internal {
+    /// Everything up to this seq is on disk.
+    Durable(u64),
+}
+
+pub struct Router {
+    config: Arc<Config>,
+    book: AddressBook,
+    /// The component's bare domain as a JID, the `from` of its own stanzas.
+    me: Jid,
+    store: Arc<Store>,
+    outbox: mpsc::Sender<Outbound>,
+    /// Epoch of the live link, if any.
+    epoch: Option<u64>,
+    peers: HashMap<String, Peer>,
+    timers: DelayQueue<Timer>,
+    /// Highest seq known to be on disk; nothing above it is sent.
+    durable_seq: u64,
+    /// Asks the flusher for an fsync covering a seq (fsync mode only).
+    flush_requests: mpsc::UnboundedSender<u64>,
+    /// disco#info queries in flight: iq id → (recipient, resource).
+    disco_pending: HashMap<String, (String, String)>,
+    next_iq: u64,
+    pub stats: Stats,
+}
+
+/// Error replies the router sends; every refusal gets one.
+fn stanza_error(type_: ErrorType, cond: DefinedCondition, text: &str) -> StanzaError {
+    StanzaError::new(type_, cond, "en", text)
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn random_id() -> String {
+    format!("rd-{:016x}", rand::random::<u64>())
+}
+
+impl Router {
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<Store>,
+        outbox: mpsc::Sender<Outbound>,
+        flush_requests: mpsc::UnboundedSender<u64>,
+    ) -> Result<Router, StoreError> {
+        let book = AddressBook::new(
+            &config.component.domain,
+            &config.relay.default_domain,
+            &config.relay.allowed_sender_domains,
+        );
+        let me = Jid::from(book.component_jid());
+        // Every seq handed out so far is below this and already on disk
+        // as far as this process is concerned (what sled recovered).
+        let durable_seq = match config.store.durability {
+            Durability::Fsync => store.next_seq()?,
+            // Sent at once; sled flushes every flush_interval_ms.
+            Durability::Batched => u64::MAX,
+        };
+        Ok(Router {
+            config,
+            book,
+            me,
+            store,
+            outbox,
+            epoch: None,
+            peers: HashMap::new(),
+            timers: DelayQueue::new(),
+            durable_seq,
+            flush_requests,
+            disco_pending: HashMap::new(),
+            next_iq: 0,
+            stats: Stats::default(),
+        })
+    }
+
+    /// Run until shutdown or until the link is gone.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<LinkEvent>,
+        mut internal: mpsc::Receiver<Internal>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(Internal::Durable(seq)) = internal.recv() => self.on_durable(seq).await,
+                ev = events.recv() => match ev {
+                    Some(ev) => self.on_link_event(ev).await,
+                    None => break,
+                },
+                Some(expired) = self.timers.next() => {
+                    let t = expired.into_inner();
+                    self.on_timer(t).await;
+                }
+            }
+        }
+        info!(
+            accepted = self.stats.accepted_total,
+            confirmed = self.stats.confirmed_total,
+            "router stopped"
+        );
+    }
+
+    async fn send(&mut self, stanza: impl Into<Stanza>) {
+        let Some(epoch) = self.epoch else { return };
+        // Bounded: when the link is slow the router waits here, which
+        // slows intake from the link in turn.
+        let _ = self
+            .outbox
+            .send(Outbound {
+                epoch,
+                stanza: stanza.into(),
+            })
+            .await;
+    }
+
+    pub async fn on_link_event(&mut self, ev: LinkEvent) {
+        match ev {
+            LinkEvent::Up { epoch } => self.on_link_up(epoch).await,
+            LinkEvent::Down => self.on_link_down(),
+            LinkEvent::Stanza(st) => match *st {
+                Stanza::Message(m) => self.on_message(m).await,
+                Stanza::Presence(p) => self.on_presence(p).await,
+                Stanza::Iq(iq) => self.on_iq(iq).await,
+            },
+            LinkEvent::Invalid {
+                kind,
+                from,
+                to,
+                id,
+                type_,
+                error,
+            } => {
+                warn!(kind, ?from, ?to, ?id, %error, "stanza did not parse");
+                self.answer_invalid(kind, from, to, id, type_).await;
+            }
+        }
+    }
+
+    async fn answer_invalid(
+        &mut self,
+        kind: &'static str,
+        from: Option<String>,
+        to: Option<String>,
+        id: Option<String>,
+        type_: Option<String>,
+    ) {
+        // Never answer an error or a result: that could loop.
+        if matches!(type_.as_deref(), Some("error") | Some("result")) || kind == "presence" {
+            return;
+        }
+        let (Some(from), Some(to)) = (
+            from.and_then(|f| Jid::from_str(&f).ok()),
+            to.and_then(|t| Jid::from_str(&t).ok()),
+        ) else {
+            return;
+        };
+        if to.domain().as_str() != self.book.component().as_str() {
+            return;
+        }
+        let err = stanza_error(
+            ErrorType::Modify,
+            DefinedCondition::BadRequest,
+            "the stanza could not be parsed",
+        );
+        if kind == "iq" {
+            let iq = Iq::from_error(id.unwrap_or_default(), err)
+                .with_from(to)
+                .with_to(from);
+            self.send(iq).await;
+        } else {
+            let mut m = Message::error(Some(from)).with_payload(err);
+            m.from = Some(to);
+            m.id = id.map(Id);
+            self.send(m).await;
+        }
+    }
+
+    async fn on_link_up(&mut self, epoch: u64) {
+        self.epoch = Some(epoch);
+        let recipients = match self.store.recipients() {
+            Ok(r) => r,
+            Err(e) => {
+                error!(error = %e, "cannot list recipients after connect");
+                return;
+            }
+        };
+        let mut probed = 0;
+        let initial = Duration::from_millis(self.config.delivery.retry_initial_ms);
+        for (name, state) in recipients {
+            let Ok(jid) = BareJid::from_str(&name) else {
+                warn!(recipient = %name, "store holds an invalid recipient JID; skipping");
+                continue;
+            };
+            if state.subscription == Subscription::Subscribed {
+                // Servers do not queue presence for a disconnected
+                // component: ask again.
+                self.send(
+                    Presence::probe()
+                        .with_from(self.me.clone())
+                        .with_to(Jid::from(jid)),
+                )
+                .await;
+                probed += 1;
+            }
+            if state.pending > 0 {
+                // If the probe answers, presence decides; if nothing
+                // answers (presence unknown), this retry does.
+                let peer = self.peers.entry(name.clone()).or_insert_with(|| Peer::new(initial));
+                if peer.timer.is_none() && peer.phase != Phase::Sending {
+                    let delay = if state.subscription == Subscription::Subscribed {
+                        initial
+                    } else {
+                        Duration::ZERO
+                    };
+                    peer.phase = Phase::Backoff;
+                    peer.timer = Some(self.timers.insert(
+                        Timer::Resume {
+                            recipient: name.clone(),
+                        },
+                        delay,
+                    ));
+                }
+            }
+        }
+        info!(epoch, probed, "link up; probed subscribed recipients");
+    }
+
+    fn on_link_down(&mut self) {
+        self.epoch = None;
+        // What was on the wire is in doubt: it stays pending and is
+        // replayed once presence is known again.
+        for peer in self.peers.values_mut() {
+            for (_, f) in std::mem::take(&mut peer.in_flight) {
+                self.timers.try_remove(&f.timer);
+            }
+            if let Some(k) = peer.timer.take() {
+                self.timers.try_remove(&k);
+            }
+            peer.resources.clear();
+            peer.presence_known = false;
+            peer.phase = Phase::Idle;
+            peer.cursor = 0;
+        }
+        self.disco_pending.clear();
+        warn!("link down; in-flight messages stay pending");
+    }
+
+    // ----- messages -----
+
+    async fn on_message(&mut self, m: Message) {
+        let (Some(from), Some(to)) = (m.from.clone(), m.to.clone()) else {
+            debug!("message without from or to dropped");
+            return;
+        };
+        if m.type_ == MessageType::Error {
+            self.on_bounce(&from, &to, m.id.as_ref().map(|i| i.0.as_str()))
+                .await;
+            return;
+        }
+        let Some(to_node) = to.node() else {
+            self.refuse_message(&m, ErrorType::Cancel, DefinedCondition::ServiceUnavailable, "this address does not take messages; write to user@relay-domain")
+                .await;
+            return;
+        };
+        let from_bare = from.to_bare();
+        if from_bare.node().is_none() || !self.book.sender_allowed(from.domain().as_str()) {
+            self.refuse_message(&m, ErrorType::Cancel, DefinedCondition::NotAllowed, "your domain may not send through this relay")
+                .await;
+            return;
+        }
+        let target = match self.book.user_for(Some(to_node.as_str())) {
+            Ok(t) => t,
+            Err(AddressError::DomainNotAllowed(_)) => {
+                self.refuse_message(&m, ErrorType::Cancel, DefinedCondition::NotAllowed, "the recipient's domain is not served by this relay")
+                    .await;
+                return;
+            }
+            Err(e) => {
+                self.refuse_message(&m, ErrorType::Modify, DefinedCondition::JidMalformed, &e.to_string())
+                    .await;
+                return;
+            }
+        };
+        let from_key = from_bare.to_string();
+        // Anything from a recipient shows it is reachable again.
+        self.seen_alive(&from_key).await;
+        self.handle_confirmations(&from_key, &target, &m).await;
+        if m.type_ == MessageType::Groupchat {
+            self.refuse_message(&m, ErrorType::Cancel, DefinedCondition::NotAcceptable, "groupchat messages are not relayed")
+                .await;
+            return;
+        }
+        if is_ephemeral(&m) {
+            self.forward_ephemeral(m, &from_bare, &target).await;
+            return;
+        }
+        self.accept(m, &from, &from_bare, &target).await;
+    }
+
+    async fn refuse_message(&mut self, m: &Message, t: ErrorType, c: DefinedCondition, text: &str) {
+        self.stats.refused_total += 1;
+        info!(from = ?m.from, to = ?m.to, id = ?m.id, condition = ?c, "refused message");
+        let Some(from) = m.from.clone() else { return };
+        let mut reply = Message::error(Some(from)).with_payload(stanza_error(t, c, text));
+        reply.from = m.to.clone();
+        reply.id = m.id.clone();
+        self.send(reply).await;
+    }
+
+    async fn accept(&mut self, mut m: Message, from: &Jid, from_bare: &BareJid, target: &BareJid) {
+        let relay_from = match self.book.relay_for(from_bare) {
+            Ok(r) => r,
+            Err(e) => {
+                self.refuse_message(&m, ErrorType::Modify, DefinedCondition::JidMalformed, &e.to_string())
+                    .await;
+                return;
+            }
+        };
+        let original = m.clone();
+        let id = match &m.id {
+            Some(id) if !id.0.is_empty() => id.0.clone(),
+            _ => random_id(),
+        };
+        let origin_id = m
+            .payloads
+            .iter()
+            .find(|p| p.is("origin-id", ns::SID))
+            .and_then(|p| p.attr("id"))
+            .map(str::to_owned);
+        m.id = Some(Id(id.clone()));
+        m.from = Some(Jid::from(relay_from));
+        m.to = Some(Jid::from(target.clone()));
+        // Ours are added at send time; never relay a claim made in our name.
+        let me = self.me.to_string();
+        m.payloads.retain(|p| {
+            !(p.is("request", ns::RECEIPTS)
+                || p.is("delay", ns::DELAY) && p.attr("from") == Some(me.as_str())
+                || p.is("stanza-id", ns::SID) && p.attr("by") == Some(me.as_str()))
+        });
+        let xml = String::from(&Element::from(m));
+        if xml.len() > self.config.limits.max_stanza_bytes {
+            self.refuse_message(&original, ErrorType::Modify, DefinedCondition::PolicyViolation, "message too large for the relay")
+                .await;
+            return;
+        }
+        let recipient = target.to_string();
+        let limits = QueueLimits {
+            max_pending: self.config.limits.max_pending_per_recipient,
+            max_bytes: self.config.limits.max_bytes_per_recipient,
+        };
+        let outcome = self.store.accept(
+            NewMessage {
+                recipient: &recipient,
+                sender_bare: &from_bare.to_string(),
+                origin_id: origin_id.as_deref(),
+                record: Record {
+                    accepted_at_ms: now_ms(),
+                    sender: from.to_string(),
+                    id: id.clone(),
+                    stanza: xml,
+                },
+            },
+            limits,
+        );
+        match outcome {
+            Ok(Accepted::Stored { seq }) => {
+                self.stats.accepted_total += 1;
+                debug!(to = %recipient, from = %from, id = %id, seq, "accepted");
+                if self.config.store.durability == Durability::Fsync {
+                    let _ = self.flush_requests.send(seq);
+                }
+                self.ensure_subscribed(&recipient, target).await;
+                self.kick(&recipient).await;
+            }
+            Ok(Accepted::Duplicate { seq }) => {
+                info!(to = %recipient, from = %from, id = %id, seq, "duplicate submission ignored");
+            }
+            Ok(Accepted::QueueFull) => {
+                self.refuse_message(&original, ErrorType::Wait, DefinedCondition::ResourceConstraint, "the recipient's queue is full")
+                    .await;
+            }
+            Err(e) => {
+                error!(error = %e, to = %recipient, "store write failed; refusing");
+                self.refuse_message(&original, ErrorType::Wait, DefinedCondition::ResourceConstraint, "the relay cannot store messages right now")
+                    .await;
+            }
+        }
+    }
+
+    /// Relay a message that carries only receipts, markers or chat states:
+    /// nothing to store, no receipt to request.
+    async fn forward_ephemeral(&mut self, mut m: Message, from_bare: &BareJid, target: &BareJid) {
+        let Ok(relay_from) = self.book.relay_for(from_bare) else { return };
+        m.from = Some(Jid::from(relay_from));
+        m.to = Some(Jid::from(target.clone()));
+        self.send(m).await;
+    }
+
+    /// Receipts and markers from `from_key` (a recipient) about messages
+    /// that `target` sent it.
+    async fn handle_confirmations(&mut self, from_key: &str, target: &BareJid, m: &Message) {
+        let sender = target.to_string();
+        for p in &m.payloads {
+            let Some(id) = p.attr("id") else { continue };
+            let marker = p.ns() == CHAT_MARKERS
+                && matches!(p.name(), "received" | "displayed" | "acknowledged");
+            if !(p.is("received", ns::RECEIPTS) || marker) {
+                continue;
+            }
+            let seq = match self.store.seq_of(from_key, &sender, id) {
+                Ok(Some(seq)) => seq,
+                Ok(None) => continue,
+                Err(e) => {
+                    error!(error = %e, "id index lookup failed");
+                    continue;
+                }
+            };
+            let seqs = if marker {
+                match self.store.pending_from_sender_upto(from_key, &sender, seq) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        error!(error = %e, "marker scan failed");
+                        continue;
+                    }
+                }
+            } else {
+                vec![seq]
+            };
+            self.confirm(from_key, &seqs, false).await;
+        }
+    }
+
+    /// Remove confirmed messages and tell their senders.
+    async fn confirm(&mut self, recipient: &str, seqs: &[u64], assumed: bool) {
+        let removed = match self.store.confirm(recipient, seqs) {
+            Ok(r) => r,
+            Err(e) => {
+                error!(error = %e, to = recipient, "cannot remove confirmed messages");
+                return;
+            }
+        };
+        if removed.is_empty() {
+            return;
+        }
+        if self.config.store.durability == Durability::Fsync
+            && let Some((seq, _)) = removed.last()
+        {
+            let _ = self.flush_requests.send(*seq);
+        }
+        let initial = Duration::from_millis(self.config.delivery.retry_initial_ms);
+        if let Some(peer) = self.peers.get_mut(recipient) {
+            for (seq, _) in &removed {
+                if let Some(f) = peer.in_flight.remove(seq) {
+                    self.timers.try_remove(&f.timer);
+                }
+                peer.attempts.remove(seq);
+            }
+            peer.backoff = initial;
+        }
+        self.stats.confirmed_total += removed.len() as u64;
+        let recipient_jid = BareJid::from_str(recipient).ok();
+        for (seq, rec) in removed {
+            info!(to = recipient, id = %rec.id, seq, assumed, "confirmed");
+            if assumed {
+                continue;
+            }
+            // End-to-end receipt for the original sender.
+            let (Some(rj), Ok(sender)) = (&recipient_jid, Jid::from_str(&rec.sender)) else {
+                continue;
+            };
+            let Ok(relay_from) = self.book.relay_for(rj) else { continue };
+            let mut receipt = Message::new(Some(sender)).with_payload(Received { id: rec.id });
+            receipt.type_ = MessageType::Normal;
+            receipt.from = Some(Jid::from(relay_from));
+            receipt.id = Some(Id(random_id()));
+            self.send(receipt).await;
+        }
+        self.pump(recipient).await;
+    }
+
+    async fn on_bounce(&mut self, from: &Jid, to: &Jid, id: Option<&str>) {
+        let recipient = from.to_bare().to_string();
+        let Some(id) = id else { return };
+        let sender = to
+            .node()
+            .and_then(|n| self.book.user_for(Some(n.as_str())).ok())
+            .map(|j| j.to_string());
+        let Some(peer) = self.peers.get(&recipient) else {
+            debug!(from = %from, id, "error for nothing in flight");
+            return;
+        };
+        let hit = peer
+            .in_flight
+            .values()
+            .any(|f| f.id == id && Some(&f.sender_bare) == sender.as_ref());
+        if hit {
+            self.stats.bounces_total += 1;
+            info!(to = %recipient, id, "bounced; recipient marked offline");
+            self.fail(&recipient).await;
+        } else {
+            debug!(from = %from, id, "error for nothing in flight");
+        }
+    }
+
+    // ----- delivery state machine -----
+
+    /// Something new is pending for `recipient`: send if we may.
+    async fn kick(&mut self, recipient: &str) {
+        let initial = Duration::from_millis(self.config.delivery.retry_initial_ms);
+        let peer = self
+            .peers
+            .entry(recipient.to_owned())
+            .or_insert_with(|| Peer::new(initial));
+        match peer.phase {
+            Phase::Sending => self.pump(recipient).await,
+            Phase::Idle => {
+                if peer.online() || !peer.presence_known {
+                    peer.phase = Phase::Sending;
+                    peer.cursor = 0;
+                    self.pump(recipient).await;
+                } else {
+                    peer.phase = Phase::Offline;
+                }
+            }
+            Phase::Grace | Phase::Offline | Phase::Backoff => {}
+        }
+    }
+
+    /// Send pending messages in order while the window has room.
+    async fn pump(&mut self, recipient: &str) {
+        if self.epoch.is_none() {
+            return;
+        }
+        let window = self.config.delivery.window;
+        let Some(peer) = self.peers.get(recipient) else { return };
+        if peer.phase != Phase::Sending || peer.in_flight.len() >= window {
+            return;
+        }
+        let room = window - peer.in_flight.len();
+        let batch = match self.store.pending_from(recipient, peer.cursor, room) {
+            Ok(b) => b,
+            Err(e) => {
+                error!(error = %e, to = recipient, "cannot read queue");
+                return;
+            }
+        };
+        let timeout = self.config.receipt_timeout();
+        let mut to_send = Vec::with_capacity(batch.len());
+        {
+            let peer = self.peers.get_mut(recipient).expect("checked above");
+            for (seq, rec) in batch {
+                if seq > self.durable_seq {
+                    break; // not on disk yet; Internal::Durable resumes
+                }
+                let timer = self.timers.insert(
+                    Timer::Receipt {
+                        recipient: recipient.to_owned(),
+                        seq,
+                    },
+                    timeout,
+                );
+                peer.in_flight.insert(
+                    seq,
+                    InFlight {
+                        id: rec.id.clone(),
+                        sender_bare: bare_of(&rec.sender).to_owned(),
+                        timer,
+                    },
+                );
+                peer.cursor = seq + 1;
+                let attempts = peer.attempts.entry(seq).or_insert(0);
+                *attempts += 1;
+                let replay = *attempts > 1 || now_ms() - rec.accepted_at_ms > 1_000;
+                to_send.push((seq, rec, replay));
+            }
+        }
+        for (seq, rec, replay) in to_send {
+            if replay {
+                self.stats.replays_total += 1;
+            }
+            match self.outgoing(seq, &rec, replay) {
+                Some(m) => self.send(m).await,
+                None => {
+                    // A record we cannot parse back can never be delivered;
+                    // keep it for the operator rather than drop it.
+                    error!(to = recipient, seq, "stored stanza does not parse; left in the store");
+                }
+            }
+        }
+    }
+
+    /// Rebuild the stanza for the wire from its record.
+    fn outgoing(&self, seq: u64, rec: &Record, replay: bool) -> Option<Message> {
+        let el = Element::from_str(&rec.stanza).ok()?;
+        let mut m = Message::try_from(el).ok()?;
+        m.payloads.push(Request.into());
+        m.payloads.push(
+            StanzaId {
+                id: format!("{seq:016x}"),
+                by: self.me.clone(),
+            }
+            .into(),
+        );
+        if replay {
+            let stamp = chrono::DateTime::from_timestamp_millis(rec.accepted_at_ms)
+                .unwrap_or_default()
+                .fixed_offset();
+            m.payloads.push(
+                Delay {
+                    from: Some(self.me.clone()),
+                    stamp: DateTime(stamp),
+                    data: Some("Redelivered".into()),
+                }
+                .into(),
+            );
+        }
+        Some(m)
+    }
+
+    /// A send failed: bounce or receipt timeout.
+    async fn fail(&mut self, recipient: &str) {
+        let Some(peer) = self.peers.get_mut(recipient) else { return };
+        for (_, f) in std::mem::take(&mut peer.in_flight) {
+            self.timers.try_remove(&f.timer);
+        }
+        peer.cursor = 0;
+        peer.resources.clear();
+        if let Some(k) = peer.timer.take() {
+            self.timers.try_remove(&k);
+        }
+        let subscribed = matches!(
+            self.store.recipient(recipient).map(|s| s.subscription),
+            Ok(Subscription::Subscribed)
+        );
+        if subscribed {
+            // Presence will tell us when it is back.
+            peer.presence_known = true;
+            peer.phase = Phase::Offline;
+        } else {
+            peer.presence_known = false;
+            peer.phase = Phase::Backoff;
+            let delay = peer.backoff;
+            peer.backoff = (peer.backoff * 2).min(Duration::from_millis(self.config.delivery.retry_max_ms));
+            peer.timer = Some(self.timers.insert(
+                Timer::Resume {
+                    recipient: recipient.to_owned(),
+                },
+                delay,
+            ));
+            debug!(to = recipient, retry_in_ms = delay.as_millis() as u64, "presence unknown; retry scheduled");
+        }
+    }
+
+    /// The recipient showed signs of life: replay after the grace window
+    /// unless already sending.
+    async fn seen_alive(&mut self, recipient: &str) {
+        let Some(peer) = self.peers.get_mut(recipient) else { return };
+        if matches!(peer.phase, Phase::Offline | Phase::Backoff | Phase::Idle) {
+            let has_pending = self
+                .store
+                .recipient(recipient)
+                .map(|s| s.pending > 0)
+                .unwrap_or(false);
+            if !has_pending {
+                peer.phase = Phase::Idle;
+                return;
+            }
+            if let Some(k) = peer.timer.take() {
+                self.timers.try_remove(&k);
+            }
+            peer.phase = Phase::Grace;
+            peer.timer = Some(self.timers.insert(
+                Timer::Resume {
+                    recipient: recipient.to_owned(),
+                },
+                self.config.replay_grace(),
+            ));
+            debug!(to = recipient, "back online; replay after grace");
+        }
+    }
+
+    async fn on_timer(&mut self, t: Timer) {
+        match t {
+            Timer::Resume { recipient } => {
+                let Some(peer) = self.peers.get_mut(&recipient) else { return };
+                peer.timer = None;
+                peer.phase = Phase::Sending;
+                peer.cursor = 0;
+                self.pump(&recipient).await;
+            }
+            Timer::Receipt { recipient, seq } => {
+                let Some(peer) = self.peers.get_mut(&recipient) else { return };
+                if peer.in_flight.remove(&seq).is_none() {
+                    return;
+                }
+                let no_receipts = !peer.resources.is_empty()
+                    && peer.resources.values().all(|r| r.receipts == Some(false));
+                if no_receipts {
+                    // The clients said they never send receipts: no error
+                    // within the timeout is the best proof we will get.
+                    self.confirm(&recipient, &[seq], true).await;
+                } else {
+                    info!(to = %recipient, seq, "receipt timeout; recipient marked offline");
+                    self.fail(&recipient).await;
+                }
+            }
+        }
+    }
+
+    async fn on_durable(&mut self, seq: u64) {
+        if seq <= self.durable_seq {
+            return;
+        }
+        self.durable_seq = seq;
+        let sending: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.phase == Phase::Sending)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for r in sending {
+            self.pump(&r).await;
+        }
+    }
+
+    // ----- presence -----
+
+    async fn ensure_subscribed(&mut self, recipient: &str, jid: &BareJid) {
+        match self.store.recipient(recipient) {
+            Ok(st) if st.subscription == Subscription::None => {
+                if let Err(e) = self.store.set_subscription(recipient, Subscription::Requested) {
+                    error!(error = %e, "cannot record subscription request");
+                    return;
+                }
+                info!(to = recipient, "requesting presence subscription");
+                self.send(
+                    Presence::subscribe()
+                        .with_from(self.me.clone())
+                        .with_to(Jid::from(jid.clone())),
+                )
+                .await;
+            }
+            Ok(_) => {}
+            Err(e) => error!(error = %e, "cannot read recipient state"),
+        }
+    }
+
+    async fn on_presence(&mut self, p: Presence) {
+        let (Some(from), Some(to)) = (p.from.clone(), p.to.clone()) else { return };
+        if to.domain().as_str() != self.book.component().as_str() {
+            return;
+        }
+        match p.type_ {
+            PresenceType::Subscribe => {
+                // Auto-approve anyone subscribing to any of our JIDs.
+                self.send(
+                    Presence::subscribed()
+                        .with_from(to.to_bare())
+                        .with_to(from.to_bare()),
+                )
+                .await;
+                return;
+            }
+            PresenceType::Unsubscribe => {
+                self.send(
+                    Presence::new(PresenceType::Unsubscribed)
+                        .with_from(to.to_bare())
+                        .with_to(from.to_bare()),
+                )
+                .await;
+                return;
+            }
+            PresenceType::Probe => {
+                self.send(Presence::available().with_from(to.to_bare()).with_to(from)).await;
+                return;
+            }
+            _ => {}
+        }
+        // Delivery tracking only looks at presence for our bare domain;
+        // relay-user JIDs in a roster get their own copies.
+        if to.node().is_some() {
+            return;
+        }
+        let recipient = from.to_bare().to_string();
+        let sub = match self.store.recipient(&recipient) {
+            Ok(s) => s.subscription,
+            Err(e) => {
+                error!(error = %e, "cannot read recipient state");
+                return;
+            }
+        };
+        let initial = Duration::from_millis(self.config.delivery.retry_initial_ms);
+        match p.type_ {
+            PresenceType::Subscribed => {
+                info!(to = %recipient, "presence subscription approved");
+                let _ = self.store.set_subscription(&recipient, Subscription::Subscribed);
+            }
+            PresenceType::Unsubscribed => {
+                info!(to = %recipient, "presence subscription refused or cancelled");
+                let _ = self.store.set_subscription(&recipient, Subscription::None);
+            }
+            PresenceType::Unavailable => {
+                // Prosody acknowledges a subscribe with a bare unavailable:
+                // that is not a logout.
+                if sub != Subscription::Subscribed {
+                    return;
+                }
+                let peer = self.peers.entry(recipient.clone()).or_insert_with(|| Peer::new(initial));
+                peer.presence_known = true;
+                match from.resource() {
+                    Some(r) => {
+                        peer.resources.remove(r.as_str());
+                    }
+                    None => peer.resources.clear(),
+                }
+                if !peer.online() {
+                    debug!(to = %recipient, "offline");
+                    for (_, f) in std::mem::take(&mut peer.in_flight) {
+                        self.timers.try_remove(&f.timer);
+                    }
+                    if let Some(k) = peer.timer.take() {
+                        self.timers.try_remove(&k);
+                    }
+                    peer.cursor = 0;
+                    peer.phase = Phase::Offline;
+                }
+            }
+            PresenceType::None => {
+                if sub == Subscription::Requested {
+                    // Presence only flows after approval; a lost
+                    // `subscribed` must not leave us waiting.
+                    let _ = self.store.set_subscription(&recipient, Subscription::Subscribed);
+                }
+                let Some(resource) = from.resource().map(|r| r.to_string()) else { return };
+                let peer = self.peers.entry(recipient.clone()).or_insert_with(|| Peer::new(initial));
+                let was_online = peer.online();
+                peer.presence_known = true;
+                let known = peer.resources.get(&resource).and_then(|r| r.receipts);
+                let new_resource = !peer.resources.contains_key(&resource);
+                peer.resources.insert(
+                    resource.clone(),
+                    Resource {
+                        priority: p.priority.0,
+                        receipts: known,
+                    },
+                );
+                let online = peer.online();
+                if new_resource {
+                    self.query_receipt_support(&recipient, from.clone(), resource).await;
+                }
+                if online && !was_online {
+                    info!(to = %recipient, "available");
+                    self.seen_alive(&recipient).await;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn query_receipt_support(&mut self, recipient: &str, full: Jid, resource: String) {
+        self.next_iq += 1;
+        let id = format!("disco-{}", self.next_iq);
+        self.disco_pending
+            .insert(id.clone(), (recipient.to_owned(), resource));
+        let iq = Iq::from_get(id, DiscoInfoQuery { node: None })
+            .with_from(self.me.clone())
+            .with_to(full);
+        self.send(iq).await;
+    }
+
+    // ----- iq -----
+
+    async fn on_iq(&mut self, iq: Iq) {
+        match iq {
+            Iq::Result { id, payload, .. } => {
+                if let Some((recipient, resource)) = self.disco_pending.remove(&id) {
+                    let supports = payload
+                        .and_then(|p| DiscoInfoResult::try_from(p).ok())
+                        .map(|info| info.features.contains(ns::RECEIPTS));
+                    if let Some(peer) = self.peers.get_mut(&recipient)
+                        && let Some(r) = peer.resources.get_mut(&resource)
+                    {
+                        r.receipts = supports;
+                        debug!(to = %recipient, %resource, ?supports, "receipt support");
+                    }
+                }
+            }
+            Iq::Error { id, .. } => {
+                self.disco_pending.remove(&id);
+            }
+            Iq::Get {
+                from, to, id, payload,
+            } => {
+                let reply = self.answer_get(&to, &payload);
+                self.reply_iq(from, to, id, reply).await;
+            }
+            Iq::Set { from, to, id, .. } => {
+                let reply = Err(stanza_error(
+                    ErrorType::Cancel,
+                    DefinedCondition::ServiceUnavailable,
+                    "no such service",
+                ));
+                self.reply_iq(from, to, id, reply).await;
+            }
+        }
+    }
+
+    fn answer_get(&self, to: &Option<Jid>, payload: &Element) -> Result<Option<Element>, StanzaError> {
+        let unavailable = || {
+            stanza_error(
+                ErrorType::Cancel,
+                DefinedCondition::ServiceUnavailable,
+                "no such service",
+            )
+        };
+        let to_domain = to.as_ref().is_some_and(|t| t.node().is_none());
+        if payload.is("ping", ns::PING) {
+            return Ok(None);
+        }
+        if !to_domain {
+            return Err(unavailable());
+        }
+        if payload.is("query", ns::DISCO_INFO) && payload.attr("node").is_none() {
+            let info = DiscoInfoResult {
+                node: None,
+                identities: vec![Identity::new("component", "generic", "en", "redeliver")],
+                features: [ns::DISCO_INFO, ns::DISCO_ITEMS, ns::PING, ns::RECEIPTS, ns::SID]
+                    .into_iter()
+                    .map(String::from)
+                    .collect(),
+                extensions: vec![],
+            };
+            return Ok(Some(info.into()));
+        }
+        if payload.is("query", ns::DISCO_ITEMS) {
+            let items = DiscoItemsResult {
+                node: payload.attr("node").map(String::from),
+                items: vec![],
+                rsm: None,
+            };
+            return Ok(Some(items.into()));
+        }
+        Err(unavailable())
+    }
+
+    async fn reply_iq(
+        &mut self,
+        from: Option<Jid>,
+        to: Option<Jid>,
+        id: String,
+        reply: Result<Option<Element>, StanzaError>,
+    ) {
+        let Some(from) = from else { return };
+        let our = to.unwrap_or_else(|| self.me.clone());
+        let iq = match reply {
+            Ok(payload) => Iq::Result {
+                from: Some(our),
+                to: Some(from),
+                id,
+                payload,
+            },
+            Err(e) => Iq::from_error(id, e).with_from(our).with_to(from),
+        };
+        self.send(iq).await;
+    }
+
+    /// Stop: make the store durable. Blocking work runs off the runtime.
+    pub async fn flush_store(store: Arc<Store>) {
+        match tokio::task::spawn_blocking(move || store.flush()).await {
+            Ok(Ok(_)) => info!("store flushed"),
+            Ok(Err(e)) => error!(error = %e, "final store flush failed"),
+            Err(e) => error!(error = %e, "final store flush panicked"),
+        }
+    }
+}
+
+/// A message with nothing to keep: only receipts, markers, chat states
+/// or processing hints.
+fn is_ephemeral(m: &Message) -> bool {
+    m.bodies.is_empty()
+        && m.subjects.is_empty()
+        && m.payloads.iter().all(|p| {
+            let n = p.ns();
+            n == ns::RECEIPTS || n == CHAT_MARKERS || n == CHAT_STATES || n == HINTS
+        })
+}
+
+/// The group-commit flusher: every request is answered by one fsync that
+/// covers it and every request queued with it.
+pub async fn run_flusher(
+    store: Arc<Store>,
+    mut requests: mpsc::UnboundedReceiver<u64>,
+    done: mpsc::Sender<Internal>,
+) {
+    while let Some(mut seq) = requests.recv().await {
+        while let Ok(s) = requests.try_recv() {
+            seq = seq.max(s);
+        }
+        loop {
+            let s = store.clone();
+            match tokio::task::spawn_blocking(move || s.flush()).await {
+                Ok(Ok(_)) => break,
+                // Nothing is released until a flush succeeds.
+                Ok(Err(e)) => error!(error = %e, "store flush failed; holding messages, retrying"),
+                Err(e) => error!(error = %e, "flush task failed; retrying"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if done.send(Internal::Durable(seq)).await.is_err() {
+            return;
+        }
+    }
+}
