@@ -24,7 +24,7 @@ use tokio_xmpp::parsers::jid::{BareJid, Jid};
 use tokio_xmpp::parsers::message::{Id, Message, MessageType};
 use tokio_xmpp::parsers::ns;
 use tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
-use tokio_xmpp::parsers::receipts::{Received, Request};
+use tokio_xmpp::parsers::receipts::Request;
 use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 use tokio_xmpp::parsers::stanza_id::StanzaId;
 use tracing::{debug, error, info, warn};
@@ -562,7 +562,7 @@ impl Router {
         }
     }
 
-    /// Remove confirmed messages and tell their senders.
+    /// Remove confirmed messages.
     async fn confirm(&mut self, recipient: &str, seqs: &[u64], assumed: bool) {
         let removed = match self.store.confirm(recipient, seqs) {
             Ok(r) => r,
@@ -590,22 +590,10 @@ impl Router {
             peer.backoff = initial;
         }
         self.stats.confirmed_total += removed.len() as u64;
-        let recipient_jid = BareJid::from_str(recipient).ok();
+        // The recipient's own receipt or marker is relayed to the sender
+        // as it came (see on_message), so nothing is sent here.
         for (seq, rec) in removed {
             info!(to = recipient, id = %rec.id, seq, assumed, "confirmed");
-            if assumed {
-                continue;
-            }
-            // End-to-end receipt for the original sender.
-            let (Some(rj), Ok(sender)) = (&recipient_jid, Jid::from_str(&rec.sender)) else {
-                continue;
-            };
-            let Ok(relay_from) = self.book.relay_for(rj) else { continue };
-            let mut receipt = Message::new(Some(sender)).with_payload(Received { id: rec.id });
-            receipt.type_ = MessageType::Normal;
-            receipt.from = Some(Jid::from(relay_from));
-            receipt.id = Some(Id(random_id()));
-            self.send(receipt).await;
         }
         self.pump(recipient).await;
     }
@@ -628,7 +616,7 @@ impl Router {
         if hit {
             self.stats.bounces_total += 1;
             info!(to = %recipient, id, "bounced; recipient marked offline");
-            self.fail(&recipient).await;
+            self.fail(&recipient, true).await;
         } else {
             debug!(from = %from, id, "error for nothing in flight");
         }
@@ -749,8 +737,12 @@ impl Router {
         Some(m)
     }
 
-    /// A send failed: bounce or receipt timeout.
-    async fn fail(&mut self, recipient: &str) {
+    /// A send failed. After a bounce the server certainly kept nothing,
+    /// so with presence unknown we retry with backoff. After a silent
+    /// receipt timeout the server may hold a copy (offline storage, a
+    /// frozen client): resending would only duplicate it, so we wait for
+    /// presence or any stanza from the recipient.
+    async fn fail(&mut self, recipient: &str, bounced: bool) {
         let Some(peer) = self.peers.get_mut(recipient) else { return };
         for (_, f) in std::mem::take(&mut peer.in_flight) {
             self.timers.try_remove(&f.timer);
@@ -764,9 +756,8 @@ impl Router {
             self.store.recipient(recipient).map(|s| s.subscription),
             Ok(Subscription::Subscribed)
         );
-        if subscribed {
-            // Presence will tell us when it is back.
-            peer.presence_known = true;
+        if subscribed || !bounced {
+            peer.presence_known = subscribed;
             peer.phase = Phase::Offline;
         } else {
             peer.presence_known = false;
@@ -833,7 +824,7 @@ impl Router {
                     self.confirm(&recipient, &[seq], true).await;
                 } else {
                     info!(to = %recipient, seq, "receipt timeout; recipient marked offline");
-                    self.fail(&recipient).await;
+                    self.fail(&recipient, false).await;
                 }
             }
         }

@@ -1,0 +1,708 @@
+//! Test harness: throwaway Prosody instances on loopback, the real
+//! redeliver binary, and a raw c2s test client.
+//!
+//! The c2s client speaks XML over tokio-xmpp's low-level `XmlStream` with
+//! plain minidom elements: a tokio-xmpp `Client` cannot share a build with
+//! the `component` feature (see DESIGN.md).
+
+#![allow(dead_code)]
+
+use std::borrow::Cow;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use futures::{SinkExt, StreamExt};
+use tokio::io::BufStream;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_xmpp::minidom::Element;
+use tokio_xmpp::xmlstream::{ReadError, StreamHeader, Timeouts, XmlStream, initiate_stream};
+
+pub const SECRET: &str = "test-secret";
+pub const COMPONENT: &str = "relay.localhost";
+pub const PASSWORD: &str = "pw";
+const CLIENT_NS: &str = "jabber:client";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_port(port: u16, timeout: Duration) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn ensure_prosody() {
+    if Command::new("prosodyctl")
+        .arg("about")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        return;
+    }
+    let status = Command::new("bash")
+        .arg(root().join("scripts/install-prosody"))
+        .status()
+        .expect("run scripts/install-prosody");
+    assert!(status.success(), "installing prosody failed");
+}
+
+/// Options for a Prosody instance.
+#[derive(Clone)]
+pub struct ProsodyOpts {
+    pub offline_storage: bool,
+    /// Stream-management hibernation, seconds.
+    pub smacks_hibernation_s: u32,
+}
+
+impl Default for ProsodyOpts {
+    fn default() -> Self {
+        ProsodyOpts {
+            offline_storage: false,
+            smacks_hibernation_s: 3,
+        }
+    }
+}
+
+/// A throwaway Prosody on 127.0.0.1 with its own config and data.
+pub struct Prosody {
+    pub dir: tempfile::TempDir,
+    pub c2s_port: u16,
+    pub component_port: u16,
+    child: Option<Child>,
+}
+
+impl Prosody {
+    pub fn start(opts: ProsodyOpts) -> Prosody {
+        ensure_prosody();
+        let dir = tempfile::tempdir().unwrap();
+        let c2s_port = free_port();
+        let component_port = free_port();
+        let template = std::fs::read_to_string(root().join("scripts/prosody.cfg.lua.in")).unwrap();
+        let cfg = template
+            .replace("@DIR@", dir.path().to_str().unwrap())
+            .replace("@C2S_PORT@", &c2s_port.to_string())
+            .replace("@COMPONENT_PORT@", &component_port.to_string())
+            .replace(
+                "@MODULES_DISABLED@",
+                if opts.offline_storage { "" } else { "\"offline\"" },
+            )
+            .replace("@SMACKS_HIBERNATION@", &opts.smacks_hibernation_s.to_string())
+            .replace("@COMPONENT@", COMPONENT)
+            .replace("@SECRET@", SECRET);
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
+        std::fs::create_dir_all(dir.path().join("certs")).unwrap();
+        std::fs::write(dir.path().join("prosody.cfg.lua"), cfg).unwrap();
+        let mut p = Prosody {
+            dir,
+            c2s_port,
+            component_port,
+            child: None,
+        };
+        for (user, host) in [
+            ("alice", "localhost"),
+            ("bob", "localhost"),
+            ("carol", "localhost"),
+            ("eve", "other.localhost"),
+        ] {
+            p.register(user, host);
+        }
+        p.launch();
+        p
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("prosody.cfg.lua")
+    }
+
+    pub fn register(&self, user: &str, host: &str) {
+        let st = Command::new("prosodyctl")
+            .arg("--config")
+            .arg(self.config_path())
+            .args(["register", user, host, PASSWORD])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "prosodyctl register {user}@{host}");
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("stdout.log")).unwrap();
+        let child = Command::new("prosody")
+            .arg("--config")
+            .arg(self.config_path())
+            .arg("-F")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start prosody");
+        self.child = Some(child);
+        assert!(
+            wait_port(self.c2s_port, Duration::from_secs(15))
+                && wait_port(self.component_port, Duration::from_secs(5)),
+            "prosody did not start; see {}",
+            self.dir.path().display()
+        );
+    }
+
+    /// Stop (SIGTERM, by PID) and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe_kill(c.id(), "TERM");
+            let end = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < end {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+}
+
+impl Drop for Prosody {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            // Keep the evidence of a failed test.
+            let p = self.dir.path().to_owned();
+            eprintln!("prosody log kept at {}", p.display());
+            std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()));
+        }
+    }
+}
+
+fn unsafe_kill(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// Settings a test may change in redeliver's config.
+#[derive(Clone)]
+pub struct RelayOpts {
+    pub durability: &'static str,
+    pub max_pending: u64,
+    pub max_stanza_bytes: usize,
+    pub receipt_timeout_ms: u64,
+    pub replay_grace_ms: u64,
+}
+
+impl Default for RelayOpts {
+    fn default() -> Self {
+        RelayOpts {
+            durability: "fsync",
+            max_pending: 10_000,
+            max_stanza_bytes: 8192,
+            receipt_timeout_ms: 2_000,
+            replay_grace_ms: 300,
+        }
+    }
+}
+
+/// The real redeliver binary, run with a throwaway config and store.
+pub struct Relay {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+    starts: usize,
+}
+
+pub const READY: &str = "redeliver ready: component link established";
+
+impl Relay {
+    pub fn start(prosody: &Prosody, opts: RelayOpts) -> Relay {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("redeliver.toml");
+        let text = format!(
+            r#"[component]
+domain = "{COMPONENT}"
+server = "127.0.0.1:{port}"
+keepalive_s = 10
+reconnect_max_ms = 1000
+[relay]
+default_domain = "localhost"
+allowed_sender_domains = ["localhost"]
+[store]
+path = "{store}"
+durability = "{durability}"
+[delivery]
+receipt_timeout_ms = {rt}
+replay_grace_ms = {grace}
+window = 64
+retry_initial_ms = 500
+retry_max_ms = 2000
+[limits]
+max_pending_per_recipient = {maxp}
+max_stanza_bytes = {maxs}
+[admin]
+jids = ["admin@localhost"]
+"#,
+            port = prosody.component_port,
+            store = dir.path().join("store").display(),
+            durability = opts.durability,
+            rt = opts.receipt_timeout_ms,
+            grace = opts.replay_grace_ms,
+            maxp = opts.max_pending,
+            maxs = opts.max_stanza_bytes,
+        );
+        std::fs::write(&config, text).unwrap();
+        let log = dir.path().join("redeliver.log");
+        let mut r = Relay {
+            dir,
+            config,
+            log,
+            child: None,
+            starts: 0,
+        };
+        r.launch();
+        r
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_redeliver"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("REDELIVER_SECRET", SECRET)
+            .env("RUST_LOG", "redeliver=debug,info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start redeliver");
+        self.child = Some(child);
+        self.starts += 1;
+        self.wait_ready(self.starts_seen() + 1);
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn starts_seen(&self) -> usize {
+        // Readiness lines already in the log before this launch.
+        self.log_text().matches(READY).count().min(self.starts - 1)
+    }
+
+    /// Wait until the log holds `n` readiness lines.
+    pub fn wait_ready(&self, n: usize) {
+        let end = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < end {
+            if self.log_text().matches(READY).count() >= n {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("redeliver not ready; log:\n{}", self.log_text());
+    }
+
+    pub fn sigkill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        unsafe_kill(c.id(), "TERM");
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
+    }
+
+    pub fn restart(&mut self) {
+        self.launch();
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.sigkill();
+        if std::thread::panicking() {
+            eprintln!("---- redeliver log ----\n{}", self.log_text());
+        }
+    }
+}
+
+// ---------------- c2s test client ----------------
+
+#[derive(Clone)]
+pub struct ClientOpts {
+    pub resource: String,
+    /// Answer receipt requests.
+    pub receipts: bool,
+    /// Enable XEP-0198 stream management.
+    pub sm: bool,
+    /// Approve presence subscription requests.
+    pub approve: bool,
+    /// Send initial presence.
+    pub presence: bool,
+}
+
+impl Default for ClientOpts {
+    fn default() -> Self {
+        ClientOpts {
+            resource: "test".into(),
+            receipts: true,
+            sm: false,
+            approve: true,
+            presence: true,
+        }
+    }
+}
+
+enum Cmd {
+    Send(Element),
+    /// Drop the socket with a TCP reset.
+    Reset,
+    /// Stop reading and answering, keep TCP open.
+    Freeze,
+    /// Unavailable presence and stream close.
+    Close,
+}
+
+/// A logged-in c2s session. Every `<message/>` it receives is queued for
+/// the test; receipts and subscription approvals happen by themselves.
+pub struct Client {
+    pub jid: String,
+    cmds: mpsc::UnboundedSender<Cmd>,
+    pub inbox: mpsc::UnboundedReceiver<Element>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+type C2s = XmlStream<BufStream<TcpStream>, Element>;
+
+async fn next_el(s: &mut C2s) -> Element {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.next()).await {
+            Ok(Some(Ok(el))) => return el,
+            Ok(Some(Err(ReadError::SoftTimeout))) => continue,
+            other => panic!("c2s stream failed: {other:?}"),
+        }
+    }
+}
+
+async fn open_stream(io: BufStream<TcpStream>) -> C2s {
+    let pending = initiate_stream(
+        io,
+        CLIENT_NS,
+        StreamHeader {
+            to: Some(Cow::Borrowed("localhost")),
+            from: None,
+            id: None,
+        },
+        Timeouts::tight(),
+    )
+    .await
+    .unwrap();
+    pending.recv_features::<Element>().await.unwrap().1
+}
+
+impl Client {
+    pub async fn connect(port: u16, user: &str, opts: ClientOpts) -> Client {
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let mut s = open_stream(BufStream::new(tcp)).await;
+        let creds = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{PASSWORD}"));
+        let auth = xml(&format!(
+            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{creds}</auth>"
+        ));
+        s.send(&auth).await.unwrap();
+        let reply = next_el(&mut s).await;
+        assert_eq!(reply.name(), "success", "auth failed for {user}: {reply:?}");
+        let pending = s
+            .initiate_reset()
+            .send_header(StreamHeader {
+                to: Some(Cow::Borrowed("localhost")),
+                from: None,
+                id: None,
+            })
+            .await
+            .unwrap();
+        let mut s: C2s = pending.recv_features::<Element>().await.unwrap().1;
+        let bind = xml(&format!(
+            "<iq xmlns='{CLIENT_NS}' type='set' id='bind1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{}</resource></bind></iq>",
+            esc(&opts.resource)
+        ));
+        s.send(&bind).await.unwrap();
+        let reply = next_el(&mut s).await;
+        assert_eq!(reply.attr("type"), Some("result"), "bind: {reply:?}");
+        if opts.sm {
+            s.send(&xml("<enable xmlns='urn:xmpp:sm:3' resume='true'/>"))
+                .await
+                .unwrap();
+            let reply = next_el(&mut s).await;
+            assert_eq!(reply.name(), "enabled", "sm: {reply:?}");
+        }
+        if opts.presence {
+            s.send(&xml(&format!("<presence xmlns='{CLIENT_NS}'/>"))).await.unwrap();
+        }
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (in_tx, in_rx) = mpsc::unbounded_channel();
+        let jid = format!("{user}@localhost/{}", opts.resource);
+        let task = tokio::spawn(client_loop(s, opts, cmd_rx, in_tx));
+        Client {
+            jid,
+            cmds: cmd_tx,
+            inbox: in_rx,
+            task,
+        }
+    }
+
+    pub fn send(&self, el: Element) {
+        let _ = self.cmds.send(Cmd::Send(el));
+    }
+
+    /// A chat message with a body and an id.
+    pub fn message(&self, to: &str, id: &str, body: &str) {
+        self.send(chat(to, id, body));
+    }
+
+    pub fn reset(&self) {
+        let _ = self.cmds.send(Cmd::Reset);
+    }
+
+    pub fn freeze(&self) {
+        let _ = self.cmds.send(Cmd::Freeze);
+    }
+
+    pub async fn close(self) {
+        let _ = self.cmds.send(Cmd::Close);
+        let end = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !self.task.is_finished() && tokio::time::Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Next message with a body, within `wait`.
+    pub async fn next_body_message(&mut self, wait: Duration) -> Option<Element> {
+        let end = tokio::time::Instant::now() + wait;
+        loop {
+            let el = tokio::time::timeout_at(end, self.inbox.recv()).await.ok()??;
+            if el.get_child("body", CLIENT_NS).is_some() {
+                return Some(el);
+            }
+        }
+    }
+
+    /// Ids of body messages received within `wait` (stops early at `n`).
+    pub async fn body_ids(&mut self, n: usize, wait: Duration) -> Vec<String> {
+        let mut ids = Vec::new();
+        let end = tokio::time::Instant::now() + wait;
+        while ids.len() < n {
+            let left = end.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_body_message(left).await {
+                Some(m) => ids.push(m.attr("id").unwrap_or("").to_owned()),
+                None => break,
+            }
+        }
+        ids
+    }
+
+    /// Everything received within `wait`.
+    pub async fn drain(&mut self, wait: Duration) -> Vec<Element> {
+        let mut out = Vec::new();
+        let end = tokio::time::Instant::now() + wait;
+        while let Ok(Some(el)) = tokio::time::timeout_at(end, self.inbox.recv()).await {
+            out.push(el);
+        }
+        out
+    }
+
+    /// Ids of XEP-0184 receipts received within `wait` (stops at `n`).
+    pub async fn receipt_ids(&mut self, n: usize, wait: Duration) -> Vec<String> {
+        let mut ids = Vec::new();
+        let end = tokio::time::Instant::now() + wait;
+        while ids.len() < n {
+            let Ok(Some(el)) = tokio::time::timeout_at(end, self.inbox.recv()).await else { break };
+            if let Some(r) = el.get_child("received", "urn:xmpp:receipts") {
+                ids.push(r.attr("id").unwrap_or("").to_owned());
+            }
+        }
+        ids
+    }
+
+    /// The next error message within `wait`, as (id, condition).
+    pub async fn next_error(&mut self, wait: Duration) -> Option<(String, String)> {
+        let end = tokio::time::Instant::now() + wait;
+        loop {
+            let el = tokio::time::timeout_at(end, self.inbox.recv()).await.ok()??;
+            if el.attr("type") == Some("error") {
+                let err = el.get_child("error", CLIENT_NS)?;
+                let cond = err
+                    .children()
+                    .find(|c| c.ns() == "urn:ietf:params:xml:ns:xmpp-stanzas" && c.name() != "text")
+                    .map(|c| c.name().to_owned())
+                    .unwrap_or_default();
+                return Some((el.attr("id").unwrap_or("").to_owned(), cond));
+            }
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn chat(to: &str, id: &str, body: &str) -> Element {
+    xml(&format!(
+        "<message xmlns='{CLIENT_NS}' to='{}' id='{}' type='chat'><body>{}</body></message>",
+        esc(to),
+        esc(id),
+        esc(body)
+    ))
+}
+
+/// Escape text for XML content and attribute values.
+pub fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&apos;")
+        .replace('"', "&quot;")
+}
+
+/// Parse literal XML into an element.
+pub fn xml(s: &str) -> Element {
+    s.parse().unwrap_or_else(|e| panic!("bad test XML {s}: {e}"))
+}
+
+async fn client_loop(
+    mut s: C2s,
+    opts: ClientOpts,
+    mut cmds: mpsc::UnboundedReceiver<Cmd>,
+    inbox: mpsc::UnboundedSender<Element>,
+) {
+    let mut handled: u32 = 0;
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            cmd = cmds.recv() => match cmd {
+                Some(Cmd::Send(e)) => { let _ = s.send(&e).await; }
+                Some(Cmd::Reset) | None => {
+                    #[allow(deprecated)] // blocking on drop is harmless with linger 0
+                    let _ = s.get_stream().get_ref().set_linger(Some(Duration::ZERO));
+                    return; // dropping the socket with linger 0 sends RST
+                }
+                Some(Cmd::Freeze) => {
+                    // Hold the socket open and never read it again.
+                    std::future::pending::<()>().await;
+                }
+                Some(Cmd::Close) => {
+                    let _ = s.send(&xml(&format!("<presence xmlns='{CLIENT_NS}' type='unavailable'/>"))).await;
+                    let _ = s.shutdown().await;
+                    return;
+                }
+            },
+            item = s.next() => {
+                let e = match item {
+                    Some(Ok(e)) => e,
+                    Some(Err(ReadError::SoftTimeout)) => continue,
+                    _ => return,
+                };
+                if e.ns() == "urn:xmpp:sm:3" {
+                    if e.name() == "r" {
+                        let a = xml(&format!("<a xmlns='urn:xmpp:sm:3' h='{handled}'/>"));
+                        let _ = s.send(&a).await;
+                    }
+                    continue;
+                }
+                handled = handled.wrapping_add(1);
+                let from = e.attr("from").unwrap_or("").to_owned();
+                match e.name() {
+                    "message" => {
+                        if opts.receipts
+                            && e.attr("type") != Some("error")
+                            && e.has_child("request", "urn:xmpp:receipts")
+                            && let Some(id) = e.attr("id")
+                        {
+                            n += 1;
+                            let r = xml(&format!(
+                                "<message xmlns='{CLIENT_NS}' to='{}' id='rcpt-{n}'><received xmlns='urn:xmpp:receipts' id='{}'/></message>",
+                                esc(&from),
+                                esc(id)
+                            ));
+                            let _ = s.send(&r).await;
+                        }
+                        let _ = inbox.send(e);
+                    }
+                    "presence" => {
+                        if opts.approve && e.attr("type") == Some("subscribe") {
+                            let p = xml(&format!(
+                                "<presence xmlns='{CLIENT_NS}' to='{}' type='subscribed'/>",
+                                esc(&from)
+                            ));
+                            let _ = s.send(&p).await;
+                        }
+                    }
+                    "iq" => {
+                        let t = e.attr("type").unwrap_or("");
+                        if t == "get" || t == "set" {
+                            let (id, to) = (esc(e.attr("id").unwrap_or("")), esc(&from));
+                            let reply = if e.has_child("query", "http://jabber.org/protocol/disco#info") {
+                                let receipts = if opts.receipts { "<feature var='urn:xmpp:receipts'/>" } else { "" };
+                                format!("<iq xmlns='{CLIENT_NS}' type='result' id='{id}' to='{to}'><query xmlns='http://jabber.org/protocol/disco#info'><identity category='client' type='pc'/><feature var='http://jabber.org/protocol/disco#info'/>{receipts}</query></iq>")
+                            } else if e.has_child("ping", "urn:xmpp:ping") {
+                                format!("<iq xmlns='{CLIENT_NS}' type='result' id='{id}' to='{to}'/>")
+                            } else {
+                                format!("<iq xmlns='{CLIENT_NS}' type='error' id='{id}' to='{to}'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>")
+                            };
+                            let reply = xml(&reply);
+                            let _ = s.send(&reply).await;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+pub fn store_path(relay: &Relay) -> &Path {
+    relay.dir.path()
+}
