@@ -147,8 +147,7 @@ impl AddressBook {
         } else {
             escape_node(&format!("{node}@{}", user.domain()))
         };
-        let node =
-            NodePart::new(&local).map_err(|_| AddressError::Malformed(local.clone()))?;
+        let node = NodePart::new(&local).map_err(|_| AddressError::Malformed(local.clone()))?;
         Ok(BareJid::from_parts(Some(&node), &self.component))
     }
 }
@@ -194,7 +193,16 @@ mod tests {
 
     #[test]
     fn escaping_round_trips() {
-        for raw in ["", "a", r"\", r"\\", r"\40", "a b@c/d:e", r"\5c\5c", "ü@é.org"] {
+        for raw in [
+            "",
+            "a",
+            r"\",
+            r"\\",
+            r"\40",
+            "a b@c/d:e",
+            r"\5c\5c",
+            "ü@é.org",
+        ] {
             assert_eq!(unescape_node(&escape_node(raw)), raw, "{raw:?}");
         }
     }
@@ -204,7 +212,10 @@ mod tests {
         let b = book();
         let relay = b.relay_for(&jid("bob@example.com")).unwrap();
         assert_eq!(relay, jid("bob@relay.example.com"));
-        assert_eq!(b.user_for(relay.node().map(|n| n.as_str())).unwrap(), jid("bob@example.com"));
+        assert_eq!(
+            b.user_for(relay.node().map(|n| n.as_str())).unwrap(),
+            jid("bob@example.com")
+        );
     }
 
     #[test]
@@ -212,7 +223,10 @@ mod tests {
         let b = book();
         let relay = b.relay_for(&jid("carol@other.org")).unwrap();
         assert_eq!(relay.node().unwrap().as_str(), r"carol\40other.org");
-        assert_eq!(b.user_for(relay.node().map(|n| n.as_str())).unwrap(), jid("carol@other.org"));
+        assert_eq!(
+            b.user_for(relay.node().map(|n| n.as_str())).unwrap(),
+            jid("carol@other.org")
+        );
     }
 
     #[test]

@@ -24,7 +24,11 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<Store>> {
 }
 
 /// Run the component until `shutdown` is cancelled.
-pub async fn run(config: Config, secret: String, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    secret: String,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let store = open_store(&config).await?;
     info!(path = %config.store.path.display(), durability = config.store.durability.as_str(), "store open");

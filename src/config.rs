@@ -269,7 +269,9 @@ impl Config {
                 ));
             }
             if d == &self.component.domain {
-                return bad("relay.allowed_sender_domains must not contain component.domain".into());
+                return bad(
+                    "relay.allowed_sender_domains must not contain component.domain".into(),
+                );
             }
         }
         if self.store.durability == Durability::Batched && self.store.flush_interval_ms == 0 {
@@ -293,7 +295,10 @@ impl Config {
             ));
         }
         if l.max_pending_per_recipient == 0 || l.max_bytes_per_recipient == 0 {
-            return bad("limits.max_pending_per_recipient and max_bytes_per_recipient must be at least 1".into());
+            return bad(
+                "limits.max_pending_per_recipient and max_bytes_per_recipient must be at least 1"
+                    .into(),
+            );
         }
         if l.message_ttl_s == 0 {
             return bad("limits.message_ttl_s must be at least 1".into());

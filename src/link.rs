@@ -23,8 +23,8 @@ use tokio_xmpp::parsers::jid::Jid;
 use tokio_xmpp::parsers::ns;
 use tokio_xmpp::parsers::ping::Ping;
 use tokio_xmpp::xmlstream::{
-    FallibleStreamElement, ReadError, StreamElementError, StreamHeader, Timeouts,
-    XmppStream, XmppStreamElement, initiate_stream,
+    FallibleStreamElement, ReadError, StreamElementError, StreamHeader, Timeouts, XmppStream,
+    XmppStreamElement, initiate_stream,
 };
 use tracing::{debug, error, info, warn};
 
@@ -47,7 +47,9 @@ pub struct Outbound {
 #[derive(Debug)]
 pub enum LinkEvent {
     /// Handshake done; stanzas for this connection carry `epoch`.
-    Up { epoch: u64 },
+    Up {
+        epoch: u64,
+    },
     /// The connection is gone; everything sent on it is in doubt.
     Down,
     Stanza(Box<Stanza>),
@@ -139,7 +141,12 @@ impl Link {
                     backoff = RECONNECT_MIN;
                     self.epoch += 1;
                     info!(server = %self.settings.server, domain = %self.settings.domain, epoch = self.epoch, "{READY_LINE}");
-                    if self.events.send(LinkEvent::Up { epoch: self.epoch }).await.is_err() {
+                    if self
+                        .events
+                        .send(LinkEvent::Up { epoch: self.epoch })
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                     let result = self.serve(stream).await;
@@ -152,7 +159,9 @@ impl Link {
                         Err(e) => warn!(error = %e, "component link lost"),
                     }
                 }
-                Err(e) => warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot establish component link"),
+                Err(e) => {
+                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot establish component link")
+                }
             }
             // Full jitter in [backoff/2, backoff], so a fleet does not
             // reconnect in lockstep after a server restart.
@@ -201,7 +210,9 @@ impl Link {
                 .await?;
             loop {
                 match stream.next().await {
-                    Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::ComponentHandshake(_)))) => {
+                    Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::ComponentHandshake(
+                        _,
+                    )))) => {
                         return Ok(stream);
                     }
                     Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::StreamError(e)))) => {
@@ -319,7 +330,11 @@ impl Link {
     }
 
     /// Write `first` and whatever else is queued, then flush once.
-    async fn write_batch(&mut self, stream: &mut Stream, first: Outbound) -> Result<(), SessionError> {
+    async fn write_batch(
+        &mut self,
+        stream: &mut Stream,
+        first: Outbound,
+    ) -> Result<(), SessionError> {
         let mut next = Some(first);
         let mut n = 0;
         while let Some(out) = next {
@@ -327,7 +342,11 @@ impl Link {
                 stream.feed(&XmppStreamElement::Stanza(out.stanza)).await?;
                 n += 1;
             }
-            next = if n < 256 { self.outbox.try_recv().ok() } else { None };
+            next = if n < 256 {
+                self.outbox.try_recv().ok()
+            } else {
+                None
+            };
         }
         SinkExt::<&XmppStreamElement>::flush(stream).await?;
         Ok(())

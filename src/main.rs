@@ -1,6 +1,7 @@
 //! The `redeliver` binary: parse arguments, load config, start tracing,
 //! then hand over to [`redeliver::app::run`].
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -12,7 +13,10 @@ use tracing_subscriber::EnvFilter;
 use redeliver::config::Config;
 
 #[derive(Parser)]
-#[command(version, about = "Reliable message delivery for XMPP servers (XEP-0114 component)")]
+#[command(
+    version,
+    about = "Reliable message delivery for XMPP servers (XEP-0114 component)"
+)]
 struct Cli {
     /// Log output format.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
@@ -43,14 +47,18 @@ enum Command {
 
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: log files and journald get plain text.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
 }
 
-fn load(path: &PathBuf) -> Result<(Config, String), String> {
+fn load(path: &std::path::Path) -> Result<(Config, String), String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
     let secret = config.secret().map_err(|e| e.to_string())?;
     Ok((config, secret))
@@ -108,7 +116,10 @@ fn main() -> ExitCode {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         return std::future::pending().await;
     };
     tokio::select! {

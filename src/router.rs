@@ -32,7 +32,9 @@ use tracing::{debug, error, info, warn};
 use crate::address::{AddressBook, AddressError};
 use crate::config::{Config, Durability};
 use crate::link::{LinkEvent, Outbound};
-use crate::store::{Accepted, NewMessage, QueueLimits, Record, Store, StoreError, Subscription, bare_of};
+use crate::store::{
+    Accepted, NewMessage, QueueLimits, Record, Store, StoreError, Subscription, bare_of,
+};
 
 const CHAT_MARKERS: &str = "urn:xmpp:chat-markers:0";
 const CHAT_STATES: &str = "http://jabber.org/protocol/chatstates";
@@ -110,9 +112,14 @@ impl Peer {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Timer {
-    Receipt { recipient: String, seq: u64 },
+    Receipt {
+        recipient: String,
+        seq: u64,
+    },
     /// Grace or backoff elapsed: start (re)sending.
-    Resume { recipient: String },
+    Resume {
+        recipient: String,
+    },
 }
 
 /// Counters for logs and the admin commands.
@@ -337,7 +344,10 @@ impl Router {
             if state.pending > 0 {
                 // If the probe answers, presence decides; if nothing
                 // answers (presence unknown), this retry does.
-                let peer = self.peers.entry(name.clone()).or_insert_with(|| Peer::new(initial));
+                let peer = self
+                    .peers
+                    .entry(name.clone())
+                    .or_insert_with(|| Peer::new(initial));
                 if peer.timer.is_none() && peer.phase != Phase::Sending {
                     let delay = if state.subscription == Subscription::Subscribed {
                         initial
@@ -390,26 +400,46 @@ impl Router {
             return;
         }
         let Some(to_node) = to.node() else {
-            self.refuse_message(&m, ErrorType::Cancel, DefinedCondition::ServiceUnavailable, "this address does not take messages; write to user@relay-domain")
-                .await;
+            self.refuse_message(
+                &m,
+                ErrorType::Cancel,
+                DefinedCondition::ServiceUnavailable,
+                "this address does not take messages; write to user@relay-domain",
+            )
+            .await;
             return;
         };
         let from_bare = from.to_bare();
         if from_bare.node().is_none() || !self.book.sender_allowed(from.domain().as_str()) {
-            self.refuse_message(&m, ErrorType::Cancel, DefinedCondition::NotAllowed, "your domain may not send through this relay")
-                .await;
+            self.refuse_message(
+                &m,
+                ErrorType::Cancel,
+                DefinedCondition::NotAllowed,
+                "your domain may not send through this relay",
+            )
+            .await;
             return;
         }
         let target = match self.book.user_for(Some(to_node.as_str())) {
             Ok(t) => t,
             Err(AddressError::DomainNotAllowed(_)) => {
-                self.refuse_message(&m, ErrorType::Cancel, DefinedCondition::NotAllowed, "the recipient's domain is not served by this relay")
-                    .await;
+                self.refuse_message(
+                    &m,
+                    ErrorType::Cancel,
+                    DefinedCondition::NotAllowed,
+                    "the recipient's domain is not served by this relay",
+                )
+                .await;
                 return;
             }
             Err(e) => {
-                self.refuse_message(&m, ErrorType::Modify, DefinedCondition::JidMalformed, &e.to_string())
-                    .await;
+                self.refuse_message(
+                    &m,
+                    ErrorType::Modify,
+                    DefinedCondition::JidMalformed,
+                    &e.to_string(),
+                )
+                .await;
                 return;
             }
         };
@@ -418,8 +448,13 @@ impl Router {
         self.seen_alive(&from_key).await;
         self.handle_confirmations(&from_key, &target, &m).await;
         if m.type_ == MessageType::Groupchat {
-            self.refuse_message(&m, ErrorType::Cancel, DefinedCondition::NotAcceptable, "groupchat messages are not relayed")
-                .await;
+            self.refuse_message(
+                &m,
+                ErrorType::Cancel,
+                DefinedCondition::NotAcceptable,
+                "groupchat messages are not relayed",
+            )
+            .await;
             return;
         }
         if is_ephemeral(&m) {
@@ -443,8 +478,13 @@ impl Router {
         let relay_from = match self.book.relay_for(from_bare) {
             Ok(r) => r,
             Err(e) => {
-                self.refuse_message(&m, ErrorType::Modify, DefinedCondition::JidMalformed, &e.to_string())
-                    .await;
+                self.refuse_message(
+                    &m,
+                    ErrorType::Modify,
+                    DefinedCondition::JidMalformed,
+                    &e.to_string(),
+                )
+                .await;
                 return;
             }
         };
@@ -471,8 +511,13 @@ impl Router {
         });
         let xml = String::from(&Element::from(m));
         if xml.len() > self.config.limits.max_stanza_bytes {
-            self.refuse_message(&original, ErrorType::Modify, DefinedCondition::PolicyViolation, "message too large for the relay")
-                .await;
+            self.refuse_message(
+                &original,
+                ErrorType::Modify,
+                DefinedCondition::PolicyViolation,
+                "message too large for the relay",
+            )
+            .await;
             return;
         }
         let recipient = target.to_string();
@@ -508,13 +553,23 @@ impl Router {
                 info!(to = %recipient, from = %from, id = %id, seq, "duplicate submission ignored");
             }
             Ok(Accepted::QueueFull) => {
-                self.refuse_message(&original, ErrorType::Wait, DefinedCondition::ResourceConstraint, "the recipient's queue is full")
-                    .await;
+                self.refuse_message(
+                    &original,
+                    ErrorType::Wait,
+                    DefinedCondition::ResourceConstraint,
+                    "the recipient's queue is full",
+                )
+                .await;
             }
             Err(e) => {
                 error!(error = %e, to = %recipient, "store write failed; refusing");
-                self.refuse_message(&original, ErrorType::Wait, DefinedCondition::ResourceConstraint, "the relay cannot store messages right now")
-                    .await;
+                self.refuse_message(
+                    &original,
+                    ErrorType::Wait,
+                    DefinedCondition::ResourceConstraint,
+                    "the relay cannot store messages right now",
+                )
+                .await;
             }
         }
     }
@@ -522,7 +577,9 @@ impl Router {
     /// Relay a message that carries only receipts, markers or chat states:
     /// nothing to store, no receipt to request.
     async fn forward_ephemeral(&mut self, mut m: Message, from_bare: &BareJid, target: &BareJid) {
-        let Ok(relay_from) = self.book.relay_for(from_bare) else { return };
+        let Ok(relay_from) = self.book.relay_for(from_bare) else {
+            return;
+        };
         m.from = Some(Jid::from(relay_from));
         m.to = Some(Jid::from(target.clone()));
         self.send(m).await;
@@ -652,7 +709,9 @@ impl Router {
             return;
         }
         let window = self.config.delivery.window;
-        let Some(peer) = self.peers.get(recipient) else { return };
+        let Some(peer) = self.peers.get(recipient) else {
+            return;
+        };
         if peer.phase != Phase::Sending || peer.in_flight.len() >= window {
             return;
         }
@@ -703,7 +762,10 @@ impl Router {
                 None => {
                     // A record we cannot parse back can never be delivered;
                     // keep it for the operator rather than drop it.
-                    error!(to = recipient, seq, "stored stanza does not parse; left in the store");
+                    error!(
+                        to = recipient,
+                        seq, "stored stanza does not parse; left in the store"
+                    );
                 }
             }
         }
@@ -743,7 +805,9 @@ impl Router {
     /// frozen client): resending would only duplicate it, so we wait for
     /// presence or any stanza from the recipient.
     async fn fail(&mut self, recipient: &str, bounced: bool) {
-        let Some(peer) = self.peers.get_mut(recipient) else { return };
+        let Some(peer) = self.peers.get_mut(recipient) else {
+            return;
+        };
         for (_, f) in std::mem::take(&mut peer.in_flight) {
             self.timers.try_remove(&f.timer);
         }
@@ -763,21 +827,28 @@ impl Router {
             peer.presence_known = false;
             peer.phase = Phase::Backoff;
             let delay = peer.backoff;
-            peer.backoff = (peer.backoff * 2).min(Duration::from_millis(self.config.delivery.retry_max_ms));
+            peer.backoff =
+                (peer.backoff * 2).min(Duration::from_millis(self.config.delivery.retry_max_ms));
             peer.timer = Some(self.timers.insert(
                 Timer::Resume {
                     recipient: recipient.to_owned(),
                 },
                 delay,
             ));
-            debug!(to = recipient, retry_in_ms = delay.as_millis() as u64, "presence unknown; retry scheduled");
+            debug!(
+                to = recipient,
+                retry_in_ms = delay.as_millis() as u64,
+                "presence unknown; retry scheduled"
+            );
         }
     }
 
     /// The recipient showed signs of life: replay after the grace window
     /// unless already sending.
     async fn seen_alive(&mut self, recipient: &str) {
-        let Some(peer) = self.peers.get_mut(recipient) else { return };
+        let Some(peer) = self.peers.get_mut(recipient) else {
+            return;
+        };
         if matches!(peer.phase, Phase::Offline | Phase::Backoff | Phase::Idle) {
             let has_pending = self
                 .store
@@ -805,14 +876,18 @@ impl Router {
     async fn on_timer(&mut self, t: Timer) {
         match t {
             Timer::Resume { recipient } => {
-                let Some(peer) = self.peers.get_mut(&recipient) else { return };
+                let Some(peer) = self.peers.get_mut(&recipient) else {
+                    return;
+                };
                 peer.timer = None;
                 peer.phase = Phase::Sending;
                 peer.cursor = 0;
                 self.pump(&recipient).await;
             }
             Timer::Receipt { recipient, seq } => {
-                let Some(peer) = self.peers.get_mut(&recipient) else { return };
+                let Some(peer) = self.peers.get_mut(&recipient) else {
+                    return;
+                };
                 if peer.in_flight.remove(&seq).is_none() {
                     return;
                 }
@@ -851,7 +926,10 @@ impl Router {
     async fn ensure_subscribed(&mut self, recipient: &str, jid: &BareJid) {
         match self.store.recipient(recipient) {
             Ok(st) if st.subscription == Subscription::None => {
-                if let Err(e) = self.store.set_subscription(recipient, Subscription::Requested) {
+                if let Err(e) = self
+                    .store
+                    .set_subscription(recipient, Subscription::Requested)
+                {
                     error!(error = %e, "cannot record subscription request");
                     return;
                 }
@@ -869,7 +947,9 @@ impl Router {
     }
 
     async fn on_presence(&mut self, p: Presence) {
-        let (Some(from), Some(to)) = (p.from.clone(), p.to.clone()) else { return };
+        let (Some(from), Some(to)) = (p.from.clone(), p.to.clone()) else {
+            return;
+        };
         if to.domain().as_str() != self.book.component().as_str() {
             return;
         }
@@ -894,7 +974,8 @@ impl Router {
                 return;
             }
             PresenceType::Probe => {
-                self.send(Presence::available().with_from(to.to_bare()).with_to(from)).await;
+                self.send(Presence::available().with_from(to.to_bare()).with_to(from))
+                    .await;
                 return;
             }
             _ => {}
@@ -916,7 +997,9 @@ impl Router {
         match p.type_ {
             PresenceType::Subscribed => {
                 info!(to = %recipient, "presence subscription approved");
-                let _ = self.store.set_subscription(&recipient, Subscription::Subscribed);
+                let _ = self
+                    .store
+                    .set_subscription(&recipient, Subscription::Subscribed);
             }
             PresenceType::Unsubscribed => {
                 info!(to = %recipient, "presence subscription refused or cancelled");
@@ -928,7 +1011,10 @@ impl Router {
                 if sub != Subscription::Subscribed {
                     return;
                 }
-                let peer = self.peers.entry(recipient.clone()).or_insert_with(|| Peer::new(initial));
+                let peer = self
+                    .peers
+                    .entry(recipient.clone())
+                    .or_insert_with(|| Peer::new(initial));
                 peer.presence_known = true;
                 match from.resource() {
                     Some(r) => {
@@ -952,10 +1038,17 @@ impl Router {
                 if sub == Subscription::Requested {
                     // Presence only flows after approval; a lost
                     // `subscribed` must not leave us waiting.
-                    let _ = self.store.set_subscription(&recipient, Subscription::Subscribed);
+                    let _ = self
+                        .store
+                        .set_subscription(&recipient, Subscription::Subscribed);
                 }
-                let Some(resource) = from.resource().map(|r| r.to_string()) else { return };
-                let peer = self.peers.entry(recipient.clone()).or_insert_with(|| Peer::new(initial));
+                let Some(resource) = from.resource().map(|r| r.to_string()) else {
+                    return;
+                };
+                let peer = self
+                    .peers
+                    .entry(recipient.clone())
+                    .or_insert_with(|| Peer::new(initial));
                 let was_online = peer.online();
                 peer.presence_known = true;
                 let known = peer.resources.get(&resource).and_then(|r| r.receipts);
@@ -969,7 +1062,8 @@ impl Router {
                 );
                 let online = peer.online();
                 if new_resource {
-                    self.query_receipt_support(&recipient, from.clone(), resource).await;
+                    self.query_receipt_support(&recipient, from.clone(), resource)
+                        .await;
                 }
                 if online && !was_online {
                     info!(to = %recipient, "available");
@@ -1012,9 +1106,18 @@ impl Router {
                 self.disco_pending.remove(&id);
             }
             Iq::Get {
-                from, to, id, payload,
+                from,
+                to,
+                id,
+                payload,
             } => {
-                let reply = self.answer_get(&to, &payload);
+                let reply = self.answer_get(&to, &payload).ok_or_else(|| {
+                    stanza_error(
+                        ErrorType::Cancel,
+                        DefinedCondition::ServiceUnavailable,
+                        "no such service",
+                    )
+                });
                 self.reply_iq(from, to, id, reply).await;
             }
             Iq::Set { from, to, id, .. } => {
@@ -1028,32 +1131,33 @@ impl Router {
         }
     }
 
-    fn answer_get(&self, to: &Option<Jid>, payload: &Element) -> Result<Option<Element>, StanzaError> {
-        let unavailable = || {
-            stanza_error(
-                ErrorType::Cancel,
-                DefinedCondition::ServiceUnavailable,
-                "no such service",
-            )
-        };
+    /// The payload of a result to an iq get, or `None` for
+    /// `<service-unavailable/>`.
+    fn answer_get(&self, to: &Option<Jid>, payload: &Element) -> Option<Option<Element>> {
         let to_domain = to.as_ref().is_some_and(|t| t.node().is_none());
         if payload.is("ping", ns::PING) {
-            return Ok(None);
+            return Some(None);
         }
         if !to_domain {
-            return Err(unavailable());
+            return None;
         }
         if payload.is("query", ns::DISCO_INFO) && payload.attr("node").is_none() {
             let info = DiscoInfoResult {
                 node: None,
                 identities: vec![Identity::new("component", "generic", "en", "redeliver")],
-                features: [ns::DISCO_INFO, ns::DISCO_ITEMS, ns::PING, ns::RECEIPTS, ns::SID]
-                    .into_iter()
-                    .map(String::from)
-                    .collect(),
+                features: [
+                    ns::DISCO_INFO,
+                    ns::DISCO_ITEMS,
+                    ns::PING,
+                    ns::RECEIPTS,
+                    ns::SID,
+                ]
+                .into_iter()
+                .map(String::from)
+                .collect(),
                 extensions: vec![],
             };
-            return Ok(Some(info.into()));
+            return Some(Some(info.into()));
         }
         if payload.is("query", ns::DISCO_ITEMS) {
             let items = DiscoItemsResult {
@@ -1061,9 +1165,9 @@ impl Router {
                 items: vec![],
                 rsm: None,
             };
-            return Ok(Some(items.into()));
+            return Some(Some(items.into()));
         }
-        Err(unavailable())
+        None
     }
 
     async fn reply_iq(

@@ -34,7 +34,9 @@ const SCHEMA_KEY: &[u8] = b"mschema";
 pub enum StoreError {
     #[error("store {path} is in use by another process (sled lock held)")]
     Locked { path: String },
-    #[error("store {path} was written by a newer redeliver (schema {found}, this build reads {SCHEMA_VERSION})")]
+    #[error(
+        "store {path} was written by a newer redeliver (schema {found}, this build reads {SCHEMA_VERSION})"
+    )]
     NewerSchema { path: String, found: u32 },
     #[error("store is corrupted: {0}")]
     Corrupt(String),
@@ -90,9 +92,13 @@ pub struct QueueLimits {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accepted {
-    Stored { seq: u64 },
+    Stored {
+        seq: u64,
+    },
     /// Same (sender, recipient, id) or origin-id as an earlier message.
-    Duplicate { seq: u64 },
+    Duplicate {
+        seq: u64,
+    },
     QueueFull,
 }
 
@@ -125,7 +131,10 @@ fn queue_key(recipient: &str, seq: u64) -> Vec<u8> {
 }
 
 fn id_key(recipient: &str, sender: &str, id: &str) -> Vec<u8> {
-    key(b'i', &[recipient.as_bytes(), sender.as_bytes(), id.as_bytes()])
+    key(
+        b'i',
+        &[recipient.as_bytes(), sender.as_bytes(), id.as_bytes()],
+    )
 }
 
 fn origin_key(recipient: &str, sender: &str, origin: &str) -> Vec<u8> {
@@ -305,7 +314,12 @@ impl Store {
     }
 
     /// The seq of a message by (recipient, sender, id), pending or not.
-    pub fn seq_of(&self, recipient: &str, sender_bare: &str, id: &str) -> Result<Option<u64>, StoreError> {
+    pub fn seq_of(
+        &self,
+        recipient: &str,
+        sender_bare: &str,
+        id: &str,
+    ) -> Result<Option<u64>, StoreError> {
         self.db
             .get(id_key(recipient, sender_bare, id))?
             .map(|v| decode_seq(&v))
@@ -396,7 +410,12 @@ mod tests {
         Store::open(dir, Durability::Fsync, 5, 1 << 20).unwrap()
     }
 
-    fn msg<'a>(recipient: &'a str, sender: &'a str, id: &str, origin: Option<&'a str>) -> NewMessage<'a> {
+    fn msg<'a>(
+        recipient: &'a str,
+        sender: &'a str,
+        id: &str,
+        origin: Option<&'a str>,
+    ) -> NewMessage<'a> {
         NewMessage {
             recipient,
             sender_bare: sender,
@@ -421,13 +440,17 @@ mod tests {
         let s = open(dir.path());
         let mut seqs = Vec::new();
         for i in 0..5 {
-            match s.accept(msg("bob@x", "alice@x", &format!("m{i}"), None), BIG).unwrap() {
+            match s
+                .accept(msg("bob@x", "alice@x", &format!("m{i}"), None), BIG)
+                .unwrap()
+            {
                 Accepted::Stored { seq } => seqs.push(seq),
                 other => panic!("{other:?}"),
             }
         }
         // Another recipient interleaved does not disturb bob's queue.
-        s.accept(msg("bobby@x", "alice@x", "m0", None), BIG).unwrap();
+        s.accept(msg("bobby@x", "alice@x", "m0", None), BIG)
+            .unwrap();
         assert!(seqs.windows(2).all(|w| w[0] < w[1]));
         let got: Vec<String> = s
             .pending_from("bob@x", 0, 100)
@@ -456,7 +479,8 @@ mod tests {
     fn origin_id_dedup() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(dir.path());
-        let Accepted::Stored { seq } = s.accept(msg("b@x", "a@x", "id1", Some("o1")), BIG).unwrap() else {
+        let Accepted::Stored { seq } = s.accept(msg("b@x", "a@x", "id1", Some("o1")), BIG).unwrap()
+        else {
             panic!()
         };
         assert_eq!(
@@ -471,7 +495,10 @@ mod tests {
         let s = open(dir.path());
         let mut seqs = Vec::new();
         for i in 0..3 {
-            if let Accepted::Stored { seq } = s.accept(msg("b@x", "a@x", &format!("m{i}"), None), BIG).unwrap() {
+            if let Accepted::Stored { seq } = s
+                .accept(msg("b@x", "a@x", &format!("m{i}"), None), BIG)
+                .unwrap()
+            {
                 seqs.push(seq);
             }
         }
@@ -499,12 +526,18 @@ mod tests {
         };
         s.accept(msg("b@x", "a@x", "1", None), small).unwrap();
         s.accept(msg("b@x", "a@x", "2", None), small).unwrap();
-        assert_eq!(s.accept(msg("b@x", "a@x", "3", None), small).unwrap(), Accepted::QueueFull);
+        assert_eq!(
+            s.accept(msg("b@x", "a@x", "3", None), small).unwrap(),
+            Accepted::QueueFull
+        );
         let tiny = QueueLimits {
             max_pending: 100,
             max_bytes: 10,
         };
-        assert_eq!(s.accept(msg("c@x", "a@x", "1", None), tiny).unwrap(), Accepted::QueueFull);
+        assert_eq!(
+            s.accept(msg("c@x", "a@x", "1", None), tiny).unwrap(),
+            Accepted::QueueFull
+        );
         assert_eq!(s.recipient("c@x").unwrap(), RecipientState::default());
         assert_eq!(s.pending_from("b@x", 0, 10).unwrap().len(), 2);
     }
@@ -514,7 +547,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = {
             let s = open(dir.path());
-            let Accepted::Stored { seq } = s.accept(msg("b@x", "a@x", "1", None), BIG).unwrap() else {
+            let Accepted::Stored { seq } = s.accept(msg("b@x", "a@x", "1", None), BIG).unwrap()
+            else {
                 panic!()
             };
             s.set_subscription("b@x", Subscription::Subscribed).unwrap();
@@ -535,7 +569,9 @@ mod tests {
     fn second_open_is_refused_as_locked() {
         let dir = tempfile::tempdir().unwrap();
         let _s = open(dir.path());
-        let err = Store::open(dir.path(), Durability::Fsync, 5, 1 << 20).err().unwrap();
+        let err = Store::open(dir.path(), Durability::Fsync, 5, 1 << 20)
+            .err()
+            .unwrap();
         assert!(matches!(err, StoreError::Locked { .. }), "{err}");
     }
 }

@@ -28,9 +28,15 @@ async fn online_recipient_messages_and_receipts_both_ways() {
     let mut got = Vec::new();
     while got.len() < sent.len() {
         let m = bob.next_body_message(SECS(10)).await.expect("bob receives");
-        assert_eq!(m.attr("from"), Some(ALICE), "relayed from alice's relay address");
+        assert_eq!(
+            m.attr("from"),
+            Some(ALICE),
+            "relayed from alice's relay address"
+        );
         assert!(m.has_child("request", "urn:xmpp:receipts"));
-        let sid = m.get_child("stanza-id", "urn:xmpp:sid:0").expect("stanza-id");
+        let sid = m
+            .get_child("stanza-id", "urn:xmpp:sid:0")
+            .expect("stanza-id");
         assert_eq!(sid.attr("by"), Some(COMPONENT));
         got.push(m.attr("id").unwrap().to_owned());
     }
@@ -40,11 +46,315 @@ async fn online_recipient_messages_and_receipts_both_ways() {
 
     // Bob replies through the relay: the same treatment the other way.
     bob.message(ALICE, "b1", "hi alice");
-    let m = alice.next_body_message(SECS(10)).await.expect("alice receives reply");
+    let m = alice
+        .next_body_message(SECS(10))
+        .await
+        .expect("alice receives reply");
     assert_eq!(m.attr("id"), Some("b1"));
     assert_eq!(m.attr("from"), Some(BOB));
     assert_eq!(bob.receipt_ids(1, SECS(10)).await, ["b1"]);
 
     // No duplicates afterwards.
-    assert!(bob.body_ids(1, SECS(2)).await.is_empty(), "no duplicate to bob");
+    assert!(
+        bob.body_ids(1, SECS(2)).await.is_empty(),
+        "no duplicate to bob"
+    );
+}
+
+/// Log bob in once so that he approves the relay's subscription, then out.
+async fn subscribe_bob(prosody: &Prosody, relay: &Relay) {
+    // The first message makes the relay ask for bob's presence.
+    let mut bob = Client::connect(prosody.c2s_port, "bob", ClientOpts::default()).await;
+    let alice = Client::connect(prosody.c2s_port, "alice", ClientOpts::default()).await;
+    alice.message(BOB, "warmup", "warm-up");
+    assert_eq!(bob.body_ids(1, SECS(10)).await, ["warmup"]);
+    wait_log(relay, "presence subscription approved").await;
+    bob.close().await;
+    alice.close().await;
+    wait_log(relay, "offline").await;
+}
+
+async fn wait_log(relay: &Relay, needle: &str) {
+    for _ in 0..200 {
+        if relay.log_text().contains(needle) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("log never said {needle:?}");
+}
+
+async fn send_all(prosody: &Prosody, to: &str, sent: &[String]) {
+    let alice = Client::connect(prosody.c2s_port, "alice", ClientOpts::default()).await;
+    for id in sent {
+        alice.message(to, id, &format!("body of {id}"));
+    }
+    // Let the relay take them before alice goes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    alice.close().await;
+}
+
+/// Offline recipient, server offline storage off: every send bounces, the
+/// relay keeps the messages and replays them once when bob logs in.
+#[tokio::test]
+async fn offline_recipient_without_server_storage() {
+    let prosody = Prosody::start(ProsodyOpts::default());
+    let relay = Relay::start(&prosody, RelayOpts::default());
+    let sent = ids("off", 4);
+    send_all(&prosody, BOB, &sent).await;
+    // Bounces and backoff retries happen meanwhile.
+    tokio::time::sleep(SECS(2)).await;
+    let mut bob = Client::connect(prosody.c2s_port, "bob", ClientOpts::default()).await;
+    assert_eq!(bob.body_ids(sent.len(), SECS(15)).await, sent);
+    assert!(bob.body_ids(1, SECS(3)).await.is_empty(), "nothing twice");
+    assert!(
+        relay.log_text().contains("bounced"),
+        "the relay saw the bounce"
+    );
+}
+
+/// Offline recipient, server offline storage on: the server's own copy is
+/// delivered at login, its receipt confirms it, and the relay does not
+/// replay it.
+#[tokio::test]
+async fn offline_recipient_with_server_storage() {
+    let prosody = Prosody::start(ProsodyOpts {
+        offline_storage: true,
+        ..Default::default()
+    });
+    let relay = Relay::start(&prosody, RelayOpts::default());
+    let sent = ids("st", 3);
+    send_all(&prosody, BOB, &sent).await;
+    // Wait past the receipt timeout: the server stored them silently.
+    wait_log(&relay, "receipt timeout").await;
+    let mut bob = Client::connect(prosody.c2s_port, "bob", ClientOpts::default()).await;
+    let got = bob.body_ids(sent.len(), SECS(10)).await;
+    assert_eq!(got, sent);
+    let more = bob.body_ids(1, SECS(3)).await;
+    assert!(more.is_empty(), "no component-sent duplicate: {more:?}");
+    wait_log(&relay, "confirmed").await;
+}
+
+/// Bob is cut with a TCP reset mid-stream; without stream management the
+/// server reports him unavailable, and everything unconfirmed comes again
+/// at his next login.
+#[tokio::test]
+async fn recipient_reset_without_stream_management() {
+    reset_scenario(false).await;
+}
+
+/// The same with stream management: the server hibernates the session and
+/// bounces its queue at the timeout.
+#[tokio::test]
+async fn recipient_reset_with_stream_management() {
+    reset_scenario(true).await;
+}
+
+async fn reset_scenario(sm: bool) {
+    let prosody = Prosody::start(ProsodyOpts::default());
+    let relay = Relay::start(&prosody, RelayOpts::default());
+    subscribe_bob(&prosody, &relay).await;
+    // Bob receives but never confirms, then his connection is reset.
+    let mut bob = Client::connect(
+        prosody.c2s_port,
+        "bob",
+        ClientOpts {
+            receipts: false,
+            sm,
+            ..Default::default()
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let alice = Client::connect(prosody.c2s_port, "alice", ClientOpts::default()).await;
+    let sent = ids("rst", 6);
+    for id in &sent[..3] {
+        alice.message(BOB, id, "before reset");
+    }
+    assert_eq!(bob.body_ids(3, SECS(10)).await, sent[..3]);
+    bob.reset();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for id in &sent[3..] {
+        alice.message(BOB, id, "after reset");
+    }
+    // Without SM the server says unavailable at once; with SM only after
+    // its hibernation timeout (3 s here) when it bounces the queue.
+    tokio::time::sleep(SECS(if sm { 6 } else { 2 })).await;
+    let mut bob = Client::connect(prosody.c2s_port, "bob", ClientOpts::default()).await;
+    assert_eq!(bob.body_ids(sent.len(), SECS(15)).await, sent);
+    let more = bob.body_ids(1, SECS(3)).await;
+    assert!(more.is_empty(), "nothing twice: {more:?}");
+}
+
+/// A frozen client (TCP up, nothing read): no receipt comes, so the
+/// messages come again at the next login.
+#[tokio::test]
+async fn frozen_recipient_gets_messages_at_next_login() {
+    let prosody = Prosody::start(ProsodyOpts::default());
+    let relay = Relay::start(&prosody, RelayOpts::default());
+    subscribe_bob(&prosody, &relay).await;
+    let frozen = Client::connect(
+        prosody.c2s_port,
+        "bob",
+        ClientOpts {
+            resource: "frozen".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    frozen.freeze();
+    let sent = ids("frz", 3);
+    send_all(&prosody, BOB, &sent).await;
+    wait_log(&relay, "receipt timeout").await;
+    let mut bob = Client::connect(
+        prosody.c2s_port,
+        "bob",
+        ClientOpts {
+            resource: "fresh".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(bob.body_ids(sent.len(), SECS(15)).await, sent);
+    let more = bob.body_ids(1, SECS(3)).await;
+    assert!(more.is_empty(), "nothing twice: {more:?}");
+    drop(frozen);
+}
+
+/// SIGKILL with pending messages, restart on the same store: all of them
+/// are delivered once, in order.
+#[tokio::test]
+async fn component_sigkill_and_restart_keeps_pending() {
+    let prosody = Prosody::start(ProsodyOpts::default());
+    let mut relay = Relay::start(&prosody, RelayOpts::default());
+    subscribe_bob(&prosody, &relay).await;
+    let sent = ids("kill", 5);
+    send_all(&prosody, BOB, &sent).await;
+    relay.sigkill();
+    relay.restart();
+    let mut bob = Client::connect(prosody.c2s_port, "bob", ClientOpts::default()).await;
+    assert_eq!(bob.body_ids(sent.len(), SECS(15)).await, sent);
+    let more = bob.body_ids(1, SECS(3)).await;
+    assert!(more.is_empty(), "nothing twice: {more:?}");
+}
+
+/// The server restarts: the relay reconnects by itself and replays to a
+/// recipient who logged in meanwhile.
+#[tokio::test]
+async fn server_restart_reconnects_and_replays() {
+    let mut prosody = Prosody::start(ProsodyOpts::default());
+    let relay = Relay::start(&prosody, RelayOpts::default());
+    subscribe_bob(&prosody, &relay).await;
+    let sent = ids("srv", 3);
+    send_all(&prosody, BOB, &sent).await;
+    prosody.restart();
+    relay.wait_ready(2);
+    let mut bob = Client::connect(prosody.c2s_port, "bob", ClientOpts::default()).await;
+    assert_eq!(bob.body_ids(sent.len(), SECS(15)).await, sent);
+    let more = bob.body_ids(1, SECS(3)).await;
+    assert!(more.is_empty(), "nothing twice: {more:?}");
+}
+
+/// SIGTERM: the relay closes the stream, flushes and exits 0.
+#[tokio::test]
+async fn sigterm_exits_cleanly() {
+    let prosody = Prosody::start(ProsodyOpts::default());
+    let mut relay = Relay::start(&prosody, RelayOpts::default());
+    assert_eq!(relay.terminate(), Some(0));
+    let log = relay.log_text();
+    assert!(log.contains("store flushed"), "{log}");
+    assert!(log.contains("component stream closed"), "{log}");
+}
+
+/// Every refusal gets its error, nothing refused is stored, and the relay
+/// keeps relaying afterwards.
+#[tokio::test]
+async fn refusals_and_still_relaying() {
+    let prosody = Prosody::start(ProsodyOpts::default());
+    let relay = Relay::start(
+        &prosody,
+        RelayOpts {
+            max_pending: 2,
+            max_stanza_bytes: 2048,
+            ..Default::default()
+        },
+    );
+    let mut alice = Client::connect(prosody.c2s_port, "alice", ClientOpts::default()).await;
+    let mut eve = Client::connect(
+        prosody.c2s_port,
+        "eve@other.localhost",
+        ClientOpts::default(),
+    )
+    .await;
+
+    eve.message(BOB, "e1", "let me in");
+    assert_eq!(
+        eve.next_error(SECS(10)).await,
+        Some(("e1".into(), "not-allowed".into()))
+    );
+
+    alice.message(r"a\40b\40c@relay.localhost", "bad1", "x");
+    assert_eq!(
+        alice.next_error(SECS(10)).await,
+        Some(("bad1".into(), "jid-malformed".into()))
+    );
+
+    alice.message(r"x\40evil.example@relay.localhost", "bad2", "x");
+    assert_eq!(
+        alice.next_error(SECS(10)).await,
+        Some(("bad2".into(), "not-allowed".into()))
+    );
+
+    alice.message(BOB, "big", &"x".repeat(4096));
+    assert_eq!(
+        alice.next_error(SECS(10)).await,
+        Some(("big".into(), "policy-violation".into()))
+    );
+
+    // Carol is offline (storage off): her queue fills at 2.
+    let carol = "carol@relay.localhost";
+    alice.message(carol, "c1", "one");
+    alice.message(carol, "c2", "two");
+    alice.message(carol, "c3", "three");
+    assert_eq!(
+        alice.next_error(SECS(10)).await,
+        Some(("c3".into(), "resource-constraint".into()))
+    );
+
+    // Still relaying, and nothing refused was stored or sent.
+    let mut bob = Client::connect(prosody.c2s_port, "bob", ClientOpts::default()).await;
+    alice.message(BOB, "ok1", "still there");
+    assert_eq!(bob.body_ids(1, SECS(10)).await, ["ok1"]);
+    assert!(
+        bob.body_ids(1, SECS(2)).await.is_empty(),
+        "refused messages never sent"
+    );
+    let mut carol_c = Client::connect(prosody.c2s_port, "carol", ClientOpts::default()).await;
+    assert_eq!(carol_c.body_ids(3, SECS(10)).await, ["c1", "c2"]);
+    assert!(!relay.log_text().contains("panicked"));
+}
+
+/// A client that advertises no receipt support (disco#info) never
+/// confirms: a message counts as delivered once sent to an available
+/// resource with no error within the receipt timeout, and is not replayed.
+#[tokio::test]
+async fn client_without_receipt_support_gets_weaker_guarantee() {
+    let prosody = Prosody::start(ProsodyOpts::default());
+    let relay = Relay::start(&prosody, RelayOpts::default());
+    subscribe_bob(&prosody, &relay).await;
+    let opts = ClientOpts {
+        receipts: false,
+        advertise_receipts: false,
+        ..Default::default()
+    };
+    let mut bob = Client::connect(prosody.c2s_port, "bob", opts.clone()).await;
+    wait_log(&relay, "supports=Some(false)").await;
+    let sent = ids("nr", 2);
+    send_all(&prosody, BOB, &sent).await;
+    assert_eq!(bob.body_ids(2, SECS(10)).await, sent);
+    wait_log(&relay, "assumed=true").await;
+    bob.close().await;
+    let mut bob = Client::connect(prosody.c2s_port, "bob", opts).await;
+    assert!(bob.body_ids(1, SECS(3)).await.is_empty(), "not replayed");
 }

@@ -105,9 +105,16 @@ impl Prosody {
             .replace("@COMPONENT_PORT@", &component_port.to_string())
             .replace(
                 "@MODULES_DISABLED@",
-                if opts.offline_storage { "" } else { "\"offline\"" },
+                if opts.offline_storage {
+                    ""
+                } else {
+                    "\"offline\""
+                },
             )
-            .replace("@SMACKS_HIBERNATION@", &opts.smacks_hibernation_s.to_string())
+            .replace(
+                "@SMACKS_HIBERNATION@",
+                &opts.smacks_hibernation_s.to_string(),
+            )
             .replace("@COMPONENT@", COMPONENT)
             .replace("@SECRET@", SECRET);
         std::fs::create_dir_all(dir.path().join("data")).unwrap();
@@ -195,7 +202,10 @@ impl Drop for Prosody {
             // Keep the evidence of a failed test.
             let p = self.dir.path().to_owned();
             eprintln!("prosody log kept at {}", p.display());
-            std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()));
+            std::mem::forget(std::mem::replace(
+                &mut self.dir,
+                tempfile::tempdir().unwrap(),
+            ));
         }
     }
 }
@@ -374,6 +384,9 @@ pub struct ClientOpts {
     pub resource: String,
     /// Answer receipt requests.
     pub receipts: bool,
+    /// Advertise receipt support in disco#info (a real client that does
+    /// not get to answer still advertises it).
+    pub advertise_receipts: bool,
     /// Enable XEP-0198 stream management.
     pub sm: bool,
     /// Approve presence subscription requests.
@@ -387,6 +400,7 @@ impl Default for ClientOpts {
         ClientOpts {
             resource: "test".into(),
             receipts: true,
+            advertise_receipts: true,
             sm: false,
             approve: true,
             presence: true,
@@ -425,12 +439,12 @@ async fn next_el(s: &mut C2s) -> Element {
     }
 }
 
-async fn open_stream(io: BufStream<TcpStream>) -> C2s {
+async fn open_stream(io: BufStream<TcpStream>, host: &str) -> C2s {
     let pending = initiate_stream(
         io,
         CLIENT_NS,
         StreamHeader {
-            to: Some(Cow::Borrowed("localhost")),
+            to: Some(Cow::Borrowed(host)),
             from: None,
             id: None,
         },
@@ -442,11 +456,14 @@ async fn open_stream(io: BufStream<TcpStream>) -> C2s {
 }
 
 impl Client {
+    /// Log in as `user` (`name` on localhost, or `name@host`).
     pub async fn connect(port: u16, user: &str, opts: ClientOpts) -> Client {
+        let (user, host) = user.split_once('@').unwrap_or((user, "localhost"));
         let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         tcp.set_nodelay(true).unwrap();
-        let mut s = open_stream(BufStream::new(tcp)).await;
-        let creds = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{PASSWORD}"));
+        let mut s = open_stream(BufStream::new(tcp), host).await;
+        let creds =
+            base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{PASSWORD}"));
         let auth = xml(&format!(
             "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{creds}</auth>"
         ));
@@ -456,7 +473,7 @@ impl Client {
         let pending = s
             .initiate_reset()
             .send_header(StreamHeader {
-                to: Some(Cow::Borrowed("localhost")),
+                to: Some(Cow::Borrowed(host)),
                 from: None,
                 id: None,
             })
@@ -478,11 +495,13 @@ impl Client {
             assert_eq!(reply.name(), "enabled", "sm: {reply:?}");
         }
         if opts.presence {
-            s.send(&xml(&format!("<presence xmlns='{CLIENT_NS}'/>"))).await.unwrap();
+            s.send(&xml(&format!("<presence xmlns='{CLIENT_NS}'/>")))
+                .await
+                .unwrap();
         }
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (in_tx, in_rx) = mpsc::unbounded_channel();
-        let jid = format!("{user}@localhost/{}", opts.resource);
+        let jid = format!("{user}@{host}/{}", opts.resource);
         let task = tokio::spawn(client_loop(s, opts, cmd_rx, in_tx));
         Client {
             jid,
@@ -521,7 +540,9 @@ impl Client {
     pub async fn next_body_message(&mut self, wait: Duration) -> Option<Element> {
         let end = tokio::time::Instant::now() + wait;
         loop {
-            let el = tokio::time::timeout_at(end, self.inbox.recv()).await.ok()??;
+            let el = tokio::time::timeout_at(end, self.inbox.recv())
+                .await
+                .ok()??;
             if el.get_child("body", CLIENT_NS).is_some() {
                 return Some(el);
             }
@@ -557,7 +578,9 @@ impl Client {
         let mut ids = Vec::new();
         let end = tokio::time::Instant::now() + wait;
         while ids.len() < n {
-            let Ok(Some(el)) = tokio::time::timeout_at(end, self.inbox.recv()).await else { break };
+            let Ok(Some(el)) = tokio::time::timeout_at(end, self.inbox.recv()).await else {
+                break;
+            };
             if let Some(r) = el.get_child("received", "urn:xmpp:receipts") {
                 ids.push(r.attr("id").unwrap_or("").to_owned());
             }
@@ -569,7 +592,9 @@ impl Client {
     pub async fn next_error(&mut self, wait: Duration) -> Option<(String, String)> {
         let end = tokio::time::Instant::now() + wait;
         loop {
-            let el = tokio::time::timeout_at(end, self.inbox.recv()).await.ok()??;
+            let el = tokio::time::timeout_at(end, self.inbox.recv())
+                .await
+                .ok()??;
             if el.attr("type") == Some("error") {
                 let err = el.get_child("error", CLIENT_NS)?;
                 let cond = err
@@ -609,7 +634,8 @@ pub fn esc(s: &str) -> String {
 
 /// Parse literal XML into an element.
 pub fn xml(s: &str) -> Element {
-    s.parse().unwrap_or_else(|e| panic!("bad test XML {s}: {e}"))
+    s.parse()
+        .unwrap_or_else(|e| panic!("bad test XML {s}: {e}"))
 }
 
 async fn client_loop(
@@ -671,21 +697,19 @@ async fn client_loop(
                         }
                         let _ = inbox.send(e);
                     }
-                    "presence" => {
-                        if opts.approve && e.attr("type") == Some("subscribe") {
-                            let p = xml(&format!(
-                                "<presence xmlns='{CLIENT_NS}' to='{}' type='subscribed'/>",
-                                esc(&from)
-                            ));
-                            let _ = s.send(&p).await;
-                        }
+                    "presence" if opts.approve && e.attr("type") == Some("subscribe") => {
+                        let p = xml(&format!(
+                            "<presence xmlns='{CLIENT_NS}' to='{}' type='subscribed'/>",
+                            esc(&from)
+                        ));
+                        let _ = s.send(&p).await;
                     }
                     "iq" => {
                         let t = e.attr("type").unwrap_or("");
                         if t == "get" || t == "set" {
                             let (id, to) = (esc(e.attr("id").unwrap_or("")), esc(&from));
                             let reply = if e.has_child("query", "http://jabber.org/protocol/disco#info") {
-                                let receipts = if opts.receipts { "<feature var='urn:xmpp:receipts'/>" } else { "" };
+                                let receipts = if opts.advertise_receipts { "<feature var='urn:xmpp:receipts'/>" } else { "" };
                                 format!("<iq xmlns='{CLIENT_NS}' type='result' id='{id}' to='{to}'><query xmlns='http://jabber.org/protocol/disco#info'><identity category='client' type='pc'/><feature var='http://jabber.org/protocol/disco#info'/>{receipts}</query></iq>")
                             } else if e.has_child("ping", "urn:xmpp:ping") {
                                 format!("<iq xmlns='{CLIENT_NS}' type='result' id='{id}' to='{to}'/>")
