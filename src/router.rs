@@ -89,6 +89,9 @@ struct Peer {
     backoff: Duration,
     /// Send attempts per pending seq since start (not stored).
     attempts: HashMap<u64, u32>,
+    /// Messages below this seq were accepted before the current sending
+    /// phase began: they go out as replays, with `<delay/>`.
+    replay_below: u64,
 }
 
 impl Peer {
@@ -102,6 +105,7 @@ impl Peer {
             timer: None,
             backoff: initial_backoff,
             attempts: HashMap::new(),
+            replay_below: 0,
         }
     }
 
@@ -547,7 +551,7 @@ impl Router {
                     let _ = self.flush_requests.send(seq);
                 }
                 self.ensure_subscribed(&recipient, target).await;
-                self.kick(&recipient).await;
+                self.kick(&recipient, seq).await;
             }
             Ok(Accepted::Duplicate { seq }) => {
                 info!(to = %recipient, from = %from, id = %id, seq, "duplicate submission ignored");
@@ -681,8 +685,8 @@ impl Router {
 
     // ----- delivery state machine -----
 
-    /// Something new is pending for `recipient`: send if we may.
-    async fn kick(&mut self, recipient: &str) {
+    /// Message `seq` is new for `recipient`: send if we may.
+    async fn kick(&mut self, recipient: &str, seq: u64) {
         let initial = Duration::from_millis(self.config.delivery.retry_initial_ms);
         let peer = self
             .peers
@@ -694,6 +698,7 @@ impl Router {
                 if peer.online() || !peer.presence_known {
                     peer.phase = Phase::Sending;
                     peer.cursor = 0;
+                    peer.replay_below = seq;
                     self.pump(recipient).await;
                 } else {
                     peer.phase = Phase::Offline;
@@ -749,7 +754,7 @@ impl Router {
                 peer.cursor = seq + 1;
                 let attempts = peer.attempts.entry(seq).or_insert(0);
                 *attempts += 1;
-                let replay = *attempts > 1 || now_ms() - rec.accepted_at_ms > 1_000;
+                let replay = *attempts > 1 || seq < peer.replay_below;
                 to_send.push((seq, rec, replay));
             }
         }
@@ -876,9 +881,11 @@ impl Router {
     async fn on_timer(&mut self, t: Timer) {
         match t {
             Timer::Resume { recipient } => {
+                let next = self.store.next_seq().unwrap_or(u64::MAX);
                 let Some(peer) = self.peers.get_mut(&recipient) else {
                     return;
                 };
+                peer.replay_below = next;
                 peer.timer = None;
                 peer.phase = Phase::Sending;
                 peer.cursor = 0;
@@ -1236,5 +1243,234 @@ pub async fn run_flusher(
         if done.send(Internal::Durable(seq)).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The delivery state machine with a fake link (channels) and tokio's
+    //! paused clock.
+
+    use super::*;
+
+    const NS: &str = "jabber:component:accept";
+
+    struct Harness {
+        events: mpsc::Sender<LinkEvent>,
+        outbox: mpsc::Receiver<Outbound>,
+        _internal: mpsc::Sender<Internal>,
+        _dir: tempfile::TempDir,
+        _stop: tokio_util::sync::DropGuard,
+    }
+
+    fn config(dir: &std::path::Path, window: usize) -> Config {
+        let text = format!(
+            r#"[component]
+domain = "relay.x"
+server = "127.0.0.1:1"
+[relay]
+default_domain = "x"
+allowed_sender_domains = ["x"]
+[store]
+path = "{}"
+durability = "batched"
+[delivery]
+receipt_timeout_ms = 1000
+replay_grace_ms = 300
+window = {window}
+retry_initial_ms = 500
+"#,
+            dir.display()
+        );
+        let c: Config = toml::from_str(&text).unwrap();
+        c.validate().unwrap();
+        c
+    }
+
+    async fn harness(window: usize) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Arc::new(config(dir.path(), window));
+        let store =
+            Arc::new(Store::open(&config.store.path, Durability::Batched, 5, 1 << 20).unwrap());
+        let (out_tx, out_rx) = mpsc::channel(1024);
+        let (ev_tx, ev_rx) = mpsc::channel(1024);
+        let (flush_tx, _flush_rx) = mpsc::unbounded_channel();
+        let (int_tx, int_rx) = mpsc::channel(16);
+        let router = Router::new(config, store, out_tx, flush_tx).unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(router.run(ev_rx, int_rx, stop.clone()));
+        ev_tx.send(LinkEvent::Up { epoch: 1 }).await.unwrap();
+        Harness {
+            events: ev_tx,
+            outbox: out_rx,
+            _internal: int_tx,
+            _dir: dir,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    impl Harness {
+        async fn feed(&self, xml: &str) {
+            let el = Element::from_str(xml).unwrap();
+            let st = if el.name() == "message" {
+                Stanza::Message(Message::try_from(el).unwrap())
+            } else {
+                Stanza::Presence(Presence::try_from(el).unwrap())
+            };
+            self.events
+                .send(LinkEvent::Stanza(Box::new(st)))
+                .await
+                .unwrap();
+        }
+
+        async fn msg(&self, id: &str) {
+            self.feed(&format!(
+                "<message xmlns='{NS}' from='alice@x/r' to='bob@relay.x' id='{id}' type='chat'><body>{id}</body></message>"
+            ))
+            .await;
+        }
+
+        async fn receipt(&self, id: &str) {
+            self.feed(&format!(
+                "<message xmlns='{NS}' from='bob@x/r' to='alice@relay.x'><received xmlns='urn:xmpp:receipts' id='{id}'/></message>"
+            ))
+            .await;
+        }
+
+        async fn subscribe_and_go_offline(&mut self) {
+            self.msg("first").await;
+            self.feed(&format!(
+                "<presence xmlns='{NS}' from='bob@x' to='relay.x' type='subscribed'/>"
+            ))
+            .await;
+            self.feed(&format!(
+                "<presence xmlns='{NS}' from='bob@x/r' to='relay.x'/>"
+            ))
+            .await;
+            self.receipt("first").await;
+            self.feed(&format!(
+                "<presence xmlns='{NS}' from='bob@x/r' to='relay.x' type='unavailable'/>"
+            ))
+            .await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            self.drain();
+        }
+
+        async fn available(&self) {
+            self.feed(&format!(
+                "<presence xmlns='{NS}' from='bob@x/r' to='relay.x'/>"
+            ))
+            .await;
+        }
+
+        /// Ids of relayed body messages to bob, and whether each has a delay.
+        fn drain(&mut self) -> Vec<(String, bool)> {
+            let mut out = Vec::new();
+            while let Ok(o) = self.outbox.try_recv() {
+                if let Stanza::Message(m) = o.stanza
+                    && !m.bodies.is_empty()
+                {
+                    let delayed = m.payloads.iter().any(|p| p.is("delay", ns::DELAY));
+                    out.push((m.id.unwrap().0, delayed));
+                }
+            }
+            out
+        }
+    }
+
+    fn ids(v: &[(String, bool)]) -> Vec<&str> {
+        v.iter().map(|(i, _)| i.as_str()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn replay_waits_for_grace_and_keeps_order() {
+        let mut h = harness(64).await;
+        h.subscribe_and_go_offline().await;
+        for id in ["m1", "m2", "m3"] {
+            h.msg(id).await;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(h.drain().is_empty(), "offline: nothing sent");
+        h.available().await;
+        tokio::time::sleep(Duration::from_millis(290)).await;
+        assert!(h.drain().is_empty(), "nothing before the grace window ends");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let sent = h.drain();
+        assert_eq!(ids(&sent), ["m1", "m2", "m3"]);
+        assert!(sent.iter().all(|(_, d)| *d), "replays carry <delay/>");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn receipt_during_grace_is_not_replayed() {
+        let mut h = harness(64).await;
+        h.subscribe_and_go_offline().await;
+        h.msg("m1").await;
+        h.msg("m2").await;
+        h.available().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // e.g. the server's own offline copy of m1 was receipted.
+        h.receipt("m1").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(ids(&h.drain()), ["m2"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn receipt_timeout_marks_offline_until_presence() {
+        let mut h = harness(64).await;
+        h.subscribe_and_go_offline().await;
+        h.available().await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        h.msg("m1").await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(ids(&h.drain()), ["m1"]);
+        // No receipt: after the timeout, nothing is resent on its own.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(h.drain().is_empty(), "no resend without a sign of life");
+        // A new login (new available presence) replays it.
+        h.feed(&format!(
+            "<presence xmlns='{NS}' from='bob@x/r2' to='relay.x'/>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(310)).await;
+        assert_eq!(ids(&h.drain()), ["m1"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn window_bounds_in_flight() {
+        let mut h = harness(2).await;
+        h.subscribe_and_go_offline().await;
+        h.available().await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        for id in ["m1", "m2", "m3", "m4"] {
+            h.msg(id).await;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(ids(&h.drain()), ["m1", "m2"]);
+        h.receipt("m1").await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(ids(&h.drain()), ["m3"]);
+        // A marker confirms m2 and m3 at once, freeing two slots.
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='bob@x/r' to='alice@relay.x'><displayed xmlns='urn:xmpp:chat-markers:0' id='m3'/></message>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(ids(&h.drain()), ["m4"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bounce_with_unknown_presence_retries_with_backoff() {
+        let mut h = harness(64).await;
+        h.msg("m1").await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(ids(&h.drain()), ["m1"]);
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='bob@x' to='alice@relay.x' id='m1' type='error'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(490)).await;
+        assert!(h.drain().is_empty());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(ids(&h.drain()), ["m1"], "retried after 500 ms");
     }
 }
