@@ -239,6 +239,15 @@ impl Default for RelayOpts {
     }
 }
 
+/// The binary under test: cargo names it for integration tests; the demo
+/// example runs after `cargo build` and finds it in target/debug.
+fn redeliver_bin() -> PathBuf {
+    match option_env!("CARGO_BIN_EXE_redeliver") {
+        Some(p) => PathBuf::from(p),
+        None => root().join("target/debug/redeliver"),
+    }
+}
+
 /// The real redeliver binary, run with a throwaway config and store.
 pub struct Relay {
     pub dir: tempfile::TempDir,
@@ -305,7 +314,7 @@ jids = ["admin@localhost"]
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_redeliver"))
+        let child = Command::new(redeliver_bin())
             .args(["run", "--config"])
             .arg(&self.config)
             .env("REDELIVER_SECRET", SECRET)
