@@ -14,19 +14,34 @@ use common::*;
 
 #[tokio::main]
 async fn main() {
-    println!("1. starting Prosody on 127.0.0.1 (offline storage off, component {COMPONENT} registered)");
+    println!(
+        "1. starting Prosody on 127.0.0.1 (offline storage off, component {COMPONENT} registered)"
+    );
     let prosody = Prosody::start(ProsodyOpts::default());
-    println!("   c2s port {}, component port {}, data in {}", prosody.c2s_port, prosody.component_port, prosody.dir.path().display());
+    println!(
+        "   c2s port {}, component port {}, data in {}",
+        prosody.c2s_port,
+        prosody.component_port,
+        prosody.dir.path().display()
+    );
 
     println!("2. starting redeliver");
     let relay = Relay::start(&prosody, RelayOpts::default());
-    println!("   ready; config {}, log {}", relay.config.display(), relay.log.display());
+    println!(
+        "   ready; config {}, log {}",
+        relay.config.display(),
+        relay.log.display()
+    );
 
     println!("3. bob logs in once to approve the relay's presence subscription, then logs out");
     {
         let mut bob = Client::connect(prosody.c2s_port, "bob", ClientOpts::default()).await;
         let alice = Client::connect(prosody.c2s_port, "alice", ClientOpts::default()).await;
-        alice.message("bob@relay.localhost", "hello-0", "hello while you are online");
+        alice.message(
+            "bob@relay.localhost",
+            "hello-0",
+            "hello while you are online",
+        );
         let got = bob.body_ids(1, Duration::from_secs(10)).await;
         println!("   bob received {got:?}");
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -37,7 +52,11 @@ async fn main() {
 
     println!("4. bob is offline; alice writes to bob@relay.localhost");
     let mut alice = Client::connect(prosody.c2s_port, "alice", ClientOpts::default()).await;
-    alice.message("bob@relay.localhost", "survivor-1", "this message survives bob being offline");
+    alice.message(
+        "bob@relay.localhost",
+        "survivor-1",
+        "this message survives bob being offline",
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     println!("   redeliver holds it (Prosody's own offline storage is off)");
 
