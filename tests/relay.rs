@@ -358,3 +358,26 @@ async fn client_without_receipt_support_gets_weaker_guarantee() {
     let mut bob = Client::connect(prosody.c2s_port, "bob", opts).await;
     assert!(bob.body_ids(1, SECS(3)).await.is_empty(), "not replayed");
 }
+
+/// A stanza that does not parse is answered with `<bad-request/>`; the
+/// link stays up and the relay keeps relaying.
+#[tokio::test]
+async fn unparseable_stanza_is_answered_without_reconnect() {
+    let prosody = Prosody::start(ProsodyOpts::default());
+    let relay = Relay::start(&prosody, RelayOpts::default());
+    let mut alice = Client::connect(prosody.c2s_port, "alice", ClientOpts::default()).await;
+    let mut bob = Client::connect(prosody.c2s_port, "bob", ClientOpts::default()).await;
+    alice.send(xml(
+        "<message xmlns='jabber:client' to='bob@relay.localhost' id='weird' type='bogus'><body>x</body></message>",
+    ));
+    assert_eq!(
+        alice.next_error(SECS(10)).await,
+        Some(("weird".into(), "bad-request".into()))
+    );
+    alice.message(BOB, "after", "still relaying");
+    assert_eq!(bob.body_ids(1, SECS(10)).await, ["after"]);
+    let log = relay.log_text();
+    assert!(log.contains("stanza did not parse"), "{log}");
+    assert!(!log.contains("component link lost"), "no reconnect: {log}");
+    assert_eq!(log.matches(READY).count(), 1);
+}
