@@ -112,6 +112,18 @@ impl Peer {
     fn online(&self) -> bool {
         self.resources.values().any(|r| r.priority >= 0)
     }
+
+    /// Stop sending: whatever is in flight stays pending (it will be
+    /// replayed from the start of the queue) and no timer stays armed.
+    fn halt(&mut self, timers: &mut DelayQueue<Timer>) {
+        for (_, f) in std::mem::take(&mut self.in_flight) {
+            timers.try_remove(&f.timer);
+        }
+        if let Some(k) = self.timer.take() {
+            timers.try_remove(&k);
+        }
+        self.cursor = 0;
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -376,16 +388,10 @@ impl Router {
         // What was on the wire is in doubt: it stays pending and is
         // replayed once presence is known again.
         for peer in self.peers.values_mut() {
-            for (_, f) in std::mem::take(&mut peer.in_flight) {
-                self.timers.try_remove(&f.timer);
-            }
-            if let Some(k) = peer.timer.take() {
-                self.timers.try_remove(&k);
-            }
+            peer.halt(&mut self.timers);
             peer.resources.clear();
             peer.presence_known = false;
             peer.phase = Phase::Idle;
-            peer.cursor = 0;
         }
         self.disco_pending.clear();
         warn!("link down; in-flight messages stay pending");
@@ -813,14 +819,8 @@ impl Router {
         let Some(peer) = self.peers.get_mut(recipient) else {
             return;
         };
-        for (_, f) in std::mem::take(&mut peer.in_flight) {
-            self.timers.try_remove(&f.timer);
-        }
-        peer.cursor = 0;
+        peer.halt(&mut self.timers);
         peer.resources.clear();
-        if let Some(k) = peer.timer.take() {
-            self.timers.try_remove(&k);
-        }
         let subscribed = matches!(
             self.store.recipient(recipient).map(|s| s.subscription),
             Ok(Subscription::Subscribed)
@@ -1031,13 +1031,7 @@ impl Router {
                 }
                 if !peer.online() {
                     debug!(to = %recipient, "offline");
-                    for (_, f) in std::mem::take(&mut peer.in_flight) {
-                        self.timers.try_remove(&f.timer);
-                    }
-                    if let Some(k) = peer.timer.take() {
-                        self.timers.try_remove(&k);
-                    }
-                    peer.cursor = 0;
+                    peer.halt(&mut self.timers);
                     peer.phase = Phase::Offline;
                 }
             }
