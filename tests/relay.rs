@@ -10,6 +10,14 @@ const BOB: &str = "bob@relay.localhost";
 const ALICE: &str = "alice@relay.localhost";
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
+/// `client` receives exactly `sent`, in order, and nothing more within
+/// three seconds.
+async fn expect_exactly(client: &mut Client, sent: &[String]) {
+    assert_eq!(client.body_ids(sent.len(), SECS(15)).await, sent);
+    let more = client.body_ids(1, SECS(3)).await;
+    assert!(more.is_empty(), "nothing twice, nothing else: {more:?}");
+}
+
 fn ids(prefix: &str, n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("{prefix}{i}")).collect()
 }
@@ -105,8 +113,7 @@ async fn offline_recipient_without_server_storage() {
     // Bounces and backoff retries happen meanwhile.
     tokio::time::sleep(SECS(2)).await;
     let mut bob = Client::connect(prosody.c2s_port, "bob", ClientOpts::default()).await;
-    assert_eq!(bob.body_ids(sent.len(), SECS(15)).await, sent);
-    assert!(bob.body_ids(1, SECS(3)).await.is_empty(), "nothing twice");
+    expect_exactly(&mut bob, &sent).await;
     assert!(
         relay.log_text().contains("bounced"),
         "the relay saw the bounce"
@@ -128,10 +135,7 @@ async fn offline_recipient_with_server_storage() {
     // Wait past the receipt timeout: the server stored them silently.
     wait_log(&relay, "receipt timeout").await;
     let mut bob = Client::connect(prosody.c2s_port, "bob", ClientOpts::default()).await;
-    let got = bob.body_ids(sent.len(), SECS(10)).await;
-    assert_eq!(got, sent);
-    let more = bob.body_ids(1, SECS(3)).await;
-    assert!(more.is_empty(), "no component-sent duplicate: {more:?}");
+    expect_exactly(&mut bob, &sent).await;
     wait_log(&relay, "confirmed").await;
 }
 
@@ -181,9 +185,7 @@ async fn reset_scenario(sm: bool) {
     // its hibernation timeout (3 s here) when it bounces the queue.
     tokio::time::sleep(SECS(if sm { 6 } else { 2 })).await;
     let mut bob = Client::connect(prosody.c2s_port, "bob", ClientOpts::default()).await;
-    assert_eq!(bob.body_ids(sent.len(), SECS(15)).await, sent);
-    let more = bob.body_ids(1, SECS(3)).await;
-    assert!(more.is_empty(), "nothing twice: {more:?}");
+    expect_exactly(&mut bob, &sent).await;
 }
 
 /// A frozen client (TCP up, nothing read): no receipt comes, so the
@@ -216,9 +218,7 @@ async fn frozen_recipient_gets_messages_at_next_login() {
         },
     )
     .await;
-    assert_eq!(bob.body_ids(sent.len(), SECS(15)).await, sent);
-    let more = bob.body_ids(1, SECS(3)).await;
-    assert!(more.is_empty(), "nothing twice: {more:?}");
+    expect_exactly(&mut bob, &sent).await;
     drop(frozen);
 }
 
@@ -234,9 +234,7 @@ async fn component_sigkill_and_restart_keeps_pending() {
     relay.sigkill();
     relay.restart();
     let mut bob = Client::connect(prosody.c2s_port, "bob", ClientOpts::default()).await;
-    assert_eq!(bob.body_ids(sent.len(), SECS(15)).await, sent);
-    let more = bob.body_ids(1, SECS(3)).await;
-    assert!(more.is_empty(), "nothing twice: {more:?}");
+    expect_exactly(&mut bob, &sent).await;
 }
 
 /// The server restarts: the relay reconnects by itself and replays to a
@@ -251,9 +249,7 @@ async fn server_restart_reconnects_and_replays() {
     prosody.restart();
     relay.wait_ready(2);
     let mut bob = Client::connect(prosody.c2s_port, "bob", ClientOpts::default()).await;
-    assert_eq!(bob.body_ids(sent.len(), SECS(15)).await, sent);
-    let more = bob.body_ids(1, SECS(3)).await;
-    assert!(more.is_empty(), "nothing twice: {more:?}");
+    expect_exactly(&mut bob, &sent).await;
 }
 
 /// SIGTERM: the relay closes the stream, flushes and exits 0.
