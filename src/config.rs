@@ -326,6 +326,14 @@ impl Config {
         Duration::from_millis(self.delivery.receipt_timeout_ms)
     }
 
+    pub fn retry_initial(&self) -> Duration {
+        Duration::from_millis(self.delivery.retry_initial_ms)
+    }
+
+    pub fn retry_max(&self) -> Duration {
+        Duration::from_millis(self.delivery.retry_max_ms)
+    }
+
     pub fn replay_grace(&self) -> Duration {
         Duration::from_millis(self.delivery.replay_grace_ms)
     }

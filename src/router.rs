@@ -181,6 +181,15 @@ fn stanza_error(type_: ErrorType, cond: DefinedCondition, text: &str) -> StanzaE
     StanzaError::new(type_, cond, "en", text)
 }
 
+/// The answer to an iq nobody here serves.
+fn no_such_service() -> StanzaError {
+    stanza_error(
+        ErrorType::Cancel,
+        DefinedCondition::ServiceUnavailable,
+        "no such service",
+    )
+}
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -340,7 +349,7 @@ impl Router {
             }
         };
         let mut probed = 0;
-        let initial = Duration::from_millis(self.config.delivery.retry_initial_ms);
+        let initial = self.config.retry_initial();
         for (name, state) in recipients {
             let Ok(jid) = BareJid::from_str(&name) else {
                 warn!(recipient = %name, "store holds an invalid recipient JID; skipping");
@@ -646,7 +655,7 @@ impl Router {
         {
             let _ = self.flush_requests.send(*seq);
         }
-        let initial = Duration::from_millis(self.config.delivery.retry_initial_ms);
+        let initial = self.config.retry_initial();
         if let Some(peer) = self.peers.get_mut(recipient) {
             for (seq, _) in &removed {
                 if let Some(f) = peer.in_flight.remove(seq) {
@@ -693,7 +702,7 @@ impl Router {
 
     /// Message `seq` is new for `recipient`: send if we may.
     async fn kick(&mut self, recipient: &str, seq: u64) {
-        let initial = Duration::from_millis(self.config.delivery.retry_initial_ms);
+        let initial = self.config.retry_initial();
         let peer = self
             .peers
             .entry(recipient.to_owned())
@@ -832,8 +841,7 @@ impl Router {
             peer.presence_known = false;
             peer.phase = Phase::Backoff;
             let delay = peer.backoff;
-            peer.backoff =
-                (peer.backoff * 2).min(Duration::from_millis(self.config.delivery.retry_max_ms));
+            peer.backoff = (peer.backoff * 2).min(self.config.retry_max());
             peer.timer = Some(self.timers.insert(
                 Timer::Resume {
                     recipient: recipient.to_owned(),
@@ -1000,7 +1008,7 @@ impl Router {
                 return;
             }
         };
-        let initial = Duration::from_millis(self.config.delivery.retry_initial_ms);
+        let initial = self.config.retry_initial();
         match p.type_ {
             PresenceType::Subscribed => {
                 info!(to = %recipient, "presence subscription approved");
@@ -1112,21 +1120,11 @@ impl Router {
                 id,
                 payload,
             } => {
-                let reply = self.answer_get(&to, &payload).ok_or_else(|| {
-                    stanza_error(
-                        ErrorType::Cancel,
-                        DefinedCondition::ServiceUnavailable,
-                        "no such service",
-                    )
-                });
+                let reply = self.answer_get(&to, &payload).ok_or_else(no_such_service);
                 self.reply_iq(from, to, id, reply).await;
             }
             Iq::Set { from, to, id, .. } => {
-                let reply = Err(stanza_error(
-                    ErrorType::Cancel,
-                    DefinedCondition::ServiceUnavailable,
-                    "no such service",
-                ));
+                let reply = Err(no_such_service());
                 self.reply_iq(from, to, id, reply).await;
             }
         }
