@@ -11,3 +11,4 @@ pub mod config;
 pub mod link;
 pub mod router;
 pub mod store;
+pub mod xep0050;

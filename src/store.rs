@@ -10,6 +10,8 @@
 //! | `i` recipient 0x00 sender 0x00 id | seq (u64 BE) |
 //! | `o` recipient 0x00 sender 0x00 origin-id | seq (u64 BE) |
 //! | `r` recipient | [`RecipientState`] |
+//! | `a` seq(u64 BE) | recipient (age index: the first key is the oldest pending message) |
+//! | `g` | [`Totals`] over all recipients |
 //! | `m` name | metadata (schema version) |
 //!
 //! Sequence numbers come from sled's `generate_id`, which is monotonic
@@ -27,8 +29,9 @@ use serde::{Deserialize, Serialize};
 use crate::config::Durability;
 
 /// Version of the layout above. Bumped on any incompatible change.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 const SCHEMA_KEY: &[u8] = b"mschema";
+const TOTALS_KEY: &[u8] = b"g";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -72,6 +75,59 @@ pub struct RecipientState {
     pub subscription: Subscription,
     pub pending: u64,
     pub bytes: u64,
+}
+
+/// Counters over the whole store, kept in the same batches as the queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Totals {
+    /// Pending messages.
+    pub pending: u64,
+    /// Bytes of pending stanzas.
+    pub bytes: u64,
+    /// Recipients with at least one pending message.
+    pub recipients: u64,
+}
+
+impl Totals {
+    /// Account for a recipient's state going from `before` to `after`.
+    fn apply(&mut self, before: &RecipientState, after: &RecipientState) {
+        self.pending = (self.pending + after.pending).saturating_sub(before.pending);
+        self.bytes = (self.bytes + after.bytes).saturating_sub(before.bytes);
+        match (before.pending > 0, after.pending > 0) {
+            (false, true) => self.recipients += 1,
+            (true, false) => self.recipients = self.recipients.saturating_sub(1),
+            _ => {}
+        }
+    }
+}
+
+/// One queue in a [`Store::top_queues`] listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSummary {
+    pub recipient: String,
+    pub pending: u64,
+    pub bytes: u64,
+    /// Accept time of its oldest pending message.
+    pub oldest_ms: Option<i64>,
+}
+
+/// Which of a queue's messages a purge takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PurgeScope {
+    /// Only messages with a seq below this (what existed when the
+    /// operator looked).
+    pub below_seq: u64,
+    /// Only messages accepted at or before this time, if set.
+    pub accepted_before_ms: Option<i64>,
+}
+
+impl PurgeScope {
+    fn takes(&self, seq: u64, rec: &Record) -> bool {
+        seq < self.below_seq
+            && self
+                .accepted_before_ms
+                .is_none_or(|t| rec.accepted_at_ms <= t)
+    }
 }
 
 /// A new message to store.
@@ -148,6 +204,24 @@ fn recipient_key(recipient: &str) -> Vec<u8> {
     key(b'r', &[recipient.as_bytes()])
 }
 
+fn age_key(seq: u64) -> [u8; 9] {
+    let mut k = [b'a'; 9];
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The recipient of a queue key (`q` recipient 0x00 seq).
+fn recipient_of_queue_key(k: &[u8]) -> Result<String, StoreError> {
+    let name = k
+        .len()
+        .checked_sub(9)
+        .filter(|&n| n >= 1)
+        .map(|n| &k[1..n])
+        .ok_or_else(|| StoreError::Corrupt("short queue key".into()))?;
+    String::from_utf8(name.to_vec())
+        .map_err(|_| StoreError::Corrupt("queue key is not UTF-8".into()))
+}
+
 fn decode_seq(v: &[u8]) -> Result<u64, StoreError> {
     let b: [u8; 8] = v
         .try_into()
@@ -202,10 +276,11 @@ impl Store {
                 sled::Error::Corruption { .. } => StoreError::Corrupt(e.to_string()),
                 other => StoreError::Sled(other),
             })?;
-        match db.get(SCHEMA_KEY)? {
+        let store = Store { db };
+        match store.db.get(SCHEMA_KEY)? {
             None => {
-                db.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
-                db.flush()?;
+                store.db.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+                store.db.flush()?;
             }
             Some(v) => {
                 let found = u32::from_be_bytes(
@@ -219,9 +294,123 @@ impl Store {
                         found,
                     });
                 }
+                if found < 2 {
+                    store.migrate_to_2()?;
+                }
             }
         }
-        Ok(Store { db })
+        Ok(store)
+    }
+
+    /// Schema 1 had neither the age index nor the totals: build both from
+    /// the queues, once.
+    fn migrate_to_2(&self) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for kv in self.db.scan_prefix(b"q") {
+            let (k, _) = kv?;
+            let seq = seq_of_queue_key(&k)?;
+            batch.insert(&age_key(seq), recipient_of_queue_key(&k)?.as_bytes());
+        }
+        let mut totals = Totals::default();
+        for (_, state) in self.recipients()? {
+            totals.apply(&RecipientState::default(), &state);
+        }
+        batch.insert(TOTALS_KEY, encode(&totals));
+        batch.insert(SCHEMA_KEY, &2u32.to_be_bytes());
+        self.db.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Counters over every queue.
+    pub fn totals(&self) -> Result<Totals, StoreError> {
+        match self.db.get(TOTALS_KEY)? {
+            Some(v) => decode(&v, "totals"),
+            None => Ok(Totals::default()),
+        }
+    }
+
+    /// The oldest pending message in the whole store.
+    pub fn oldest(&self) -> Result<Option<(String, u64, Record)>, StoreError> {
+        // An age entry always has its queue entry (same batches), but a
+        // reader between two batches is harmless: skip what is gone.
+        for kv in self.db.scan_prefix(b"a") {
+            let (k, v) = kv?;
+            let seq = decode_seq(&k[1..])?;
+            let recipient = String::from_utf8(v.to_vec())
+                .map_err(|_| StoreError::Corrupt("age index value is not UTF-8".into()))?;
+            if let Some(rec) = self.get(&recipient, seq)? {
+                return Ok(Some((recipient, seq, rec)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The `n` largest queues by message count, largest first. Reads every
+    /// recipient's state (not the queues).
+    pub fn top_queues(&self, n: usize) -> Result<Vec<QueueSummary>, StoreError> {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        let mut heap = BinaryHeap::new();
+        for kv in self.db.scan_prefix(b"r") {
+            let (k, v) = kv?;
+            let state: RecipientState = decode(&v, "recipient state")?;
+            if state.pending == 0 {
+                continue;
+            }
+            heap.push(Reverse((state.pending, state.bytes, k.to_vec())));
+            if heap.len() > n {
+                heap.pop();
+            }
+        }
+        let mut out = Vec::with_capacity(heap.len());
+        for Reverse((pending, bytes, k)) in heap.into_sorted_vec() {
+            let recipient = String::from_utf8(k[1..].to_vec())
+                .map_err(|_| StoreError::Corrupt("recipient key is not UTF-8".into()))?;
+            let oldest_ms = self
+                .pending_from(&recipient, 0, 1)?
+                .first()
+                .map(|(_, r)| r.accepted_at_ms);
+            out.push(QueueSummary {
+                recipient,
+                pending,
+                bytes,
+                oldest_ms,
+            });
+        }
+        Ok(out)
+    }
+
+    /// How many of a queue's messages `scope` takes.
+    pub fn count_purgeable(&self, recipient: &str, scope: PurgeScope) -> Result<u64, StoreError> {
+        Ok(self.scan_scope(recipient, scope)?.len() as u64)
+    }
+
+    fn scan_scope(&self, recipient: &str, scope: PurgeScope) -> Result<Vec<u64>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(queue_prefix(recipient)) {
+            let (k, v) = kv?;
+            let seq = seq_of_queue_key(&k)?;
+            if seq >= scope.below_seq {
+                break;
+            }
+            if scope.takes(seq, &decode(&v, "record")?) {
+                out.push(seq);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Remove what `scope` takes from a queue, as an operator's decision.
+    /// Like a confirmation, the id indexes stay: a client resubmitting a
+    /// purged message is still recognised as a duplicate.
+    pub fn purge(&self, recipient: &str, scope: PurgeScope) -> Result<Vec<u64>, StoreError> {
+        let seqs = self.scan_scope(recipient, scope)?;
+        Ok(self
+            .remove(recipient, &seqs)?
+            .into_iter()
+            .map(|(seq, _)| seq)
+            .collect())
     }
 
     /// Durably write everything so far. Blocking.
@@ -300,10 +489,15 @@ impl Store {
             return Ok(Accepted::QueueFull);
         }
         let seq = self.next_seq()?;
+        let before = state;
         state.pending += 1;
         state.bytes += size;
+        let mut totals = self.totals()?;
+        totals.apply(&before, &state);
         let mut batch = sled::Batch::default();
         batch.insert(queue_key(msg.recipient, seq), encode(&msg.record));
+        batch.insert(&age_key(seq), msg.recipient.as_bytes());
+        batch.insert(TOTALS_KEY, encode(&totals));
         batch.insert(ikey, &seq.to_be_bytes());
         if let Some(okey) = okey {
             batch.insert(okey, &seq.to_be_bytes());
@@ -355,7 +549,14 @@ impl Store {
     /// Remove confirmed messages; their id index entries stay so that a
     /// resubmission is still recognised. Returns the removed records.
     pub fn confirm(&self, recipient: &str, seqs: &[u64]) -> Result<Vec<(u64, Record)>, StoreError> {
-        let mut state = self.recipient(recipient)?;
+        self.remove(recipient, seqs)
+    }
+
+    /// Remove pending messages (those still there) in one batch, with
+    /// their age entries and counters.
+    fn remove(&self, recipient: &str, seqs: &[u64]) -> Result<Vec<(u64, Record)>, StoreError> {
+        let before = self.recipient(recipient)?;
+        let mut state = before;
         let mut batch = sled::Batch::default();
         let mut removed = Vec::new();
         for &seq in seqs {
@@ -365,11 +566,15 @@ impl Store {
                 state.pending = state.pending.saturating_sub(1);
                 state.bytes = state.bytes.saturating_sub(rec.stanza.len() as u64);
                 batch.remove(k);
+                batch.remove(&age_key(seq));
                 removed.push((seq, rec));
             }
         }
         if !removed.is_empty() {
+            let mut totals = self.totals()?;
+            totals.apply(&before, &state);
             batch.insert(recipient_key(recipient), encode(&state));
+            batch.insert(TOTALS_KEY, encode(&totals));
             self.db.apply_batch(batch)?;
         }
         Ok(removed)
@@ -514,6 +719,129 @@ mod tests {
         ));
         let upto = s.pending_from_sender_upto("b@x", "a@x", seqs[2]).unwrap();
         assert_eq!(upto, [seqs[0], seqs[2]]);
+    }
+
+    fn stored(s: &Store, m: NewMessage<'_>) -> u64 {
+        match s.accept(m, BIG).unwrap() {
+            Accepted::Stored { seq } => seq,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn totals_age_index_and_top_queues() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        assert_eq!(s.totals().unwrap(), Totals::default());
+        assert!(s.oldest().unwrap().is_none());
+        let mut bob = Vec::new();
+        for i in 0..5 {
+            let mut m = msg("bob@x", "a@x", &format!("b{i}"), None);
+            m.record.accepted_at_ms = 100 + i;
+            bob.push(stored(&s, m));
+        }
+        for i in 0..3 {
+            let mut m = msg("dave@x", "a@x", &format!("d{i}"), None);
+            m.record.accepted_at_ms = 200 + i;
+            stored(&s, m);
+        }
+        let one = "<message id='b0'/>".len() as u64;
+        assert_eq!(
+            s.totals().unwrap(),
+            Totals {
+                pending: 8,
+                bytes: 8 * one,
+                recipients: 2
+            }
+        );
+        let (who, seq, rec) = s.oldest().unwrap().unwrap();
+        assert_eq!(
+            (who.as_str(), seq, rec.id.as_str()),
+            ("bob@x", bob[0], "b0")
+        );
+
+        let top = s.top_queues(10).unwrap();
+        let names: Vec<_> = top
+            .iter()
+            .map(|q| (q.recipient.as_str(), q.pending))
+            .collect();
+        assert_eq!(names, [("bob@x", 5), ("dave@x", 3)]);
+        assert_eq!(top[0].oldest_ms, Some(100));
+        assert_eq!(top[1].bytes, 3 * one);
+        assert_eq!(s.top_queues(1).unwrap().len(), 1);
+
+        // Confirming bob's whole queue moves the oldest to dave's and
+        // takes bob out of the recipient count.
+        s.confirm("bob@x", &bob).unwrap();
+        assert_eq!(
+            s.totals().unwrap(),
+            Totals {
+                pending: 3,
+                bytes: 3 * one,
+                recipients: 1
+            }
+        );
+        assert_eq!(s.oldest().unwrap().unwrap().0, "dave@x");
+        assert_eq!(s.top_queues(10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn purge_by_scope() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let mut seqs = Vec::new();
+        for i in 0..4 {
+            let mut m = msg("b@x", "a@x", &format!("m{i}"), None);
+            m.record.accepted_at_ms = 1000 * (i + 1);
+            seqs.push(stored(&s, m));
+        }
+        // Older than t=2000: m0 and m1.
+        let old = PurgeScope {
+            below_seq: u64::MAX,
+            accepted_before_ms: Some(2000),
+        };
+        assert_eq!(s.count_purgeable("b@x", old).unwrap(), 2);
+        // A scope fixed before m3 arrived never takes m3.
+        let seen = PurgeScope {
+            below_seq: seqs[3],
+            accepted_before_ms: None,
+        };
+        assert_eq!(s.count_purgeable("b@x", seen).unwrap(), 3);
+        assert_eq!(s.purge("b@x", old).unwrap(), seqs[..2]);
+        assert_eq!(s.recipient("b@x").unwrap().pending, 2);
+        assert_eq!(s.totals().unwrap().pending, 2);
+        assert_eq!(s.purge("b@x", seen).unwrap(), [seqs[2]]);
+        let left: Vec<_> = s.pending_from("b@x", 0, 10).unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].1.id, "m3");
+        assert_eq!(s.oldest().unwrap().unwrap().1, seqs[3]);
+        // Purged ids are still known: a resubmission is a duplicate.
+        assert!(matches!(
+            s.accept(msg("b@x", "a@x", "m0", None), BIG).unwrap(),
+            Accepted::Duplicate { .. }
+        ));
+        assert_eq!(s.purge("nobody@x", seen).unwrap(), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn schema_1_store_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let seq = {
+            let s = open(dir.path());
+            let seq = stored(&s, msg("b@x", "a@x", "m0", None));
+            // Make it look like schema 1: no age index, no totals.
+            s.db.remove(age_key(seq)).unwrap();
+            s.db.remove(TOTALS_KEY).unwrap();
+            s.db.insert(SCHEMA_KEY, &1u32.to_be_bytes()).unwrap();
+            s.flush().unwrap();
+            seq
+        };
+        let s = open(dir.path());
+        assert_eq!(s.totals().unwrap().pending, 1);
+        assert_eq!(s.totals().unwrap().recipients, 1);
+        assert_eq!(s.oldest().unwrap().unwrap().1, seq);
+        let v = s.db.get(SCHEMA_KEY).unwrap().unwrap();
+        assert_eq!(v.as_ref(), SCHEMA_VERSION.to_be_bytes());
     }
 
     #[test]
