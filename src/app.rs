@@ -26,6 +26,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<Store>> {
 /// Run the component until `shutdown` is cancelled.
 pub async fn run(
     config: Config,
+    config_path: Option<std::path::PathBuf>,
     secret: String,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -51,7 +52,7 @@ pub async fn run(
         ev_tx,
         shutdown.clone(),
     );
-    let router = Router::new(config.clone(), store.clone(), out_tx, flush_tx)?;
+    let router = Router::new(config.clone(), config_path, store.clone(), out_tx, flush_tx)?;
     let flusher = tokio::spawn(run_flusher(store.clone(), flush_rx, done_tx));
     let link = tokio::spawn(link.run());
     router.run(ev_rx, done_rx, shutdown.clone()).await;

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use xmpp_parsers::jid::{BareJid, DomainPart};
 
 /// Environment variable that carries the component's shared secret.
@@ -31,7 +31,7 @@ pub enum ConfigError {
 }
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub component: ComponentConfig,
@@ -46,7 +46,7 @@ pub struct Config {
 }
 
 /// How to reach the server and under which name.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ComponentConfig {
     /// The component's own domain, e.g. `relay.example.com`.
@@ -66,7 +66,7 @@ pub struct ComponentConfig {
 }
 
 /// Who may relay and where relayed messages go.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RelayConfig {
     /// Domain of `bob` in `bob@relay.example.com`.
@@ -76,7 +76,7 @@ pub struct RelayConfig {
     pub allowed_sender_domains: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
     /// Every accepted message is fsynced before it is relayed; concurrent
@@ -95,7 +95,7 @@ impl Durability {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// Directory of the sled database.
@@ -109,7 +109,7 @@ pub struct StoreConfig {
     pub cache_bytes: u64,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryConfig {
     /// A sent message unconfirmed after this long marks the recipient offline.
@@ -130,7 +130,7 @@ pub struct DeliveryConfig {
     pub retry_max_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     #[serde(default = "default_max_pending")]
@@ -143,11 +143,28 @@ pub struct LimitsConfig {
     pub message_ttl_s: u64,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
+    /// Bare JIDs that may run the ad-hoc commands.
     #[serde(default)]
     pub jids: Vec<String>,
+    /// An unfinished command session is dropped after this long.
+    #[serde(default = "default_session_timeout_s")]
+    pub session_timeout_s: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            jids: vec![],
+            session_timeout_s: default_session_timeout_s(),
+        }
+    }
+}
+
+fn default_session_timeout_s() -> u64 {
+    600
 }
 
 fn default_keepalive_s() -> u64 {
@@ -216,6 +233,55 @@ impl Default for LimitsConfig {
     }
 }
 
+/// One setting that differs between two configurations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// `section.key`.
+    pub key: String,
+    pub old: Option<String>,
+    pub new: Option<String>,
+}
+
+impl Change {
+    /// The link and the store are set up once at start: their settings
+    /// only change with a restart.
+    pub fn needs_restart(&self) -> bool {
+        self.key.starts_with("component.") || self.key.starts_with("store.")
+    }
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "(unset)".into());
+        write!(
+            f,
+            "{}: {} -> {}",
+            self.key,
+            show(&self.old),
+            show(&self.new)
+        )
+    }
+}
+
+/// Every leaf of a TOML table as `a.b` = value.
+fn flatten(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<String, String>) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_owned(), other.to_string());
+        }
+    }
+}
+
 /// Prosody drops a component link on a stanza over 512 KiB; what we relay
 /// grows by a few hundred bytes, so stay clearly below that.
 const MAX_STANZA_CEILING: usize = 500 * 1024;
@@ -233,6 +299,27 @@ impl Config {
         })?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The settings that differ from `new`, in key order.
+    pub fn changes(&self, new: &Config) -> Vec<Change> {
+        let leaves = |c: &Config| {
+            let mut out = std::collections::BTreeMap::new();
+            if let Ok(v) = toml::Value::try_from(c) {
+                flatten("", &v, &mut out);
+            }
+            out
+        };
+        let (a, b) = (leaves(self), leaves(new));
+        let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        keys.into_iter()
+            .filter(|k| a.get(*k) != b.get(*k))
+            .map(|k| Change {
+                key: k.clone(),
+                old: a.get(k).cloned(),
+                new: b.get(k).cloned(),
+            })
+            .collect()
     }
 
     /// Checks that serde cannot express.
@@ -302,6 +389,9 @@ impl Config {
         }
         if l.message_ttl_s == 0 {
             return bad("limits.message_ttl_s must be at least 1".into());
+        }
+        if self.admin.session_timeout_s == 0 {
+            return bad("admin.session_timeout_s must be at least 1".into());
         }
         for j in &self.admin.jids {
             if j.parse::<BareJid>().is_err() {
@@ -394,6 +484,30 @@ path = "/tmp/x"
         let text = format!("{MINIMAL}\n[limits]\nmax_pending = 3\n");
         let err = toml::from_str::<Config>(&text).unwrap_err().to_string();
         assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn changes_name_each_setting_and_what_needs_a_restart() {
+        let a: Config = toml::from_str(MINIMAL).unwrap();
+        assert!(a.changes(&a).is_empty());
+        let mut b = a.clone();
+        b.limits.max_pending_per_recipient = 3;
+        b.admin.jids = vec!["root@example.com".into()];
+        let ch = b.changes(&a);
+        let keys: Vec<_> = ch.iter().map(|c| c.key.as_str()).collect();
+        assert_eq!(keys, ["admin.jids", "limits.max_pending_per_recipient"]);
+        assert!(ch.iter().all(|c| !c.needs_restart()));
+        assert_eq!(
+            a.changes(&b)[1].to_string(),
+            "limits.max_pending_per_recipient: 10000 -> 3"
+        );
+        let mut c = a.clone();
+        c.component.domain = "other.example.com".into();
+        c.component.secret_file = Some("/etc/secret".into());
+        let ch = a.changes(&c);
+        assert_eq!(ch.len(), 2);
+        assert!(ch.iter().all(Change::needs_restart));
+        assert_eq!(ch[1].old, None, "{ch:?}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! link's bounded outbox. See docs/architecture.md.
 
 pub mod address;
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod link;

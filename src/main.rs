@@ -101,7 +101,10 @@ fn main() -> ExitCode {
                     info!("signal received; shutting down");
                     s.cancel();
                 });
-                match redeliver::app::run(cfg, secret, shutdown).await {
+                // Absolute, so that status shows where it is and a reload
+                // reads the same file.
+                let path = std::path::absolute(&config).unwrap_or(config);
+                match redeliver::app::run(cfg, Some(path), secret, shutdown).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         error!(error = %e, "redeliver failed");

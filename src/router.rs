@@ -6,6 +6,7 @@
 //! lifecycle in docs/architecture.md.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +19,9 @@ use tokio_xmpp::Stanza;
 use tokio_xmpp::minidom::Element;
 use tokio_xmpp::parsers::date::DateTime;
 use tokio_xmpp::parsers::delay::Delay;
-use tokio_xmpp::parsers::disco::{DiscoInfoQuery, DiscoInfoResult, DiscoItemsResult, Identity};
+use tokio_xmpp::parsers::disco::{
+    DiscoInfoQuery, DiscoInfoResult, DiscoItemsResult, Identity, Item as DiscoItem,
+};
 use tokio_xmpp::parsers::iq::Iq;
 use tokio_xmpp::parsers::jid::{BareJid, Jid};
 use tokio_xmpp::parsers::message::{Id, Message, MessageType};
@@ -30,11 +33,13 @@ use tokio_xmpp::parsers::stanza_id::StanzaId;
 use tracing::{debug, error, info, warn};
 
 use crate::address::{AddressBook, AddressError};
+use crate::admin::{Admin, Node, Ops, Snapshot};
 use crate::config::{Config, Durability};
 use crate::link::{LinkEvent, Outbound};
 use crate::store::{
-    Accepted, NewMessage, QueueLimits, Record, Store, StoreError, Subscription, bare_of,
+    Accepted, NewMessage, PurgeScope, QueueLimits, Record, Store, StoreError, Subscription, bare_of,
 };
+use crate::xep0050::{COMMANDS, Command};
 
 const CHAT_MARKERS: &str = "urn:xmpp:chat-markers:0";
 const CHAT_STATES: &str = "http://jabber.org/protocol/chatstates";
@@ -146,6 +151,7 @@ pub struct Stats {
     pub replays_total: u64,
     pub bounces_total: u64,
     pub refused_total: u64,
+    pub purged_total: u64,
 }
 
 /// Inputs besides link events.
@@ -174,6 +180,12 @@ pub struct Router {
     disco_pending: HashMap<String, (String, String)>,
     next_iq: u64,
     pub stats: Stats,
+    /// Ad-hoc command sessions.
+    admin: Admin,
+    started: std::time::Instant,
+    link_up_since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Where the config came from, for `reload-config` and `status`.
+    config_path: Option<PathBuf>,
 }
 
 /// Error replies the router sends; every refusal gets one.
@@ -201,15 +213,12 @@ fn random_id() -> String {
 impl Router {
     pub fn new(
         config: Arc<Config>,
+        config_path: Option<PathBuf>,
         store: Arc<Store>,
         outbox: mpsc::Sender<Outbound>,
         flush_requests: mpsc::UnboundedSender<u64>,
     ) -> Result<Router, StoreError> {
-        let book = AddressBook::new(
-            &config.component.domain,
-            &config.relay.default_domain,
-            &config.relay.allowed_sender_domains,
-        );
+        let book = address_book(&config);
         let me = Jid::from(book.component_jid());
         // Every seq handed out so far is below this and already on disk
         // as far as this process is concerned (what sled recovered).
@@ -232,6 +241,10 @@ impl Router {
             disco_pending: HashMap::new(),
             next_iq: 0,
             stats: Stats::default(),
+            admin: Admin::default(),
+            started: std::time::Instant::now(),
+            link_up_since: None,
+            config_path,
         })
     }
 
@@ -341,6 +354,7 @@ impl Router {
 
     async fn on_link_up(&mut self, epoch: u64) {
         self.epoch = Some(epoch);
+        self.link_up_since = Some(chrono::Utc::now());
         let recipients = match self.store.recipients() {
             Ok(r) => r,
             Err(e) => {
@@ -394,6 +408,7 @@ impl Router {
 
     fn on_link_down(&mut self) {
         self.epoch = None;
+        self.link_up_since = None;
         // What was on the wire is in doubt: it stays pending and is
         // replayed once presence is known again.
         for peer in self.peers.values_mut() {
@@ -708,7 +723,9 @@ impl Router {
             .entry(recipient.to_owned())
             .or_insert_with(|| Peer::new(initial));
         match peer.phase {
-            Phase::Sending => self.pump(recipient).await,
+            Phase::Sending => {
+                self.pump(recipient).await;
+            }
             Phase::Idle => {
                 if peer.online() || !peer.presence_known {
                     peer.phase = Phase::Sending;
@@ -723,24 +740,25 @@ impl Router {
         }
     }
 
-    /// Send pending messages in order while the window has room.
-    async fn pump(&mut self, recipient: &str) {
+    /// Send pending messages in order while the window has room; how
+    /// many went.
+    async fn pump(&mut self, recipient: &str) -> usize {
         if self.epoch.is_none() {
-            return;
+            return 0;
         }
         let window = self.config.delivery.window;
         let Some(peer) = self.peers.get(recipient) else {
-            return;
+            return 0;
         };
         if peer.phase != Phase::Sending || peer.in_flight.len() >= window {
-            return;
+            return 0;
         }
         let room = window - peer.in_flight.len();
         let batch = match self.store.pending_from(recipient, peer.cursor, room) {
             Ok(b) => b,
             Err(e) => {
                 error!(error = %e, to = recipient, "cannot read queue");
-                return;
+                return 0;
             }
         };
         let timeout = self.config.receipt_timeout();
@@ -773,6 +791,7 @@ impl Router {
                 to_send.push((seq, rec, replay));
             }
         }
+        let sent = to_send.len();
         for (seq, rec, replay) in to_send {
             if replay {
                 self.stats.replays_total += 1;
@@ -789,6 +808,7 @@ impl Router {
                 }
             }
         }
+        sent
     }
 
     /// Rebuild the stanza for the wire from its record.
@@ -1120,53 +1140,152 @@ impl Router {
                 id,
                 payload,
             } => {
-                let reply = self.answer_get(&to, &payload).ok_or_else(no_such_service);
+                let reply = self.answer_get(&from, &to, &payload);
                 self.reply_iq(from, to, id, reply).await;
             }
-            Iq::Set { from, to, id, .. } => {
-                let reply = Err(no_such_service());
+            Iq::Set {
+                from,
+                to,
+                id,
+                payload,
+            } => {
+                let to_domain = to.as_ref().is_some_and(|t| t.node().is_none());
+                let reply = match &from {
+                    Some(f) if to_domain && payload.is("command", COMMANDS) => {
+                        self.on_command(f, payload).await
+                    }
+                    _ => Err(no_such_service()),
+                };
                 self.reply_iq(from, to, id, reply).await;
             }
         }
     }
 
-    /// The payload of a result to an iq get, or `None` for
-    /// `<service-unavailable/>`.
-    fn answer_get(&self, to: &Option<Jid>, payload: &Element) -> Option<Option<Element>> {
+    fn is_admin(&self, from: &Option<Jid>) -> bool {
+        let Some(from) = from else { return false };
+        let bare = from.to_bare();
+        self.config
+            .admin
+            .jids
+            .iter()
+            .any(|j| BareJid::from_str(j).is_ok_and(|j| j == bare))
+    }
+
+    /// An XEP-0050 request to the bare domain.
+    async fn on_command(
+        &mut self,
+        from: &Jid,
+        payload: Element,
+    ) -> Result<Option<Element>, StanzaError> {
+        let admin = self.is_admin(&Some(from.clone()));
+        let req = match Command::try_from(payload.clone()) {
+            Ok(c) => c,
+            Err(e) => {
+                let cond = if payload
+                    .attr("action")
+                    .is_some_and(|a| a.parse::<crate::xep0050::Action>().is_err())
+                {
+                    crate::xep0050::CommandError::MalformedAction
+                } else {
+                    crate::xep0050::CommandError::BadPayload
+                };
+                warn!(%from, error = %e, "malformed command request");
+                return Err(crate::admin::bad_request(
+                    cond,
+                    "the command element is malformed",
+                ));
+            }
+        };
+        let node = req.node.clone();
+        let timeout = Duration::from_secs(self.config.admin.session_timeout_s);
+        // The sessions live beside the router, which the commands borrow.
+        let mut sessions = std::mem::take(&mut self.admin);
+        let out = sessions.handle(self, from, admin, timeout, req).await;
+        self.admin = sessions;
+        match &out {
+            Ok(c) => info!(%from, node, status = ?c.status, "admin command"),
+            Err(e) => info!(%from, node, condition = ?e.defined_condition, "admin command refused"),
+        }
+        out.map(|c| Some(c.into()))
+    }
+
+    /// The result of an iq get, or the error to answer.
+    #[allow(clippy::result_large_err)] // the error is the reply itself
+    fn answer_get(
+        &self,
+        from: &Option<Jid>,
+        to: &Option<Jid>,
+        payload: &Element,
+    ) -> Result<Option<Element>, StanzaError> {
         let to_domain = to.as_ref().is_some_and(|t| t.node().is_none());
         if payload.is("ping", ns::PING) {
-            return Some(None);
+            return Ok(None);
         }
         if !to_domain {
-            return None;
+            return Err(no_such_service());
         }
-        if payload.is("query", ns::DISCO_INFO) && payload.attr("node").is_none() {
+        let node = payload.attr("node");
+        if payload.is("query", ns::DISCO_INFO) {
+            let (identity, features): (_, &[&str]) = match node {
+                None => (
+                    Identity::new("component", "generic", "en", "redeliver"),
+                    &[
+                        ns::DISCO_INFO,
+                        ns::DISCO_ITEMS,
+                        COMMANDS,
+                        ns::PING,
+                        ns::RECEIPTS,
+                        ns::SID,
+                    ],
+                ),
+                // XEP-0050 §2.3: a command node describes itself.
+                Some(n) if self.is_admin(from) && Node::from_name(n).is_some() => (
+                    Identity::new(
+                        "automation",
+                        "command-node",
+                        "en",
+                        Node::from_name(n).map_or("", Node::title),
+                    ),
+                    &[COMMANDS, ns::DATA_FORMS],
+                ),
+                Some(_) => {
+                    return Err(stanza_error(
+                        ErrorType::Cancel,
+                        DefinedCondition::ItemNotFound,
+                        "no such node",
+                    ));
+                }
+            };
             let info = DiscoInfoResult {
-                node: None,
-                identities: vec![Identity::new("component", "generic", "en", "redeliver")],
-                features: [
-                    ns::DISCO_INFO,
-                    ns::DISCO_ITEMS,
-                    ns::PING,
-                    ns::RECEIPTS,
-                    ns::SID,
-                ]
-                .into_iter()
-                .map(String::from)
-                .collect(),
+                node: node.map(String::from),
+                identities: vec![identity],
+                features: features.iter().map(|f| f.to_string()).collect(),
                 extensions: vec![],
             };
-            return Some(Some(info.into()));
+            return Ok(Some(info.into()));
         }
         if payload.is("query", ns::DISCO_ITEMS) {
+            // Commands are listed to admins only; others see none.
+            let items = if node == Some(COMMANDS) && self.is_admin(from) {
+                Node::ALL
+                    .iter()
+                    .map(|n| DiscoItem {
+                        jid: self.me.clone(),
+                        node: Some(n.name().to_owned()),
+                        name: Some(n.title().to_owned()),
+                    })
+                    .collect()
+            } else {
+                vec![]
+            };
             let items = DiscoItemsResult {
-                node: payload.attr("node").map(String::from),
-                items: vec![],
+                node: node.map(String::from),
+                items,
                 rsm: None,
             };
-            return Some(Some(items.into()));
+            return Ok(Some(items.into()));
         }
-        None
+        Err(no_such_service())
     }
 
     async fn reply_iq(
@@ -1197,6 +1316,144 @@ impl Router {
             Ok(Err(e)) => error!(error = %e, "final store flush failed"),
             Err(e) => error!(error = %e, "final store flush panicked"),
         }
+    }
+}
+
+fn address_book(config: &Config) -> AddressBook {
+    AddressBook::new(
+        &config.component.domain,
+        &config.relay.default_domain,
+        &config.relay.allowed_sender_domains,
+    )
+}
+
+impl Ops for Router {
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            stats: self.stats.clone(),
+            in_flight: self.peers.values().map(|p| p.in_flight.len() as u64).sum(),
+            uptime: self.started.elapsed(),
+            link_up_since: self.link_up_since,
+            server: self.config.component.server.clone(),
+            domain: self.config.component.domain.clone(),
+            durability: self.config.store.durability.as_str(),
+            config_path: self.config_path.as_ref().map(|p| p.display().to_string()),
+        }
+    }
+
+    fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn resolve(&self, jid: &str) -> Result<String, String> {
+        let j = BareJid::from_str(jid).map_err(|e| format!("{jid:?} is not a bare JID: {e}"))?;
+        if j.domain().as_str() == self.book.component().as_str() {
+            // A relay address stands for the user it reaches.
+            return self
+                .book
+                .user_for(j.node().map(|n| n.as_str()))
+                .map(|u| u.to_string())
+                .map_err(|e| e.to_string());
+        }
+        if j.node().is_none() {
+            return Err(format!("{jid:?} is a domain, not a recipient"));
+        }
+        Ok(j.to_string())
+    }
+
+    fn attempts(&self, recipient: &str, seq: u64) -> u32 {
+        self.peers
+            .get(recipient)
+            .and_then(|p| p.attempts.get(&seq).copied())
+            .unwrap_or(0)
+    }
+
+    fn now_ms(&self) -> i64 {
+        now_ms()
+    }
+
+    async fn replay(&mut self, recipient: &str) -> Result<(u64, u64), String> {
+        let pending = self
+            .store
+            .recipient(recipient)
+            .map_err(|e| e.to_string())?
+            .pending;
+        if pending == 0 {
+            return Ok((0, 0));
+        }
+        if self.epoch.is_none() {
+            return Err("the component link is down".into());
+        }
+        let next = self.store.next_seq().map_err(|e| e.to_string())?;
+        let initial = self.config.retry_initial();
+        let peer = self
+            .peers
+            .entry(recipient.to_owned())
+            .or_insert_with(|| Peer::new(initial));
+        // Whatever was in flight goes again, from the head of the queue.
+        peer.halt(&mut self.timers);
+        peer.phase = Phase::Sending;
+        peer.replay_below = next;
+        peer.backoff = initial;
+        info!(
+            to = recipient,
+            pending, "replay requested by an administrator"
+        );
+        let sent = self.pump(recipient).await;
+        Ok((sent as u64, pending))
+    }
+
+    async fn purge(&mut self, recipient: &str, scope: PurgeScope) -> Result<u64, String> {
+        let seqs = self
+            .store
+            .purge(recipient, scope)
+            .map_err(|e| e.to_string())?;
+        if self.config.store.durability == Durability::Fsync
+            && let Some(&last) = seqs.last()
+        {
+            let _ = self.flush_requests.send(last);
+        }
+        if let Some(peer) = self.peers.get_mut(recipient) {
+            for seq in &seqs {
+                if let Some(f) = peer.in_flight.remove(seq) {
+                    self.timers.try_remove(&f.timer);
+                }
+                peer.attempts.remove(seq);
+            }
+        }
+        self.stats.purged_total += seqs.len() as u64;
+        info!(
+            to = recipient,
+            purged = seqs.len(),
+            "purged by an administrator"
+        );
+        // Room in the window may have opened.
+        self.pump(recipient).await;
+        Ok(seqs.len() as u64)
+    }
+
+    fn reload(&mut self) -> Result<Vec<String>, String> {
+        let Some(path) = self.config_path.clone() else {
+            return Err("this instance was started without a config file".into());
+        };
+        let new = Config::load(&path).map_err(|e| e.to_string())?;
+        let changes = self.config.changes(&new);
+        let fixed: Vec<&str> = changes
+            .iter()
+            .filter(|c| c.needs_restart())
+            .map(|c| c.key.as_str())
+            .collect();
+        if !fixed.is_empty() {
+            return Err(format!(
+                "{} can only change with a restart",
+                fixed.join(", ")
+            ));
+        }
+        self.book = address_book(&new);
+        self.config = Arc::new(new);
+        let lines: Vec<String> = changes.iter().map(ToString::to_string).collect();
+        info!(changes = ?lines, "configuration reloaded");
+        Ok(lines)
     }
 }
 
@@ -1288,7 +1545,7 @@ retry_initial_ms = 500
         let (ev_tx, ev_rx) = mpsc::channel(1024);
         let (flush_tx, _flush_rx) = mpsc::unbounded_channel();
         let (int_tx, int_rx) = mpsc::channel(16);
-        let router = Router::new(config, store, out_tx, flush_tx).unwrap();
+        let router = Router::new(config, None, store, out_tx, flush_tx).unwrap();
         let stop = CancellationToken::new();
         tokio::spawn(router.run(ev_rx, int_rx, stop.clone()));
         ev_tx.send(LinkEvent::Up { epoch: 1 }).await.unwrap();

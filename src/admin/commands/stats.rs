@@ -1,0 +1,55 @@
+//! `stats`: counters of the store and of this process.
+
+use tokio_xmpp::parsers::data_forms::DataFormType;
+use tokio_xmpp::parsers::stanza_error::StanzaError;
+
+use super::store_failed;
+use crate::admin::{Ops, Step, age_seconds, field, form};
+
+pub(crate) fn run<O: Ops>(ops: &O) -> Result<Step, StanzaError> {
+    let snap = ops.snapshot();
+    let store = ops.store();
+    let totals = store.totals().map_err(store_failed)?;
+    let oldest = store.oldest().map_err(store_failed)?;
+    let oldest_age = oldest
+        .map(|(_, _, rec)| age_seconds(ops.now_ms(), rec.accepted_at_ms))
+        .unwrap_or(0);
+    let s = &snap.stats;
+    let fields = vec![
+        field("pending-messages", "Pending messages", totals.pending),
+        field(
+            "pending-recipients",
+            "Recipients with pending messages",
+            totals.recipients,
+        ),
+        field("pending-bytes", "Bytes of pending stanzas", totals.bytes),
+        field(
+            "oldest-pending-age-seconds",
+            "Age of the oldest pending message (s)",
+            oldest_age,
+        ),
+        field("in-flight", "Sent, awaiting a receipt", snap.in_flight),
+        field("accepted-total", "Accepted since start", s.accepted_total),
+        field(
+            "confirmed-total",
+            "Confirmed since start",
+            s.confirmed_total,
+        ),
+        field(
+            "replays-total",
+            "Replayed sends since start",
+            s.replays_total,
+        ),
+        field("bounces-total", "Bounces since start", s.bounces_total),
+        field("refused-total", "Refused since start", s.refused_total),
+        field("purged-total", "Purged since start", s.purged_total),
+        field("uptime-seconds", "Uptime (s)", snap.uptime.as_secs()),
+        field("store-bytes", "Store size on disk", store.size_on_disk()),
+    ];
+    Ok(Step::done(form(
+        DataFormType::Result_,
+        "redeliver statistics",
+        None,
+        fields,
+    )))
+}
