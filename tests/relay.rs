@@ -8,20 +8,6 @@ use common::*;
 
 const BOB: &str = "bob@relay.localhost";
 const ALICE: &str = "alice@relay.localhost";
-const SECS: fn(u64) -> Duration = Duration::from_secs;
-
-/// `client` receives exactly `sent`, in order, and nothing more within
-/// three seconds.
-async fn expect_exactly(client: &mut Client, sent: &[String]) {
-    assert_eq!(client.body_ids(sent.len(), SECS(15)).await, sent);
-    let more = client.body_ids(1, SECS(3)).await;
-    assert!(more.is_empty(), "nothing twice, nothing else: {more:?}");
-}
-
-fn ids(prefix: &str, n: usize) -> Vec<String> {
-    (1..=n).map(|i| format!("{prefix}{i}")).collect()
-}
-
 #[tokio::test]
 async fn online_recipient_messages_and_receipts_both_ways() {
     let prosody = Prosody::start(ProsodyOpts::default());
@@ -80,26 +66,6 @@ async fn subscribe_bob(prosody: &Prosody, relay: &Relay) {
     bob.close().await;
     alice.close().await;
     wait_log(relay, "offline").await;
-}
-
-async fn wait_log(relay: &Relay, needle: &str) {
-    for _ in 0..200 {
-        if relay.log_text().contains(needle) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("log never said {needle:?}");
-}
-
-async fn send_all(prosody: &Prosody, to: &str, sent: &[String]) {
-    let alice = Client::connect(prosody.c2s_port, "alice", ClientOpts::default()).await;
-    for id in sent {
-        alice.message(to, id, &format!("body of {id}"));
-    }
-    // Let the relay take them before alice goes.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    alice.close().await;
 }
 
 /// Offline recipient, server offline storage off: every send bounces, the

@@ -225,6 +225,7 @@ pub struct RelayOpts {
     pub max_stanza_bytes: usize,
     pub receipt_timeout_ms: u64,
     pub replay_grace_ms: u64,
+    pub session_timeout_s: u64,
 }
 
 impl Default for RelayOpts {
@@ -235,6 +236,7 @@ impl Default for RelayOpts {
             max_stanza_bytes: 8192,
             receipt_timeout_ms: 2_000,
             replay_grace_ms: 300,
+            session_timeout_s: 600,
         }
     }
 }
@@ -286,6 +288,7 @@ max_pending_per_recipient = {maxp}
 max_stanza_bytes = {maxs}
 [admin]
 jids = ["admin@localhost"]
+session_timeout_s = {sess}
 "#,
             port = prosody.component_port,
             store = dir.path().join("store").display(),
@@ -294,6 +297,7 @@ jids = ["admin@localhost"]
             grace = opts.replay_grace_ms,
             maxp = opts.max_pending,
             maxs = opts.max_stanza_bytes,
+            sess = opts.session_timeout_s,
         );
         std::fs::write(&config, text).unwrap();
         let log = dir.path().join("redeliver.log");
@@ -433,6 +437,8 @@ pub struct Client {
     pub jid: String,
     cmds: mpsc::UnboundedSender<Cmd>,
     pub inbox: mpsc::UnboundedReceiver<Element>,
+    /// iq results and errors addressed to this client.
+    iq_replies: mpsc::UnboundedReceiver<Element>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -510,18 +516,36 @@ impl Client {
         }
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (in_tx, in_rx) = mpsc::unbounded_channel();
+        let (iq_tx, iq_rx) = mpsc::unbounded_channel();
         let jid = format!("{user}@{host}/{}", opts.resource);
-        let task = tokio::spawn(client_loop(s, opts, cmd_rx, in_tx));
+        let task = tokio::spawn(client_loop(s, opts, cmd_rx, in_tx, iq_tx));
         Client {
             jid,
             cmds: cmd_tx,
             inbox: in_rx,
+            iq_replies: iq_rx,
             task,
         }
     }
 
     pub fn send(&self, el: Element) {
         let _ = self.cmds.send(Cmd::Send(el));
+    }
+
+    /// Send an iq (with an `id`) and wait for its result or error.
+    pub async fn iq(&mut self, el: Element) -> Element {
+        let id = el.attr("id").expect("iq needs an id").to_owned();
+        self.send(el);
+        let end = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let reply = tokio::time::timeout_at(end, self.iq_replies.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no answer to iq {id}"))
+                .expect("client stream ended");
+            if reply.attr("id") == Some(id.as_str()) {
+                return reply;
+            }
+        }
     }
 
     /// A chat message with a body and an id.
@@ -652,6 +676,7 @@ async fn client_loop(
     opts: ClientOpts,
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
     inbox: mpsc::UnboundedSender<Element>,
+    iq_replies: mpsc::UnboundedSender<Element>,
 ) {
     let mut handled: u32 = 0;
     let mut n: u64 = 0;
@@ -715,7 +740,9 @@ async fn client_loop(
                     }
                     "iq" => {
                         let t = e.attr("type").unwrap_or("");
-                        if t == "get" || t == "set" {
+                        if t == "result" || t == "error" {
+                            let _ = iq_replies.send(e);
+                        } else if t == "get" || t == "set" {
                             let (id, to) = (esc(e.attr("id").unwrap_or("")), esc(&from));
                             let reply = if e.has_child("query", "http://jabber.org/protocol/disco#info") {
                                 let receipts = if opts.advertise_receipts { "<feature var='urn:xmpp:receipts'/>" } else { "" };
@@ -734,6 +761,43 @@ async fn client_loop(
             }
         }
     }
+}
+
+pub const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// `prefix1` .. `prefixN`.
+pub fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("{prefix}{i}")).collect()
+}
+
+/// `client` receives exactly `sent`, in order, and nothing more within
+/// three seconds.
+pub async fn expect_exactly(client: &mut Client, sent: &[String]) {
+    assert_eq!(client.body_ids(sent.len(), SECS(15)).await, sent);
+    let more = client.body_ids(1, SECS(3)).await;
+    assert!(more.is_empty(), "nothing twice, nothing else: {more:?}");
+}
+
+/// Wait until redeliver's log contains `needle`.
+pub async fn wait_log(relay: &Relay, needle: &str) {
+    for _ in 0..200 {
+        if relay.log_text().contains(needle) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("log never said {needle:?}");
+}
+
+/// Alice sends `sent` (ids) to `to`, then logs out.
+pub async fn send_all(prosody: &Prosody, to: &str, sent: &[String]) {
+    let alice = Client::connect(prosody.c2s_port, "alice", ClientOpts::default()).await;
+    for id in sent {
+        alice.message(to, id, &format!("body of {id}"));
+    }
+    // Let the relay take them before alice goes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    alice.close().await;
 }
 
 pub fn store_path(relay: &Relay) -> &Path {
