@@ -7,7 +7,7 @@ use tokio_xmpp::minidom::Element;
 use tokio_xmpp::parsers::data_forms::{DataForm, DataFormType, Field, FieldType};
 use tokio_xmpp::parsers::stanza_error::StanzaError;
 
-use super::store_failed;
+use super::{columns, store_failed};
 use crate::admin::{Input, Ops, Step, age_seconds, field, form, input};
 use crate::xep0050::Table;
 
@@ -89,21 +89,14 @@ pub(crate) fn run<O: Ops>(ops: &O, input: &Input<'_>) -> Result<Step, StanzaErro
     if more && let Some(last) = last {
         fields.push(field("next-after", "Next page: after", last));
     }
-    let columns = [
+    let columns = columns(&[
         ("seq", "Seq"),
         ("from", "From"),
         ("id", "Id"),
         ("age-seconds", "Age (s)"),
         ("attempts", "Attempts since start"),
         ("preview", "Body"),
-    ]
-    .into_iter()
-    .map(|(var, label)| {
-        let mut f = Field::new(var, FieldType::TextSingle);
-        f.label = Some(label.into());
-        f
-    })
-    .collect();
+    ]);
     let result = form(DataFormType::Result_, "Pending messages", None, fields);
     Ok(Step::done(Table { columns, rows }.attach(result)))
 }

@@ -4,9 +4,9 @@
 //! touched.
 
 use tokio_xmpp::parsers::data_forms::{DataForm, DataFormType, FieldType};
-use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
+use tokio_xmpp::parsers::stanza_error::StanzaError;
 
-use super::store_failed;
+use super::{failed, store_failed};
 use crate::admin::{Input, Ops, Stage, Step, field, form, input};
 use crate::store::PurgeScope;
 use crate::xep0050::{Action, Actions};
@@ -39,14 +39,7 @@ pub(crate) async fn run<O: Ops>(
     match stage {
         Stage::Input => preview(ops, input),
         Stage::ConfirmPurge { recipient, scope } => {
-            let purged = ops.purge(&recipient, scope).await.map_err(|e| {
-                StanzaError::new(
-                    ErrorType::Wait,
-                    DefinedCondition::InternalServerError,
-                    "en",
-                    e,
-                )
-            })?;
+            let purged = ops.purge(&recipient, scope).await.map_err(failed)?;
             Ok(Step::done(form(
                 DataFormType::Result_,
                 "Purge",

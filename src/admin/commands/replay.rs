@@ -3,8 +3,9 @@
 //! receipts come back.
 
 use tokio_xmpp::parsers::data_forms::{DataForm, DataFormType, FieldType};
-use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
+use tokio_xmpp::parsers::stanza_error::StanzaError;
 
+use super::failed;
 use crate::admin::{Input, Ops, Step, field, form, input};
 
 pub(crate) fn input_form() -> DataForm {
@@ -23,14 +24,7 @@ pub(crate) fn input_form() -> DataForm {
 
 pub(crate) async fn run<O: Ops>(ops: &mut O, input: &Input<'_>) -> Result<Step, StanzaError> {
     let recipient = input.recipient(ops)?;
-    let (sent, pending) = ops.replay(&recipient).await.map_err(|e| {
-        StanzaError::new(
-            ErrorType::Wait,
-            DefinedCondition::InternalServerError,
-            "en",
-            e,
-        )
-    })?;
+    let (sent, pending) = ops.replay(&recipient).await.map_err(failed)?;
     Ok(Step::done(form(
         DataFormType::Result_,
         "Replay",

@@ -3,7 +3,7 @@
 use tokio_xmpp::parsers::data_forms::{DataForm, DataFormType, Field, FieldType};
 use tokio_xmpp::parsers::stanza_error::StanzaError;
 
-use super::store_failed;
+use super::{columns, store_failed};
 use crate::admin::{Input, Ops, Step, age_seconds, field, form, input};
 use crate::xep0050::Table;
 
@@ -46,19 +46,12 @@ pub(crate) fn run<O: Ops>(ops: &O, input: &Input<'_>) -> Result<Step, StanzaErro
             ]
         })
         .collect();
-    let columns = [
+    let columns = columns(&[
         ("jid", "Recipient"),
         ("count", "Pending"),
         ("bytes", "Bytes"),
         ("oldest-age-seconds", "Oldest (s)"),
-    ]
-    .into_iter()
-    .map(|(var, label)| {
-        let mut f = Field::new(var, FieldType::TextSingle);
-        f.label = Some(label.into());
-        f
-    })
-    .collect();
+    ]);
     let result = form(
         DataFormType::Result_,
         "Largest queues",
