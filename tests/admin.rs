@@ -200,6 +200,11 @@ async fn admin_runs_every_command_on_a_known_queue() {
         })
         .collect();
     assert_eq!(nodes, ALL);
+    let node_info = op.disco("info", Some("purge")).await;
+    let q = node_info.children().next().expect("query");
+    let identity = q.children().find(|c| c.name() == "identity").unwrap();
+    assert_eq!(identity.attr("category"), Some("automation"));
+    assert_eq!(identity.attr("type"), Some("command-node"));
 
     // stats
     let stats = op.run("stats", &[]).await;
