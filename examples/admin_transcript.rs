@@ -22,8 +22,7 @@ async fn exchange(op: &mut Client, n: &mut u32, body: &str) {
 
 #[tokio::main]
 async fn main() {
-    let prosody = Prosody::start(ProsodyOpts::default());
-    prosody.register("admin", "localhost");
+    let prosody = Server::start(Kind::Prosody, ServerOpts::default());
     let _relay = Relay::start(&prosody, RelayOpts::default());
     send_all(&prosody, "bob@relay.localhost", &ids("m", 3)).await;
     let mut op = Client::connect(prosody.c2s_port, "admin", ClientOpts::default()).await;

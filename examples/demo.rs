@@ -17,7 +17,7 @@ async fn main() {
     println!(
         "1. starting Prosody on 127.0.0.1 (offline storage off, component {COMPONENT} registered)"
     );
-    let prosody = Prosody::start(ProsodyOpts::default());
+    let prosody = Server::start(Kind::Prosody, ServerOpts::default());
     println!(
         "   c2s port {}, component port {}, data in {}",
         prosody.c2s_port,

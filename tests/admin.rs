@@ -1,6 +1,7 @@
-//! The XEP-0050 admin commands end to end: a real Prosody, the real
-//! binary, and a c2s client that runs the commands as an operator would.
+//! The XEP-0050 admin commands end to end: a real server (Prosody and
+//! ejabberd), the real binary, and a c2s client that runs the commands as an operator would.
 
+#[macro_use]
 mod common;
 
 use std::collections::HashMap;
@@ -22,9 +23,9 @@ struct Operator {
 }
 
 impl Operator {
-    async fn connect(prosody: &Prosody, user: &str) -> Operator {
+    async fn connect(server: &Server, user: &str) -> Operator {
         Operator {
-            client: Client::connect(prosody.c2s_port, user, ClientOpts::default()).await,
+            client: Client::connect(server.c2s_port, user, ClientOpts::default()).await,
             next: 0,
         }
     }
@@ -157,22 +158,19 @@ const ALL: [&str; 7] = [
     "reload-config",
 ];
 
-async fn start() -> (Prosody, Relay) {
-    let prosody = Prosody::start(ProsodyOpts::default());
-    prosody.register("admin", "localhost");
-    prosody.register("dave", "localhost");
-    let relay = Relay::start(&prosody, RelayOpts::default());
-    (prosody, relay)
+async fn start(kind: Kind) -> (Server, Relay) {
+    let server = Server::start(kind, ServerOpts::default());
+    let relay = Relay::start(&server, RelayOpts::default());
+    (server, relay)
 }
 
 /// 5 pending for bob, 3 for dave (both offline, server storage off):
 /// every command, with the fields and values it promises.
-#[tokio::test]
-async fn admin_runs_every_command_on_a_known_queue() {
-    let (prosody, relay) = start().await;
-    send_all(&prosody, BOB, &ids("b", 5)).await;
-    send_all(&prosody, DAVE, &ids("d", 3)).await;
-    let mut op = Operator::connect(&prosody, "admin").await;
+async fn admin_runs_every_command_on_a_known_queue(kind: Kind) {
+    let (server, relay) = start(kind).await;
+    send_all(&server, BOB, &ids("b", 5)).await;
+    send_all(&server, DAVE, &ids("d", 3)).await;
+    let mut op = Operator::connect(&server, "admin").await;
 
     // Discovery.
     let info = op.disco("info", None).await;
@@ -303,7 +301,7 @@ async fn admin_runs_every_command_on_a_known_queue() {
     assert!(!value(&c, "connected-since").unwrap().is_empty());
     assert_eq!(
         value(&c, "server"),
-        Some(format!("127.0.0.1:{}", prosody.component_port))
+        Some(format!("127.0.0.1:{}", server.component_port))
     );
     assert_eq!(value(&c, "durability").as_deref(), Some("fsync"));
     assert_eq!(
@@ -329,11 +327,10 @@ async fn admin_runs_every_command_on_a_known_queue() {
 
 /// Anyone not in `[admin] jids` sees no commands and may run none, and
 /// the queue is untouched.
-#[tokio::test]
-async fn non_admin_is_forbidden_and_changes_nothing() {
-    let (prosody, _relay) = start().await;
-    send_all(&prosody, BOB, &ids("b", 5)).await;
-    let mut carol = Operator::connect(&prosody, "carol").await;
+async fn non_admin_is_forbidden_and_changes_nothing(kind: Kind) {
+    let (server, _relay) = start(kind).await;
+    send_all(&server, BOB, &ids("b", 5)).await;
+    let mut carol = Operator::connect(&server, "carol").await;
     let items = carol.disco("items", Some(COMMANDS)).await;
     assert_eq!(items.children().next().unwrap().children().count(), 0);
     for node in ALL {
@@ -347,9 +344,9 @@ async fn non_admin_is_forbidden_and_changes_nothing() {
         assert_eq!(e.attr("type"), Some("auth"));
     }
     // Bob still gets all five: carol's purge and replay did nothing.
-    let mut bob = Client::connect(prosody.c2s_port, "bob", ClientOpts::default()).await;
+    let mut bob = Client::connect(server.c2s_port, "bob", ClientOpts::default()).await;
     expect_exactly(&mut bob, &ids("b", 5)).await;
-    let mut op = Operator::connect(&prosody, "admin").await;
+    let mut op = Operator::connect(&server, "admin").await;
     let stats = op.run("stats", &[]).await;
     assert_eq!(number(&stats, "pending-messages"), 0);
     assert_eq!(number(&stats, "confirmed-total"), 5);
@@ -358,13 +355,12 @@ async fn non_admin_is_forbidden_and_changes_nothing() {
 
 /// replay sends a queue the relay was holding back; purge removes one so
 /// that the recipient never gets it.
-#[tokio::test]
-async fn purge_and_replay_change_what_recipients_receive() {
-    let (prosody, relay) = start().await;
+async fn purge_and_replay_change_what_recipients_receive(kind: Kind) {
+    let (server, relay) = start(kind).await;
     // Bob's client shows the messages but never sends receipts: after the
     // receipt timeout the relay holds his queue until a sign of life.
     let mut bob = Client::connect(
-        prosody.c2s_port,
+        server.c2s_port,
         "bob",
         ClientOpts {
             receipts: false,
@@ -373,12 +369,12 @@ async fn purge_and_replay_change_what_recipients_receive() {
     )
     .await;
     let sent = ids("b", 5);
-    send_all(&prosody, BOB, &sent).await;
+    send_all(&server, BOB, &sent).await;
     assert_eq!(bob.body_ids(5, SECS(10)).await, sent);
     wait_log(&relay, "receipt timeout").await;
     assert!(bob.body_ids(1, SECS(2)).await.is_empty(), "held back");
 
-    let mut op = Operator::connect(&prosody, "admin").await;
+    let mut op = Operator::connect(&server, "admin").await;
     let c = op.run("replay", &[("jid", "bob@localhost")]).await;
     assert_eq!(number(&c, "replayed"), 5);
     assert_eq!(number(&c, "pending"), 5);
@@ -391,7 +387,7 @@ async fn purge_and_replay_change_what_recipients_receive() {
     assert_eq!(again, sent);
 
     // Dave is offline with three pending; purge them, interactively.
-    send_all(&prosody, DAVE, &ids("d", 3)).await;
+    send_all(&server, DAVE, &ids("d", 3)).await;
     let iq = op.command("purge", None, "execute", &[]).await;
     let c = command(&iq);
     assert_eq!(c.attr("status"), Some("executing"));
@@ -419,7 +415,7 @@ async fn purge_and_replay_change_what_recipients_receive() {
     assert_eq!(number(&stats, "pending-messages"), 5, "bob's five are left");
     assert_eq!(number(&stats, "purged-total"), 3);
 
-    let mut dave = Client::connect(prosody.c2s_port, "dave", ClientOpts::default()).await;
+    let mut dave = Client::connect(server.c2s_port, "dave", ClientOpts::default()).await;
     assert!(
         dave.body_ids(1, SECS(3)).await.is_empty(),
         "purged messages never arrive"
@@ -446,10 +442,9 @@ async fn purge_and_replay_change_what_recipients_receive() {
 /// reload-config applies a new limit that the next message meets, and
 /// refuses (applying nothing) a file that changes what needs a restart or
 /// does not parse.
-#[tokio::test]
-async fn reload_config_applies_limits_and_refuses_the_rest() {
-    let (prosody, relay) = start().await;
-    let mut op = Operator::connect(&prosody, "admin").await;
+async fn reload_config_applies_limits_and_refuses_the_rest(kind: Kind) {
+    let (server, relay) = start(kind).await;
+    let mut op = Operator::connect(&server, "admin").await;
     let c = op.run("reload-config", &[]).await;
     assert_eq!(value(&c, "applied").as_deref(), Some("true"));
     assert!(
@@ -480,7 +475,7 @@ async fn reload_config_applies_limits_and_refuses_the_rest() {
     assert_eq!(changes, ["limits.max_pending_per_recipient: 10000 -> 2"]);
 
     // Carol is offline: two fit, the third is refused.
-    let mut alice = Client::connect(prosody.c2s_port, "alice", ClientOpts::default()).await;
+    let mut alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
     for id in ["c1", "c2", "c3"] {
         alice.message(CAROL, id, "hello");
     }
@@ -521,18 +516,16 @@ async fn reload_config_applies_limits_and_refuses_the_rest() {
 
 /// Sessions end by cancel or time out; malformed requests get the
 /// XEP-0050 error conditions.
-#[tokio::test]
-async fn sessions_cancel_time_out_and_malformed_requests() {
-    let prosody = Prosody::start(ProsodyOpts::default());
-    prosody.register("admin", "localhost");
+async fn sessions_cancel_time_out_and_malformed_requests(kind: Kind) {
+    let server = Server::start(kind, ServerOpts::default());
     let _relay = Relay::start(
-        &prosody,
+        &server,
         RelayOpts {
             session_timeout_s: 1,
             ..Default::default()
         },
     );
-    let mut op = Operator::connect(&prosody, "admin").await;
+    let mut op = Operator::connect(&server, "admin").await;
 
     let iq = op.command("list-queue", None, "execute", &[]).await;
     let sid = command(&iq).attr("sessionid").unwrap().to_owned();
@@ -584,3 +577,11 @@ async fn sessions_cancel_time_out_and_malformed_requests() {
     // The relay still answers after all of that.
     op.run("stats", &[]).await;
 }
+
+on_both_servers!(
+    admin_runs_every_command_on_a_known_queue,
+    non_admin_is_forbidden_and_changes_nothing,
+    purge_and_replay_change_what_recipients_receive,
+    reload_config_applies_limits_and_refuses_the_rest,
+    sessions_cancel_time_out_and_malformed_requests,
+);

@@ -1,5 +1,5 @@
-//! Test harness: throwaway Prosody instances on loopback, the real
-//! redeliver binary, and a raw c2s test client.
+//! Test harness: throwaway Prosody and ejabberd instances on loopback, the
+//! real redeliver binary, and a raw c2s test client.
 //!
 //! The c2s client speaks XML over tokio-xmpp's low-level `XmlStream` with
 //! plain minidom elements: a tokio-xmpp `Client` cannot share a build with
@@ -40,14 +40,9 @@ pub fn free_port() -> u16 {
 }
 
 fn wait_port(port: u16, timeout: Duration) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
+    wait_for(timeout, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
 }
 
 fn ensure_prosody() {
@@ -60,57 +55,124 @@ fn ensure_prosody() {
     {
         return;
     }
-    let status = Command::new("bash")
-        .arg(root().join("scripts/install-prosody"))
-        .status()
-        .expect("run scripts/install-prosody");
-    assert!(status.success(), "installing prosody failed");
+    install("install-prosody");
 }
 
-/// Options for a Prosody instance.
+/// The directory that holds Debian's `ejabberd-<version>` OTP
+/// application, for `ERL_LIBS`.
+fn ejabberd_libs() -> Option<PathBuf> {
+    let lib = std::fs::read_dir("/usr/lib").ok()?;
+    lib.flatten().map(|e| e.path()).find(|dir| {
+        std::fs::read_dir(dir).is_ok_and(|mut entries| {
+            entries.any(|e| {
+                e.is_ok_and(|e| {
+                    e.file_name().to_string_lossy().starts_with("ejabberd-")
+                        && e.path().join("ebin").is_dir()
+                })
+            })
+        })
+    })
+}
+
+fn ensure_ejabberd() -> PathBuf {
+    if let Some(libs) = ejabberd_libs()
+        && Path::new("/usr/bin/erl").exists()
+    {
+        return libs;
+    }
+    install("install-ejabberd");
+    ejabberd_libs().expect("ejabberd installed but its OTP application not found")
+}
+
+fn install(script: &str) {
+    let status = Command::new("bash")
+        .arg(root().join("scripts").join(script))
+        .status()
+        .unwrap_or_else(|e| panic!("run scripts/{script}: {e}"));
+    assert!(status.success(), "scripts/{script} failed");
+}
+
+/// Which XMPP server a test runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Prosody,
+    Ejabberd,
+}
+
+/// Options for a server instance.
 #[derive(Clone)]
-pub struct ProsodyOpts {
+pub struct ServerOpts {
     pub offline_storage: bool,
-    /// Stream-management hibernation, seconds.
+    /// Stream-management hibernation (Prosody) or resume timeout
+    /// (ejabberd), seconds.
     pub smacks_hibernation_s: u32,
 }
 
-impl Default for ProsodyOpts {
+impl Default for ServerOpts {
     fn default() -> Self {
-        ProsodyOpts {
+        ServerOpts {
             offline_storage: false,
             smacks_hibernation_s: 3,
         }
     }
 }
 
-/// A throwaway Prosody on 127.0.0.1 with its own config and data.
-pub struct Prosody {
+/// Accounts on every test server, all with [`PASSWORD`]. `eve` lives on
+/// a second domain whose users may not use the relay.
+pub const USERS: [(&str, &str); 6] = [
+    ("alice", "localhost"),
+    ("bob", "localhost"),
+    ("carol", "localhost"),
+    ("dave", "localhost"),
+    ("admin", "localhost"),
+    ("eve", "other.localhost"),
+];
+
+/// Printed by the ejabberd launcher once the users exist.
+const EJABBERD_READY: &str = "redeliver-harness: ejabberd ready";
+
+/// A throwaway XMPP server on 127.0.0.1 with its own config and data:
+/// Prosody (`prosody -F`) or ejabberd (a non-distributed Erlang node: no
+/// epmd, no distribution listener).
+pub struct Server {
+    pub kind: Kind,
     pub dir: tempfile::TempDir,
     pub c2s_port: u16,
     pub component_port: u16,
     child: Option<Child>,
+    /// ejabberd's OTP library directory.
+    erl_libs: Option<PathBuf>,
 }
 
-impl Prosody {
-    pub fn start(opts: ProsodyOpts) -> Prosody {
-        ensure_prosody();
+impl Server {
+    pub fn start(kind: Kind, opts: ServerOpts) -> Server {
+        let erl_libs = match kind {
+            Kind::Prosody => {
+                ensure_prosody();
+                None
+            }
+            Kind::Ejabberd => Some(ensure_ejabberd()),
+        };
         let dir = tempfile::tempdir().unwrap();
         let c2s_port = free_port();
         let component_port = free_port();
-        let template = std::fs::read_to_string(root().join("scripts/prosody.cfg.lua.in")).unwrap();
+        let (template, file) = match kind {
+            Kind::Prosody => ("prosody.cfg.lua.in", "prosody.cfg.lua"),
+            Kind::Ejabberd => ("ejabberd.yml.in", "ejabberd.yml"),
+        };
+        let template = std::fs::read_to_string(root().join("scripts").join(template)).unwrap();
+        let offline = match (kind, opts.offline_storage) {
+            (Kind::Prosody, true) => "",
+            (Kind::Prosody, false) => "\"offline\"",
+            (Kind::Ejabberd, true) => "mod_offline: {}",
+            (Kind::Ejabberd, false) => "",
+        };
         let cfg = template
             .replace("@DIR@", dir.path().to_str().unwrap())
             .replace("@C2S_PORT@", &c2s_port.to_string())
             .replace("@COMPONENT_PORT@", &component_port.to_string())
-            .replace(
-                "@MODULES_DISABLED@",
-                if opts.offline_storage {
-                    ""
-                } else {
-                    "\"offline\""
-                },
-            )
+            .replace("@MODULES_DISABLED@", offline)
+            .replace("@OFFLINE_MODULE@", offline)
             .replace(
                 "@SMACKS_HIBERNATION@",
                 &opts.smacks_hibernation_s.to_string(),
@@ -119,30 +181,32 @@ impl Prosody {
             .replace("@SECRET@", SECRET);
         std::fs::create_dir_all(dir.path().join("data")).unwrap();
         std::fs::create_dir_all(dir.path().join("certs")).unwrap();
-        std::fs::write(dir.path().join("prosody.cfg.lua"), cfg).unwrap();
-        let mut p = Prosody {
+        std::fs::write(dir.path().join(file), cfg).unwrap();
+        let mut server = Server {
+            kind,
             dir,
             c2s_port,
             component_port,
             child: None,
+            erl_libs,
         };
-        for (user, host) in [
-            ("alice", "localhost"),
-            ("bob", "localhost"),
-            ("carol", "localhost"),
-            ("eve", "other.localhost"),
-        ] {
-            p.register(user, host);
+        if kind == Kind::Prosody {
+            for (user, host) in USERS {
+                server.register(user, host);
+            }
         }
-        p.launch();
-        p
+        server.launch();
+        server
     }
 
     fn config_path(&self) -> PathBuf {
-        self.dir.path().join("prosody.cfg.lua")
+        self.dir.path().join(match self.kind {
+            Kind::Prosody => "prosody.cfg.lua",
+            Kind::Ejabberd => "ejabberd.yml",
+        })
     }
 
-    pub fn register(&self, user: &str, host: &str) {
+    fn register(&self, user: &str, host: &str) {
         let st = Command::new("prosodyctl")
             .arg("--config")
             .arg(self.config_path())
@@ -155,20 +219,58 @@ impl Prosody {
     }
 
     fn launch(&mut self) {
-        let log = std::fs::File::create(self.dir.path().join("stdout.log")).unwrap();
-        let child = Command::new("prosody")
-            .arg("--config")
-            .arg(self.config_path())
-            .arg("-F")
+        let out = self.dir.path().join("stdout.log");
+        let log = std::fs::File::create(&out).unwrap();
+        let mut cmd = match self.kind {
+            Kind::Prosody => {
+                let mut c = Command::new("prosody");
+                c.arg("--config").arg(self.config_path()).arg("-F");
+                c
+            }
+            Kind::Ejabberd => {
+                let users: Vec<String> = USERS
+                    .iter()
+                    .map(|(u, h)| format!("{{<<\"{u}\">>, <<\"{h}\">>}}"))
+                    .collect();
+                // Start the application, create the users (again after a
+                // restart: "exists" is fine), then say so.
+                let eval = format!(
+                    "{{ok, _}} = application:ensure_all_started(ejabberd), \
+                     [ejabberd_auth:try_register(U, H, <<\"{PASSWORD}\">>) || {{U, H}} <- [{}]], \
+                     io:format(\"~s~n\", [\"{EJABBERD_READY}\"]).",
+                    users.join(", ")
+                );
+                let dir = self.dir.path();
+                let mut c = Command::new("erl");
+                c.env("ERL_LIBS", self.erl_libs.as_ref().unwrap())
+                    .env("EJABBERD_CONFIG_PATH", self.config_path())
+                    .env("EJABBERD_LOG_PATH", dir.join("ejabberd.log"))
+                    .env("HOME", dir)
+                    .arg("-noinput")
+                    .args(["-mnesia", "dir"])
+                    .arg(format!("\"{}\"", dir.join("spool").display()))
+                    .args(["-eval", &eval]);
+                c
+            }
+        };
+        let child = cmd
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .expect("start prosody");
+            .unwrap_or_else(|e| panic!("start {:?}: {e}", self.kind));
         self.child = Some(child);
+        let ready = match self.kind {
+            Kind::Prosody => true,
+            Kind::Ejabberd => wait_for(Duration::from_secs(30), || {
+                std::fs::read_to_string(&out).is_ok_and(|t| t.contains(EJABBERD_READY))
+            }),
+        };
         assert!(
-            wait_port(self.c2s_port, Duration::from_secs(15))
+            ready
+                && wait_port(self.c2s_port, Duration::from_secs(15))
                 && wait_port(self.component_port, Duration::from_secs(5)),
-            "prosody did not start; see {}",
+            "{:?} did not start; see {}",
+            self.kind,
             self.dir.path().display()
         );
     }
@@ -195,19 +297,30 @@ impl Prosody {
     }
 }
 
-impl Drop for Prosody {
+impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
         if std::thread::panicking() {
             // Keep the evidence of a failed test.
             let p = self.dir.path().to_owned();
-            eprintln!("prosody log kept at {}", p.display());
+            eprintln!("{:?} logs kept at {}", self.kind, p.display());
             std::mem::forget(std::mem::replace(
                 &mut self.dir,
                 tempfile::tempdir().unwrap(),
             ));
         }
     }
+}
+
+fn wait_for(timeout: Duration, mut ok: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
 }
 
 fn unsafe_kill(pid: u32, sig: &str) {
@@ -262,7 +375,7 @@ pub struct Relay {
 pub const READY: &str = "redeliver ready: component link established";
 
 impl Relay {
-    pub fn start(prosody: &Prosody, opts: RelayOpts) -> Relay {
+    pub fn start(server: &Server, opts: RelayOpts) -> Relay {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("redeliver.toml");
         let text = format!(
@@ -290,7 +403,7 @@ max_stanza_bytes = {maxs}
 jids = ["admin@localhost"]
 session_timeout_s = {sess}
 "#,
-            port = prosody.component_port,
+            port = server.component_port,
             store = dir.path().join("store").display(),
             durability = opts.durability,
             rt = opts.receipt_timeout_ms,
@@ -765,6 +878,30 @@ async fn client_loop(
 
 pub const SECS: fn(u64) -> Duration = Duration::from_secs;
 
+/// Turn each scenario `async fn name(kind: Kind)` into two tests,
+/// `prosody::name` and `ejabberd::name`.
+#[allow(unused_macros)]
+macro_rules! on_both_servers {
+    ($($name:ident),+ $(,)?) => {
+        mod prosody {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Kind::Prosody).await
+                }
+            )+
+        }
+        mod ejabberd {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Kind::Ejabberd).await
+                }
+            )+
+        }
+    };
+}
+
 /// `prefix1` .. `prefixN`.
 pub fn ids(prefix: &str, n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("{prefix}{i}")).collect()
@@ -790,8 +927,8 @@ pub async fn wait_log(relay: &Relay, needle: &str) {
 }
 
 /// Alice sends `sent` (ids) to `to`, then logs out.
-pub async fn send_all(prosody: &Prosody, to: &str, sent: &[String]) {
-    let alice = Client::connect(prosody.c2s_port, "alice", ClientOpts::default()).await;
+pub async fn send_all(server: &Server, to: &str, sent: &[String]) {
+    let alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
     for id in sent {
         alice.message(to, id, &format!("body of {id}"));
     }
