@@ -55,12 +55,12 @@ pub async fn run(
     let router = Router::new(config.clone(), config_path, store.clone(), out_tx, flush_tx)?;
     let flusher = tokio::spawn(run_flusher(store.clone(), flush_rx, done_tx));
     let link = tokio::spawn(link.run());
-    router.run(ev_rx, done_rx, shutdown.clone()).await;
+    let outcome = router.run(ev_rx, done_rx, shutdown.clone()).await;
     // The router is gone: the link closes the stream on the same token.
     shutdown.cancel();
     let _ = link.await;
     flusher.abort();
     Router::flush_store(store).await;
     info!("redeliver stopped");
-    Ok(())
+    outcome.map_err(anyhow::Error::from)
 }

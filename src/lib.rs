@@ -12,4 +12,5 @@ pub mod config;
 pub mod link;
 pub mod router;
 pub mod store;
+pub mod twin;
 pub mod xep0050;

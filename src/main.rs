@@ -109,7 +109,12 @@ fn main() -> ExitCode {
                     Err(e) => {
                         error!(error = %e, "redeliver failed");
                         eprintln!("redeliver: {e:#}");
-                        ExitCode::FAILURE
+                        if e.is::<redeliver::twin::AnotherInstance>() {
+                            // Not a crash: a supervisor should not restart it.
+                            ExitCode::from(redeliver::twin::EXIT_STATUS)
+                        } else {
+                            ExitCode::FAILURE
+                        }
                     }
                 }
             })

@@ -39,6 +39,7 @@ use crate::link::{LinkEvent, Outbound};
 use crate::store::{
     Accepted, NewMessage, PurgeScope, QueueLimits, Record, Store, StoreError, Subscription, bare_of,
 };
+use crate::twin::{self, AnotherInstance, Instance, Verdict};
 use crate::xep0050::{COMMANDS, Command};
 
 const CHAT_MARKERS: &str = "urn:xmpp:chat-markers:0";
@@ -141,6 +142,8 @@ enum Timer {
     Resume {
         recipient: String,
     },
+    /// Time to look for another instance under our name again.
+    TwinCheck,
 }
 
 /// Counters for logs and the admin commands.
@@ -186,6 +189,11 @@ pub struct Router {
     link_up_since: Option<chrono::DateTime<chrono::Utc>>,
     /// Where the config came from, for `reload-config` and `status`.
     config_path: Option<PathBuf>,
+    /// This process, as its twin probes name it.
+    instance: Instance,
+    twin_timer: Option<delay_queue::Key>,
+    /// Set when this instance must stop (another one serves the domain).
+    fatal: Option<AnotherInstance>,
 }
 
 /// Error replies the router sends; every refusal gets one.
@@ -245,17 +253,21 @@ impl Router {
             started: std::time::Instant::now(),
             link_up_since: None,
             config_path,
+            instance: Instance::new(now_ms()),
+            twin_timer: None,
+            fatal: None,
         })
     }
 
-    /// Run until shutdown or until the link is gone.
+    /// Run until shutdown or until the link is gone; the error says why
+    /// this instance had to stop by itself.
     pub async fn run(
         mut self,
         mut events: mpsc::Receiver<LinkEvent>,
         mut internal: mpsc::Receiver<Internal>,
         shutdown: CancellationToken,
-    ) {
-        loop {
+    ) -> Result<(), AnotherInstance> {
+        while self.fatal.is_none() {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -275,6 +287,47 @@ impl Router {
             confirmed = self.stats.confirmed_total,
             "router stopped"
         );
+        match self.fatal.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Pings from our domain to our domain, naming this instance.
+    async fn send_twin_probes(&mut self) {
+        for n in 0..twin::PROBES {
+            let from = format!("{}@{}", Instance::probe_node(n), self.book.component());
+            let Ok(from) = Jid::from_str(&from) else {
+                continue;
+            };
+            let iq = Iq::from_get(self.instance.probe_id(n), tokio_xmpp::parsers::ping::Ping)
+                .with_from(from)
+                .with_to(self.me.clone());
+            self.send(iq).await;
+        }
+    }
+
+    async fn on_twin_probe(&mut self, verdict: Verdict) {
+        match verdict {
+            Verdict::Mine => {}
+            Verdict::Earlier(other) => {
+                let e = AnotherInstance {
+                    domain: self.book.component().to_string(),
+                    started: other.started(),
+                };
+                error!(error = %e, "stopping");
+                self.fatal = Some(e);
+            }
+            Verdict::Later(other) => {
+                warn!(
+                    other_started = %other.started(),
+                    "another redeliver instance connected under this component's name; \
+                     it started later and will stop"
+                );
+                // Make sure it hears of us soon.
+                self.send_twin_probes().await;
+            }
+        }
     }
 
     async fn send(&mut self, stanza: impl Into<Stanza>) {
@@ -404,6 +457,10 @@ impl Router {
             }
         }
         info!(epoch, probed, "link up; probed subscribed recipients");
+        self.send_twin_probes().await;
+        if self.twin_timer.is_none() {
+            self.twin_timer = Some(self.timers.insert(Timer::TwinCheck, twin::INTERVAL));
+        }
     }
 
     fn on_link_down(&mut self) {
@@ -908,6 +965,10 @@ impl Router {
 
     async fn on_timer(&mut self, t: Timer) {
         match t {
+            Timer::TwinCheck => {
+                self.send_twin_probes().await;
+                self.twin_timer = Some(self.timers.insert(Timer::TwinCheck, twin::INTERVAL));
+            }
             Timer::Resume { recipient } => {
                 let next = self.store.next_seq().unwrap_or(u64::MAX);
                 let Some(peer) = self.peers.get_mut(&recipient) else {
@@ -1140,6 +1201,17 @@ impl Router {
                 id,
                 payload,
             } => {
+                let from_us = from
+                    .as_ref()
+                    .is_some_and(|f| f.domain().as_str() == self.book.component().as_str());
+                if from_us
+                    && payload.is("ping", ns::PING)
+                    && let Some(verdict) = self.instance.judge(&id)
+                {
+                    // Not answered: the answer could reach the other one.
+                    self.on_twin_probe(verdict).await;
+                    return;
+                }
                 let reply = self.answer_get(&from, &to, &payload);
                 self.reply_iq(from, to, id, reply).await;
             }

@@ -347,6 +347,40 @@ async fn unparseable_stanza_is_answered_without_reconnect(kind: Kind) {
     assert_eq!(log.matches(READY).count(), 1);
 }
 
+/// One instance serves one domain. A second process on the same store
+/// stops at once (sled's lock). One with its own store is refused by
+/// Prosody (`conflict`); ejabberd accepts it, and the later instance
+/// notices the earlier one and stops with status 3. The first keeps
+/// relaying either way.
+async fn second_instance_is_refused(kind: Kind) {
+    let server = Server::start(kind, ServerOpts::default());
+    let relay = Relay::start(&server, RelayOpts::default());
+
+    let (status, log) = relay.run_second(false, SECS(10));
+    assert_eq!(status, Some(1), "{log}");
+    assert!(log.contains("is in use by another process"), "{log}");
+
+    let (status, log) = relay.run_second(true, SECS(8));
+    match kind {
+        Kind::Prosody => {
+            assert_eq!(status, None, "keeps retrying: {log}");
+            assert!(log.contains("Conflict"), "{log}");
+            assert!(!log.contains(READY), "{log}");
+        }
+        Kind::Ejabberd => {
+            assert_eq!(status, Some(3), "{log}");
+            assert!(log.contains(READY), "ejabberd let it in: {log}");
+            assert!(log.contains("another redeliver instance"), "{log}");
+        }
+    }
+    if kind == Kind::Ejabberd {
+        wait_log(&relay, "it started later and will stop").await;
+    }
+    let mut bob = Client::connect(server.c2s_port, "bob", ClientOpts::default()).await;
+    send_all(&server, BOB, &ids("one", 3)).await;
+    expect_exactly(&mut bob, &ids("one", 3)).await;
+}
+
 on_both_servers!(
     online_recipient_messages_and_receipts_both_ways,
     offline_recipient_without_server_storage,
@@ -360,4 +394,5 @@ on_both_servers!(
     refusals_and_still_relaying,
     client_without_receipt_support_gets_weaker_guarantee,
     unparseable_stanza_is_answered_without_reconnect,
+    second_instance_is_refused,
 );

@@ -492,6 +492,52 @@ session_timeout_s = {sess}
     pub fn restart(&mut self) {
         self.launch();
     }
+
+    /// Run a second redeliver process for the same domain on the same
+    /// server: with this relay's config (the same store) or with a store
+    /// of its own. Returns its exit status if it ends within `wait` (it
+    /// is killed otherwise) and its log.
+    pub fn run_second(&self, own_store: bool, wait: Duration) -> (Option<i32>, String) {
+        let mut config = self.config.clone();
+        if own_store {
+            let text = std::fs::read_to_string(&self.config).unwrap();
+            let store = self.dir.path().join("store");
+            let second = self.dir.path().join("store-second");
+            config = self.dir.path().join("second.toml");
+            std::fs::write(
+                &config,
+                text.replace(&store.display().to_string(), &second.display().to_string()),
+            )
+            .unwrap();
+        }
+        let log_path = self.dir.path().join("second.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = Command::new(redeliver_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("REDELIVER_SECRET", SECRET)
+            .env("RUST_LOG", "redeliver=debug,info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start a second redeliver");
+        let end = Instant::now() + wait;
+        let status = loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                break st.code();
+            }
+            if Instant::now() >= end {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        (
+            status,
+            std::fs::read_to_string(&log_path).unwrap_or_default(),
+        )
+    }
 }
 
 impl Drop for Relay {
