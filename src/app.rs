@@ -9,8 +9,9 @@ use tokio_xmpp::parsers::jid::Jid;
 use tracing::info;
 
 use crate::config::Config;
+use crate::gate::run_flusher;
 use crate::link::{CHANNEL_CAPACITY, Link, LinkSettings};
-use crate::router::{Router, run_flusher};
+use crate::router::Router;
 use crate::store::Store;
 
 /// Open the store off the runtime (sled's open blocks).

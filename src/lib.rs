@@ -9,6 +9,7 @@ pub mod address;
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod gate;
 pub mod link;
 pub mod router;
 pub mod store;

@@ -35,6 +35,7 @@ use tracing::{debug, error, info, warn};
 use crate::address::{AddressBook, AddressError};
 use crate::admin::{Admin, Node, Ops, Snapshot};
 use crate::config::{Config, Durability};
+use crate::gate::{Durable, Gate};
 use crate::link::{LinkEvent, Outbound};
 use crate::store::{
     Accepted, NewMessage, PurgeScope, QueueLimits, Record, Store, StoreError, Subscription, bare_of,
@@ -157,13 +158,6 @@ pub struct Stats {
     pub purged_total: u64,
 }
 
-/// Inputs besides link events.
-#[derive(Debug)]
-pub enum Internal {
-    /// Everything up to this seq is on disk.
-    Durable(u64),
-}
-
 pub struct Router {
     config: Arc<Config>,
     book: AddressBook,
@@ -175,10 +169,8 @@ pub struct Router {
     epoch: Option<u64>,
     peers: HashMap<String, Peer>,
     timers: DelayQueue<Timer>,
-    /// Highest seq known to be on disk; nothing above it is sent.
-    durable_seq: u64,
-    /// Asks the flusher for an fsync covering a seq (fsync mode only).
-    flush_requests: mpsc::UnboundedSender<u64>,
+    /// What is on disk decides what may be relayed.
+    gate: Gate,
     /// disco#info queries in flight: iq id → (recipient, resource).
     disco_pending: HashMap<String, (String, String)>,
     next_iq: u64,
@@ -228,12 +220,13 @@ impl Router {
     ) -> Result<Router, StoreError> {
         let book = address_book(&config);
         let me = Jid::from(book.component_jid());
-        // Every seq handed out so far is below this and already on disk
-        // as far as this process is concerned (what sled recovered).
-        let durable_seq = match config.store.durability {
-            Durability::Fsync => store.next_seq()?,
+        let gate = match config.store.durability {
+            // Every seq handed out so far is below this and already on
+            // disk as far as this process is concerned (what sled
+            // recovered).
+            Durability::Fsync => Gate::fsync(flush_requests, store.next_seq()?),
             // Sent at once; sled flushes every flush_interval_ms.
-            Durability::Batched => u64::MAX,
+            Durability::Batched => Gate::batched(),
         };
         Ok(Router {
             config,
@@ -244,8 +237,7 @@ impl Router {
             epoch: None,
             peers: HashMap::new(),
             timers: DelayQueue::new(),
-            durable_seq,
-            flush_requests,
+            gate,
             disco_pending: HashMap::new(),
             next_iq: 0,
             stats: Stats::default(),
@@ -264,14 +256,14 @@ impl Router {
     pub async fn run(
         mut self,
         mut events: mpsc::Receiver<LinkEvent>,
-        mut internal: mpsc::Receiver<Internal>,
+        mut durable: mpsc::Receiver<Durable>,
         shutdown: CancellationToken,
     ) -> Result<(), AnotherInstance> {
         while self.fatal.is_none() {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some(Internal::Durable(seq)) = internal.recv() => self.on_durable(seq).await,
+                Some(Durable(ticket)) = durable.recv() => self.on_durable(ticket).await,
                 ev = events.recv() => match ev {
                     Some(ev) => self.on_link_event(ev).await,
                     None => break,
@@ -634,9 +626,7 @@ impl Router {
             Ok(Accepted::Stored { seq }) => {
                 self.stats.accepted_total += 1;
                 debug!(to = %recipient, from = %from, id = %id, seq, "accepted");
-                if self.config.store.durability == Durability::Fsync {
-                    let _ = self.flush_requests.send(seq);
-                }
+                self.gate.accepted(seq);
                 self.ensure_subscribed(&recipient, target).await;
                 self.kick(&recipient, seq).await;
             }
@@ -673,7 +663,11 @@ impl Router {
         };
         m.from = Some(Jid::from(relay_from));
         m.to = Some(Jid::from(target.clone()));
-        self.send(m).await;
+        // A receipt tells the sender its message is done with: only once
+        // its removal is on disk (fsync mode), so that it never comes back.
+        if let Some(m) = self.gate.after_writes(m.into()) {
+            self.send(m).await;
+        }
     }
 
     /// Receipts and markers from `from_key` (a recipient) about messages
@@ -722,11 +716,7 @@ impl Router {
         if removed.is_empty() {
             return;
         }
-        if self.config.store.durability == Durability::Fsync
-            && let Some((seq, _)) = removed.last()
-        {
-            let _ = self.flush_requests.send(*seq);
-        }
+        self.gate.removed();
         let initial = self.config.retry_initial();
         if let Some(peer) = self.peers.get_mut(recipient) {
             for (seq, _) in &removed {
@@ -823,8 +813,8 @@ impl Router {
         {
             let peer = self.peers.get_mut(recipient).expect("checked above");
             for (seq, rec) in batch {
-                if seq > self.durable_seq {
-                    break; // not on disk yet; Internal::Durable resumes
+                if seq > self.gate.durable_seq() {
+                    break; // not on disk yet; on_durable resumes
                 }
                 let timer = self.timers.insert(
                     Timer::Receipt {
@@ -1001,11 +991,14 @@ impl Router {
         }
     }
 
-    async fn on_durable(&mut self, seq: u64) {
-        if seq <= self.durable_seq {
+    async fn on_durable(&mut self, ticket: u64) {
+        let (released, moved) = self.gate.durable(ticket);
+        for stanza in released {
+            self.send(stanza).await;
+        }
+        if !moved {
             return;
         }
-        self.durable_seq = seq;
         let sending: Vec<String> = self
             .peers
             .iter()
@@ -1480,10 +1473,8 @@ impl Ops for Router {
             .store
             .purge(recipient, scope)
             .map_err(|e| e.to_string())?;
-        if self.config.store.durability == Durability::Fsync
-            && let Some(&last) = seqs.last()
-        {
-            let _ = self.flush_requests.send(last);
+        if !seqs.is_empty() {
+            self.gate.removed();
         }
         if let Some(peer) = self.peers.get_mut(recipient) {
             for seq in &seqs {
@@ -1540,33 +1531,6 @@ fn is_ephemeral(m: &Message) -> bool {
         })
 }
 
-/// The group-commit flusher: every request is answered by one fsync that
-/// covers it and every request queued with it.
-pub async fn run_flusher(
-    store: Arc<Store>,
-    mut requests: mpsc::UnboundedReceiver<u64>,
-    done: mpsc::Sender<Internal>,
-) {
-    while let Some(mut seq) = requests.recv().await {
-        while let Ok(s) = requests.try_recv() {
-            seq = seq.max(s);
-        }
-        loop {
-            let s = store.clone();
-            match tokio::task::spawn_blocking(move || s.flush()).await {
-                Ok(Ok(_)) => break,
-                // Nothing is released until a flush succeeds.
-                Ok(Err(e)) => error!(error = %e, "store flush failed; holding messages, retrying"),
-                Err(e) => error!(error = %e, "flush task failed; retrying"),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        if done.send(Internal::Durable(seq)).await.is_err() {
-            return;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     //! The delivery state machine with a fake link (channels) and tokio's
@@ -1579,7 +1543,7 @@ mod tests {
     struct Harness {
         events: mpsc::Sender<LinkEvent>,
         outbox: mpsc::Receiver<Outbound>,
-        _internal: mpsc::Sender<Internal>,
+        _internal: mpsc::Sender<Durable>,
         _dir: tempfile::TempDir,
         _stop: tokio_util::sync::DropGuard,
     }

@@ -1,0 +1,205 @@
+//! What may leave the process, given what is on disk.
+//!
+//! In `fsync` mode every store write that matters (an accepted message, a
+//! confirmation's removal) takes a ticket and asks the flusher for an
+//! fsync; the flusher answers with the highest ticket one fsync covered
+//! (group commit: every request queued meanwhile shares it). The
+//! [`Gate`] turns tickets back into promises kept:
+//!
+//! - an accepted message is relayed only once the fsync after its write
+//!   is done (`durable_seq`);
+//! - a receipt or marker is relayed back to the sender only once every
+//!   removal made so far is on disk, so a sender that has seen a receipt
+//!   never sees that message again, crash or not.
+//!
+//! In `batched` mode sled flushes on its own timer: nothing is held.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_xmpp::Stanza;
+use tracing::error;
+
+use crate::store::Store;
+
+/// The flusher's answer: every write before this ticket's request is on
+/// disk.
+#[derive(Debug)]
+pub struct Durable(pub u64);
+
+pub struct Gate {
+    /// `None` in batched mode.
+    requests: Option<mpsc::UnboundedSender<u64>>,
+    last_ticket: u64,
+    done_ticket: u64,
+    /// Accepted seqs waiting for their ticket, in ticket order.
+    seqs: VecDeque<(u64, u64)>,
+    /// Stanzas waiting for their ticket, in ticket order.
+    held: VecDeque<(u64, Stanza)>,
+    /// Highest seq known to be on disk: nothing above it is relayed.
+    durable_seq: u64,
+}
+
+impl Gate {
+    /// Fsync mode: `recovered` is a seq above everything already on disk
+    /// at open.
+    pub fn fsync(requests: mpsc::UnboundedSender<u64>, recovered: u64) -> Gate {
+        Gate {
+            requests: Some(requests),
+            last_ticket: 0,
+            done_ticket: 0,
+            seqs: VecDeque::new(),
+            held: VecDeque::new(),
+            durable_seq: recovered,
+        }
+    }
+
+    /// Batched mode: everything counts as durable at once.
+    pub fn batched() -> Gate {
+        Gate {
+            requests: None,
+            last_ticket: 0,
+            done_ticket: 0,
+            seqs: VecDeque::new(),
+            held: VecDeque::new(),
+            durable_seq: u64::MAX,
+        }
+    }
+
+    pub fn durable_seq(&self) -> u64 {
+        self.durable_seq
+    }
+
+    fn request(&mut self) -> Option<u64> {
+        let tx = self.requests.as_ref()?;
+        self.last_ticket += 1;
+        // If the flusher is gone the process is stopping; nothing is
+        // released then, which is the safe side.
+        let _ = tx.send(self.last_ticket);
+        Some(self.last_ticket)
+    }
+
+    /// A message was written under `seq`.
+    pub fn accepted(&mut self, seq: u64) {
+        if let Some(t) = self.request() {
+            self.seqs.push_back((t, seq));
+        }
+    }
+
+    /// Messages were removed (confirmed, purged or expired).
+    pub fn removed(&mut self) {
+        self.request();
+    }
+
+    /// Relay `stanza` once every write so far is on disk: now, if it
+    /// already is.
+    pub fn after_writes(&mut self, stanza: Stanza) -> Option<Stanza> {
+        if self.requests.is_none() || self.done_ticket >= self.last_ticket {
+            return Some(stanza);
+        }
+        self.held.push_back((self.last_ticket, stanza));
+        None
+    }
+
+    /// The flusher reports `ticket` durable: the stanzas now free to go,
+    /// and whether `durable_seq` moved.
+    pub fn durable(&mut self, ticket: u64) -> (Vec<Stanza>, bool) {
+        if ticket <= self.done_ticket {
+            return (vec![], false);
+        }
+        self.done_ticket = ticket;
+        let before = self.durable_seq;
+        while let Some(&(t, seq)) = self.seqs.front() {
+            if t > ticket {
+                break;
+            }
+            self.durable_seq = self.durable_seq.max(seq);
+            self.seqs.pop_front();
+        }
+        let mut out = Vec::new();
+        while self.held.front().is_some_and(|(t, _)| *t <= ticket) {
+            if let Some((_, s)) = self.held.pop_front() {
+                out.push(s);
+            }
+        }
+        (out, self.durable_seq != before)
+    }
+}
+
+/// The group-commit flusher: every request is answered by one fsync that
+/// covers it and every request queued with it.
+pub async fn run_flusher(
+    store: Arc<Store>,
+    mut requests: mpsc::UnboundedReceiver<u64>,
+    done: mpsc::Sender<Durable>,
+) {
+    while let Some(mut ticket) = requests.recv().await {
+        while let Ok(t) = requests.try_recv() {
+            ticket = ticket.max(t);
+        }
+        loop {
+            let s = store.clone();
+            match tokio::task::spawn_blocking(move || s.flush()).await {
+                Ok(Ok(_)) => break,
+                // Nothing is released until a flush succeeds.
+                Ok(Err(e)) => error!(error = %e, "store flush failed; holding messages, retrying"),
+                Err(e) => error!(error = %e, "flush task failed; retrying"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if done.send(Durable(ticket)).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_xmpp::parsers::message::Message;
+
+    fn stanza() -> Stanza {
+        Message::new(None).into()
+    }
+
+    #[test]
+    fn seqs_and_held_stanzas_wait_for_their_fsync() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut g = Gate::fsync(tx, 10);
+        assert_eq!(g.durable_seq(), 10);
+        // Nothing pending: a receipt goes at once.
+        assert!(g.after_writes(stanza()).is_some());
+        g.accepted(11);
+        g.accepted(12);
+        g.removed();
+        assert!(
+            g.after_writes(stanza()).is_none(),
+            "held behind the removal"
+        );
+        let tickets: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(tickets, [1, 2, 3]);
+        // One fsync covered the first accept only.
+        let (out, moved) = g.durable(1);
+        assert!(out.is_empty() && moved);
+        assert_eq!(g.durable_seq(), 11);
+        // A later one covers the rest, the removal included.
+        let (out, moved) = g.durable(3);
+        assert_eq!(out.len(), 1);
+        assert!(moved);
+        assert_eq!(g.durable_seq(), 12);
+        // Stale answers change nothing.
+        assert_eq!(g.durable(2).0.len(), 0);
+        assert!(g.after_writes(stanza()).is_some());
+    }
+
+    #[test]
+    fn batched_holds_nothing() {
+        let mut g = Gate::batched();
+        g.accepted(5);
+        g.removed();
+        assert!(g.after_writes(stanza()).is_some());
+        assert_eq!(g.durable_seq(), u64::MAX);
+    }
+}
