@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod fake;
+
 use std::borrow::Cow;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -376,6 +378,12 @@ pub const READY: &str = "redeliver ready: component link established";
 
 impl Relay {
     pub fn start(server: &Server, opts: RelayOpts) -> Relay {
+        Relay::start_at(server.component_port, opts)
+    }
+
+    /// Start redeliver against whatever listens on `component_port`
+    /// (a [`Server`], or a [`fake::FakeServer`]).
+    pub fn start_at(component_port: u16, opts: RelayOpts) -> Relay {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("redeliver.toml");
         let text = format!(
@@ -403,7 +411,7 @@ max_stanza_bytes = {maxs}
 jids = ["admin@localhost"]
 session_timeout_s = {sess}
 "#,
-            port = server.component_port,
+            port = component_port,
             store = dir.path().join("store").display(),
             durability = opts.durability,
             rt = opts.receipt_timeout_ms,
