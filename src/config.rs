@@ -139,8 +139,25 @@ pub struct LimitsConfig {
     pub max_bytes_per_recipient: u64,
     #[serde(default = "default_max_stanza_bytes")]
     pub max_stanza_bytes: usize,
+    /// Messages unconfirmed after this long are removed; also how long
+    /// ids are remembered for duplicate detection.
     #[serde(default = "default_ttl")]
     pub message_ttl_s: u64,
+    /// Tell the sender (an error with `<recipient-unavailable/>`) when a
+    /// message expires undelivered.
+    #[serde(default = "default_true")]
+    pub expiry_notice: bool,
+    /// Bytes of pending stanzas over all queues; new messages beyond it
+    /// are refused with `<resource-constraint/>`.
+    #[serde(default = "default_max_store_bytes")]
+    pub max_store_bytes: u64,
+    /// Messages per second a sender (bare JID) may submit on average;
+    /// 0 turns the limit off.
+    #[serde(default = "default_sender_rate")]
+    pub sender_rate_per_s: u32,
+    /// Messages a sender may submit at once before the rate applies.
+    #[serde(default = "default_sender_burst")]
+    pub sender_burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -209,6 +226,18 @@ fn default_max_stanza_bytes() -> usize {
 fn default_ttl() -> u64 {
     7 * 24 * 3600
 }
+fn default_true() -> bool {
+    true
+}
+fn default_max_store_bytes() -> u64 {
+    1024 * 1024 * 1024
+}
+fn default_sender_rate() -> u32 {
+    20
+}
+fn default_sender_burst() -> u32 {
+    200
+}
 
 impl Default for DeliveryConfig {
     fn default() -> Self {
@@ -229,6 +258,10 @@ impl Default for LimitsConfig {
             max_bytes_per_recipient: default_max_bytes(),
             max_stanza_bytes: default_max_stanza_bytes(),
             message_ttl_s: default_ttl(),
+            expiry_notice: true,
+            max_store_bytes: default_max_store_bytes(),
+            sender_rate_per_s: default_sender_rate(),
+            sender_burst: default_sender_burst(),
         }
     }
 }
@@ -381,6 +414,11 @@ impl Config {
                  (servers drop a component link on a stanza over 512 KiB)"
             ));
         }
+        if l.message_ttl_s == 0 || l.max_store_bytes == 0 || l.sender_burst == 0 {
+            return bad(
+                "limits.message_ttl_s, max_store_bytes and sender_burst must be at least 1".into(),
+            );
+        }
         if l.max_pending_per_recipient == 0 || l.max_bytes_per_recipient == 0 {
             return bad(
                 "limits.max_pending_per_recipient and max_bytes_per_recipient must be at least 1"
@@ -422,6 +460,10 @@ impl Config {
 
     pub fn retry_max(&self) -> Duration {
         Duration::from_millis(self.delivery.retry_max_ms)
+    }
+
+    pub fn message_ttl(&self) -> Duration {
+        Duration::from_secs(self.limits.message_ttl_s)
     }
 
     pub fn replay_grace(&self) -> Duration {

@@ -11,6 +11,7 @@ pub mod app;
 pub mod config;
 pub mod gate;
 pub mod link;
+pub mod ratelimit;
 pub mod router;
 pub mod store;
 pub mod twin;

@@ -37,6 +37,7 @@ use crate::admin::{Admin, Node, Ops, Snapshot};
 use crate::config::{Config, Durability};
 use crate::gate::{Durable, Gate};
 use crate::link::{LinkEvent, Outbound};
+use crate::ratelimit::RateLimiter;
 use crate::store::{
     Accepted, NewMessage, PurgeScope, QueueLimits, Record, Store, StoreError, Subscription, bare_of,
 };
@@ -145,6 +146,8 @@ enum Timer {
     },
     /// Time to look for another instance under our name again.
     TwinCheck,
+    /// Time for the next step of the expiry walk.
+    Expire,
 }
 
 /// Counters for logs and the admin commands.
@@ -156,6 +159,7 @@ pub struct Stats {
     pub bounces_total: u64,
     pub refused_total: u64,
     pub purged_total: u64,
+    pub expired_total: u64,
 }
 
 pub struct Router {
@@ -186,6 +190,9 @@ pub struct Router {
     twin_timer: Option<delay_queue::Key>,
     /// Set when this instance must stop (another one serves the domain).
     fatal: Option<AnotherInstance>,
+    rate: RateLimiter,
+    /// Whether the expiry walk has a step scheduled.
+    expiry_scheduled: bool,
 }
 
 /// Error replies the router sends; every refusal gets one.
@@ -228,6 +235,7 @@ impl Router {
             // Sent at once; sled flushes every flush_interval_ms.
             Durability::Batched => Gate::batched(),
         };
+        let rate = RateLimiter::new(config.limits.sender_rate_per_s, config.limits.sender_burst);
         Ok(Router {
             config,
             book,
@@ -248,6 +256,8 @@ impl Router {
             instance: Instance::new(now_ms()),
             twin_timer: None,
             fatal: None,
+            rate,
+            expiry_scheduled: false,
         })
     }
 
@@ -450,6 +460,13 @@ impl Router {
         }
         info!(epoch, probed, "link up; probed subscribed recipients");
         self.send_twin_probes().await;
+        // The walk runs while notices can go out; the first connect starts
+        // it at once (a restart may find messages that expired while the
+        // process was down).
+        if !self.expiry_scheduled {
+            self.expiry_scheduled = true;
+            self.timers.insert(Timer::Expire, Duration::ZERO);
+        }
         if self.twin_timer.is_none() {
             self.twin_timer = Some(self.timers.insert(Timer::TwinCheck, twin::INTERVAL));
         }
@@ -603,10 +620,24 @@ impl Router {
             .await;
             return;
         }
+        if !self
+            .rate
+            .allow(from_bare.as_str(), tokio::time::Instant::now().into_std())
+        {
+            self.refuse_message(
+                &original,
+                ErrorType::Wait,
+                DefinedCondition::PolicyViolation,
+                "too many messages; slow down",
+            )
+            .await;
+            return;
+        }
         let recipient = target.to_string();
         let limits = QueueLimits {
             max_pending: self.config.limits.max_pending_per_recipient,
             max_bytes: self.config.limits.max_bytes_per_recipient,
+            max_store_bytes: self.config.limits.max_store_bytes,
         };
         let outcome = self.store.accept(
             NewMessage {
@@ -639,6 +670,16 @@ impl Router {
                     ErrorType::Wait,
                     DefinedCondition::ResourceConstraint,
                     "the recipient's queue is full",
+                )
+                .await;
+            }
+            Ok(Accepted::StoreFull) => {
+                warn!(to = %recipient, "store holds limits.max_store_bytes; refusing new messages");
+                self.refuse_message(
+                    &original,
+                    ErrorType::Wait,
+                    DefinedCondition::ResourceConstraint,
+                    "the relay's store is full",
                 )
                 .await;
             }
@@ -955,6 +996,7 @@ impl Router {
 
     async fn on_timer(&mut self, t: Timer) {
         match t {
+            Timer::Expire => self.expire_step().await,
             Timer::TwinCheck => {
                 self.send_twin_probes().await;
                 self.twin_timer = Some(self.timers.insert(Timer::TwinCheck, twin::INTERVAL));
@@ -1008,6 +1050,74 @@ impl Router {
         for r in sending {
             self.pump(&r).await;
         }
+    }
+
+    // ----- expiry -----
+
+    /// One bounded step of the expiry walk; the next step is scheduled at
+    /// once if there is more to do, else after a pause, so a backlog never
+    /// stalls the router.
+    async fn expire_step(&mut self) {
+        const STEP: usize = 1000;
+        let ttl = self.config.message_ttl();
+        let cutoff = now_ms() - i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let pause = (ttl / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        if self.epoch.is_none() {
+            // Nobody to tell: wait for the link.
+            self.timers.insert(Timer::Expire, pause);
+            return;
+        }
+        let step = match self.store.expire(cutoff, STEP) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(error = %e, "expiry step failed; retrying later");
+                self.timers.insert(Timer::Expire, pause);
+                return;
+            }
+        };
+        if !step.messages.is_empty() {
+            self.gate.removed();
+        }
+        let notice = self.config.limits.expiry_notice;
+        let ttl_s = self.config.limits.message_ttl_s;
+        for (recipient, seq, rec) in step.messages {
+            self.stats.expired_total += 1;
+            info!(to = %recipient, id = %rec.id, seq, "expired undelivered");
+            if let Some(peer) = self.peers.get_mut(&recipient) {
+                if let Some(f) = peer.in_flight.remove(&seq) {
+                    self.timers.try_remove(&f.timer);
+                }
+                peer.attempts.remove(&seq);
+            }
+            if notice {
+                self.expiry_notice(&recipient, &rec, ttl_s).await;
+            }
+        }
+        self.timers.insert(
+            Timer::Expire,
+            if step.more { Duration::ZERO } else { pause },
+        );
+    }
+
+    /// Tell the sender that a message expired undelivered: an error from
+    /// the recipient's relay address, with the message's id.
+    async fn expiry_notice(&mut self, recipient: &str, rec: &Record, ttl_s: u64) {
+        let (Ok(sender), Ok(recipient)) =
+            (Jid::from_str(&rec.sender), BareJid::from_str(recipient))
+        else {
+            return;
+        };
+        let Ok(from) = self.book.relay_for(&recipient) else {
+            return;
+        };
+        let mut m = Message::error(Some(sender)).with_payload(stanza_error(
+            ErrorType::Wait,
+            DefinedCondition::RecipientUnavailable,
+            &format!("expired undelivered: not confirmed by the recipient within {ttl_s} s"),
+        ));
+        m.from = Some(Jid::from(from));
+        m.id = Some(Id(rec.id.clone()));
+        self.send(m).await;
     }
 
     // ----- presence -----
@@ -1513,6 +1623,8 @@ impl Ops for Router {
             ));
         }
         self.book = address_book(&new);
+        self.rate
+            .set(new.limits.sender_rate_per_s, new.limits.sender_burst);
         self.config = Arc::new(new);
         let lines: Vec<String> = changes.iter().map(ToString::to_string).collect();
         info!(changes = ?lines, "configuration reloaded");

@@ -12,6 +12,7 @@
 //! | `r` recipient | [`RecipientState`] |
 //! | `a` seq(u64 BE) | recipient (age index: the first key is the oldest pending message) |
 //! | `g` | [`Totals`] over all recipients |
+//! | `x` seq(u64 BE) | [`Expiry`]: when the message was accepted and its dedup keys |
 //! | `m` name | metadata (schema version) |
 //!
 //! Sequence numbers come from sled's `generate_id`, which is monotonic
@@ -22,6 +23,7 @@
 //! needs no transaction. Calls here are short; `flush` blocks and must run
 //! off the async runtime.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -111,6 +113,29 @@ pub struct QueueSummary {
     pub oldest_ms: Option<i64>,
 }
 
+/// Written with every accepted message, removed when it expires: the
+/// expiry walk goes through these in seq (so accept) order, drops the
+/// message if it is still pending, and always drops its dedup keys, so
+/// that the id indexes do not grow forever.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Expiry {
+    pub accepted_at_ms: i64,
+    pub recipient: String,
+    /// The `i` and `o` keys of the message.
+    keys: Vec<Vec<u8>>,
+}
+
+/// One step of the expiry walk.
+#[derive(Debug, Default)]
+pub struct Expired {
+    /// Messages that were still pending: (recipient, seq, record).
+    pub messages: Vec<(String, u64, Record)>,
+    /// Accepted messages whose expiry entry (and dedup keys) went.
+    pub entries: usize,
+    /// Whether the walk stopped at its limit with more to do.
+    pub more: bool,
+}
+
 /// Which of a queue's messages a purge takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PurgeScope {
@@ -144,6 +169,8 @@ pub struct NewMessage<'a> {
 pub struct QueueLimits {
     pub max_pending: u64,
     pub max_bytes: u64,
+    /// Bytes of pending stanzas over the whole store.
+    pub max_store_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,6 +183,8 @@ pub enum Accepted {
         seq: u64,
     },
     QueueFull,
+    /// The whole store holds `max_store_bytes` of pending stanzas.
+    StoreFull,
 }
 
 pub struct Store {
@@ -204,10 +233,30 @@ fn recipient_key(recipient: &str) -> Vec<u8> {
     key(b'r', &[recipient.as_bytes()])
 }
 
-fn age_key(seq: u64) -> [u8; 9] {
-    let mut k = [b'a'; 9];
+fn seq_key(prefix: u8, seq: u64) -> [u8; 9] {
+    let mut k = [prefix; 9];
     k[1..].copy_from_slice(&seq.to_be_bytes());
     k
+}
+
+fn age_key(seq: u64) -> [u8; 9] {
+    seq_key(b'a', seq)
+}
+
+fn expiry_key(seq: u64) -> [u8; 9] {
+    seq_key(b'x', seq)
+}
+
+/// The recipient in an `i` or `o` key (prefix, recipient, 0x00, ...).
+fn recipient_of_index_key(k: &[u8]) -> Result<String, StoreError> {
+    let end = k
+        .iter()
+        .skip(1)
+        .position(|&b| b == 0)
+        .map(|p| p + 1)
+        .ok_or_else(|| StoreError::Corrupt("short index key".into()))?;
+    String::from_utf8(k[1..end].to_vec())
+        .map_err(|_| StoreError::Corrupt("index key is not UTF-8".into()))
 }
 
 /// The recipient of a queue key (`q` recipient 0x00 seq).
@@ -302,14 +351,47 @@ impl Store {
         Ok(store)
     }
 
-    /// Schema 1 had neither the age index nor the totals: build both from
-    /// the queues, once.
+    /// Schema 1 had neither the age index, the expiry entries nor the
+    /// totals: build them from the queues and the id indexes, once. A
+    /// confirmed message's accept time is not known any more: its dedup
+    /// keys count from the migration.
     fn migrate_to_2(&self) -> Result<(), StoreError> {
+        let now = chrono::Utc::now().timestamp_millis();
         let mut batch = sled::Batch::default();
+        let mut expiries: std::collections::BTreeMap<u64, Expiry> = Default::default();
         for kv in self.db.scan_prefix(b"q") {
-            let (k, _) = kv?;
+            let (k, v) = kv?;
             let seq = seq_of_queue_key(&k)?;
-            batch.insert(&age_key(seq), recipient_of_queue_key(&k)?.as_bytes());
+            let recipient = recipient_of_queue_key(&k)?;
+            batch.insert(&age_key(seq), recipient.as_bytes());
+            let rec: Record = decode(&v, "record")?;
+            expiries.insert(
+                seq,
+                Expiry {
+                    accepted_at_ms: rec.accepted_at_ms,
+                    recipient,
+                    keys: vec![],
+                },
+            );
+        }
+        for prefix in [b"i", b"o"] {
+            for kv in self.db.scan_prefix(prefix) {
+                let (k, v) = kv?;
+                let seq = decode_seq(&v)?;
+                let recipient = recipient_of_index_key(&k)?;
+                expiries
+                    .entry(seq)
+                    .or_insert_with(|| Expiry {
+                        accepted_at_ms: now,
+                        recipient,
+                        keys: vec![],
+                    })
+                    .keys
+                    .push(k.to_vec());
+            }
+        }
+        for (seq, e) in &expiries {
+            batch.insert(&expiry_key(*seq), encode(e));
         }
         let mut totals = Totals::default();
         for (_, state) in self.recipients()? {
@@ -465,6 +547,62 @@ impl Store {
         Ok(out)
     }
 
+    /// One step of the expiry walk: up to `limit` of the oldest expiry
+    /// entries accepted at or before `cutoff_ms` go, with their dedup keys
+    /// and, if still pending, their messages (counters included). One
+    /// atomic batch.
+    pub fn expire(&self, cutoff_ms: i64, limit: usize) -> Result<Expired, StoreError> {
+        let mut out = Expired::default();
+        let mut batch = sled::Batch::default();
+        let mut states: HashMap<String, (RecipientState, RecipientState)> = HashMap::new();
+        for kv in self.db.scan_prefix(b"x") {
+            if out.entries == limit {
+                out.more = true;
+                break;
+            }
+            let (k, v) = kv?;
+            let e: Expiry = decode(&v, "expiry entry")?;
+            if e.accepted_at_ms > cutoff_ms {
+                break;
+            }
+            let seq = decode_seq(&k[1..])?;
+            batch.remove(k);
+            for key in &e.keys {
+                batch.remove(key.as_slice());
+            }
+            let qkey = queue_key(&e.recipient, seq);
+            if let Some(v) = self.db.get(&qkey)? {
+                let rec: Record = decode(&v, "record")?;
+                let (_, after) = match states.entry(e.recipient.clone()) {
+                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        let st = self.recipient(&e.recipient)?;
+                        v.insert((st, st))
+                    }
+                };
+                after.pending = after.pending.saturating_sub(1);
+                after.bytes = after.bytes.saturating_sub(rec.stanza.len() as u64);
+                batch.remove(qkey);
+                batch.remove(&age_key(seq));
+                out.messages.push((e.recipient, seq, rec));
+            }
+            out.entries += 1;
+        }
+        if out.entries == 0 {
+            return Ok(out);
+        }
+        if !states.is_empty() {
+            let mut totals = self.totals()?;
+            for (recipient, (before, after)) in &states {
+                totals.apply(before, after);
+                batch.insert(recipient_key(recipient), encode(after));
+            }
+            batch.insert(TOTALS_KEY, encode(&totals));
+        }
+        self.db.apply_batch(batch)?;
+        Ok(out)
+    }
+
     /// Store a message unless it is a duplicate or the queue is full.
     pub fn accept(&self, msg: NewMessage<'_>, limits: QueueLimits) -> Result<Accepted, StoreError> {
         let ikey = id_key(msg.recipient, msg.sender_bare, &msg.record.id);
@@ -488,20 +626,33 @@ impl Store {
         if state.pending >= limits.max_pending || state.bytes + size > limits.max_bytes {
             return Ok(Accepted::QueueFull);
         }
+        let mut totals = self.totals()?;
+        if totals.bytes + size > limits.max_store_bytes {
+            return Ok(Accepted::StoreFull);
+        }
         let seq = self.next_seq()?;
         let before = state;
         state.pending += 1;
         state.bytes += size;
-        let mut totals = self.totals()?;
         totals.apply(&before, &state);
         let mut batch = sled::Batch::default();
         batch.insert(queue_key(msg.recipient, seq), encode(&msg.record));
         batch.insert(&age_key(seq), msg.recipient.as_bytes());
         batch.insert(TOTALS_KEY, encode(&totals));
-        batch.insert(ikey, &seq.to_be_bytes());
+        batch.insert(ikey.as_slice(), &seq.to_be_bytes());
+        let mut keys = vec![ikey];
         if let Some(okey) = okey {
-            batch.insert(okey, &seq.to_be_bytes());
+            batch.insert(okey.as_slice(), &seq.to_be_bytes());
+            keys.push(okey);
         }
+        batch.insert(
+            &expiry_key(seq),
+            encode(&Expiry {
+                accepted_at_ms: msg.record.accepted_at_ms,
+                recipient: msg.recipient.to_owned(),
+                keys,
+            }),
+        );
         batch.insert(recipient_key(msg.recipient), encode(&state));
         self.db.apply_batch(batch)?;
         Ok(Accepted::Stored { seq })
@@ -637,6 +788,7 @@ mod tests {
     const BIG: QueueLimits = QueueLimits {
         max_pending: 100,
         max_bytes: 1 << 20,
+        max_store_bytes: 1 << 30,
     };
 
     #[test]
@@ -829,8 +981,10 @@ mod tests {
         let seq = {
             let s = open(dir.path());
             let seq = stored(&s, msg("b@x", "a@x", "m0", None));
-            // Make it look like schema 1: no age index, no totals.
+            // Make it look like schema 1: no age index, no expiry
+            // entries, no totals.
             s.db.remove(age_key(seq)).unwrap();
+            s.db.remove(expiry_key(seq)).unwrap();
             s.db.remove(TOTALS_KEY).unwrap();
             s.db.insert(SCHEMA_KEY, &1u32.to_be_bytes()).unwrap();
             s.flush().unwrap();
@@ -840,8 +994,88 @@ mod tests {
         assert_eq!(s.totals().unwrap().pending, 1);
         assert_eq!(s.totals().unwrap().recipients, 1);
         assert_eq!(s.oldest().unwrap().unwrap().1, seq);
+        // The expiry entry is back, with the message's accept time and
+        // its dedup key: expiring it removes both.
+        let step = s.expire(1, 10).unwrap();
+        assert_eq!(step.messages.len(), 1);
+        assert!(s.seq_of("b@x", "a@x", "m0").unwrap().is_none());
         let v = s.db.get(SCHEMA_KEY).unwrap().unwrap();
         assert_eq!(v.as_ref(), SCHEMA_VERSION.to_be_bytes());
+    }
+
+    #[test]
+    fn store_cap_refuses_new_messages_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let one = "<message id='m0'/>".len() as u64;
+        let capped = QueueLimits {
+            max_store_bytes: 2 * one,
+            ..BIG
+        };
+        let a = stored(&s, msg("a@x", "s@x", "m0", None));
+        s.accept(msg("b@x", "s@x", "m1", None), capped).unwrap();
+        assert_eq!(
+            s.accept(msg("c@x", "s@x", "m2", None), capped).unwrap(),
+            Accepted::StoreFull
+        );
+        // A confirmation makes room.
+        s.confirm("a@x", &[a]).unwrap();
+        assert!(matches!(
+            s.accept(msg("c@x", "s@x", "m2", None), capped).unwrap(),
+            Accepted::Stored { .. }
+        ));
+    }
+
+    #[test]
+    fn expiry_walks_in_accept_order_and_prunes_dedup_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let mut seqs = Vec::new();
+        for i in 0..5 {
+            let mut m = msg("b@x", "a@x", &format!("m{i}"), Some("o"));
+            m.origin_id = (i == 0).then_some("o0");
+            m.record.accepted_at_ms = 1000 * (i + 1);
+            seqs.push(stored(&s, m));
+        }
+        // m1 is confirmed: only its dedup keys are left to prune.
+        s.confirm("b@x", &[seqs[1]]).unwrap();
+        // Up to t=3000 (m0, m1, m2), two entries per step.
+        let step = s.expire(3000, 2).unwrap();
+        assert!(step.more);
+        assert_eq!(step.entries, 2);
+        let ids: Vec<_> = step
+            .messages
+            .iter()
+            .map(|(_, _, r)| r.id.as_str())
+            .collect();
+        assert_eq!(ids, ["m0"]);
+        let step = s.expire(3000, 2).unwrap();
+        assert!(!step.more);
+        assert_eq!(step.entries, 1);
+        assert_eq!(step.messages[0].2.id, "m2");
+        assert_eq!(s.expire(3000, 2).unwrap().entries, 0, "nothing left to do");
+        // Counters follow; the rest stays in order.
+        assert_eq!(s.recipient("b@x").unwrap().pending, 2);
+        assert_eq!(s.totals().unwrap().pending, 2);
+        let left: Vec<_> = s
+            .pending_from("b@x", 0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(_, r)| r.id)
+            .collect();
+        assert_eq!(left, ["m3", "m4"]);
+        assert_eq!(s.oldest().unwrap().unwrap().1, seqs[3]);
+        // The dedup keys of expired messages are gone: the same ids (and
+        // origin-id) are new messages again; the young ones are not.
+        assert!(s.seq_of("b@x", "a@x", "m1").unwrap().is_none());
+        assert!(matches!(
+            s.accept(msg("b@x", "a@x", "m0", Some("o0")), BIG).unwrap(),
+            Accepted::Stored { .. }
+        ));
+        assert!(matches!(
+            s.accept(msg("b@x", "a@x", "m3", None), BIG).unwrap(),
+            Accepted::Duplicate { .. }
+        ));
     }
 
     #[test]
@@ -850,7 +1084,7 @@ mod tests {
         let s = open(dir.path());
         let small = QueueLimits {
             max_pending: 2,
-            max_bytes: 1 << 20,
+            ..BIG
         };
         s.accept(msg("b@x", "a@x", "1", None), small).unwrap();
         s.accept(msg("b@x", "a@x", "2", None), small).unwrap();
@@ -859,8 +1093,8 @@ mod tests {
             Accepted::QueueFull
         );
         let tiny = QueueLimits {
-            max_pending: 100,
             max_bytes: 10,
+            ..BIG
         };
         assert_eq!(
             s.accept(msg("c@x", "a@x", "1", None), tiny).unwrap(),

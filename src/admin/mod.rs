@@ -549,6 +549,7 @@ mod tests {
                     QueueLimits {
                         max_pending: 100,
                         max_bytes: 1 << 20,
+                        max_store_bytes: 1 << 30,
                     },
                 )
                 .unwrap();

@@ -341,6 +341,11 @@ pub struct RelayOpts {
     pub receipt_timeout_ms: u64,
     pub replay_grace_ms: u64,
     pub session_timeout_s: u64,
+    pub message_ttl_s: u64,
+    pub max_store_bytes: u64,
+    /// 0: no rate limit (the default here; the shipped default is 20).
+    pub sender_rate_per_s: u32,
+    pub sender_burst: u32,
 }
 
 impl Default for RelayOpts {
@@ -352,6 +357,10 @@ impl Default for RelayOpts {
             receipt_timeout_ms: 2_000,
             replay_grace_ms: 300,
             session_timeout_s: 600,
+            message_ttl_s: 7 * 24 * 3600,
+            max_store_bytes: 1 << 30,
+            sender_rate_per_s: 0,
+            sender_burst: 200,
         }
     }
 }
@@ -407,6 +416,10 @@ retry_max_ms = 2000
 [limits]
 max_pending_per_recipient = {maxp}
 max_stanza_bytes = {maxs}
+message_ttl_s = {ttl}
+max_store_bytes = {maxstore}
+sender_rate_per_s = {rate}
+sender_burst = {burst}
 [admin]
 jids = ["admin@localhost"]
 session_timeout_s = {sess}
@@ -419,6 +432,10 @@ session_timeout_s = {sess}
             maxp = opts.max_pending,
             maxs = opts.max_stanza_bytes,
             sess = opts.session_timeout_s,
+            ttl = opts.message_ttl_s,
+            maxstore = opts.max_store_bytes,
+            rate = opts.sender_rate_per_s,
+            burst = opts.sender_burst,
         );
         std::fs::write(&config, text).unwrap();
         let log = dir.path().join("redeliver.log");

@@ -1,0 +1,189 @@
+//! Expiry, quotas, the rate limit and foreign confirmations, against real
+//! servers (each scenario runs on Prosody and on ejabberd).
+
+#[macro_use]
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const BOB: &str = "bob@relay.localhost";
+
+/// (id, condition) of the next `n` errors alice gets within `wait`.
+async fn errors(client: &mut Client, n: usize, wait: Duration) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let end = tokio::time::Instant::now() + wait;
+    while out.len() < n {
+        let left = end.saturating_duration_since(tokio::time::Instant::now());
+        match client.next_error(left).await {
+            Some(e) => out.push(e),
+            None => break,
+        }
+    }
+    out
+}
+
+/// Messages nobody confirms within `message_ttl_s` are removed and their
+/// sender is told, also when the TTL passed while redeliver was down.
+async fn expiry_tells_the_sender_and_survives_a_restart(kind: Kind) {
+    let server = Server::start(kind, ServerOpts::default());
+    let mut relay = Relay::start(
+        &server,
+        RelayOpts {
+            message_ttl_s: 3,
+            ..Default::default()
+        },
+    );
+    let mut alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
+    alice.message(BOB, "e1", "never read");
+    alice.message(BOB, "e2", "never read either");
+    let got = errors(&mut alice, 2, SECS(15)).await;
+    assert_eq!(
+        got,
+        [
+            ("e1".to_owned(), "recipient-unavailable".to_owned()),
+            ("e2".to_owned(), "recipient-unavailable".to_owned())
+        ]
+    );
+    assert!(relay.log_text().contains("expired undelivered"));
+
+    // Accepted, then the process dies and the TTL passes while it is down.
+    alice.message(BOB, "e3", "expires while the relay is down");
+    wait_log(&relay, "id=e3").await;
+    relay.sigkill();
+    tokio::time::sleep(SECS(4)).await;
+    relay.restart();
+    let got = errors(&mut alice, 1, SECS(10)).await;
+    assert_eq!(got, [("e3".to_owned(), "recipient-unavailable".to_owned())]);
+
+    // Nothing is left for bob.
+    let mut bob = Client::connect(server.c2s_port, "bob", ClientOpts::default()).await;
+    assert!(bob.body_ids(1, SECS(3)).await.is_empty());
+}
+
+/// The store cap refuses new messages with `<resource-constraint/>`; what
+/// was accepted before is all delivered.
+async fn store_cap_refuses_new_messages_and_keeps_the_old(kind: Kind) {
+    let server = Server::start(kind, ServerOpts::default());
+    let _relay = Relay::start(
+        &server,
+        RelayOpts {
+            // Room for a few stanzas of about 300 bytes.
+            max_store_bytes: 1500,
+            ..Default::default()
+        },
+    );
+    let mut alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
+    let sent = ids("cap", 8);
+    for id in &sent {
+        alice.message(BOB, id, "a message that takes some room in the store");
+    }
+    let refused = errors(&mut alice, 8, SECS(5)).await;
+    assert!(!refused.is_empty(), "the cap was reached");
+    assert!(
+        refused.iter().all(|(_, c)| c == "resource-constraint"),
+        "{refused:?}"
+    );
+    let refused_ids: Vec<&str> = refused.iter().map(|(id, _)| id.as_str()).collect();
+    let kept: Vec<String> = sent
+        .iter()
+        .filter(|id| !refused_ids.contains(&id.as_str()))
+        .cloned()
+        .collect();
+    assert!(kept.len() >= 2, "{kept:?}");
+    // The refused ones are the last ones: nothing accepted was dropped.
+    assert_eq!(kept, sent[..kept.len()]);
+    let mut bob = Client::connect(server.c2s_port, "bob", ClientOpts::default()).await;
+    expect_exactly(&mut bob, &kept).await;
+}
+
+/// A sender over its rate gets `<policy-violation/>` (type wait) for the
+/// excess; the bucket refills.
+async fn rate_limit_refuses_the_excess(kind: Kind) {
+    let server = Server::start(kind, ServerOpts::default());
+    let _relay = Relay::start(
+        &server,
+        RelayOpts {
+            sender_rate_per_s: 1,
+            sender_burst: 3,
+            ..Default::default()
+        },
+    );
+    let mut bob = Client::connect(server.c2s_port, "bob", ClientOpts::default()).await;
+    let mut alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
+    for id in ["r1", "r2", "r3", "r4", "r5"] {
+        alice.message(BOB, id, "fast");
+    }
+    let refused = errors(&mut alice, 2, SECS(10)).await;
+    assert_eq!(
+        refused,
+        [
+            ("r4".to_owned(), "policy-violation".to_owned()),
+            ("r5".to_owned(), "policy-violation".to_owned())
+        ]
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    alice.message(BOB, "r6", "after a pause");
+    // Another sender has a bucket of its own.
+    let carol = Client::connect(server.c2s_port, "carol", ClientOpts::default()).await;
+    carol.message(BOB, "c1", "from carol");
+    let mut got = bob.body_ids(5, SECS(10)).await;
+    got.sort();
+    assert_eq!(got, ["c1", "r1", "r2", "r3", "r6"]);
+    assert!(errors(&mut alice, 1, SECS(1)).await.is_empty());
+}
+
+/// A receipt or marker confirms only the message it is about: from its
+/// recipient, for its sender. Carol's receipt for bob's message id, and
+/// bob's marker sent to the wrong sender, confirm nothing.
+async fn foreign_receipts_and_markers_confirm_nothing(kind: Kind) {
+    let server = Server::start(kind, ServerOpts::default());
+    let relay = Relay::start(&server, RelayOpts::default());
+    // Bob shows messages but does not answer (yet).
+    let mut bob = Client::connect(
+        server.c2s_port,
+        "bob",
+        ClientOpts {
+            receipts: false,
+            ..Default::default()
+        },
+    )
+    .await;
+    let alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
+    alice.message(BOB, "f1", "for bob");
+    assert_eq!(bob.body_ids(1, SECS(10)).await, ["f1"]);
+
+    // Carol claims to have received bob's message.
+    let carol = Client::connect(server.c2s_port, "carol", ClientOpts::default()).await;
+    carol.send(xml(
+        "<message xmlns='jabber:client' to='alice@relay.localhost' id='x1'>\
+         <received xmlns='urn:xmpp:receipts' id='f1'/></message>",
+    ));
+    // Bob marks it displayed, but towards dave instead of alice.
+    bob.send(xml(
+        "<message xmlns='jabber:client' to='dave@relay.localhost' id='x2'>\
+         <displayed xmlns='urn:xmpp:chat-markers:0' id='f1'/></message>",
+    ));
+    // A receipt for an id nobody sent.
+    bob.send(xml(
+        "<message xmlns='jabber:client' to='alice@relay.localhost' id='x3'>\
+         <received xmlns='urn:xmpp:receipts' id='no-such-id'/></message>",
+    ));
+    tokio::time::sleep(SECS(1)).await;
+    assert!(!relay.log_text().contains("confirmed"), "nothing confirmed");
+
+    // Still pending: bob's next login gets it again, and his own receipt
+    // confirms it.
+    bob.close().await;
+    let mut bob = Client::connect(server.c2s_port, "bob", ClientOpts::default()).await;
+    assert_eq!(bob.body_ids(1, SECS(10)).await, ["f1"]);
+    wait_log(&relay, "confirmed").await;
+}
+
+on_both_servers!(
+    expiry_tells_the_sender_and_survives_a_restart,
+    store_cap_refuses_new_messages_and_keeps_the_old,
+    rate_limit_refuses_the_excess,
+    foreign_receipts_and_markers_confirm_nothing,
+);
