@@ -28,6 +28,9 @@ use tokio_xmpp::xmlstream::{
 };
 use tracing::{debug, error, info, warn};
 
+use crate::depthlimit::DepthLimit;
+use crate::xmltree;
+
 /// Stable readiness line: scripts and tests wait for it.
 pub const READY_LINE: &str = "redeliver ready: component link established";
 
@@ -106,7 +109,12 @@ pub struct Link {
     shutdown: CancellationToken,
 }
 
-type Stream = XmppStream<BufStream<TcpStream>>;
+/// Reads pass through [`DepthLimit`]: payloads deeper than
+/// [`xmltree::MAX_DEPTH`] are cut to one level more than allowed (stream
+/// root and stanza come first), which `too_deep` then refuses.
+const STREAM_MAX_DEPTH: usize = xmltree::MAX_DEPTH + 3;
+
+type Stream = XmppStream<BufStream<DepthLimit<TcpStream>>>;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const RECONNECT_MIN: Duration = Duration::from_millis(250);
@@ -188,7 +196,7 @@ impl Link {
         };
         let handshake = async {
             let mut pending = initiate_stream(
-                BufStream::new(tcp),
+                BufStream::new(DepthLimit::new(tcp, STREAM_MAX_DEPTH)),
                 ns::COMPONENT,
                 StreamHeader {
                     to: Some(Cow::Borrowed(s.domain.as_str())),
@@ -286,7 +294,11 @@ impl Link {
                         Some(Err(ReadError::HardError(e))) => break Err(e.into()),
                         Some(Err(ReadError::StreamFooterReceived)) => break Err(SessionError::Closed),
                         Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::Stanza(st)))) => {
-                            pending = Some(LinkEvent::Stanza(Box::new(st)));
+                            pending = Some(if xmltree::too_deep(&st) {
+                                refuse_deep(st)
+                            } else {
+                                LinkEvent::Stanza(Box::new(st))
+                            });
                         }
                         Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::StreamError(e)))) => {
                             error!(condition = ?e.0.condition, text = ?e.0.texts, "server sent a stream error");
@@ -351,4 +363,50 @@ impl Link {
         SinkExt::<&XmppStreamElement>::flush(stream).await?;
         Ok(())
     }
+}
+
+/// A stanza nested too deeply to handle safely: reported as invalid (the
+/// router answers it) and taken apart without recursion.
+fn refuse_deep(st: Stanza) -> LinkEvent {
+    let (kind, from, to, id, type_) = match &st {
+        Stanza::Message(m) => (
+            "message",
+            m.from.as_ref(),
+            m.to.as_ref(),
+            m.id.as_ref().map(|i| i.0.clone()),
+            Some(format!("{:?}", m.type_).to_lowercase()),
+        ),
+        Stanza::Presence(p) => (
+            "presence",
+            p.from.as_ref(),
+            p.to.as_ref(),
+            p.id.clone(),
+            None,
+        ),
+        Stanza::Iq(iq) => {
+            let (from, to, id, t) = match iq {
+                Iq::Get { from, to, id, .. } => (from, to, id, "get"),
+                Iq::Set { from, to, id, .. } => (from, to, id, "set"),
+                Iq::Result { from, to, id, .. } => (from, to, id, "result"),
+                Iq::Error { from, to, id, .. } => (from, to, id, "error"),
+            };
+            (
+                "iq",
+                from.as_ref(),
+                to.as_ref(),
+                Some(id.clone()),
+                Some(t.to_owned()),
+            )
+        }
+    };
+    let event = LinkEvent::Invalid {
+        kind,
+        from: from.map(|j| j.to_string()),
+        to: to.map(|j| j.to_string()),
+        id,
+        type_,
+        error: format!("payload nested deeper than {} levels", xmltree::MAX_DEPTH),
+    };
+    xmltree::dismantle_stanza(st);
+    event
 }

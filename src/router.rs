@@ -494,6 +494,12 @@ impl Router {
             debug!("message without from or to dropped");
             return;
         };
+        if to.domain().as_str() != self.book.component().as_str() {
+            // Not ours (a server would not route it here): no answer, since
+            // nothing may leave with a `from` outside our domain.
+            debug!(%to, "message for another domain dropped");
+            return;
+        }
         if m.type_ == MessageType::Error {
             self.on_bounce(&from, &to, m.id.as_ref().map(|i| i.0.as_str()))
                 .await;
@@ -1281,6 +1287,20 @@ impl Router {
     // ----- iq -----
 
     async fn on_iq(&mut self, iq: Iq) {
+        let to = match &iq {
+            Iq::Get { to, .. }
+            | Iq::Set { to, .. }
+            | Iq::Result { to, .. }
+            | Iq::Error { to, .. } => to,
+        };
+        if to
+            .as_ref()
+            .is_some_and(|t| t.domain().as_str() != self.book.component().as_str())
+        {
+            // An answer would carry a foreign `from`, which ends the link.
+            debug!(?to, "iq for another domain dropped");
+            return;
+        }
         match iq {
             Iq::Result { id, payload, .. } => {
                 if let Some((recipient, resource)) = self.disco_pending.remove(&id) {

@@ -179,13 +179,20 @@ async fn serve(
             );
         }
         loop {
-            let chunk = match split.next_element() {
+            let (chunk, depth) = match split.next_element() {
                 Ok(Some(c)) => c,
                 Ok(None) => break,
                 Err(()) => {
                     let _ = events.send(Event::Closed(id));
                     return;
                 }
+            };
+            // minidom recurses on deep trees (and so would this process):
+            // keep only the top element's start tag of those.
+            let chunk = if depth > MAX_DEPTH {
+                shallow(&chunk)
+            } else {
+                chunk
             };
             let Ok(el) = format!("<w xmlns='{NS}'>{chunk}</w>").parse::<Element>() else {
                 let _ = events.send(Event::Closed(id));
@@ -254,6 +261,16 @@ fn auto_reply(el: &Element) -> Option<Vec<String>> {
     }
 }
 
+/// Deeper elements are reduced to their top start tag.
+const MAX_DEPTH: usize = 200;
+
+/// The start tag of an element's XML, made self-closing, with a marker.
+fn shallow(xml: &str) -> String {
+    let end = xml.find('>').unwrap_or(xml.len());
+    let tag = xml[..end].trim_end_matches('/');
+    format!("{tag} harness-truncated='deep'/>")
+}
+
 /// Splits the byte stream from redeliver into top-level elements.
 #[derive(Default)]
 struct Splitter {
@@ -279,9 +296,9 @@ impl Splitter {
         true
     }
 
-    /// The next complete top-level element, `Ok(None)` if incomplete,
-    /// `Err` at the stream's end or on garbage.
-    fn next_element(&mut self) -> Result<Option<String>, ()> {
+    /// The next complete top-level element and its depth, `Ok(None)` if
+    /// incomplete, `Err` at the stream's end or on garbage.
+    fn next_element(&mut self) -> Result<Option<(String, usize)>, ()> {
         let b = &self.buf;
         let mut i = 0;
         while i < b.len() && b[i].is_ascii_whitespace() {
@@ -296,6 +313,7 @@ impl Splitter {
         }
         let start = i;
         let mut depth = 0usize;
+        let mut max_depth = 0usize;
         while i < b.len() {
             if b[i] != b'<' {
                 i += 1;
@@ -325,12 +343,13 @@ impl Splitter {
                 depth -= 1;
             } else if !self_closing {
                 depth += 1;
+                max_depth = max_depth.max(depth);
             }
             i = j + 1;
             if depth == 0 {
                 let el = String::from_utf8_lossy(&b[start..i]).into_owned();
                 self.buf.drain(..i);
-                return Ok(Some(el));
+                return Ok(Some((el, max_depth)));
             }
         }
         Ok(None)
@@ -350,10 +369,16 @@ mod tests {
         s.push(b"shake><iq a='>'/> <m><b>t</b><c/></m></stream:stream>");
         assert_eq!(
             s.next_element().unwrap().unwrap(),
-            "<handshake>ab</handshake>"
+            ("<handshake>ab</handshake>".to_owned(), 1)
         );
-        assert_eq!(s.next_element().unwrap().unwrap(), "<iq a='>'/>");
-        assert_eq!(s.next_element().unwrap().unwrap(), "<m><b>t</b><c/></m>");
+        assert_eq!(
+            s.next_element().unwrap().unwrap(),
+            ("<iq a='>'/>".to_owned(), 0)
+        );
+        assert_eq!(
+            s.next_element().unwrap().unwrap(),
+            ("<m><b>t</b><c/></m>".to_owned(), 2)
+        );
         assert_eq!(s.next_element(), Err(()));
     }
 }
