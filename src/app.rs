@@ -11,7 +11,7 @@ use tracing::info;
 use crate::config::Config;
 use crate::gate::run_flusher;
 use crate::link::{CHANNEL_CAPACITY, Link, LinkSettings};
-use crate::router::Router;
+use crate::router::{Router, Stop};
 use crate::store::Store;
 
 /// Open the store off the runtime (sled's open blocks).
@@ -57,6 +57,15 @@ pub async fn run(
     let flusher = tokio::spawn(run_flusher(store.clone(), flush_rx, done_tx));
     let link = tokio::spawn(link.run());
     let outcome = router.run(ev_rx, done_rx, shutdown.clone()).await;
+    if let Err(stop @ Stop::ReopenStore) = &outcome {
+        // sled does not recover from a failed write within the process,
+        // and its drop would try to flush again (and can hang doing so):
+        // leave at once. What reached the disk is what the next start
+        // recovers, and nothing that was not durable was relayed.
+        shutdown.cancel();
+        eprintln!("redeliver: {stop}");
+        std::process::exit(i32::from(stop.exit_status()));
+    }
     // The router is gone: the link closes the stream on the same token.
     shutdown.cancel();
     let _ = link.await;

@@ -24,22 +24,30 @@ use tracing::error;
 
 use crate::store::Store;
 
-/// The flusher's answer: every write before this ticket's request is on
-/// disk.
+/// The flusher's answers.
 #[derive(Debug)]
-pub struct Durable(pub u64);
+pub enum Flushed {
+    /// Every write before this ticket's request is on disk.
+    Durable(u64),
+    /// An fsync failed (disk full, I/O error); nothing is released until
+    /// one succeeds.
+    Failed(String),
+}
 
 pub struct Gate {
     /// `None` in batched mode.
     requests: Option<mpsc::UnboundedSender<u64>>,
     last_ticket: u64,
     done_ticket: u64,
-    /// Accepted seqs waiting for their ticket, in ticket order.
-    seqs: VecDeque<(u64, u64)>,
+    /// Accepted (ticket, seq, recipient) waiting for their fsync, in
+    /// ticket order.
+    seqs: VecDeque<(u64, u64, String)>,
     /// Stanzas waiting for their ticket, in ticket order.
     held: VecDeque<(u64, Stanza)>,
     /// Highest seq known to be on disk: nothing above it is relayed.
     durable_seq: u64,
+    /// An fsync failed: nothing will become durable in this process.
+    failed: bool,
 }
 
 impl Gate {
@@ -53,6 +61,7 @@ impl Gate {
             seqs: VecDeque::new(),
             held: VecDeque::new(),
             durable_seq: recovered,
+            failed: false,
         }
     }
 
@@ -65,6 +74,7 @@ impl Gate {
             seqs: VecDeque::new(),
             held: VecDeque::new(),
             durable_seq: u64::MAX,
+            failed: false,
         }
     }
 
@@ -81,11 +91,23 @@ impl Gate {
         Some(self.last_ticket)
     }
 
-    /// A message was written under `seq`.
-    pub fn accepted(&mut self, seq: u64) {
+    /// A message for `recipient` was written under `seq`.
+    pub fn accepted(&mut self, seq: u64, recipient: &str) {
         if let Some(t) = self.request() {
-            self.seqs.push_back((t, seq));
+            self.seqs.push_back((t, seq, recipient.to_owned()));
         }
+    }
+
+    /// An fsync failed, and the store will not recover in this process:
+    /// the messages still waiting for one are never relayed (returned as
+    /// (seq, recipient) so their senders can be told), and the receipts
+    /// held back go now (returned), as will any later ones: the removals
+    /// they waited for happened, in memory.
+    pub fn abandon_waiting(&mut self) -> (Vec<(u64, String)>, Vec<Stanza>) {
+        self.failed = true;
+        let seqs = self.seqs.drain(..).map(|(_, s, r)| (s, r)).collect();
+        let held = self.held.drain(..).map(|(_, st)| st).collect();
+        (seqs, held)
     }
 
     /// Messages were removed (confirmed, purged or expired).
@@ -96,7 +118,7 @@ impl Gate {
     /// Relay `stanza` once every write so far is on disk: now, if it
     /// already is.
     pub fn after_writes(&mut self, stanza: Stanza) -> Option<Stanza> {
-        if self.requests.is_none() || self.done_ticket >= self.last_ticket {
+        if self.requests.is_none() || self.failed || self.done_ticket >= self.last_ticket {
             return Some(stanza);
         }
         self.held.push_back((self.last_ticket, stanza));
@@ -111,11 +133,11 @@ impl Gate {
         }
         self.done_ticket = ticket;
         let before = self.durable_seq;
-        while let Some(&(t, seq)) = self.seqs.front() {
-            if t > ticket {
+        while let Some((t, seq, _)) = self.seqs.front() {
+            if *t > ticket {
                 break;
             }
-            self.durable_seq = self.durable_seq.max(seq);
+            self.durable_seq = self.durable_seq.max(*seq);
             self.seqs.pop_front();
         }
         let mut out = Vec::new();
@@ -133,23 +155,31 @@ impl Gate {
 pub async fn run_flusher(
     store: Arc<Store>,
     mut requests: mpsc::UnboundedReceiver<u64>,
-    done: mpsc::Sender<Durable>,
+    done: mpsc::Sender<Flushed>,
 ) {
     while let Some(mut ticket) = requests.recv().await {
         while let Ok(t) = requests.try_recv() {
             ticket = ticket.max(t);
         }
+        let mut told = false;
         loop {
             let s = store.clone();
-            match tokio::task::spawn_blocking(move || s.flush()).await {
+            let failure = match tokio::task::spawn_blocking(move || s.flush()).await {
                 Ok(Ok(_)) => break,
-                // Nothing is released until a flush succeeds.
-                Ok(Err(e)) => error!(error = %e, "store flush failed; holding messages, retrying"),
-                Err(e) => error!(error = %e, "flush task failed; retrying"),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            };
+            // Nothing is released until a flush succeeds.
+            error!(error = %failure, "store flush failed; holding messages, retrying");
+            if !told {
+                told = true;
+                if done.send(Flushed::Failed(failure)).await.is_err() {
+                    return;
+                }
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        if done.send(Durable(ticket)).await.is_err() {
+        if done.send(Flushed::Durable(ticket)).await.is_err() {
             return;
         }
     }
@@ -171,8 +201,8 @@ mod tests {
         assert_eq!(g.durable_seq(), 10);
         // Nothing pending: a receipt goes at once.
         assert!(g.after_writes(stanza()).is_some());
-        g.accepted(11);
-        g.accepted(12);
+        g.accepted(11, "b@x");
+        g.accepted(12, "b@x");
         g.removed();
         assert!(
             g.after_writes(stanza()).is_none(),
@@ -197,7 +227,7 @@ mod tests {
     #[test]
     fn batched_holds_nothing() {
         let mut g = Gate::batched();
-        g.accepted(5);
+        g.accepted(5, "b@x");
         g.removed();
         assert!(g.after_writes(stanza()).is_some());
         assert_eq!(g.durable_seq(), u64::MAX);

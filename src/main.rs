@@ -43,6 +43,132 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Inspect, back up or migrate the store (redeliver must not be
+    /// running on it).
+    Store {
+        #[command(subcommand)]
+        op: StoreOp,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreOp {
+    /// Verify every invariant of the store; exit 1 if any fails.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Write the store to FILE (a versioned, line-oriented format).
+    Export {
+        #[arg(long)]
+        config: PathBuf,
+        file: PathBuf,
+    },
+    /// Read FILE, written by `store export`, into an empty store.
+    Import {
+        #[arg(long)]
+        config: PathBuf,
+        file: PathBuf,
+    },
+}
+
+/// The store commands: the config names the store; no secret is needed.
+fn store_command(op: StoreOp) -> ExitCode {
+    let config_path = match &op {
+        StoreOp::Check { config }
+        | StoreOp::Export { config, .. }
+        | StoreOp::Import { config, .. } => config.clone(),
+    };
+    let config = match Config::load(&config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("redeliver: invalid config: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let s = &config.store;
+    if !matches!(op, StoreOp::Import { .. }) && !s.path.exists() {
+        eprintln!("redeliver: no store at {}", s.path.display());
+        return ExitCode::FAILURE;
+    }
+    let store = match redeliver::store::Store::open(
+        &s.path,
+        s.durability,
+        s.flush_interval_ms,
+        s.cache_bytes,
+    ) {
+        Ok(st) => st,
+        Err(e) => {
+            eprintln!("redeliver: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let path = s.path.display();
+    let status = match op {
+        StoreOp::Check { .. } => match store.check() {
+            Ok(r) => {
+                println!(
+                    "{path}: {} recipients, {} pending messages ({} bytes), {} remembered ids",
+                    r.recipients, r.messages, r.bytes, r.entries
+                );
+                for p in &r.problems {
+                    println!("problem: {p}");
+                }
+                if r.ok() {
+                    println!("{path}: consistent");
+                    ExitCode::SUCCESS
+                } else {
+                    println!("{path}: {} problem(s)", r.problems.len());
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("redeliver: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        StoreOp::Export { file, .. } => {
+            let result = std::fs::File::create(&file)
+                .map_err(redeliver::store::TransferError::from)
+                .and_then(|f| store.export(&mut std::io::BufWriter::new(f)));
+            match result {
+                Ok(sum) => {
+                    println!(
+                        "exported {} recipients, {} entries, {} pending messages to {}",
+                        sum.recipients,
+                        sum.entries,
+                        sum.messages,
+                        file.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("redeliver: export failed: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        StoreOp::Import { file, .. } => match store.import(&file) {
+            Ok(sum) => {
+                println!(
+                    "imported {} recipients, {} entries, {} pending messages into {path}",
+                    sum.recipients, sum.entries, sum.messages
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("redeliver: import failed: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    };
+    // Opening consumed the clean-shutdown marker; these commands leave the
+    // store as they found it (or freshly imported), so put it back.
+    if let Err(e) = store.flush().and_then(|_| store.write_shutdown_marker()) {
+        eprintln!("redeliver: {e}");
+        return ExitCode::FAILURE;
+    }
+    status
 }
 
 fn init_tracing(format: LogFormat) {
@@ -68,6 +194,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     match cli.command {
+        Command::Store { op } => store_command(op),
         Command::CheckConfig { config } => match load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());
@@ -109,11 +236,11 @@ fn main() -> ExitCode {
                     Err(e) => {
                         error!(error = %e, "redeliver failed");
                         eprintln!("redeliver: {e:#}");
-                        if e.is::<redeliver::twin::AnotherInstance>() {
-                            // Not a crash: a supervisor should not restart it.
-                            ExitCode::from(redeliver::twin::EXIT_STATUS)
-                        } else {
-                            ExitCode::FAILURE
+                        match e.downcast_ref::<redeliver::router::Stop>() {
+                            // 3: another instance serves the domain (do not
+                            // restart); 75: restart to reopen the store.
+                            Some(stop) => ExitCode::from(stop.exit_status()),
+                            None => ExitCode::FAILURE,
                         }
                     }
                 }

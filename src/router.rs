@@ -35,7 +35,7 @@ use tracing::{debug, error, info, warn};
 use crate::address::{AddressBook, AddressError};
 use crate::admin::{Admin, Node, Ops, Snapshot};
 use crate::config::{Config, Durability};
-use crate::gate::{Durable, Gate};
+use crate::gate::{Flushed, Gate};
 use crate::link::{LinkEvent, Outbound};
 use crate::ratelimit::RateLimiter;
 use crate::store::{
@@ -100,6 +100,12 @@ struct Peer {
     /// Messages below this seq were accepted before the current sending
     /// phase began: they go out as replays, with `<delay/>`.
     replay_below: u64,
+    /// Confirmed while the store could not record it: never sent again
+    /// by this process.
+    unsaved_confirms: std::collections::HashSet<u64>,
+    /// An administrator asked for a replay: the full window, whatever
+    /// presence says, until the next failure.
+    forced: bool,
 }
 
 impl Peer {
@@ -114,6 +120,8 @@ impl Peer {
             backoff: initial_backoff,
             attempts: HashMap::new(),
             replay_below: 0,
+            unsaved_confirms: Default::default(),
+            forced: false,
         }
     }
 
@@ -148,6 +156,31 @@ enum Timer {
     TwinCheck,
     /// Time for the next step of the expiry walk.
     Expire,
+    /// After a store failure: is there space again?
+    SpaceProbe,
+}
+
+/// Why the router stopped by itself.
+#[derive(Debug, thiserror::Error)]
+pub enum Stop {
+    #[error(transparent)]
+    AnotherInstance(#[from] AnotherInstance),
+    #[error(
+        "the store failed to write and there is space again; exiting so that it is reopened \
+         (a supervisor restarts it; pending messages are replayed)"
+    )]
+    ReopenStore,
+}
+
+impl Stop {
+    /// The process's exit status for this stop.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            Stop::AnotherInstance(_) => twin::EXIT_STATUS,
+            // EX_TEMPFAIL: restart me.
+            Stop::ReopenStore => 75,
+        }
+    }
 }
 
 /// Counters for logs and the admin commands.
@@ -188,8 +221,12 @@ pub struct Router {
     /// This process, as its twin probes name it.
     instance: Instance,
     twin_timer: Option<delay_queue::Key>,
-    /// Set when this instance must stop (another one serves the domain).
-    fatal: Option<AnotherInstance>,
+    /// Set when this instance must stop by itself.
+    fatal: Option<Stop>,
+    /// A store write failed (disk full, I/O error): sled does not recover
+    /// from that within the process, so new messages are refused until
+    /// there is space again, and then the process exits to reopen it.
+    store_failed: bool,
     rate: RateLimiter,
     /// Whether the expiry walk has a step scheduled.
     expiry_scheduled: bool,
@@ -256,6 +293,7 @@ impl Router {
             instance: Instance::new(now_ms()),
             twin_timer: None,
             fatal: None,
+            store_failed: false,
             rate,
             expiry_scheduled: false,
         })
@@ -266,14 +304,20 @@ impl Router {
     pub async fn run(
         mut self,
         mut events: mpsc::Receiver<LinkEvent>,
-        mut durable: mpsc::Receiver<Durable>,
+        mut durable: mpsc::Receiver<Flushed>,
         shutdown: CancellationToken,
-    ) -> Result<(), AnotherInstance> {
+    ) -> Result<(), Stop> {
         while self.fatal.is_none() {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some(Durable(ticket)) = durable.recv() => self.on_durable(ticket).await,
+                Some(f) = durable.recv() => match f {
+                    Flushed::Durable(ticket) => self.on_durable(ticket).await,
+                    Flushed::Failed(e) => {
+                        self.store_failure("fsync", &e);
+                        self.abandon_undurable().await;
+                    }
+                },
                 ev = events.recv() => match ev {
                     Some(ev) => self.on_link_event(ev).await,
                     None => break,
@@ -318,7 +362,7 @@ impl Router {
                     started: other.started(),
                 };
                 error!(error = %e, "stopping");
-                self.fatal = Some(e);
+                self.fatal = Some(Stop::AnotherInstance(e));
             }
             Verdict::Later(other) => {
                 warn!(
@@ -645,6 +689,16 @@ impl Router {
             max_bytes: self.config.limits.max_bytes_per_recipient,
             max_store_bytes: self.config.limits.max_store_bytes,
         };
+        if self.store_failed {
+            self.refuse_message(
+                &original,
+                ErrorType::Wait,
+                DefinedCondition::ResourceConstraint,
+                "the relay cannot store messages right now",
+            )
+            .await;
+            return;
+        }
         let outcome = self.store.accept(
             NewMessage {
                 recipient: &recipient,
@@ -663,7 +717,7 @@ impl Router {
             Ok(Accepted::Stored { seq }) => {
                 self.stats.accepted_total += 1;
                 debug!(to = %recipient, from = %from, id = %id, seq, "accepted");
-                self.gate.accepted(seq);
+                self.gate.accepted(seq, &recipient);
                 self.ensure_subscribed(&recipient, target).await;
                 self.kick(&recipient, seq).await;
             }
@@ -690,6 +744,7 @@ impl Router {
                 .await;
             }
             Err(e) => {
+                self.store_failure("accept", &e);
                 error!(error = %e, to = %recipient, "store write failed; refusing");
                 self.refuse_message(
                     &original,
@@ -756,7 +811,19 @@ impl Router {
         let removed = match self.store.confirm(recipient, seqs) {
             Ok(r) => r,
             Err(e) => {
-                error!(error = %e, to = recipient, "cannot remove confirmed messages");
+                self.store_failure("confirm", &e);
+                // Confirmed all the same: not sent again by this process.
+                // The store still holds them, so after the restart that
+                // the failure leads to they come once more.
+                if let Some(peer) = self.peers.get_mut(recipient) {
+                    for seq in seqs {
+                        if let Some(f) = peer.in_flight.remove(seq) {
+                            self.timers.try_remove(&f.timer);
+                        }
+                        peer.unsaved_confirms.insert(*seq);
+                    }
+                }
+                self.pump(recipient).await;
                 return;
             }
         };
@@ -840,9 +907,16 @@ impl Router {
         if self.epoch.is_none() {
             return 0;
         }
-        let window = self.config.delivery.window;
         let Some(peer) = self.peers.get(recipient) else {
             return 0;
+        };
+        // With presence unknown, one message at a time: if the recipient
+        // is logging in right now, the server would bounce the head of a
+        // window and deliver its tail, out of order.
+        let window = if peer.forced || peer.presence_known && peer.online() {
+            self.config.delivery.window
+        } else {
+            1
         };
         if peer.phase != Phase::Sending || peer.in_flight.len() >= window {
             return 0;
@@ -860,6 +934,10 @@ impl Router {
         {
             let peer = self.peers.get_mut(recipient).expect("checked above");
             for (seq, rec) in batch {
+                if peer.unsaved_confirms.contains(&seq) {
+                    peer.cursor = seq + 1;
+                    continue;
+                }
                 if seq > self.gate.durable_seq() {
                     break; // not on disk yet; on_durable resumes
                 }
@@ -944,6 +1022,7 @@ impl Router {
         };
         peer.halt(&mut self.timers);
         peer.resources.clear();
+        peer.forced = false;
         let subscribed = matches!(
             self.store.recipient(recipient).map(|s| s.subscription),
             Ok(Subscription::Subscribed)
@@ -1003,6 +1082,14 @@ impl Router {
     async fn on_timer(&mut self, t: Timer) {
         match t {
             Timer::Expire => self.expire_step().await,
+            Timer::SpaceProbe => {
+                if probe_space(&self.config.store.path) {
+                    error!("{}", Stop::ReopenStore);
+                    self.fatal = Some(Stop::ReopenStore);
+                } else {
+                    self.timers.insert(Timer::SpaceProbe, SPACE_PROBE_EVERY);
+                }
+            }
             Timer::TwinCheck => {
                 self.send_twin_probes().await;
                 self.twin_timer = Some(self.timers.insert(Timer::TwinCheck, twin::INTERVAL));
@@ -1058,6 +1145,47 @@ impl Router {
         }
     }
 
+    // ----- store failures -----
+
+    fn store_failure(&mut self, what: &str, e: &dyn std::fmt::Display) {
+        if self.store_failed {
+            return;
+        }
+        self.store_failed = true;
+        error!(
+            operation = what,
+            error = %e,
+            "the store cannot write: refusing new messages until there is space again, \
+             then exiting to reopen it"
+        );
+        self.timers.insert(Timer::SpaceProbe, SPACE_PROBE_EVERY);
+    }
+
+    /// Messages accepted but never made durable will not be relayed by
+    /// this process: tell their senders, so that nothing goes silently.
+    async fn abandon_undurable(&mut self) {
+        let (waiting, held) = self.gate.abandon_waiting();
+        for stanza in held {
+            self.send(stanza).await;
+        }
+        for (seq, recipient) in waiting {
+            match self.store.get(&recipient, seq) {
+                Ok(Some(rec)) => {
+                    warn!(to = %recipient, id = %rec.id, seq, "not stored durably; sender told");
+                    self.notify_sender(
+                        &recipient,
+                        &rec,
+                        DefinedCondition::ResourceConstraint,
+                        "the relay could not store this message; send it again later",
+                    )
+                    .await;
+                }
+                Ok(None) => {}
+                Err(e) => error!(error = %e, seq, "cannot read an undurable message"),
+            }
+        }
+    }
+
     // ----- expiry -----
 
     /// One bounded step of the expiry walk; the next step is scheduled at
@@ -1076,6 +1204,7 @@ impl Router {
         let step = match self.store.expire(cutoff, STEP) {
             Ok(s) => s,
             Err(e) => {
+                self.store_failure("expire", &e);
                 error!(error = %e, "expiry step failed; retrying later");
                 self.timers.insert(Timer::Expire, pause);
                 return;
@@ -1096,7 +1225,15 @@ impl Router {
                 peer.attempts.remove(&seq);
             }
             if notice {
-                self.expiry_notice(&recipient, &rec, ttl_s).await;
+                let text =
+                    format!("expired undelivered: not confirmed by the recipient within {ttl_s} s");
+                self.notify_sender(
+                    &recipient,
+                    &rec,
+                    DefinedCondition::RecipientUnavailable,
+                    &text,
+                )
+                .await;
             }
         }
         self.timers.insert(
@@ -1105,9 +1242,15 @@ impl Router {
         );
     }
 
-    /// Tell the sender that a message expired undelivered: an error from
-    /// the recipient's relay address, with the message's id.
-    async fn expiry_notice(&mut self, recipient: &str, rec: &Record, ttl_s: u64) {
+    /// Tell a stored message's sender what became of it: an error (type
+    /// wait) from the recipient's relay address, with the message's id.
+    async fn notify_sender(
+        &mut self,
+        recipient: &str,
+        rec: &Record,
+        condition: DefinedCondition,
+        text: &str,
+    ) {
         let (Ok(sender), Ok(recipient)) =
             (Jid::from_str(&rec.sender), BareJid::from_str(recipient))
         else {
@@ -1118,8 +1261,8 @@ impl Router {
         };
         let mut m = Message::error(Some(sender)).with_payload(stanza_error(
             ErrorType::Wait,
-            DefinedCondition::RecipientUnavailable,
-            &format!("expired undelivered: not confirmed by the recipient within {ttl_s} s"),
+            condition,
+            text,
         ));
         m.from = Some(Jid::from(from));
         m.id = Some(Id(rec.id.clone()));
@@ -1267,6 +1410,8 @@ impl Router {
                 if online && !was_online {
                     info!(to = %recipient, "available");
                     self.seen_alive(&recipient).await;
+                    // Presence known now: the window opens.
+                    self.pump(&recipient).await;
                 }
             }
             _ => {}
@@ -1506,7 +1651,12 @@ impl Router {
 
     /// Stop: make the store durable. Blocking work runs off the runtime.
     pub async fn flush_store(store: Arc<Store>) {
-        match tokio::task::spawn_blocking(move || store.flush()).await {
+        match tokio::task::spawn_blocking(move || {
+            store.flush()?;
+            store.write_shutdown_marker()
+        })
+        .await
+        {
             Ok(Ok(_)) => info!("store flushed"),
             Ok(Err(e)) => error!(error = %e, "final store flush failed"),
             Err(e) => error!(error = %e, "final store flush panicked"),
@@ -1590,6 +1740,7 @@ impl Ops for Router {
         peer.phase = Phase::Sending;
         peer.replay_below = next;
         peer.backoff = initial;
+        peer.forced = true;
         info!(
             to = recipient,
             pending, "replay requested by an administrator"
@@ -1652,6 +1803,22 @@ impl Ops for Router {
     }
 }
 
+const SPACE_PROBE_EVERY: Duration = Duration::from_secs(5);
+
+/// Whether 256 KiB can be written and synced next to the store.
+fn probe_space(store: &std::path::Path) -> bool {
+    use std::io::Write;
+    let probe = store.join(".space-probe");
+    let ok = std::fs::File::create(&probe)
+        .and_then(|mut f| {
+            f.write_all(&vec![0u8; 256 << 10])?;
+            f.sync_all()
+        })
+        .is_ok();
+    let _ = std::fs::remove_file(&probe);
+    ok
+}
+
 /// A message with nothing to keep: only receipts, markers, chat states
 /// or processing hints.
 fn is_ephemeral(m: &Message) -> bool {
@@ -1675,7 +1842,7 @@ mod tests {
     struct Harness {
         events: mpsc::Sender<LinkEvent>,
         outbox: mpsc::Receiver<Outbound>,
-        _internal: mpsc::Sender<Durable>,
+        _internal: mpsc::Sender<Flushed>,
         _dir: tempfile::TempDir,
         _stop: tokio_util::sync::DropGuard,
     }

@@ -247,7 +247,10 @@ async fn admin_runs_every_command_on_a_known_queue(kind: Kind) {
         r.iter()
             .all(|r| r["age-seconds"].parse::<u64>().unwrap() < 60)
     );
-    assert!(r.iter().all(|r| r["attempts"].parse::<u64>().unwrap() >= 1));
+    // Bob's presence is unknown: one message at a time, so the head has
+    // been tried (and bounced), the rest wait behind it.
+    assert!(r[0]["attempts"].parse::<u64>().unwrap() >= 1);
+    assert!(r.iter().all(|r| r["attempts"].parse::<u64>().is_ok()));
     let seqs: Vec<u64> = column(&r, "seq")
         .iter()
         .map(|s| s.parse().unwrap())

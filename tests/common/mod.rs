@@ -346,6 +346,8 @@ pub struct RelayOpts {
     /// 0: no rate limit (the default here; the shipped default is 20).
     pub sender_rate_per_s: u32,
     pub sender_burst: u32,
+    /// Where the store goes (default: in the relay's throwaway dir).
+    pub store_path: Option<PathBuf>,
 }
 
 impl Default for RelayOpts {
@@ -361,6 +363,7 @@ impl Default for RelayOpts {
             max_store_bytes: 1 << 30,
             sender_rate_per_s: 0,
             sender_burst: 200,
+            store_path: None,
         }
     }
 }
@@ -372,6 +375,34 @@ fn redeliver_bin() -> PathBuf {
         Some(p) => PathBuf::from(p),
         None => root().join("target/debug/redeliver"),
     }
+}
+
+/// Run the redeliver binary to completion (killed after 30 s): (exit
+/// status, stdout + stderr).
+pub fn redeliver(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("out");
+    let file = std::fs::File::create(&log).unwrap();
+    let mut child = Command::new(redeliver_bin())
+        .args(args)
+        .env("REDELIVER_SECRET", SECRET)
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .expect("run redeliver");
+    let end = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break st.code();
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, std::fs::read_to_string(&log).unwrap_or_default())
 }
 
 /// The real redeliver binary, run with a throwaway config and store.
@@ -425,7 +456,11 @@ jids = ["admin@localhost"]
 session_timeout_s = {sess}
 "#,
             port = component_port,
-            store = dir.path().join("store").display(),
+            store = opts
+                .store_path
+                .clone()
+                .unwrap_or_else(|| dir.path().join("store"))
+                .display(),
             durability = opts.durability,
             rt = opts.receipt_timeout_ms,
             grace = opts.replay_grace_ms,
@@ -516,6 +551,21 @@ session_timeout_s = {sess}
 
     pub fn restart(&mut self) {
         self.launch();
+    }
+
+    /// Wait up to `wait` for the process to exit by itself.
+    pub fn wait_exit(&mut self, wait: Duration) -> Option<i32> {
+        let end = Instant::now() + wait;
+        while Instant::now() < end {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                self.child = None;
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     /// Run a second redeliver process for the same domain on the same

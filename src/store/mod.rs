@@ -30,6 +30,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Durability;
 
+mod check;
+mod transfer;
+
+pub use check::CheckReport;
+pub use transfer::{TransferError, TransferSummary};
+
 /// Version of the layout above. Bumped on any incompatible change.
 pub const SCHEMA_VERSION: u32 = 2;
 const SCHEMA_KEY: &[u8] = b"mschema";
@@ -64,6 +70,7 @@ pub struct Record {
 
 /// Presence subscription of the component's bare domain to a recipient.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
 pub enum Subscription {
     #[default]
     None,
@@ -189,6 +196,21 @@ pub enum Accepted {
 
 pub struct Store {
     db: sled::Db,
+    path: std::path::PathBuf,
+}
+
+/// Written next to sled's files after a clean shutdown's final flush,
+/// removed at the next open after comparing. sled recovers a damaged log
+/// by cutting it at the first bad record, silently; a store damaged while
+/// stopped (disk, copy, backup) then opens with fewer messages than it
+/// was stopped with, which this catches.
+const SHUTDOWN_MARKER: &str = "redeliver-clean-shutdown";
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct ShutdownMarker {
+    totals: Totals,
+    /// Seq of the newest remembered message.
+    last_entry: Option<u64>,
 }
 
 fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
@@ -325,7 +347,10 @@ impl Store {
                 sled::Error::Corruption { .. } => StoreError::Corrupt(e.to_string()),
                 other => StoreError::Sled(other),
             })?;
-        let store = Store { db };
+        let store = Store {
+            db,
+            path: path.to_owned(),
+        };
         match store.db.get(SCHEMA_KEY)? {
             None => {
                 store.db.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
@@ -348,7 +373,56 @@ impl Store {
                 }
             }
         }
+        store.compare_shutdown_marker()?;
         Ok(store)
+    }
+
+    fn marker(&self) -> Result<ShutdownMarker, StoreError> {
+        let last_entry = match self.db.scan_prefix(b"x").next_back() {
+            Some(kv) => Some(decode_seq(&kv?.0[1..])?),
+            None => None,
+        };
+        Ok(ShutdownMarker {
+            totals: self.totals()?,
+            last_entry,
+        })
+    }
+
+    /// After the final flush of a clean shutdown: record what the store
+    /// holds, for the next open to compare.
+    pub fn write_shutdown_marker(&self) -> Result<(), StoreError> {
+        use std::io::Write;
+        let m = self.marker()?;
+        let path = self.path.join(SHUTDOWN_MARKER);
+        let mut f = std::fs::File::create(&path).map_err(sled::Error::Io)?;
+        f.write_all(&encode(&m)).map_err(sled::Error::Io)?;
+        f.sync_all().map_err(sled::Error::Io)?;
+        Ok(())
+    }
+
+    fn compare_shutdown_marker(&self) -> Result<(), StoreError> {
+        let path = self.path.join(SHUTDOWN_MARKER);
+        let Ok(bytes) = std::fs::read(&path) else {
+            return Ok(()); // first start, or after a crash
+        };
+        let recorded: ShutdownMarker = decode(&bytes, "shutdown marker")?;
+        let found = self.marker()?;
+        if recorded != found {
+            return Err(StoreError::Corrupt(format!(
+                "{} was stopped cleanly holding {} pending messages (newest entry {:?}) but now \
+                 holds {} (newest {:?}): the store was damaged while stopped and sled cut its \
+                 log. Restore it from a backup or an export; to accept the loss, delete {}",
+                self.path.display(),
+                recorded.totals.pending,
+                recorded.last_entry,
+                found.totals.pending,
+                found.last_entry,
+                path.display()
+            )));
+        }
+        // From now on the store changes; a crash leaves no marker.
+        std::fs::remove_file(&path).map_err(sled::Error::Io)?;
+        Ok(())
     }
 
     /// Schema 1 had neither the age index, the expiry entries nor the

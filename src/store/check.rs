@@ -1,0 +1,160 @@
+//! `redeliver store check`: every invariant of the layout, verified.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::*;
+
+/// What a check found.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    pub recipients: u64,
+    pub messages: u64,
+    pub bytes: u64,
+    /// Expiry entries (accepted messages still remembered for dedup).
+    pub entries: u64,
+    pub problems: Vec<String>,
+}
+
+impl CheckReport {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+impl Store {
+    /// Read the whole store and verify the layout's invariants: counters
+    /// match the queues, totals match the counters, every pending message
+    /// has its age and expiry entries, every index key points at a
+    /// message's expiry entry, every record decodes and its stanza parses.
+    /// Read-only.
+    pub fn check(&self) -> Result<CheckReport, StoreError> {
+        let mut r = CheckReport::default();
+        let mut problems = Vec::new();
+        let mut bad = |p: String| {
+            if problems.len() < 1000 {
+                problems.push(p)
+            }
+        };
+        // Queues, as found.
+        let mut found: HashMap<String, (u64, u64)> = HashMap::new();
+        let mut pending_seqs: BTreeMap<u64, String> = BTreeMap::new();
+        for kv in self.db.scan_prefix(b"q") {
+            let (k, v) = kv?;
+            let (recipient, seq) = match (recipient_of_queue_key(&k), seq_of_queue_key(&k)) {
+                (Ok(rc), Ok(s)) => (rc, s),
+                _ => {
+                    bad(format!("unreadable queue key {k:?}"));
+                    continue;
+                }
+            };
+            let rec: Record = match decode(&v, "record") {
+                Ok(rec) => rec,
+                Err(e) => {
+                    bad(format!("{recipient} seq {seq}: {e}"));
+                    continue;
+                }
+            };
+            if rec.stanza.parse::<tokio_xmpp::minidom::Element>().is_err() {
+                bad(format!(
+                    "{recipient} seq {seq}: stored stanza does not parse"
+                ));
+            }
+            let e = found.entry(recipient.clone()).or_default();
+            e.0 += 1;
+            e.1 += rec.stanza.len() as u64;
+            if pending_seqs.insert(seq, recipient.clone()).is_some() {
+                bad(format!("seq {seq} is in two queues"));
+            }
+            match self.db.get(age_key(seq))? {
+                Some(v) if v.as_ref() == recipient.as_bytes() => {}
+                _ => bad(format!("{recipient} seq {seq}: no age entry")),
+            }
+            if self.db.get(expiry_key(seq))?.is_none() {
+                bad(format!("{recipient} seq {seq}: no expiry entry"));
+            }
+        }
+        // Counters.
+        let mut totals = Totals::default();
+        for (name, state) in self.recipients()? {
+            r.recipients += 1;
+            let (n, b) = found.remove(&name).unwrap_or_default();
+            if (state.pending, state.bytes) != (n, b) {
+                bad(format!(
+                    "{name}: counters say {} messages / {} bytes, the queue holds {n} / {b}",
+                    state.pending, state.bytes
+                ));
+            }
+            totals.apply(&RecipientState::default(), &state);
+        }
+        for (name, (n, _)) in found {
+            bad(format!(
+                "{name}: {n} queued messages but no recipient state"
+            ));
+        }
+        let stored = self.totals()?;
+        if stored != totals {
+            bad(format!(
+                "totals {stored:?} but the recipients add up to {totals:?}"
+            ));
+        }
+        r.messages = pending_seqs.len() as u64;
+        r.bytes = totals.bytes;
+        // Age index: nothing without a message.
+        for kv in self.db.scan_prefix(b"a") {
+            let (k, _) = kv?;
+            let seq = decode_seq(&k[1..])?;
+            if !pending_seqs.contains_key(&seq) {
+                bad(format!("age entry for seq {seq} without a message"));
+            }
+        }
+        // Expiry entries and the indexes they own.
+        let mut owned = 0u64;
+        for kv in self.db.scan_prefix(b"x") {
+            let (k, v) = kv?;
+            r.entries += 1;
+            let seq = decode_seq(&k[1..])?;
+            let e: Expiry = match decode(&v, "expiry entry") {
+                Ok(e) => e,
+                Err(err) => {
+                    bad(format!("seq {seq}: {err}"));
+                    continue;
+                }
+            };
+            for key in &e.keys {
+                owned += 1;
+                match self.db.get(key)? {
+                    Some(v) if decode_seq(&v).ok() == Some(seq) => {}
+                    _ => bad(format!(
+                        "seq {seq}: index key missing or pointing elsewhere"
+                    )),
+                }
+            }
+            if let Some(rc) = pending_seqs.get(&seq)
+                && *rc != e.recipient
+            {
+                bad(format!(
+                    "seq {seq}: expiry entry names {} not {rc}",
+                    e.recipient
+                ));
+            }
+        }
+        let mut index_keys = 0u64;
+        for prefix in [b"i", b"o"] {
+            for kv in self.db.scan_prefix(prefix) {
+                let (_, v) = kv?;
+                index_keys += 1;
+                let seq = decode_seq(&v)?;
+                if self.db.get(expiry_key(seq))?.is_none() {
+                    bad(format!("index key for seq {seq} that no expiry entry owns"));
+                }
+            }
+        }
+        if index_keys != owned {
+            bad(format!(
+                "{index_keys} index keys but expiry entries own {owned}"
+            ));
+        }
+        r.problems = problems;
+        Ok(r)
+    }
+}

@@ -1,0 +1,339 @@
+//! `redeliver store export FILE` and `redeliver store import FILE`.
+//!
+//! sled's on-disk format will change before its 1.0, so a store moves to a
+//! new redeliver (or a new machine) through this export: a versioned,
+//! line-oriented format, one JSON object per line:
+//!
+//! ```text
+//! {"type":"header","format":"redeliver-store-export","version":1,"schema":2,"exported_at":"…"}
+//! {"type":"recipient","jid":"bob@example.com","subscription":"subscribed"}
+//! {"type":"entry","seq":17,"accepted_at_ms":…,"recipient":"bob@example.com",
+//!  "ids":[{"sender":"alice@example.com","value":"m1"}],"origins":[],
+//!  "message":{"accepted_at_ms":…,"sender":"alice@example.com/phone","id":"m1","stanza":"<message …/>"}}
+//! {"type":"end","recipients":1,"entries":1,"messages":1}
+//! ```
+//!
+//! - `recipient` lines carry the presence subscription state.
+//! - `entry` lines come in accept order, one per accepted message still
+//!   remembered (pending, or confirmed but inside its TTL for duplicate
+//!   detection); `message` is present while it is pending.
+//! - `end` counts the lines before it, so a truncated file is refused.
+//!
+//! Import writes into an empty store only, after reading the whole file
+//! once to validate it. Messages get new seqs in the same order.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::*;
+
+pub const FORMAT: &str = "redeliver-store-export";
+pub const VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("line {line}: {msg}")]
+    Format { line: usize, msg: String },
+    #[error("the store already holds data; import into a new, empty store directory")]
+    NotEmpty,
+}
+
+/// Counts of an export or import.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferSummary {
+    pub recipients: u64,
+    pub entries: u64,
+    pub messages: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SenderKey {
+    sender: String,
+    value: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+enum Line {
+    Header {
+        format: String,
+        version: u32,
+        schema: u32,
+        exported_at: String,
+    },
+    Recipient {
+        jid: String,
+        subscription: Subscription,
+    },
+    Entry {
+        seq: u64,
+        accepted_at_ms: i64,
+        recipient: String,
+        ids: Vec<SenderKey>,
+        origins: Vec<SenderKey>,
+        message: Option<Record>,
+    },
+    End {
+        recipients: u64,
+        entries: u64,
+        messages: u64,
+    },
+}
+
+/// (recipient, sender, value) of an `i` or `o` key.
+fn split_index_key(k: &[u8]) -> Option<(String, String, String)> {
+    let mut parts = k.get(1..)?.splitn(3, |&b| b == 0);
+    let r = String::from_utf8(parts.next()?.to_vec()).ok()?;
+    let s = String::from_utf8(parts.next()?.to_vec()).ok()?;
+    let v = String::from_utf8(parts.next()?.to_vec()).ok()?;
+    Some((r, s, v))
+}
+
+fn write_line(w: &mut impl Write, line: &Line) -> Result<(), TransferError> {
+    serde_json::to_writer(&mut *w, line).map_err(std::io::Error::other)?;
+    w.write_all(b"\n")?;
+    Ok(())
+}
+
+impl Store {
+    /// Write the whole store to `w`. Read-only; safe on a store no other
+    /// process holds.
+    pub fn export(&self, w: &mut impl Write) -> Result<TransferSummary, TransferError> {
+        let mut sum = TransferSummary::default();
+        write_line(
+            w,
+            &Line::Header {
+                format: FORMAT.into(),
+                version: VERSION,
+                schema: SCHEMA_VERSION,
+                exported_at: chrono::Utc::now().to_rfc3339(),
+            },
+        )?;
+        for (jid, state) in self.recipients()? {
+            sum.recipients += 1;
+            write_line(
+                w,
+                &Line::Recipient {
+                    jid,
+                    subscription: state.subscription,
+                },
+            )?;
+        }
+        for kv in self.db.scan_prefix(b"x") {
+            let (k, v) = kv.map_err(StoreError::from)?;
+            let seq = decode_seq(&k[1..])?;
+            let e: Expiry = decode(&v, "expiry entry")?;
+            let (mut ids, mut origins) = (Vec::new(), Vec::new());
+            for key in &e.keys {
+                let Some((_, sender, value)) = split_index_key(key) else {
+                    return Err(StoreError::Corrupt(format!("index key of seq {seq}")).into());
+                };
+                let list = if key.first() == Some(&b'o') {
+                    &mut origins
+                } else {
+                    &mut ids
+                };
+                list.push(SenderKey { sender, value });
+            }
+            let message = self.get(&e.recipient, seq)?;
+            sum.entries += 1;
+            sum.messages += u64::from(message.is_some());
+            write_line(
+                w,
+                &Line::Entry {
+                    seq,
+                    accepted_at_ms: e.accepted_at_ms,
+                    recipient: e.recipient,
+                    ids,
+                    origins,
+                    message,
+                },
+            )?;
+        }
+        write_line(
+            w,
+            &Line::End {
+                recipients: sum.recipients,
+                entries: sum.entries,
+                messages: sum.messages,
+            },
+        )?;
+        w.flush()?;
+        Ok(sum)
+    }
+
+    fn is_empty_of_data(&self) -> Result<bool, StoreError> {
+        for p in [b"q", b"r", b"x", b"i", b"o", b"a"] {
+            if self.db.scan_prefix(p).next().is_some() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Read an export into this (empty) store. The file is validated in a
+    /// first pass; nothing is written unless all of it is good.
+    pub fn import(&self, path: &Path) -> Result<TransferSummary, TransferError> {
+        if !self.is_empty_of_data()? {
+            return Err(TransferError::NotEmpty);
+        }
+        let expected = validate(path)?;
+        let mut states: HashMap<String, RecipientState> = HashMap::new();
+        let mut sum = TransferSummary::default();
+        for (n, line) in BufReader::new(File::open(path)?).lines().enumerate() {
+            let line: Line = serde_json::from_str(&line?).map_err(|e| TransferError::Format {
+                line: n + 1,
+                msg: e.to_string(),
+            })?;
+            match line {
+                Line::Header { .. } | Line::End { .. } => {}
+                Line::Recipient { jid, subscription } => {
+                    sum.recipients += 1;
+                    states.entry(jid).or_default().subscription = subscription;
+                }
+                Line::Entry {
+                    accepted_at_ms,
+                    recipient,
+                    ids,
+                    origins,
+                    message,
+                    ..
+                } => {
+                    sum.entries += 1;
+                    let seq = self.next_seq()?;
+                    let mut batch = sled::Batch::default();
+                    let mut keys = Vec::new();
+                    for k in &ids {
+                        keys.push(id_key(&recipient, &k.sender, &k.value));
+                    }
+                    for k in &origins {
+                        keys.push(origin_key(&recipient, &k.sender, &k.value));
+                    }
+                    for k in &keys {
+                        batch.insert(k.as_slice(), &seq.to_be_bytes());
+                    }
+                    if let Some(rec) = message {
+                        sum.messages += 1;
+                        let st = states.entry(recipient.clone()).or_default();
+                        st.pending += 1;
+                        st.bytes += rec.stanza.len() as u64;
+                        batch.insert(queue_key(&recipient, seq), encode(&rec));
+                        batch.insert(&age_key(seq), recipient.as_bytes());
+                    }
+                    batch.insert(
+                        &expiry_key(seq),
+                        encode(&Expiry {
+                            accepted_at_ms,
+                            recipient,
+                            keys,
+                        }),
+                    );
+                    self.db.apply_batch(batch).map_err(StoreError::from)?;
+                }
+            }
+        }
+        let mut batch = sled::Batch::default();
+        let mut totals = Totals::default();
+        for (jid, st) in &states {
+            totals.apply(&RecipientState::default(), st);
+            batch.insert(recipient_key(jid), encode(st));
+        }
+        batch.insert(TOTALS_KEY, encode(&totals));
+        self.db.apply_batch(batch).map_err(StoreError::from)?;
+        self.flush()?;
+        debug_assert_eq!(sum, expected);
+        Ok(sum)
+    }
+}
+
+/// First pass over an export: every line parses, entries come in order,
+/// stanzas parse, and the trailer's counts match.
+fn validate(path: &Path) -> Result<TransferSummary, TransferError> {
+    let mut sum = TransferSummary::default();
+    let mut last_seq = None;
+    let mut ended = None;
+    let bad = |line: usize, msg: String| TransferError::Format { line, msg };
+    for (n, text) in BufReader::new(File::open(path)?).lines().enumerate() {
+        let n = n + 1;
+        let text = text?;
+        if ended.is_some() {
+            return Err(bad(n, "data after the end line".into()));
+        }
+        let line: Line = serde_json::from_str(&text).map_err(|e| bad(n, e.to_string()))?;
+        match line {
+            Line::Header {
+                format, version, ..
+            } => {
+                if n != 1 {
+                    return Err(bad(n, "a second header".into()));
+                }
+                if format != FORMAT {
+                    return Err(bad(n, format!("not a redeliver export ({format:?})")));
+                }
+                if version > VERSION {
+                    return Err(bad(
+                        n,
+                        format!(
+                            "export format version {version}; this build reads up to {VERSION}"
+                        ),
+                    ));
+                }
+            }
+            _ if n == 1 => return Err(bad(n, "no header".into())),
+            Line::Recipient { jid, .. } => {
+                if jid.is_empty() || jid.contains('\0') {
+                    return Err(bad(n, "bad recipient JID".into()));
+                }
+                sum.recipients += 1;
+            }
+            Line::Entry {
+                seq,
+                recipient,
+                message,
+                ..
+            } => {
+                if last_seq.is_some_and(|l| seq <= l) {
+                    return Err(bad(n, "entries out of order".into()));
+                }
+                last_seq = Some(seq);
+                if recipient.is_empty() || recipient.contains('\0') {
+                    return Err(bad(n, "bad recipient JID".into()));
+                }
+                sum.entries += 1;
+                if let Some(rec) = message {
+                    if rec.stanza.parse::<tokio_xmpp::minidom::Element>().is_err() {
+                        return Err(bad(n, "stanza does not parse".into()));
+                    }
+                    sum.messages += 1;
+                }
+            }
+            Line::End {
+                recipients,
+                entries,
+                messages,
+            } => {
+                ended = Some(TransferSummary {
+                    recipients,
+                    entries,
+                    messages,
+                });
+            }
+        }
+    }
+    match ended {
+        Some(end) if end == sum => Ok(sum),
+        Some(end) => Err(bad(
+            0,
+            format!("the end line counts {end:?} but the file holds {sum:?}"),
+        )),
+        None => Err(bad(0, "no end line: the file is truncated".into())),
+    }
+}

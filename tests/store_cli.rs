@@ -1,0 +1,290 @@
+//! The store as an operator sees it: `redeliver store check|export|import`,
+//! clear errors and non-zero exits for a locked, newer, inconsistent or
+//! damaged store, and a full disk at run time. Against a real Prosody.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use redeliver::config::Durability;
+use redeliver::store::Store;
+
+const BOB: &str = "bob@relay.localhost";
+const CAROL: &str = "carol@relay.localhost";
+
+fn store_cmd(op: &str, config: &Path, file: Option<&Path>) -> (Option<i32>, String) {
+    let mut args: Vec<&OsStr> = vec![OsStr::new("store"), OsStr::new(op), OsStr::new("--config")];
+    args.push(config.as_os_str());
+    if let Some(f) = file {
+        args.push(f.as_os_str());
+    }
+    redeliver(&args)
+}
+
+/// A copy of `relay`'s config with the store at `store`.
+fn config_with_store(relay: &Relay, store: &Path, name: &str) -> PathBuf {
+    let text = std::fs::read_to_string(&relay.config).unwrap();
+    let old = relay.dir.path().join("store").display().to_string();
+    let path = relay.dir.path().join(name);
+    std::fs::write(&path, text.replace(&old, &store.display().to_string())).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn export_import_and_delivery_resumes_on_the_new_store() {
+    let server = Server::start(Kind::Prosody, ServerOpts::default());
+    let mut relay = Relay::start(&server, RelayOpts::default());
+    let sent = ids("x", 5);
+    send_all(&server, BOB, &sent).await;
+    assert_eq!(relay.terminate(), Some(0));
+
+    let (st, out) = store_cmd("check", &relay.config, None);
+    assert_eq!(st, Some(0), "{out}");
+    assert!(
+        out.contains("5 pending messages") && out.contains("consistent"),
+        "{out}"
+    );
+
+    let file = relay.dir.path().join("export.jsonl");
+    let (st, out) = store_cmd("export", &relay.config, Some(&file));
+    assert_eq!(st, Some(0), "{out}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        text.starts_with(
+            "{\"type\":\"header\",\"format\":\"redeliver-store-export\",\"version\":1"
+        )
+    );
+
+    let new_store = relay.dir.path().join("store-new");
+    let new_config = config_with_store(&relay, &new_store, "new.toml");
+    let (st, out) = store_cmd("import", &new_config, Some(&file));
+    assert_eq!(st, Some(0), "{out}");
+    assert!(out.contains("5 pending messages"), "{out}");
+    // Not twice.
+    let (st, out) = store_cmd("import", &new_config, Some(&file));
+    assert_eq!(st, Some(1), "{out}");
+    assert!(out.contains("already holds data"), "{out}");
+    // A truncated file is refused before anything is written.
+    let cut = relay.dir.path().join("cut.jsonl");
+    let lines: Vec<&str> = text.lines().collect();
+    std::fs::write(&cut, lines[..lines.len() - 1].join("\n")).unwrap();
+    let other = config_with_store(&relay, &relay.dir.path().join("store-cut"), "cut.toml");
+    let (st, out) = store_cmd("import", &other, Some(&cut));
+    assert_eq!(st, Some(1), "{out}");
+    assert!(out.contains("truncated"), "{out}");
+    let (st, out) = store_cmd("check", &new_config, None);
+    assert_eq!(st, Some(0), "{out}");
+
+    // The imported store delivers the same messages, once, in order. (The
+    // first relay has stopped; its directory holds the new store.)
+    let _moved = Relay::start(
+        &server,
+        RelayOpts {
+            store_path: Some(new_store),
+            ..Default::default()
+        },
+    );
+    let mut bob = Client::connect(server.c2s_port, "bob", ClientOpts::default()).await;
+    expect_exactly(&mut bob, &sent).await;
+}
+
+#[tokio::test]
+async fn store_errors_are_clear_and_exit_non_zero() {
+    let server = Server::start(Kind::Prosody, ServerOpts::default());
+    let mut relay = Relay::start(&server, RelayOpts::default());
+    send_all(&server, BOB, &ids("e", 3)).await;
+    let store_dir = relay.dir.path().join("store");
+
+    // Locked: the running relay holds it.
+    let (st, out) = store_cmd("check", &relay.config, None);
+    assert_eq!(st, Some(1), "{out}");
+    assert!(out.contains("in use by another process"), "{out}");
+    assert_eq!(relay.terminate(), Some(0));
+
+    let run = |config: &Path| {
+        redeliver(&[
+            OsStr::new("run"),
+            OsStr::new("--config"),
+            config.as_os_str(),
+        ])
+    };
+
+    // Written by a newer redeliver.
+    {
+        let s = Store::open(&store_dir, Durability::Fsync, 5, 1 << 20).unwrap();
+        s.db().insert("mschema", &99u32.to_be_bytes()).unwrap();
+        s.flush().unwrap();
+        s.write_shutdown_marker().unwrap();
+    }
+    let (st, out) = run(&relay.config);
+    assert_eq!(st, Some(1), "{out}");
+    assert!(out.contains("newer redeliver (schema 99"), "{out}");
+    {
+        let s = Store::open(&store_dir, Durability::Fsync, 5, 1 << 20);
+        assert!(s.is_err());
+    }
+
+    // Inconsistent counters: check names the problem.
+    let fresh = relay.dir.path().join("store-2");
+    let config2 = config_with_store(&relay, &fresh, "two.toml");
+    {
+        let s = Store::open(&fresh, Durability::Fsync, 5, 1 << 20).unwrap();
+        // A recipient state claiming two messages that are not there.
+        s.db()
+            .insert(b"rghost@localhost", postcard_state(2, 100))
+            .unwrap();
+        s.flush().unwrap();
+    }
+    let (st, out) = store_cmd("check", &config2, None);
+    assert_eq!(st, Some(1), "{out}");
+    assert!(
+        out.contains("problem: ghost@localhost: counters say 2 messages"),
+        "{out}"
+    );
+
+    // Damaged while stopped: sled would silently cut its log; the
+    // clean-shutdown marker catches it.
+    let third = relay.dir.path().join("store-3");
+    let config3 = config_with_store(&relay, &third, "three.toml");
+    // A real relay run fills it and stops cleanly (marker written).
+    let mut r3 = Relay::start(
+        &server,
+        RelayOpts {
+            store_path: Some(third.clone()),
+            ..Default::default()
+        },
+    );
+    send_all(&server, CAROL, &ids("d", 30)).await;
+    assert_eq!(r3.terminate(), Some(0));
+    // The log loses its second half (a torn copy, a bad disk).
+    let db = third.join("db");
+    let len = std::fs::metadata(&db).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&db)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let (st, out) = run(&config3);
+    assert_eq!(st, Some(1), "{out}");
+    assert!(out.contains("damaged while stopped"), "{out}");
+}
+
+/// The postcard encoding of a recipient state (subscription none).
+fn postcard_state(pending: u64, bytes: u64) -> Vec<u8> {
+    // enum index 0, then two varints.
+    let mut v = vec![0u8];
+    for mut n in [pending, bytes] {
+        loop {
+            let b = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                v.push(b);
+                break;
+            }
+            v.push(b | 0x80);
+        }
+    }
+    v
+}
+
+/// A tmpfs for the store, unmounted on drop.
+struct SmallDisk {
+    path: PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(path: PathBuf, size: &str) -> Option<SmallDisk> {
+        std::fs::create_dir_all(&path).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallDisk { path })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// On a full disk new messages are refused with `<resource-constraint/>`,
+/// receipts still reach senders, and once there is space again redeliver
+/// exits with status 75 so that a supervisor restarts it: then nothing it
+/// had accepted is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_refuses_new_messages_then_restarts_to_reopen() {
+    let server = Server::start(Kind::Prosody, ServerOpts::default());
+    let scratch = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(scratch.path().join("fs"), "3m") else {
+        // Mounting needs root (CI runs as root); say so rather than pass.
+        panic!("cannot mount a tmpfs: run the suite as root");
+    };
+    let filler = disk.path.join("filler");
+    std::fs::write(&filler, vec![0u8; 1536 * 1024]).unwrap();
+    let mut relay = Relay::start(
+        &server,
+        RelayOpts {
+            store_path: Some(disk.path.join("store")),
+            max_stanza_bytes: 64 * 1024,
+            ..Default::default()
+        },
+    );
+    let mut alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
+    let body = "y".repeat(16 * 1024);
+    let mut accepted = Vec::new();
+    let mut refused = None;
+    let mut told = Vec::new();
+    for i in 0..400 {
+        let id = format!("big{i}");
+        alice.message(CAROL, &id, &body);
+        accepted.push(id);
+        // Carol is offline: bounces come and go; errors to alice only
+        // when the relay refuses.
+        while let Some((rid, cond)) = alice.next_error(Duration::from_millis(150)).await {
+            assert_eq!(cond, "resource-constraint", "{rid}");
+            told.push(rid);
+            refused = Some(());
+        }
+        if refused.is_some() {
+            break;
+        }
+    }
+    assert!(refused.is_some(), "the disk filled up");
+    // Everything alice was told about is not pending; the rest is.
+    accepted.retain(|id| !told.contains(id));
+    assert!(relay.log_text().contains("the store cannot write"));
+    // Still refusing, still answering, and receipts still flow.
+    alice.message(BOB, "while-full", "refused too");
+    assert_eq!(
+        alice.next_error(SECS(5)).await,
+        Some(("while-full".into(), "resource-constraint".into()))
+    );
+    let bob = Client::connect(server.c2s_port, "bob", ClientOpts::default()).await;
+    bob.send(xml(
+        "<message xmlns='jabber:client' to='alice@relay.localhost' id='r1'>\
+         <received xmlns='urn:xmpp:receipts' id='whatever'/></message>",
+    ));
+    assert_eq!(alice.receipt_ids(1, SECS(5)).await, ["whatever"]);
+
+    // Space again: it exits to reopen the store; the supervisor (here the
+    // test) starts it again.
+    std::fs::remove_file(&filler).unwrap();
+    let status = tokio::task::block_in_place(|| relay.wait_exit(SECS(20)));
+    assert_eq!(status, Some(75), "{}", relay.log_text());
+    tokio::task::block_in_place(|| relay.restart());
+    // Everything accepted without an error to its sender is there, in
+    // order, once.
+    let mut carol = Client::connect(server.c2s_port, "carol", ClientOpts::default()).await;
+    expect_exactly(&mut carol, &accepted).await;
+    drop(relay);
+    drop(disk);
+}
