@@ -1,0 +1,9 @@
+//! cargo-fuzz target `adhoc`; the body is in common.rs.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+#[path = "common.rs"]
+mod common;
+
+fuzz_target!(|data: &[u8]| common::adhoc(data));
