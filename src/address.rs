@@ -139,9 +139,13 @@ impl AddressBook {
         Ok(jid)
     }
 
-    /// The relay address standing for `user`.
+    /// The relay address standing for `user`, whose domain must be one the
+    /// relay serves (so that [`Self::user_for`] maps it back).
     pub fn relay_for(&self, user: &BareJid) -> Result<BareJid, AddressError> {
         let node = user.node().ok_or(AddressError::NoLocalpart)?;
+        if !self.recipient_allowed(user.domain().as_str()) {
+            return Err(AddressError::DomainNotAllowed(user.domain().to_string()));
+        }
         let local = if user.domain().as_str() == self.default_domain {
             node.to_string()
         } else {
@@ -247,6 +251,17 @@ mod tests {
         assert!(matches!(
             b.user_for(nodeless.node().map(|n| n.as_str())),
             Err(AddressError::Malformed(_))
+        ));
+    }
+
+    /// Found by the `address` fuzzer: an address for a domain the relay
+    /// does not serve would not map back to its user.
+    #[test]
+    fn relay_for_refuses_domains_it_does_not_serve() {
+        let b = book();
+        assert!(matches!(
+            b.relay_for(&jid("bob@elsewhere.example")),
+            Err(AddressError::DomainNotAllowed(_))
         ));
     }
 }
