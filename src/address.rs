@@ -147,7 +147,9 @@ impl AddressBook {
             return Err(AddressError::DomainNotAllowed(user.domain().to_string()));
         }
         let local = if user.domain().as_str() == self.default_domain {
-            node.to_string()
+            // Escaped too: a localpart holding `\40` must not come back
+            // as `@` (found by the `address` fuzzer).
+            escape_node(node.as_str())
         } else {
             escape_node(&format!("{node}@{}", user.domain()))
         };
@@ -263,5 +265,14 @@ mod tests {
             b.relay_for(&jid("bob@elsewhere.example")),
             Err(AddressError::DomainNotAllowed(_))
         ));
+    }
+
+    #[test]
+    fn a_backslash_sequence_in_a_localpart_survives_the_round_trip() {
+        let b = book();
+        let user = jid("a\\40b@example.com");
+        let relay = b.relay_for(&user).unwrap();
+        assert_eq!(relay.node().unwrap().as_str(), "a\\5c40b");
+        assert_eq!(b.user_for(relay.node().map(|n| n.as_str())).unwrap(), user);
     }
 }
