@@ -614,6 +614,17 @@ impl Router {
         self.accept(m, &from, &from_bare, &target).await;
     }
 
+    /// The store cannot take it (write failure, full disk).
+    async fn refuse_unstorable(&mut self, m: &Message) {
+        self.refuse_message(
+            m,
+            ErrorType::Wait,
+            DefinedCondition::ResourceConstraint,
+            "the relay cannot store messages right now",
+        )
+        .await;
+    }
+
     async fn refuse_message(&mut self, m: &Message, t: ErrorType, c: DefinedCondition, text: &str) {
         self.stats.refused_total += 1;
         info!(from = ?m.from, to = ?m.to, id = ?m.id, condition = ?c, "refused message");
@@ -690,13 +701,7 @@ impl Router {
             max_store_bytes: self.config.limits.max_store_bytes,
         };
         if self.store_failed {
-            self.refuse_message(
-                &original,
-                ErrorType::Wait,
-                DefinedCondition::ResourceConstraint,
-                "the relay cannot store messages right now",
-            )
-            .await;
+            self.refuse_unstorable(&original).await;
             return;
         }
         let outcome = self.store.accept(
@@ -746,13 +751,7 @@ impl Router {
             Err(e) => {
                 self.store_failure("accept", &e);
                 error!(error = %e, to = %recipient, "store write failed; refusing");
-                self.refuse_message(
-                    &original,
-                    ErrorType::Wait,
-                    DefinedCondition::ResourceConstraint,
-                    "the relay cannot store messages right now",
-                )
-                .await;
+                self.refuse_unstorable(&original).await;
             }
         }
     }

@@ -81,20 +81,17 @@ fn message(i: usize) -> (String, String) {
 async fn run(durability: &'static str) -> Report {
     let mut fake = FakeServer::start().await;
     let port = fake.port;
-    let relay = tokio::task::spawn_blocking(move || {
-        Relay::start_at(
-            port,
-            RelayOpts {
-                durability,
-                max_pending: 100_000,
-                receipt_timeout_ms: 2_000,
-                replay_grace_ms: 300,
-                ..Default::default()
-            },
-        )
-    })
-    .await
-    .unwrap();
+    let relay = relay_on_fake(
+        port,
+        RelayOpts {
+            durability,
+            max_pending: 100_000,
+            receipt_timeout_ms: 2_000,
+            replay_grace_ms: 300,
+            ..Default::default()
+        },
+    )
+    .await;
     let relay = Arc::new(Mutex::new(relay));
     let users = fake.handle();
 

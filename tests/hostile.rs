@@ -16,17 +16,14 @@ const NS: &str = "jabber:component:accept";
 async fn start() -> (FakeServer, Relay) {
     let mut fake = FakeServer::start().await;
     let port = fake.port;
-    let relay = tokio::task::spawn_blocking(move || {
-        Relay::start_at(
-            port,
-            RelayOpts {
-                max_stanza_bytes: 64 * 1024,
-                ..Default::default()
-            },
-        )
-    })
-    .await
-    .unwrap();
+    let relay = relay_on_fake(
+        port,
+        RelayOpts {
+            max_stanza_bytes: 64 * 1024,
+            ..Default::default()
+        },
+    )
+    .await;
     fake.connected(SECS(5)).await.expect("redeliver connects");
     (fake, relay)
 }

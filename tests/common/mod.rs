@@ -377,6 +377,30 @@ fn redeliver_bin() -> PathBuf {
     }
 }
 
+/// The exit status of `child` if it ends within `wait`; killed otherwise.
+fn wait_or_kill(child: &mut Child, wait: Duration) -> Option<i32> {
+    let end = Instant::now() + wait;
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return st.code();
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// redeliver against a [`fake::FakeServer`], started off the async
+/// runtime (startup blocks until the fake has accepted the link).
+pub async fn relay_on_fake(port: u16, opts: RelayOpts) -> Relay {
+    tokio::task::spawn_blocking(move || Relay::start_at(port, opts))
+        .await
+        .unwrap()
+}
+
 /// Run the redeliver binary to completion (killed after 30 s): (exit
 /// status, stdout + stderr).
 pub fn redeliver(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
@@ -390,18 +414,7 @@ pub fn redeliver(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
         .stderr(file)
         .spawn()
         .expect("run redeliver");
-    let end = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Ok(Some(st)) = child.try_wait() {
-            break st.code();
-        }
-        if Instant::now() >= end {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_or_kill(&mut child, Duration::from_secs(30));
     (status, std::fs::read_to_string(&log).unwrap_or_default())
 }
 
@@ -596,18 +609,7 @@ session_timeout_s = {sess}
             .stderr(log)
             .spawn()
             .expect("start a second redeliver");
-        let end = Instant::now() + wait;
-        let status = loop {
-            if let Ok(Some(st)) = child.try_wait() {
-                break st.code();
-            }
-            if Instant::now() >= end {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let status = wait_or_kill(&mut child, wait);
         (
             status,
             std::fs::read_to_string(&log_path).unwrap_or_default(),
