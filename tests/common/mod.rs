@@ -370,7 +370,11 @@ impl Default for RelayOpts {
 
 /// The binary under test: cargo names it for integration tests; the demo
 /// example runs after `cargo build` and finds it in target/debug.
+/// `REDELIVER_BIN` overrides both (the benchmark runs the release build).
 fn redeliver_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("REDELIVER_BIN") {
+        return PathBuf::from(p);
+    }
     match option_env!("CARGO_BIN_EXE_redeliver") {
         Some(p) => PathBuf::from(p),
         None => root().join("target/debug/redeliver"),
