@@ -370,6 +370,12 @@ impl Default for RelayOpts {
 
 /// The binary under test: cargo names it for integration tests; the demo
 /// example runs after `cargo build` and finds it in target/debug.
+/// redeliver's log filter: debug (tests read the log) unless
+/// `REDELIVER_LOG` says otherwise (the benchmark measures without it).
+fn relay_log_filter() -> String {
+    std::env::var("REDELIVER_LOG").unwrap_or_else(|_| "redeliver=debug,info".into())
+}
+
 /// `REDELIVER_BIN` overrides both (the benchmark runs the release build).
 fn redeliver_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("REDELIVER_BIN") {
@@ -512,7 +518,7 @@ session_timeout_s = {sess}
             .args(["run", "--config"])
             .arg(&self.config)
             .env("REDELIVER_SECRET", SECRET)
-            .env("RUST_LOG", "redeliver=debug,info")
+            .env("RUST_LOG", relay_log_filter())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
