@@ -80,6 +80,18 @@ struct Resource {
     receipts: Option<bool>,
 }
 
+/// The delivery state of `recipient`, created on first use. A free
+/// function so that the caller may still borrow the router's timers.
+fn peer_entry<'a>(
+    peers: &'a mut HashMap<String, Peer>,
+    recipient: &str,
+    initial_backoff: Duration,
+) -> &'a mut Peer {
+    peers
+        .entry(recipient.to_owned())
+        .or_insert_with(|| Peer::new(initial_backoff))
+}
+
 /// Runtime (not stored) delivery state of one recipient.
 #[derive(Debug)]
 struct Peer {
@@ -482,10 +494,7 @@ impl Router {
             if state.pending > 0 {
                 // If the probe answers, presence decides; if nothing
                 // answers (presence unknown), this retry does.
-                let peer = self
-                    .peers
-                    .entry(name.clone())
-                    .or_insert_with(|| Peer::new(initial));
+                let peer = peer_entry(&mut self.peers, &name, initial);
                 if peer.timer.is_none() && peer.phase != Phase::Sending {
                     let delay = if state.subscription == Subscription::Subscribed {
                         initial
@@ -878,10 +887,7 @@ impl Router {
     /// Message `seq` is new for `recipient`: send if we may.
     async fn kick(&mut self, recipient: &str, seq: u64) {
         let initial = self.config.retry_initial();
-        let peer = self
-            .peers
-            .entry(recipient.to_owned())
-            .or_insert_with(|| Peer::new(initial));
+        let peer = peer_entry(&mut self.peers, recipient, initial);
         match peer.phase {
             Phase::Sending => {
                 self.pump(recipient).await;
@@ -1358,10 +1364,7 @@ impl Router {
                 if sub != Subscription::Subscribed {
                     return;
                 }
-                let peer = self
-                    .peers
-                    .entry(recipient.clone())
-                    .or_insert_with(|| Peer::new(initial));
+                let peer = peer_entry(&mut self.peers, &recipient, initial);
                 peer.presence_known = true;
                 match from.resource() {
                     Some(r) => {
@@ -1386,10 +1389,7 @@ impl Router {
                 let Some(resource) = from.resource().map(|r| r.to_string()) else {
                     return;
                 };
-                let peer = self
-                    .peers
-                    .entry(recipient.clone())
-                    .or_insert_with(|| Peer::new(initial));
+                let peer = peer_entry(&mut self.peers, &recipient, initial);
                 let was_online = peer.online();
                 peer.presence_known = true;
                 let known = peer.resources.get(&resource).and_then(|r| r.receipts);
@@ -1500,7 +1500,7 @@ impl Router {
         }
     }
 
-    fn is_admin(&self, from: &Option<Jid>) -> bool {
+    fn is_admin(&self, from: Option<&Jid>) -> bool {
         let Some(from) = from else { return false };
         let bare = from.to_bare();
         self.config
@@ -1516,7 +1516,7 @@ impl Router {
         from: &Jid,
         payload: Element,
     ) -> Result<Option<Element>, StanzaError> {
-        let admin = self.is_admin(&Some(from.clone()));
+        let admin = self.is_admin(Some(from));
         let req = match Command::try_from(payload.clone()) {
             Ok(c) => c,
             Err(e) => {
@@ -1578,7 +1578,7 @@ impl Router {
                     ],
                 ),
                 // XEP-0050 §2.3: a command node describes itself.
-                Some(n) if self.is_admin(from) && Node::from_name(n).is_some() => (
+                Some(n) if self.is_admin(from.as_ref()) && Node::from_name(n).is_some() => (
                     Identity::new(
                         "automation",
                         "command-node",
@@ -1605,7 +1605,7 @@ impl Router {
         }
         if payload.is("query", ns::DISCO_ITEMS) {
             // Commands are listed to admins only; others see none.
-            let items = if node == Some(COMMANDS) && self.is_admin(from) {
+            let items = if node == Some(COMMANDS) && self.is_admin(from.as_ref()) {
                 Node::ALL
                     .iter()
                     .map(|n| DiscoItem {
@@ -1730,10 +1730,7 @@ impl Ops for Router {
         }
         let next = self.store.next_seq().map_err(|e| e.to_string())?;
         let initial = self.config.retry_initial();
-        let peer = self
-            .peers
-            .entry(recipient.to_owned())
-            .or_insert_with(|| Peer::new(initial));
+        let peer = peer_entry(&mut self.peers, recipient, initial);
         // Whatever was in flight goes again, from the head of the queue.
         peer.halt(&mut self.timers);
         peer.phase = Phase::Sending;

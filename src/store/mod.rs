@@ -269,16 +269,18 @@ fn expiry_key(seq: u64) -> [u8; 9] {
     seq_key(b'x', seq)
 }
 
-/// The recipient in an `i` or `o` key (prefix, recipient, 0x00, ...).
-fn recipient_of_index_key(k: &[u8]) -> Result<String, StoreError> {
-    let end = k
-        .iter()
-        .skip(1)
-        .position(|&b| b == 0)
-        .map(|p| p + 1)
-        .ok_or_else(|| StoreError::Corrupt("short index key".into()))?;
-    String::from_utf8(k[1..end].to_vec())
-        .map_err(|_| StoreError::Corrupt("index key is not UTF-8".into()))
+/// (recipient, sender, id or origin-id) of an `i` or `o` key: the
+/// inverse of [`id_key`] and [`origin_key`].
+fn split_index_key(k: &[u8]) -> Result<(String, String, String), StoreError> {
+    let bad = || StoreError::Corrupt("unreadable index key".into());
+    let mut parts = k.get(1..).ok_or_else(bad)?.splitn(3, |&b| b == 0);
+    let mut next = || {
+        parts
+            .next()
+            .and_then(|p| String::from_utf8(p.to_vec()).ok())
+            .ok_or_else(bad)
+    };
+    Ok((next()?, next()?, next()?))
 }
 
 /// The recipient of a queue key (`q` recipient 0x00 seq).
@@ -452,7 +454,7 @@ impl Store {
             for kv in self.db.scan_prefix(prefix) {
                 let (k, v) = kv?;
                 let seq = decode_seq(&v)?;
-                let recipient = recipient_of_index_key(&k)?;
+                let (recipient, _, _) = split_index_key(&k)?;
                 expiries
                     .entry(seq)
                     .or_insert_with(|| Expiry {

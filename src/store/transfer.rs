@@ -88,15 +88,6 @@ enum Line {
     },
 }
 
-/// (recipient, sender, value) of an `i` or `o` key.
-fn split_index_key(k: &[u8]) -> Option<(String, String, String)> {
-    let mut parts = k.get(1..)?.splitn(3, |&b| b == 0);
-    let r = String::from_utf8(parts.next()?.to_vec()).ok()?;
-    let s = String::from_utf8(parts.next()?.to_vec()).ok()?;
-    let v = String::from_utf8(parts.next()?.to_vec()).ok()?;
-    Some((r, s, v))
-}
-
 fn write_line(w: &mut impl Write, line: &Line) -> Result<(), TransferError> {
     serde_json::to_writer(&mut *w, line).map_err(std::io::Error::other)?;
     w.write_all(b"\n")?;
@@ -133,9 +124,7 @@ impl Store {
             let e: Expiry = decode(&v, "expiry entry")?;
             let (mut ids, mut origins) = (Vec::new(), Vec::new());
             for key in &e.keys {
-                let Some((_, sender, value)) = split_index_key(key) else {
-                    return Err(StoreError::Corrupt(format!("index key of seq {seq}")).into());
-                };
+                let (_, sender, value) = split_index_key(key)?;
                 let list = if key.first() == Some(&b'o') {
                     &mut origins
                 } else {

@@ -281,15 +281,7 @@ impl Server {
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             unsafe_kill(c.id(), "TERM");
-            let end = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < end {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            wait_or_kill(&mut c, Duration::from_secs(10));
         }
     }
 
@@ -560,16 +552,7 @@ session_timeout_s = {sess}
     pub fn terminate(&mut self) -> Option<i32> {
         let mut c = self.child.take()?;
         unsafe_kill(c.id(), "TERM");
-        let end = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < end {
-            if let Ok(Some(st)) = c.try_wait() {
-                return st.code();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = c.kill();
-        let _ = c.wait();
-        None
+        wait_or_kill(&mut c, Duration::from_secs(10))
     }
 
     pub fn restart(&mut self) {

@@ -11,6 +11,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use redeliver::address::{AddressBook, escape_node, unescape_node};
+use redeliver::admin::Node;
 use tokio_xmpp::parsers::jid::BareJid;
 
 use redeliver::config::Config;
@@ -162,16 +163,12 @@ pub fn stanza(data: &[u8]) {
     }
 }
 
-const NODES: [&str; 8] = [
-    "stats",
-    "list-queue",
-    "top-queues",
-    "replay",
-    "purge",
-    "status",
-    "reload-config",
-    "nope",
-];
+/// Every command, and one that does not exist.
+fn nodes() -> Vec<&'static str> {
+    let mut v: Vec<&str> = Node::ALL.iter().map(|n| n.name()).collect();
+    v.push("nope");
+    v
+}
 const ACTIONS: [&str; 6] = ["execute", "next", "prev", "complete", "cancel", "bogus"];
 
 static ADHOC: Mutex<Option<(Harness, String)>> = Mutex::new(None);
@@ -193,7 +190,8 @@ pub fn adhoc(data: &[u8]) {
     let Some((h, sid)) = state.as_mut() else {
         return;
     };
-    let node = NODES[usize::from(sel) % NODES.len()];
+    let nodes = nodes();
+    let node = nodes[usize::from(sel) % nodes.len()];
     let action = ACTIONS[usize::from(sel / 8) % ACTIONS.len()];
     let session = if sel & 0x80 != 0 && !sid.is_empty() {
         format!(" sessionid='{sid}'")
