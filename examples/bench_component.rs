@@ -163,8 +163,13 @@ async fn main() {
     );
     println!("| mode | load | msg/s | seconds | p50 ms | p99 ms |");
     println!("|---|---|---|---|---|---|");
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     for durability in ["batched", "fsync"] {
         for (label, rate) in [("as fast as it takes", 0u64), ("paced 2,000/s", 2_000)] {
+            let name = format!("{durability}-{}", if rate > 0 { "paced" } else { "max" });
+            if !only.is_empty() && !only.split(',').any(|o| o == name) {
+                continue;
+            }
             let count = if rate > 0 { (rate * 10) as usize } else { n };
             let mut runs = Vec::new();
             for _ in 0..reps {

@@ -12,6 +12,10 @@
 //!   removal made so far is on disk, so a sender that has seen a receipt
 //!   never sees that message again, crash or not.
 //!
+//! Tickets are taken during a burst of router work but asked for only
+//! when the burst's writes are committed to sled ([`Gate::submit`]):
+//! an fsync that ran before the commit would not cover them.
+//!
 //! In `batched` mode sled flushes on its own timer: nothing is held.
 
 use std::collections::VecDeque;
@@ -38,6 +42,8 @@ pub struct Gate {
     /// `None` in batched mode.
     requests: Option<mpsc::UnboundedSender<u64>>,
     last_ticket: u64,
+    /// The highest ticket asked of the flusher.
+    submitted: u64,
     done_ticket: u64,
     /// Accepted (ticket, seq, recipient) waiting for their fsync, in
     /// ticket order.
@@ -57,6 +63,7 @@ impl Gate {
         Gate {
             requests: Some(requests),
             last_ticket: 0,
+            submitted: 0,
             done_ticket: 0,
             seqs: VecDeque::new(),
             held: VecDeque::new(),
@@ -70,6 +77,7 @@ impl Gate {
         Gate {
             requests: None,
             last_ticket: 0,
+            submitted: 0,
             done_ticket: 0,
             seqs: VecDeque::new(),
             held: VecDeque::new(),
@@ -83,12 +91,22 @@ impl Gate {
     }
 
     fn request(&mut self) -> Option<u64> {
-        let tx = self.requests.as_ref()?;
+        self.requests.as_ref()?;
         self.last_ticket += 1;
-        // If the flusher is gone the process is stopping; nothing is
-        // released then, which is the safe side.
-        let _ = tx.send(self.last_ticket);
         Some(self.last_ticket)
+    }
+
+    /// The writes behind every ticket so far are committed to sled: ask
+    /// the flusher for one fsync covering them all.
+    pub fn submit(&mut self) {
+        if let Some(tx) = &self.requests
+            && self.last_ticket > self.submitted
+        {
+            self.submitted = self.last_ticket;
+            // If the flusher is gone the process is stopping; nothing is
+            // released then, which is the safe side.
+            let _ = tx.send(self.last_ticket);
+        }
     }
 
     /// A message for `recipient` was written under `seq`.
@@ -126,27 +144,28 @@ impl Gate {
     }
 
     /// The flusher reports `ticket` durable: the stanzas now free to go,
-    /// and whether `durable_seq` moved.
-    pub fn durable(&mut self, ticket: u64) -> (Vec<Stanza>, bool) {
+    /// and the recipients of the messages that became durable (each once).
+    pub fn durable(&mut self, ticket: u64) -> (Vec<Stanza>, Vec<String>) {
         if ticket <= self.done_ticket {
-            return (vec![], false);
+            return (vec![], vec![]);
         }
         self.done_ticket = ticket;
-        let before = self.durable_seq;
-        while let Some((t, seq, _)) = self.seqs.front() {
-            if *t > ticket {
-                break;
+        let mut recipients = Vec::new();
+        while self.seqs.front().is_some_and(|(t, _, _)| *t <= ticket) {
+            if let Some((_, seq, recipient)) = self.seqs.pop_front() {
+                self.durable_seq = self.durable_seq.max(seq);
+                recipients.push(recipient);
             }
-            self.durable_seq = self.durable_seq.max(*seq);
-            self.seqs.pop_front();
         }
+        recipients.sort_unstable();
+        recipients.dedup();
         let mut out = Vec::new();
         while self.held.front().is_some_and(|(t, _)| *t <= ticket) {
             if let Some((_, s)) = self.held.pop_front() {
                 out.push(s);
             }
         }
-        (out, self.durable_seq != before)
+        (out, recipients)
     }
 }
 
@@ -208,16 +227,20 @@ mod tests {
             g.after_writes(stanza()).is_none(),
             "held behind the removal"
         );
+        assert!(rx.try_recv().is_err(), "nothing asked before the commit");
+        g.submit();
+        g.submit();
         let tickets: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
-        assert_eq!(tickets, [1, 2, 3]);
+        assert_eq!(tickets, [3], "one fsync asked for the whole burst");
         // One fsync covered the first accept only.
         let (out, moved) = g.durable(1);
-        assert!(out.is_empty() && moved);
+        assert!(out.is_empty());
+        assert_eq!(moved, ["b@x"]);
         assert_eq!(g.durable_seq(), 11);
         // A later one covers the rest, the removal included.
         let (out, moved) = g.durable(3);
         assert_eq!(out.len(), 1);
-        assert!(moved);
+        assert_eq!(moved, ["b@x"]);
         assert_eq!(g.durable_seq(), 12);
         // Stale answers change nothing.
         assert_eq!(g.durable(2).0.len(), 0);

@@ -47,6 +47,8 @@ use crate::xep0050::{COMMANDS, Command};
 const CHAT_MARKERS: &str = "urn:xmpp:chat-markers:0";
 const CHAT_STATES: &str = "http://jabber.org/protocol/chatstates";
 const HINTS: &str = "urn:xmpp:hints";
+/// Link events handled in one burst (one store batch) at most.
+const BURST: usize = 256;
 
 /// Delivery phase of one recipient.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,6 +216,8 @@ pub struct Router {
     me: Jid,
     store: Arc<Store>,
     outbox: mpsc::Sender<Outbound>,
+    /// Stanzas of the current burst, sent once its writes are committed.
+    out_buf: Vec<Outbound>,
     /// Epoch of the live link, if any.
     epoch: Option<u64>,
     peers: HashMap<String, Peer>,
@@ -291,6 +295,7 @@ impl Router {
             me,
             store,
             outbox,
+            out_buf: Vec::new(),
             epoch: None,
             peers: HashMap::new(),
             timers: DelayQueue::new(),
@@ -320,6 +325,9 @@ impl Router {
         shutdown: CancellationToken,
     ) -> Result<(), Stop> {
         while self.fatal.is_none() {
+            // One burst per round: the store gathers its writes in memory
+            // and applies them in one batch at the end (see `store`).
+            self.store.begin();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -331,7 +339,14 @@ impl Router {
                     }
                 },
                 ev = events.recv() => match ev {
-                    Some(ev) => self.on_link_event(ev).await,
+                    Some(ev) => {
+                        self.on_link_event(ev).await;
+                        // Whatever else has arrived joins the burst.
+                        for _ in 1..BURST {
+                            let Ok(ev) = events.try_recv() else { break };
+                            self.on_link_event(ev).await;
+                        }
+                    }
                     None => break,
                 },
                 Some(expired) = self.timers.next() => {
@@ -339,6 +354,10 @@ impl Router {
                     self.on_timer(t).await;
                 }
             }
+            self.end_burst().await;
+        }
+        if let Err(e) = self.store.commit() {
+            error!(error = %e, "store write failed at stop");
         }
         info!(
             accepted = self.stats.accepted_total,
@@ -388,20 +407,41 @@ impl Router {
         }
     }
 
+    /// Queue a stanza for the link; it leaves when the burst ends.
     async fn send(&mut self, stanza: impl Into<Stanza>) {
         let Some(epoch) = self.epoch else { return };
-        // Bounded: when the link is slow the router waits here, which
-        // slows intake from the link in turn.
-        let _ = self
-            .outbox
-            .send(Outbound {
-                epoch,
-                stanza: stanza.into(),
-            })
-            .await;
+        self.out_buf.push(Outbound {
+            epoch,
+            stanza: stanza.into(),
+        });
     }
 
-    pub async fn on_link_event(&mut self, ev: LinkEvent) {
+    /// Commit the burst's store writes, ask for their fsync, then let its
+    /// stanzas go: nothing leaves before the write it depends on is in
+    /// sled (and, in fsync mode, the gate holds what needs the fsync).
+    async fn end_burst(&mut self) {
+        if let Err(e) = self.store.commit() {
+            self.store_failure("commit", &e);
+            self.abandon_undurable().await;
+        }
+        self.gate.submit();
+        for o in std::mem::take(&mut self.out_buf) {
+            // Bounded: when the link is slow the router waits here, which
+            // slows intake from the link in turn.
+            let _ = self.outbox.send(o).await;
+        }
+    }
+
+    /// Handle one link event as a burst of its own (what `run` does with
+    /// each round of events), for drivers other than `run`: the fuzz
+    /// targets.
+    pub async fn handle(&mut self, ev: LinkEvent) {
+        self.store.begin();
+        self.on_link_event(ev).await;
+        self.end_burst().await;
+    }
+
+    async fn on_link_event(&mut self, ev: LinkEvent) {
         match ev {
             LinkEvent::Up { epoch } => self.on_link_up(epoch).await,
             LinkEvent::Down => self.on_link_down(),
@@ -1132,21 +1172,20 @@ impl Router {
     }
 
     async fn on_durable(&mut self, ticket: u64) {
-        let (released, moved) = self.gate.durable(ticket);
+        let (released, recipients) = self.gate.durable(ticket);
         for stanza in released {
             self.send(stanza).await;
         }
-        if !moved {
-            return;
-        }
-        let sending: Vec<String> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.phase == Phase::Sending)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for r in sending {
-            self.pump(&r).await;
+        // Only a recipient with a message that just became durable can
+        // have been held back by the gate.
+        for r in recipients {
+            if self
+                .peers
+                .get(&r)
+                .is_some_and(|p| p.phase == Phase::Sending)
+            {
+                self.pump(&r).await;
+            }
         }
     }
 
@@ -1651,6 +1690,7 @@ impl Router {
     /// Stop: make the store durable. Blocking work runs off the runtime.
     pub async fn flush_store(store: Arc<Store>) {
         match tokio::task::spawn_blocking(move || {
+            store.commit()?;
             store.flush()?;
             store.write_shutdown_marker()
         })

@@ -266,7 +266,9 @@ async fn full_disk_refuses_new_messages_then_restarts_to_reopen() {
     alice.message(BOB, "while-full", "refused too");
     assert_eq!(
         alice.next_error(SECS(5)).await,
-        Some(("while-full".into(), "resource-constraint".into()))
+        Some(("while-full".into(), "resource-constraint".into())),
+        "{}",
+        relay.log_text()
     );
     let bob = Client::connect(server.c2s_port, "bob", ClientOpts::default()).await;
     bob.send(xml(

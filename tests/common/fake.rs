@@ -4,12 +4,14 @@
 //! stream. No XMPP server is involved, so a test controls every byte and
 //! the server is never the bottleneck.
 //!
-//! Users are always online: a subscription request is approved at once
-//! with an available presence, probes are answered with one, disco#info
-//! says the client sends receipts, and keepalive pings are answered.
+//! Users are online unless [`FakeServer::set_users_online`] says otherwise:
+//! a subscription request is approved at once with an available presence
+//! (no presence when offline), probes are answered with an available (or
+//! unavailable) presence, disco#info says the client sends receipts, and
+//! keepalive pings are answered.
 //! Messages, and everything else, go to the test.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +40,7 @@ pub struct FakeServer {
     pub port: u16,
     pub events: mpsc::UnboundedReceiver<Event>,
     current: Arc<Mutex<Option<(u64, Writer)>>>,
+    online: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -48,6 +51,8 @@ impl FakeServer {
         let (tx, events) = mpsc::unbounded_channel();
         let current: Arc<Mutex<Option<(u64, Writer)>>> = Arc::default();
         let cur = current.clone();
+        let online = Arc::new(AtomicBool::new(true));
+        let on = online.clone();
         let task = tokio::spawn(async move {
             let order = Arc::new(AtomicU64::new(0));
             let mut n = 0;
@@ -56,15 +61,29 @@ impl FakeServer {
                 tcp.set_nodelay(true).unwrap();
                 let (w_tx, w_rx) = mpsc::unbounded_channel();
                 *cur.lock().unwrap() = Some((n, w_tx.clone()));
-                tokio::spawn(serve(n, tcp, w_tx, w_rx, tx.clone(), order.clone()));
+                tokio::spawn(serve(
+                    n,
+                    tcp,
+                    w_tx,
+                    w_rx,
+                    tx.clone(),
+                    order.clone(),
+                    on.clone(),
+                ));
             }
         });
         FakeServer {
             port,
             events,
             current,
+            online,
             task,
         }
+    }
+
+    /// Whether the users answer subscriptions and probes as online.
+    pub fn set_users_online(&self, online: bool) {
+        self.online.store(online, Ordering::SeqCst);
     }
 
     /// A handle that writes to the current connection, for other tasks.
@@ -146,6 +165,7 @@ async fn serve(
     mut outgoing: mpsc::UnboundedReceiver<Vec<u8>>,
     events: mpsc::UnboundedSender<Event>,
     order: Arc<AtomicU64>,
+    online: Arc<AtomicBool>,
 ) {
     let (mut rd, mut wr) = tcp.into_split();
     tokio::spawn(async move {
@@ -209,7 +229,7 @@ async fn serve(
                 }
                 continue;
             }
-            if let Some(reply) = auto_reply(&el) {
+            if let Some(reply) = auto_reply(&el, online.load(Ordering::SeqCst)) {
                 for r in reply {
                     let _ = writer.send(r.into_bytes());
                 }
@@ -223,18 +243,28 @@ async fn serve(
 }
 
 /// What the users and the server answer by themselves.
-fn auto_reply(el: &Element) -> Option<Vec<String>> {
+fn auto_reply(el: &Element, online: bool) -> Option<Vec<String>> {
     let from = esc(el.attr("from").unwrap_or(""));
     let to = el.attr("to").unwrap_or("");
     let id = esc(el.attr("id").unwrap_or(""));
     let bare = esc(to.split('/').next().unwrap_or(""));
     match (el.name(), el.attr("type")) {
-        ("presence", Some("subscribe")) => Some(vec![
-            format!("<presence xmlns='{NS}' from='{bare}' to='{from}' type='subscribed'/>"),
-            format!("<presence xmlns='{NS}' from='{bare}/res' to='{from}'/>"),
-        ]),
-        ("presence", Some("probe")) => Some(vec![format!(
+        ("presence", Some("subscribe")) => {
+            let mut r = vec![format!(
+                "<presence xmlns='{NS}' from='{bare}' to='{from}' type='subscribed'/>"
+            )];
+            if online {
+                r.push(format!(
+                    "<presence xmlns='{NS}' from='{bare}/res' to='{from}'/>"
+                ));
+            }
+            Some(r)
+        }
+        ("presence", Some("probe")) if online => Some(vec![format!(
             "<presence xmlns='{NS}' from='{bare}/res' to='{from}'/>"
+        )]),
+        ("presence", Some("probe")) => Some(vec![format!(
+            "<presence xmlns='{NS}' from='{bare}' to='{from}' type='unavailable'/>"
         )]),
         ("presence", _) => Some(vec![]),
         ("iq", Some("get")) if el.has_child("ping", "urn:xmpp:ping") => {

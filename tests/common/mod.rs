@@ -26,7 +26,7 @@ use tokio_xmpp::xmlstream::{ReadError, StreamHeader, Timeouts, XmlStream, initia
 pub const SECRET: &str = "test-secret";
 pub const COMPONENT: &str = "relay.localhost";
 pub const PASSWORD: &str = "pw";
-const CLIENT_NS: &str = "jabber:client";
+pub const CLIENT_NS: &str = "jabber:client";
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -340,6 +340,10 @@ pub struct RelayOpts {
     pub sender_burst: u32,
     /// Where the store goes (default: in the relay's throwaway dir).
     pub store_path: Option<PathBuf>,
+    /// Messages in flight per recipient.
+    pub window: usize,
+    /// sled's page cache, bytes.
+    pub cache_bytes: u64,
 }
 
 impl Default for RelayOpts {
@@ -356,6 +360,8 @@ impl Default for RelayOpts {
             sender_rate_per_s: 0,
             sender_burst: 200,
             store_path: None,
+            window: 64,
+            cache_bytes: 32 << 20,
         }
     }
 }
@@ -453,10 +459,11 @@ allowed_sender_domains = ["localhost"]
 [store]
 path = "{store}"
 durability = "{durability}"
+cache_bytes = {cache}
 [delivery]
 receipt_timeout_ms = {rt}
 replay_grace_ms = {grace}
-window = 64
+window = {window}
 retry_initial_ms = 500
 retry_max_ms = 2000
 [limits]
@@ -486,6 +493,8 @@ session_timeout_s = {sess}
             maxstore = opts.max_store_bytes,
             rate = opts.sender_rate_per_s,
             burst = opts.sender_burst,
+            window = opts.window,
+            cache = opts.cache_bytes,
         );
         std::fs::write(&config, text).unwrap();
         let log = dir.path().join("redeliver.log");
@@ -539,6 +548,11 @@ session_timeout_s = {sess}
             std::thread::sleep(Duration::from_millis(25));
         }
         panic!("redeliver not ready; log:\n{}", self.log_text());
+    }
+
+    /// The running process, if any.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn sigkill(&mut self) {

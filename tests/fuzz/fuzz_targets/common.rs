@@ -70,7 +70,7 @@ jids = ["admin@localhost"]
         let (out_tx, outbox) = mpsc::channel(4096);
         let (flush_tx, flush) = mpsc::unbounded_channel();
         let mut router = Router::new(Arc::new(config), None, store, out_tx, flush_tx).unwrap();
-        rt.block_on(router.on_link_event(LinkEvent::Up { epoch: 1 }));
+        rt.block_on(router.handle(LinkEvent::Up { epoch: 1 }));
         Harness {
             rt,
             router,
@@ -123,7 +123,7 @@ jids = ["admin@localhost"]
                 },
             };
             xmltree::dismantle(el);
-            self.rt.block_on(self.router.on_link_event(event));
+            self.rt.block_on(self.router.handle(event));
         }
         let mut out = Vec::new();
         while let Ok(o) = self.outbox.try_recv() {

@@ -1,0 +1,208 @@
+//! Benchmark 4 of issue 5, the scale of the store: M pending messages
+//! (1,000,000 by default) across R recipients (100,000), all offline.
+//!
+//! The store is filled through redeliver's own store code (the accept
+//! path without the network, in bursts as the router writes them), then
+//! redeliver starts on it against the fake server of tests/common/fake.rs,
+//! whose users are offline (probes are answered "unavailable"). Printed:
+//! bytes on disk against bytes of stanzas, time from start to ready (the
+//! link up), peak RSS, and the time from one recipient's presence to its
+//! 10th message relayed, less replay_grace_ms.
+//!
+//! `bash scripts/bench` runs it against the release build. Not a test.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::fake::{Event, FakeServer};
+use common::*;
+use redeliver::config::Durability;
+use redeliver::store::{Accepted, NewMessage, QueueLimits, Record, Store, Subscription};
+
+const BODY: &str =
+    "a benchmark message with about a hundred bytes of body text, to look like a short chat line";
+const GRACE_MS: u64 = 100;
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn fill(path: &std::path::Path, messages: usize, recipients: usize) -> u64 {
+    let store = Store::open(path, Durability::Batched, 500, 64 << 20).unwrap();
+    let limits = QueueLimits {
+        max_pending: u64::MAX,
+        max_bytes: u64::MAX,
+        max_store_bytes: u64::MAX,
+    };
+    let now = chrono::Utc::now().timestamp_millis();
+    let t0 = Instant::now();
+    for chunk in (0..messages).collect::<Vec<_>>().chunks(1000) {
+        store.begin();
+        for &i in chunk {
+            let r = i % recipients;
+            let recipient = format!("u{r}@localhost");
+            let id = format!("m{i}");
+            let stanza = format!(
+                "<message xmlns='jabber:component:accept' from='sender@{COMPONENT}' to='{recipient}' id='{id}' type='chat'><body>{BODY}</body></message>"
+            );
+            let outcome = store
+                .accept(
+                    NewMessage {
+                        recipient: &recipient,
+                        sender_bare: "sender@localhost",
+                        origin_id: None,
+                        record: Record {
+                            accepted_at_ms: now,
+                            sender: "sender@localhost/r".into(),
+                            id,
+                            stanza,
+                        },
+                    },
+                    limits,
+                )
+                .unwrap();
+            assert!(matches!(outcome, Accepted::Stored { .. }), "{outcome:?}");
+            if i < recipients {
+                store
+                    .set_subscription(&recipient, Subscription::Subscribed)
+                    .unwrap();
+            }
+        }
+        store.commit().unwrap();
+    }
+    store.flush().unwrap();
+    let bytes = store.totals().unwrap().bytes;
+    eprintln!(
+        "filled {messages} messages in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    bytes
+}
+
+/// Bytes the files under `dir` take: (apparent size, allocated blocks).
+fn disk_usage(dir: &std::path::Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = (0, 0);
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let m = e.metadata().unwrap();
+        if m.is_dir() {
+            let (a, b) = disk_usage(&e.path());
+            total.0 += a;
+            total.1 += b;
+        } else {
+            total.0 += m.len();
+            total.1 += m.blocks() * 512;
+        }
+    }
+    total
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let messages = env("BENCH_SCALE_MESSAGES", 1_000_000);
+    let recipients = env("BENCH_SCALE_RECIPIENTS", 100_000);
+    let cache = env("BENCH_SCALE_CACHE_BYTES", 16 << 20) as u64;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let stanza_bytes = fill(&path, messages, recipients);
+    let (apparent, allocated) = disk_usage(&path);
+
+    let mut fake = FakeServer::start().await;
+    fake.set_users_online(false);
+    let started = Instant::now();
+    let relay = relay_on_fake(
+        fake.port,
+        RelayOpts {
+            durability: "fsync",
+            max_pending: u64::MAX / 2,
+            replay_grace_ms: GRACE_MS,
+            receipt_timeout_ms: 30_000,
+            store_path: Some(path.clone()),
+            cache_bytes: cache,
+            ..Default::default()
+        },
+    )
+    .await;
+    let ready = started.elapsed();
+    fake.connected(SECS(5)).await.expect("connected");
+    let pid = relay.pid().expect("running");
+    // Let the probes and their answers settle: nothing arrives for 2 s.
+    let settle = Instant::now();
+    let mut stray = 0usize;
+    while let Some(ev) = fake.next(Duration::from_secs(2)).await {
+        if matches!(ev, Event::Stanza(..)) {
+            stray += 1;
+        }
+    }
+    let settled = settle.elapsed();
+    let who = format!("u{}@localhost", recipients / 2);
+    let per_recipient = messages / recipients;
+    let users = fake.handle();
+    let presence = Instant::now();
+    users.send(&format!(
+        "<presence xmlns='jabber:component:accept' from='{who}/res' to='{COMPONENT}'/>"
+    ));
+    let mut got = 0;
+    let mut last = presence;
+    while got < per_recipient {
+        let Some(ev) = fake.next(SECS(30)).await else {
+            panic!("replay stalled at {got} of {per_recipient}");
+        };
+        if let Event::Stanza(_, _, at, el) = ev
+            && el.name() == "message"
+            && el.attr("to").is_some_and(|t| t.starts_with(&who))
+        {
+            got += 1;
+            last = at;
+        }
+    }
+    let replay = last.duration_since(presence);
+    let rss_peak = status_kib(pid, "VmHWM:");
+    let rss_now = status_kib(pid, "VmRSS:");
+    drop(relay);
+
+    println!(
+        "store scale: {messages} pending messages across {recipients} recipients, sled cache_bytes {} MiB",
+        cache >> 20
+    );
+    println!("| figure | value |");
+    println!("|---|---|");
+    println!("| bytes of stanzas | {stanza_bytes} |");
+    println!(
+        "| bytes on disk (apparent / allocated) | {apparent} / {allocated} ({:.2}× / {:.2}× the stanzas) |",
+        apparent as f64 / stanza_bytes as f64,
+        allocated as f64 / stanza_bytes as f64
+    );
+    println!(
+        "| start to ready (process start to link up) | {:.3} s |",
+        ready.as_secs_f64()
+    );
+    println!(
+        "| probes answered, then quiet (stanzas seen: {stray}) | {:.2} s |",
+        settled.as_secs_f64() - 2.0
+    );
+    println!(
+        "| peak RSS / RSS after the replay | {:.1} MiB / {:.1} MiB |",
+        rss_peak as f64 / 1024.0,
+        rss_now as f64 / 1024.0
+    );
+    println!(
+        "| presence to {per_recipient}th message, less replay_grace_ms ({GRACE_MS} ms) | {:.1} ms |",
+        replay.as_secs_f64() * 1000.0 - GRACE_MS as f64
+    );
+}

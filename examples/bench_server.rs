@@ -1,0 +1,295 @@
+//! Benchmarks 1 and 2 of issue 5, through a real server (Prosody, and
+//! ejabberd if asked): redeliver's replay against the server's own
+//! offline delivery, and both against the raw ceiling of the path.
+//!
+//! For each N (1,000 and 10,000 by default), in one run, each case on a
+//! fresh throwaway server, repeated `BENCH_REPS` times:
+//! - **native**: offline storage on, no redeliver. alice sends N messages
+//!   (about 100 bytes of body, unique ids, receipt requests) to offline
+//!   bob; "stored" is when the server answers a ping alice sent after
+//!   them. Then bob logs in: "replay" is from its initial presence to
+//!   the last message received.
+//! - **redeliver**: offline storage off, redeliver (fsync mode) as the
+//!   component. bob has approved redeliver's subscription and is offline.
+//!   alice sends the same N to bob's relay address; "stored" is when
+//!   redeliver answers a ping alice sent after them (redeliver handles
+//!   the link's stanzas in order and answers after the burst's commit;
+//!   its fsync follows within one fsync time). Then bob logs in.
+//! - **ceiling**: a bare component (raw XML on a socket, nothing else)
+//!   sends N messages to bob, online: from its first byte to bob's last
+//!   message.
+//!
+//! The same client code receives in all three. `bash scripts/bench`
+//! runs it against the release build. Not a test.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_xmpp::minidom::Element;
+
+const BODY: &str =
+    "a benchmark message with about a hundred bytes of body text, to look like a short chat line";
+
+fn message(to: &str, id: &str) -> Element {
+    xml(&format!(
+        "<message xmlns='{CLIENT_NS}' to='{to}' id='{id}' type='chat'><body>{BODY}</body><request xmlns='urn:xmpp:receipts'/></message>"
+    ))
+}
+
+async fn ping(client: &mut Client, to: &str, id: &str) {
+    let reply = client
+        .iq(xml(&format!(
+            "<iq xmlns='{CLIENT_NS}' type='get' to='{to}' id='{id}'><ping xmlns='urn:xmpp:ping'/></iq>"
+        )))
+        .await;
+    assert_eq!(reply.attr("type"), Some("result"), "ping {to}: {reply:?}");
+}
+
+/// Wait until `bob` has received `n` body messages; when the last came.
+async fn receive(bob: &mut Client, n: usize) -> Instant {
+    let mut got = 0;
+    let mut last = Instant::now();
+    while got < n {
+        let el = tokio::time::timeout(Duration::from_secs(120), bob.inbox.recv())
+            .await
+            .unwrap_or_else(|_| panic!("stalled at {got} of {n}"))
+            .expect("bob's stream ended");
+        if el.get_child("body", CLIENT_NS).is_some() {
+            got += 1;
+            last = Instant::now();
+        }
+    }
+    last
+}
+
+fn offline_bob() -> ClientOpts {
+    ClientOpts {
+        resource: "bench".into(),
+        ..Default::default()
+    }
+}
+
+/// (seconds to store, seconds to replay) through the server's own offline
+/// storage.
+async fn native(kind: Kind, n: usize) -> (f64, f64) {
+    let server = Server::start(
+        kind,
+        ServerOpts {
+            offline_storage: true,
+            ..Default::default()
+        },
+    );
+    let mut alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
+    let t0 = Instant::now();
+    for i in 0..n {
+        alice.send(message("bob@localhost", &format!("n{i}")));
+    }
+    ping(&mut alice, "localhost", "after").await;
+    let stored = t0.elapsed().as_secs_f64();
+    let mut bob = Client::connect(server.c2s_port, "bob", offline_bob()).await;
+    let presence = Instant::now();
+    let last = receive(&mut bob, n).await;
+    bob.close().await;
+    alice.close().await;
+    (stored, last.duration_since(presence).as_secs_f64())
+}
+
+/// (seconds to store, seconds to replay) through redeliver.
+async fn relayed(kind: Kind, n: usize, window: usize) -> (f64, f64) {
+    let server = Server::start(kind, ServerOpts::default());
+    let relay = Relay::start(
+        &server,
+        RelayOpts {
+            durability: "fsync",
+            max_pending: 1_000_000,
+            replay_grace_ms: 0,
+            receipt_timeout_ms: 30_000,
+            window,
+            ..Default::default()
+        },
+    );
+    let to = "bob@relay.localhost";
+    let mut alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
+    // bob approves redeliver's subscription, takes one message, goes.
+    let mut bob = Client::connect(server.c2s_port, "bob", offline_bob()).await;
+    alice.send(message(to, "warm"));
+    receive(&mut bob, 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    bob.close().await;
+    // Its unavailable presence reaches redeliver well within this.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = Instant::now();
+    for i in 0..n {
+        alice.send(message(to, &format!("r{i}")));
+    }
+    ping(&mut alice, "relay.localhost", "after").await;
+    let stored = t0.elapsed().as_secs_f64();
+    let mut bob = Client::connect(server.c2s_port, "bob", offline_bob()).await;
+    let presence = Instant::now();
+    let last = receive(&mut bob, n).await;
+    bob.close().await;
+    alice.close().await;
+    drop(relay);
+    (stored, last.duration_since(presence).as_secs_f64())
+}
+
+/// Seconds for a bare component to get `n` messages to online bob.
+async fn ceiling(kind: Kind, n: usize) -> f64 {
+    let server = Server::start(kind, ServerOpts::default());
+    let mut bob = Client::connect(server.c2s_port, "bob", offline_bob()).await;
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", server.component_port))
+        .await
+        .unwrap();
+    tcp.set_nodelay(true).unwrap();
+    tcp.write_all(
+        format!(
+            "<?xml version='1.0'?><stream:stream xmlns='jabber:component:accept' \
+             xmlns:stream='http://etherx.jabber.org/streams' to='{COMPONENT}'>"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    let stream_id = loop {
+        let mut buf = [0u8; 4096];
+        let k = tcp.read(&mut buf).await.unwrap();
+        assert!(k > 0, "server closed the component stream");
+        seen.extend_from_slice(&buf[..k]);
+        let text = String::from_utf8_lossy(&seen);
+        if let Some(header) = text.find("<stream:stream").map(|i| &text[i..])
+            && let Some(end) = header.find('>')
+        {
+            let header = &header[..end];
+            let id = header
+                .split_once(" id=")
+                .map(|(_, rest)| {
+                    let q = &rest[..1];
+                    rest[1..].split(q).next().unwrap_or("").to_owned()
+                })
+                .expect("stream id");
+            break id;
+        }
+    };
+    let handshake =
+        tokio_xmpp::parsers::component::Handshake::from_stream_id_and_password(stream_id, SECRET);
+    tcp.write_all(String::from(&Element::from(handshake)).as_bytes())
+        .await
+        .unwrap();
+    seen.clear();
+    while !String::from_utf8_lossy(&seen).contains("<handshake") {
+        let mut buf = [0u8; 4096];
+        let k = tcp.read(&mut buf).await.unwrap();
+        assert!(k > 0, "handshake refused");
+        seen.extend_from_slice(&buf[..k]);
+    }
+    let mut wire = Vec::with_capacity(n * 300);
+    for i in 0..n {
+        wire.extend_from_slice(
+            format!(
+                "<message xmlns='jabber:component:accept' from='raw@{COMPONENT}' to='bob@localhost/bench' id='c{i}' type='chat'><body>{BODY}</body><request xmlns='urn:xmpp:receipts'/></message>"
+            )
+            .as_bytes(),
+        );
+    }
+    // Keep reading (receipts come back) so the server never blocks on us.
+    let (mut rd, mut wr) = tcp.into_split();
+    let drain = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while rd.read(&mut buf).await.is_ok_and(|k| k > 0) {}
+    });
+    let t0 = Instant::now();
+    wr.write_all(&wire).await.unwrap();
+    let last = receive(&mut bob, n).await;
+    drain.abort();
+    bob.close().await;
+    last.duration_since(t0).as_secs_f64()
+}
+
+struct Stat {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn stat(mut v: Vec<f64>) -> Stat {
+    v.sort_by(f64::total_cmp);
+    Stat {
+        median: v[v.len() / 2],
+        min: v[0],
+        max: v[v.len() - 1],
+    }
+}
+
+fn show(s: &Stat) -> String {
+    format!("{:.3} ({:.3}..{:.3})", s.median, s.min, s.max)
+}
+
+fn env_list(name: &str, default: &str) -> Vec<String> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let reps: usize = std::env::var("BENCH_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let window: usize = std::env::var("BENCH_WINDOW")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let sizes: Vec<usize> = env_list("BENCH_N", "1000,10000")
+        .iter()
+        .map(|s| s.parse().expect("BENCH_N: numbers"))
+        .collect();
+    let kinds: Vec<Kind> = env_list("BENCH_SERVERS", "prosody")
+        .iter()
+        .map(|s| match s.as_str() {
+            "prosody" => Kind::Prosody,
+            "ejabberd" => Kind::Ejabberd,
+            other => panic!("BENCH_SERVERS: unknown server {other}"),
+        })
+        .collect();
+    println!(
+        "through the server: seconds, median of {reps} (min..max); redeliver in fsync mode, window {window}, replay_grace_ms 0"
+    );
+    println!(
+        "| server | N | native store (b) | redeliver store (a) | store b/a | native replay (b) | redeliver replay (a) | replay a/b | ceiling | replay a/ceiling |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for kind in kinds {
+        for &n in &sizes {
+            let (mut ns, mut nr, mut rs, mut rr, mut c) = (vec![], vec![], vec![], vec![], vec![]);
+            for _ in 0..reps {
+                let (s, r) = native(kind, n).await;
+                ns.push(s);
+                nr.push(r);
+                let (s, r) = relayed(kind, n, window).await;
+                rs.push(s);
+                rr.push(r);
+                c.push(ceiling(kind, n).await);
+            }
+            let (ns, nr, rs, rr, c) = (stat(ns), stat(nr), stat(rs), stat(rr), stat(c));
+            println!(
+                "| {kind:?} | {n} | {} | {} | {:.1}× | {} | {} | {:.2} | {} | {:.2} |",
+                show(&ns),
+                show(&rs),
+                ns.median / rs.median,
+                show(&nr),
+                show(&rr),
+                rr.median / nr.median,
+                show(&c),
+                rr.median / c.median,
+            );
+        }
+    }
+}
