@@ -42,9 +42,12 @@ fn message(to: &str, id: &str) -> Element {
 
 async fn ping(client: &mut Client, to: &str, id: &str) {
     let reply = client
-        .iq(xml(&format!(
-            "<iq xmlns='{CLIENT_NS}' type='get' to='{to}' id='{id}'><ping xmlns='urn:xmpp:ping'/></iq>"
-        )))
+        .iq_within(
+            xml(&format!(
+                "<iq xmlns='{CLIENT_NS}' type='get' to='{to}' id='{id}'><ping xmlns='urn:xmpp:ping'/></iq>"
+            )),
+            Duration::from_secs(300),
+        )
         .await;
     assert_eq!(reply.attr("type"), Some("result"), "ping {to}: {reply:?}");
 }
@@ -66,6 +69,40 @@ async fn receive(bob: &mut Client, n: usize) -> Instant {
     last
 }
 
+/// CPU seconds (user + system, all threads) a process has used so far.
+fn cpu_s(pid: Option<u32>) -> f64 {
+    let Some(pid) = pid else { return 0.0 };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
+    (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
+}
+
+/// What one case measured.
+#[derive(Default)]
+struct Case {
+    /// Seconds until the backlog was stored (not for the ceiling).
+    stored: f64,
+    /// Seconds from presence (or first byte) to the last message.
+    delivered: f64,
+    /// CPU seconds the server used while delivering.
+    server_cpu: f64,
+    /// CPU seconds redeliver used while delivering.
+    relay_cpu: f64,
+}
+
+fn quiet() -> ServerOpts {
+    ServerOpts {
+        quiet: true,
+        ..Default::default()
+    }
+}
+
 fn offline_bob() -> ClientOpts {
     ClientOpts {
         resource: "bench".into(),
@@ -73,13 +110,13 @@ fn offline_bob() -> ClientOpts {
     }
 }
 
-/// (seconds to store, seconds to replay) through the server's own offline
-/// storage.
-async fn native(kind: Kind, n: usize) -> (f64, f64) {
+/// Through the server's own offline storage.
+async fn native(kind: Kind, n: usize) -> Case {
     let server = Server::start(
         kind,
         ServerOpts {
             offline_storage: true,
+            quiet: true,
             ..Default::default()
         },
     );
@@ -90,17 +127,24 @@ async fn native(kind: Kind, n: usize) -> (f64, f64) {
     }
     ping(&mut alice, "localhost", "after").await;
     let stored = t0.elapsed().as_secs_f64();
+    let cpu0 = cpu_s(server.pid());
     let mut bob = Client::connect(server.c2s_port, "bob", offline_bob()).await;
     let presence = Instant::now();
     let last = receive(&mut bob, n).await;
+    let server_cpu = cpu_s(server.pid()) - cpu0;
     bob.close().await;
     alice.close().await;
-    (stored, last.duration_since(presence).as_secs_f64())
+    Case {
+        stored,
+        delivered: last.duration_since(presence).as_secs_f64(),
+        server_cpu,
+        relay_cpu: 0.0,
+    }
 }
 
-/// (seconds to store, seconds to replay) through redeliver.
-async fn relayed(kind: Kind, n: usize, window: usize) -> (f64, f64) {
-    let server = Server::start(kind, ServerOpts::default());
+/// Through redeliver.
+async fn relayed(kind: Kind, n: usize, window: usize) -> Case {
+    let server = Server::start(kind, quiet());
     let relay = Relay::start(
         &server,
         RelayOpts {
@@ -128,18 +172,25 @@ async fn relayed(kind: Kind, n: usize, window: usize) -> (f64, f64) {
     }
     ping(&mut alice, "relay.localhost", "after").await;
     let stored = t0.elapsed().as_secs_f64();
+    let (cpu0, rcpu0) = (cpu_s(server.pid()), cpu_s(relay.pid()));
     let mut bob = Client::connect(server.c2s_port, "bob", offline_bob()).await;
     let presence = Instant::now();
     let last = receive(&mut bob, n).await;
+    let (server_cpu, relay_cpu) = (cpu_s(server.pid()) - cpu0, cpu_s(relay.pid()) - rcpu0);
     bob.close().await;
     alice.close().await;
     drop(relay);
-    (stored, last.duration_since(presence).as_secs_f64())
+    Case {
+        stored,
+        delivered: last.duration_since(presence).as_secs_f64(),
+        server_cpu,
+        relay_cpu,
+    }
 }
 
-/// Seconds for a bare component to get `n` messages to online bob.
-async fn ceiling(kind: Kind, n: usize) -> f64 {
-    let server = Server::start(kind, ServerOpts::default());
+/// A bare component gets `n` messages to online bob.
+async fn ceiling(kind: Kind, n: usize) -> Case {
+    let server = Server::start(kind, quiet());
     let mut bob = Client::connect(server.c2s_port, "bob", offline_bob()).await;
     let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", server.component_port))
         .await
@@ -202,12 +253,19 @@ async fn ceiling(kind: Kind, n: usize) -> f64 {
         let mut buf = vec![0u8; 65536];
         while rd.read(&mut buf).await.is_ok_and(|k| k > 0) {}
     });
+    let cpu0 = cpu_s(server.pid());
     let t0 = Instant::now();
     wr.write_all(&wire).await.unwrap();
     let last = receive(&mut bob, n).await;
+    let server_cpu = cpu_s(server.pid()) - cpu0;
     drain.abort();
     bob.close().await;
-    last.duration_since(t0).as_secs_f64()
+    Case {
+        stored: 0.0,
+        delivered: last.duration_since(t0).as_secs_f64(),
+        server_cpu,
+        relay_cpu: 0.0,
+    }
 }
 
 struct Stat {
@@ -266,19 +324,20 @@ async fn main() {
         "| server | N | native store (b) | redeliver store (a) | store b/a | native replay (b) | redeliver replay (a) | replay a/b | ceiling | replay a/ceiling |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut cpu_rows = Vec::new();
     for kind in kinds {
         for &n in &sizes {
-            let (mut ns, mut nr, mut rs, mut rr, mut c) = (vec![], vec![], vec![], vec![], vec![]);
+            let (mut nat, mut rel, mut cei) = (vec![], vec![], vec![]);
             for _ in 0..reps {
-                let (s, r) = native(kind, n).await;
-                ns.push(s);
-                nr.push(r);
-                let (s, r) = relayed(kind, n, window).await;
-                rs.push(s);
-                rr.push(r);
-                c.push(ceiling(kind, n).await);
+                nat.push(native(kind, n).await);
+                rel.push(relayed(kind, n, window).await);
+                cei.push(ceiling(kind, n).await);
             }
-            let (ns, nr, rs, rr, c) = (stat(ns), stat(nr), stat(rs), stat(rr), stat(c));
+            let ns = stat(nat.iter().map(|c| c.stored).collect());
+            let nr = stat(nat.iter().map(|c| c.delivered).collect());
+            let rs = stat(rel.iter().map(|c| c.stored).collect());
+            let rr = stat(rel.iter().map(|c| c.delivered).collect());
+            let c = stat(cei.iter().map(|c| c.delivered).collect());
             println!(
                 "| {kind:?} | {n} | {} | {} | {:.1}× | {} | {} | {:.2} | {} | {:.2} |",
                 show(&ns),
@@ -290,6 +349,25 @@ async fn main() {
                 show(&c),
                 rr.median / c.median,
             );
+            let per_msg = |v: &[Case], f: fn(&Case) -> f64| {
+                stat(v.iter().map(f).collect()).median * 1e6 / n as f64
+            };
+            cpu_rows.push(format!(
+                "| {kind:?} | {n} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                per_msg(&nat, |c| c.server_cpu),
+                per_msg(&rel, |c| c.server_cpu),
+                per_msg(&rel, |c| c.relay_cpu),
+                per_msg(&cei, |c| c.server_cpu),
+            ));
         }
+    }
+    println!();
+    println!("CPU per delivered message while delivering, µs (median):");
+    println!(
+        "| server | N | server, native | server, via redeliver | redeliver | server, ceiling |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for row in cpu_rows {
+        println!("{row}");
     }
 }

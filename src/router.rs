@@ -5,7 +5,7 @@
 //! markers, and replayed when presence says the recipient is back. See the
 //! lifecycle in docs/architecture.md.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -39,7 +39,8 @@ use crate::gate::{Flushed, Gate};
 use crate::link::{LinkEvent, Outbound};
 use crate::ratelimit::RateLimiter;
 use crate::store::{
-    Accepted, NewMessage, PurgeScope, QueueLimits, Record, Store, StoreError, Subscription, bare_of,
+    Accepted, NewMessage, PurgeScope, QueueLimits, RecipientState, Record, Store, StoreError,
+    Subscription, bare_of,
 };
 use crate::twin::{self, AnotherInstance, Instance, Verdict};
 use crate::xep0050::{COMMANDS, Command};
@@ -49,6 +50,8 @@ const CHAT_STATES: &str = "http://jabber.org/protocol/chatstates";
 const HINTS: &str = "urn:xmpp:hints";
 /// Link events handled in one burst (one store batch) at most.
 const BURST: usize = 256;
+/// Recipients probed per step after a connect.
+const PROBE_STEP: usize = 256;
 
 /// Delivery phase of one recipient.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,6 +169,8 @@ enum Timer {
     Resume {
         recipient: String,
     },
+    /// Time to probe the next recipients after a connect.
+    ProbeStep,
     /// Time to look for another instance under our name again.
     TwinCheck,
     /// Time for the next step of the expiry walk.
@@ -218,6 +223,11 @@ pub struct Router {
     outbox: mpsc::Sender<Outbound>,
     /// Stanzas of the current burst, sent once its writes are committed.
     out_buf: Vec<Outbound>,
+    /// Messages just accepted, as parsed, so that relaying one at once
+    /// does not parse its stored XML back.
+    fresh: Fresh,
+    /// Recipients still to probe after the last connect.
+    probe_queue: VecDeque<(String, RecipientState)>,
     /// Epoch of the live link, if any.
     epoch: Option<u64>,
     peers: HashMap<String, Peer>,
@@ -246,6 +256,44 @@ pub struct Router {
     rate: RateLimiter,
     /// Whether the expiry walk has a step scheduled.
     expiry_scheduled: bool,
+}
+
+/// The most recently accepted messages, by seq, until relayed: at most
+/// [`Fresh::MAX_BYTES`] of stanzas and [`Fresh::MAX_ENTRIES`] seqs.
+#[derive(Default)]
+struct Fresh {
+    messages: HashMap<u64, (Message, usize)>,
+    /// Seqs in accept order, taken ones too (until they age out).
+    order: VecDeque<u64>,
+    bytes: usize,
+}
+
+impl Fresh {
+    const MAX_BYTES: usize = 4 << 20;
+    const MAX_ENTRIES: usize = 16_384;
+
+    fn put(&mut self, seq: u64, m: Message, size: usize) {
+        while self.order.len() >= Self::MAX_ENTRIES
+            || !self.order.is_empty() && self.bytes + size > Self::MAX_BYTES
+        {
+            if let Some(old) = self.order.pop_front()
+                && let Some((_, s)) = self.messages.remove(&old)
+            {
+                self.bytes -= s;
+            }
+        }
+        if size <= Self::MAX_BYTES {
+            self.order.push_back(seq);
+            self.messages.insert(seq, (m, size));
+            self.bytes += size;
+        }
+    }
+
+    fn take(&mut self, seq: u64) -> Option<Message> {
+        let (m, size) = self.messages.remove(&seq)?;
+        self.bytes -= size;
+        Some(m)
+    }
 }
 
 /// Error replies the router sends; every refusal gets one.
@@ -296,6 +344,8 @@ impl Router {
             store,
             outbox,
             out_buf: Vec::new(),
+            fresh: Fresh::default(),
+            probe_queue: VecDeque::new(),
             epoch: None,
             peers: HashMap::new(),
             timers: DelayQueue::new(),
@@ -513,29 +563,53 @@ impl Router {
                 return;
             }
         };
-        let mut probed = 0;
+        info!(
+            epoch,
+            recipients = recipients.len(),
+            "link up; probing subscribed recipients"
+        );
+        // In steps, so that a large store does not hold everything else
+        // up (nor buffer a probe per recipient at once).
+        self.probe_queue = recipients.into();
+        self.timers.insert(Timer::ProbeStep, Duration::ZERO);
+        self.send_twin_probes().await;
+        // The walk runs while notices can go out; the first connect starts
+        // it at once (a restart may find messages that expired while the
+        // process was down).
+        if !self.expiry_scheduled {
+            self.expiry_scheduled = true;
+            self.timers.insert(Timer::Expire, Duration::ZERO);
+        }
+        if self.twin_timer.is_none() {
+            self.twin_timer = Some(self.timers.insert(Timer::TwinCheck, twin::INTERVAL));
+        }
+    }
+
+    /// Probe the next [`PROBE_STEP`] recipients known at link up: servers
+    /// do not queue presence for a disconnected component, so ask again.
+    async fn probe_step(&mut self) {
         let initial = self.config.retry_initial();
-        for (name, state) in recipients {
+        for _ in 0..PROBE_STEP {
+            let Some((name, state)) = self.probe_queue.pop_front() else {
+                break;
+            };
             let Ok(jid) = BareJid::from_str(&name) else {
                 warn!(recipient = %name, "store holds an invalid recipient JID; skipping");
                 continue;
             };
             if state.subscription == Subscription::Subscribed {
-                // Servers do not queue presence for a disconnected
-                // component: ask again.
                 self.send(
                     Presence::probe()
                         .with_from(self.me.clone())
                         .with_to(Jid::from(jid)),
                 )
                 .await;
-                probed += 1;
             }
             if state.pending > 0 {
                 // If the probe answers, presence decides; if nothing
                 // answers (presence unknown), this retry does.
                 let peer = peer_entry(&mut self.peers, &name, initial);
-                if peer.timer.is_none() && peer.phase != Phase::Sending {
+                if peer.timer.is_none() && peer.phase == Phase::Idle {
                     let delay = if state.subscription == Subscription::Subscribed {
                         initial
                     } else {
@@ -551,22 +625,16 @@ impl Router {
                 }
             }
         }
-        info!(epoch, probed, "link up; probed subscribed recipients");
-        self.send_twin_probes().await;
-        // The walk runs while notices can go out; the first connect starts
-        // it at once (a restart may find messages that expired while the
-        // process was down).
-        if !self.expiry_scheduled {
-            self.expiry_scheduled = true;
-            self.timers.insert(Timer::Expire, Duration::ZERO);
-        }
-        if self.twin_timer.is_none() {
-            self.twin_timer = Some(self.timers.insert(Timer::TwinCheck, twin::INTERVAL));
+        if self.probe_queue.is_empty() {
+            debug!("every recipient probed");
+        } else {
+            self.timers.insert(Timer::ProbeStep, Duration::ZERO);
         }
     }
 
     fn on_link_down(&mut self) {
         self.epoch = None;
+        self.probe_queue.clear();
         self.link_up_since = None;
         // What was on the wire is in doubt: it stays pending and is
         // replayed once presence is known again.
@@ -719,8 +787,9 @@ impl Router {
                 || p.is("delay", ns::DELAY) && p.attr("from") == Some(me.as_str())
                 || p.is("stanza-id", ns::SID) && p.attr("by") == Some(me.as_str()))
         });
-        let xml = String::from(&Element::from(m));
-        if xml.len() > self.config.limits.max_stanza_bytes {
+        let xml = String::from(&Element::from(m.clone()));
+        let size = xml.len();
+        if size > self.config.limits.max_stanza_bytes {
             self.refuse_message(
                 &original,
                 ErrorType::Modify,
@@ -769,6 +838,7 @@ impl Router {
         );
         match outcome {
             Ok(Accepted::Stored { seq }) => {
+                self.fresh.put(seq, m, size);
                 self.stats.accepted_total += 1;
                 debug!(to = %recipient, from = %from, id = %id, seq, "accepted");
                 self.gate.accepted(seq, &recipient);
@@ -1013,7 +1083,8 @@ impl Router {
             if replay {
                 self.stats.replays_total += 1;
             }
-            match self.outgoing(seq, &rec, replay) {
+            let fresh = self.fresh.take(seq);
+            match self.outgoing(seq, &rec, replay, fresh) {
                 Some(m) => self.send(m).await,
                 None => {
                     // A record we cannot parse back can never be delivered;
@@ -1029,9 +1100,18 @@ impl Router {
     }
 
     /// Rebuild the stanza for the wire from its record.
-    fn outgoing(&self, seq: u64, rec: &Record, replay: bool) -> Option<Message> {
-        let el = Element::from_str(&rec.stanza).ok()?;
-        let mut m = Message::try_from(el).ok()?;
+    /// `fresh`: the same message as accepted, if still at hand.
+    fn outgoing(
+        &self,
+        seq: u64,
+        rec: &Record,
+        replay: bool,
+        fresh: Option<Message>,
+    ) -> Option<Message> {
+        let mut m = match fresh {
+            Some(m) => m,
+            None => Message::try_from(Element::from_str(&rec.stanza).ok()?).ok()?,
+        };
         m.payloads.push(Request.into());
         m.payloads.push(
             StanzaId {
@@ -1127,6 +1207,11 @@ impl Router {
     async fn on_timer(&mut self, t: Timer) {
         match t {
             Timer::Expire => self.expire_step().await,
+            Timer::ProbeStep => {
+                if self.epoch.is_some() {
+                    self.probe_step().await;
+                }
+            }
             Timer::SpaceProbe => {
                 if probe_space(&self.config.store.path) {
                     error!("{}", Stop::ReopenStore);
@@ -2000,6 +2085,26 @@ retry_initial_ms = 500
 
     fn ids(v: &[(String, bool)]) -> Vec<&str> {
         v.iter().map(|(i, _)| i.as_str()).collect()
+    }
+
+    #[test]
+    fn fresh_messages_are_bounded_by_bytes_and_entries() {
+        let mut f = Fresh::default();
+        let half = Fresh::MAX_BYTES / 2;
+        f.put(1, Message::new(None), half);
+        f.put(2, Message::new(None), half);
+        f.put(3, Message::new(None), half);
+        assert!(f.take(1).is_none(), "the oldest made room");
+        assert!(f.take(2).is_some());
+        assert!(f.take(2).is_none(), "taken once");
+        assert_eq!(f.bytes, half);
+        f.put(4, Message::new(None), Fresh::MAX_BYTES + 1);
+        assert!(f.take(4).is_none(), "larger than the whole cache: not kept");
+        for seq in 10..10 + Fresh::MAX_ENTRIES as u64 + 5 {
+            f.put(seq, Message::new(None), 1);
+        }
+        assert_eq!(f.order.len(), Fresh::MAX_ENTRIES);
+        assert!(f.take(10).is_none() && f.take(20).is_some());
     }
 
     #[tokio::test(start_paused = true)]

@@ -40,8 +40,15 @@ pub struct FakeServer {
     pub port: u16,
     pub events: mpsc::UnboundedReceiver<Event>,
     current: Arc<Mutex<Option<(u64, Writer)>>>,
-    online: Arc<AtomicBool>,
+    users: Arc<Users>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// How the users behind the fake server behave, and what they did.
+#[derive(Default)]
+struct Users {
+    offline: AtomicBool,
+    answered: AtomicU64,
 }
 
 impl FakeServer {
@@ -51,8 +58,8 @@ impl FakeServer {
         let (tx, events) = mpsc::unbounded_channel();
         let current: Arc<Mutex<Option<(u64, Writer)>>> = Arc::default();
         let cur = current.clone();
-        let online = Arc::new(AtomicBool::new(true));
-        let on = online.clone();
+        let users = Arc::new(Users::default());
+        let u = users.clone();
         let task = tokio::spawn(async move {
             let order = Arc::new(AtomicU64::new(0));
             let mut n = 0;
@@ -68,7 +75,7 @@ impl FakeServer {
                     w_rx,
                     tx.clone(),
                     order.clone(),
-                    on.clone(),
+                    u.clone(),
                 ));
             }
         });
@@ -76,14 +83,19 @@ impl FakeServer {
             port,
             events,
             current,
-            online,
+            users,
             task,
         }
     }
 
+    /// How many stanzas the users and the server answered by themselves.
+    pub fn auto_answered(&self) -> u64 {
+        self.users.answered.load(Ordering::SeqCst)
+    }
+
     /// Whether the users answer subscriptions and probes as online.
     pub fn set_users_online(&self, online: bool) {
-        self.online.store(online, Ordering::SeqCst);
+        self.users.offline.store(!online, Ordering::SeqCst);
     }
 
     /// A handle that writes to the current connection, for other tasks.
@@ -165,7 +177,7 @@ async fn serve(
     mut outgoing: mpsc::UnboundedReceiver<Vec<u8>>,
     events: mpsc::UnboundedSender<Event>,
     order: Arc<AtomicU64>,
-    online: Arc<AtomicBool>,
+    users: Arc<Users>,
 ) {
     let (mut rd, mut wr) = tcp.into_split();
     tokio::spawn(async move {
@@ -229,7 +241,8 @@ async fn serve(
                 }
                 continue;
             }
-            if let Some(reply) = auto_reply(&el, online.load(Ordering::SeqCst)) {
+            if let Some(reply) = auto_reply(&el, !users.offline.load(Ordering::SeqCst)) {
+                users.answered.fetch_add(1, Ordering::SeqCst);
                 for r in reply {
                     let _ = writer.send(r.into_bytes());
                 }

@@ -108,6 +108,10 @@ pub struct ServerOpts {
     /// Stream-management hibernation (Prosody) or resume timeout
     /// (ejabberd), seconds.
     pub smacks_hibernation_s: u32,
+    /// The server's log level: Prosody's `debug`/`info`/`warn`, ejabberd's
+    /// `debug`/`info`/`warning`. Tests log everything; the benchmark
+    /// measures the server, not its log.
+    pub quiet: bool,
 }
 
 impl Default for ServerOpts {
@@ -115,6 +119,7 @@ impl Default for ServerOpts {
         ServerOpts {
             offline_storage: false,
             smacks_hibernation_s: 3,
+            quiet: false,
         }
     }
 }
@@ -180,7 +185,16 @@ impl Server {
                 &opts.smacks_hibernation_s.to_string(),
             )
             .replace("@COMPONENT@", COMPONENT)
-            .replace("@SECRET@", SECRET);
+            .replace("@SECRET@", SECRET)
+            .replace(
+                "@LOGLEVEL@",
+                match (kind, opts.quiet) {
+                    (Kind::Prosody, false) => "debug",
+                    (Kind::Ejabberd, false) => "info",
+                    (Kind::Prosody, true) => "warn",
+                    (Kind::Ejabberd, true) => "warning",
+                },
+            );
         std::fs::create_dir_all(dir.path().join("data")).unwrap();
         std::fs::create_dir_all(dir.path().join("certs")).unwrap();
         std::fs::write(dir.path().join(file), cfg).unwrap();
@@ -275,6 +289,11 @@ impl Server {
             self.kind,
             self.dir.path().display()
         );
+    }
+
+    /// The server's process, if running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Stop (SIGTERM, by PID) and wait.
@@ -777,9 +796,13 @@ impl Client {
 
     /// Send an iq (with an `id`) and wait for its result or error.
     pub async fn iq(&mut self, el: Element) -> Element {
+        self.iq_within(el, Duration::from_secs(10)).await
+    }
+
+    pub async fn iq_within(&mut self, el: Element, wait: Duration) -> Element {
         let id = el.attr("id").expect("iq needs an id").to_owned();
         self.send(el);
-        let end = tokio::time::Instant::now() + Duration::from_secs(10);
+        let end = tokio::time::Instant::now() + wait;
         loop {
             let reply = tokio::time::timeout_at(end, self.iq_replies.recv())
                 .await
