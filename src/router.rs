@@ -228,6 +228,9 @@ pub struct Router {
     fresh: Fresh,
     /// Recipients still to probe after the last connect.
     probe_queue: VecDeque<(String, RecipientState)>,
+    /// Probed recipients with pending messages, awaiting the end of the
+    /// pass to schedule their retry.
+    probe_waiting: Vec<String>,
     /// Epoch of the live link, if any.
     epoch: Option<u64>,
     peers: HashMap<String, Peer>,
@@ -346,6 +349,7 @@ impl Router {
             out_buf: Vec::new(),
             fresh: Fresh::default(),
             probe_queue: VecDeque::new(),
+            probe_waiting: Vec::new(),
             epoch: None,
             peers: HashMap::new(),
             timers: DelayQueue::new(),
@@ -606,35 +610,48 @@ impl Router {
                 .await;
             }
             if state.pending > 0 {
-                // If the probe answers, presence decides; if nothing
-                // answers (presence unknown), this retry does.
-                let peer = peer_entry(&mut self.peers, &name, initial);
-                if peer.timer.is_none() && peer.phase == Phase::Idle {
-                    let delay = if state.subscription == Subscription::Subscribed {
-                        initial
-                    } else {
-                        Duration::ZERO
-                    };
-                    peer.phase = Phase::Backoff;
-                    peer.timer = Some(self.timers.insert(
-                        Timer::Resume {
-                            recipient: name.clone(),
-                        },
-                        delay,
-                    ));
+                if state.subscription == Subscription::Subscribed {
+                    // The probe may answer; the retry waits for the
+                    // whole pass (see below).
+                    self.probe_waiting.push(name);
+                } else {
+                    self.resume_unless_known(&name, Duration::ZERO);
                 }
             }
         }
-        if self.probe_queue.is_empty() {
-            debug!("every recipient probed");
-        } else {
+        if !self.probe_queue.is_empty() {
             self.timers.insert(Timer::ProbeStep, Duration::ZERO);
+            return;
+        }
+        // Every probe is out. Where no presence has come back within
+        // retry_initial_ms of the last one (presence unknown), a retry
+        // decides: timed from the end of the pass, so that a large store
+        // does not resend to recipients whose answers are still queued.
+        debug!("every recipient probed");
+        for name in std::mem::take(&mut self.probe_waiting) {
+            self.resume_unless_known(&name, initial);
+        }
+    }
+
+    /// Schedule a resume for a recipient nothing is known of yet.
+    fn resume_unless_known(&mut self, name: &str, delay: Duration) {
+        let initial = self.config.retry_initial();
+        let peer = peer_entry(&mut self.peers, name, initial);
+        if peer.timer.is_none() && peer.phase == Phase::Idle {
+            peer.phase = Phase::Backoff;
+            peer.timer = Some(self.timers.insert(
+                Timer::Resume {
+                    recipient: name.to_owned(),
+                },
+                delay,
+            ));
         }
     }
 
     fn on_link_down(&mut self) {
         self.epoch = None;
         self.probe_queue.clear();
+        self.probe_waiting.clear();
         self.link_up_since = None;
         // What was on the wire is in doubt: it stays pending and is
         // replayed once presence is known again.
