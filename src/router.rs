@@ -2104,6 +2104,93 @@ retry_initial_ms = 500
         v.iter().map(|(i, _)| i.as_str()).collect()
     }
 
+    /// After a connect every subscribed recipient is probed, in steps;
+    /// one that answers mid-pass is replayed within its grace, and the
+    /// silent ones get their retry afterwards.
+    #[tokio::test(start_paused = true)]
+    async fn startup_probes_every_recipient_in_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Arc::new(config(dir.path(), 64));
+        let store =
+            Arc::new(Store::open(&config.store.path, Durability::Batched, 5, 1 << 20).unwrap());
+        let n = PROBE_STEP * 3 + 7;
+        store.begin();
+        for i in 0..n {
+            let recipient = format!("u{i}@x");
+            let id = format!("m{i}");
+            store
+                .accept(
+                    NewMessage {
+                        recipient: &recipient,
+                        sender_bare: "alice@x",
+                        origin_id: None,
+                        record: Record {
+                            accepted_at_ms: now_ms(),
+                            sender: "alice@x/r".into(),
+                            stanza: format!(
+                                "<message xmlns='{NS}' from='alice@relay.x' to='{recipient}' id='{id}' type='chat'><body>{id}</body></message>"
+                            ),
+                            id,
+                        },
+                    },
+                    QueueLimits {
+                        max_pending: 10,
+                        max_bytes: 1 << 20,
+                        max_store_bytes: 1 << 30,
+                    },
+                )
+                .unwrap();
+            store
+                .set_subscription(&recipient, Subscription::Subscribed)
+                .unwrap();
+        }
+        store.commit().unwrap();
+        let (out_tx, mut out_rx) = mpsc::channel(8192);
+        let (ev_tx, ev_rx) = mpsc::channel(1024);
+        let (flush_tx, _flush_rx) = mpsc::unbounded_channel();
+        let (_int_tx, int_rx) = mpsc::channel(16);
+        let router = Router::new(config, None, store, out_tx, flush_tx).unwrap();
+        let stop = CancellationToken::new();
+        let _guard = stop.clone().drop_guard();
+        tokio::spawn(router.run(ev_rx, int_rx, stop));
+        ev_tx.send(LinkEvent::Up { epoch: 1 }).await.unwrap();
+        // One recipient comes online while the pass is under way.
+        let online = format!("u{}@x", n - 1);
+        let el = Element::from_str(&format!(
+            "<presence xmlns='{NS}' from='{online}/r' to='relay.x'/>"
+        ))
+        .unwrap();
+        ev_tx
+            .send(LinkEvent::Stanza(Box::new(Stanza::Presence(
+                Presence::try_from(el).unwrap(),
+            ))))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(310)).await;
+        let mut probed = std::collections::HashSet::new();
+        let mut relayed = Vec::new();
+        while let Ok(o) = out_rx.try_recv() {
+            match o.stanza {
+                Stanza::Presence(p) if p.type_ == PresenceType::Probe => {
+                    probed.insert(p.to.unwrap().to_string());
+                }
+                Stanza::Message(m) => relayed.push(m.to.unwrap().to_string()),
+                _ => {}
+            }
+        }
+        assert_eq!(probed.len(), n, "every subscribed recipient probed once");
+        assert_eq!(relayed, [online], "only the one that said it is online");
+        // The silent ones get their retry retry_initial_ms after the pass.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut retried = 0;
+        while let Ok(o) = out_rx.try_recv() {
+            if matches!(o.stanza, Stanza::Message(_)) {
+                retried += 1;
+            }
+        }
+        assert_eq!(retried, n - 1);
+    }
+
     #[test]
     fn fresh_messages_are_bounded_by_bytes_and_entries() {
         let mut f = Fresh::default();
