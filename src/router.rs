@@ -982,7 +982,7 @@ impl Router {
         for (seq, rec) in removed {
             info!(to = recipient, id = %rec.id, seq, assumed, "confirmed");
         }
-        self.pump(recipient).await;
+        self.refill(recipient).await;
     }
 
     async fn on_bounce(&mut self, from: &Jid, to: &Jid, id: Option<&str>) {
@@ -1036,6 +1036,17 @@ impl Router {
     /// Send pending messages in order while the window has room; how
     /// many went.
     async fn pump(&mut self, recipient: &str) -> usize {
+        self.pump_some(recipient, false).await
+    }
+
+    /// After confirmations: refill only once half the window is free, so
+    /// that a backlog leaves in clumps (fewer, larger writes for the
+    /// server to read) rather than one message per receipt.
+    async fn refill(&mut self, recipient: &str) -> usize {
+        self.pump_some(recipient, true).await
+    }
+
+    async fn pump_some(&mut self, recipient: &str, clump: bool) -> usize {
         if self.epoch.is_none() {
             return 0;
         }
@@ -1050,7 +1061,10 @@ impl Router {
         } else {
             1
         };
-        if peer.phase != Phase::Sending || peer.in_flight.len() >= window {
+        if peer.phase != Phase::Sending
+            || peer.in_flight.len() >= window
+            || clump && peer.in_flight.len() > window / 2
+        {
             return 0;
         }
         let room = window - peer.in_flight.len();
@@ -2262,6 +2276,25 @@ retry_initial_ms = 500
         .await;
         tokio::time::sleep(Duration::from_millis(310)).await;
         assert_eq!(ids(&h.drain()), ["m1"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn window_refills_once_half_is_confirmed() {
+        let mut h = harness(4).await;
+        h.subscribe_and_go_offline().await;
+        h.available().await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        for i in 1..=8 {
+            h.msg(&format!("m{i}")).await;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(ids(&h.drain()), ["m1", "m2", "m3", "m4"]);
+        h.receipt("m1").await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(h.drain().is_empty(), "three in flight: more than half");
+        h.receipt("m2").await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(ids(&h.drain()), ["m5", "m6"], "refilled in one clump");
     }
 
     #[tokio::test(start_paused = true)]

@@ -1005,8 +1005,18 @@ pub fn bare_of(jid: &str) -> &str {
 mod tests {
     use super::*;
 
+    /// Open, waiting out the lock of a store just dropped in this process:
+    /// sled's I/O threads can still hold it for a moment under load.
     fn open(dir: &Path) -> Store {
-        Store::open(dir, Durability::Fsync, 5, 1 << 20).unwrap()
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match Store::open(dir, Durability::Fsync, 5, 1 << 20) {
+                Err(StoreError::Locked { .. }) if std::time::Instant::now() < end => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other.unwrap(),
+            }
+        }
     }
 
     fn msg<'a>(
