@@ -146,18 +146,9 @@ fn receipt(users: &common::fake::FakeHandle, el: &tokio_xmpp::minidom::Element) 
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let n: usize = std::env::var("BENCH_MESSAGES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
-    let recipients: usize = std::env::var("BENCH_RECIPIENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000);
-    let reps: usize = std::env::var("BENCH_REPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let n: usize = env_or("BENCH_MESSAGES", 100_000);
+    let recipients: usize = env_or("BENCH_RECIPIENTS", 1_000);
+    let reps: usize = env_or("BENCH_REPS", 3);
     println!(
         "component alone: {n} messages across {recipients} recipients, receipts at once, median of {reps} (min..max)"
     );

@@ -25,13 +25,6 @@ const BODY: &str =
     "a benchmark message with about a hundred bytes of body text, to look like a short chat line";
 const GRACE_MS: u64 = 100;
 
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn fill(path: &std::path::Path, messages: usize, recipients: usize) -> u64 {
     let store = Store::open(path, Durability::Batched, 500, 64 << 20).unwrap();
     let limits = QueueLimits {
@@ -41,9 +34,9 @@ fn fill(path: &std::path::Path, messages: usize, recipients: usize) -> u64 {
     };
     let now = chrono::Utc::now().timestamp_millis();
     let t0 = Instant::now();
-    for chunk in (0..messages).collect::<Vec<_>>().chunks(1000) {
+    for start in (0..messages).step_by(1000) {
         store.begin();
-        for &i in chunk {
+        for i in start..messages.min(start + 1000) {
             let r = i % recipients;
             let recipient = format!("u{r}@localhost");
             let id = format!("m{i}");
@@ -114,9 +107,9 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let messages = env("BENCH_SCALE_MESSAGES", 1_000_000);
-    let recipients = env("BENCH_SCALE_RECIPIENTS", 100_000);
-    let cache = env("BENCH_SCALE_CACHE_BYTES", 16 << 20) as u64;
+    let messages: usize = env_or("BENCH_SCALE_MESSAGES", 1_000_000);
+    let recipients: usize = env_or("BENCH_SCALE_RECIPIENTS", 100_000);
+    let cache: u64 = env_or("BENCH_SCALE_CACHE_BYTES", 16 << 20);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store");
     let stanza_bytes = fill(&path, messages, recipients);

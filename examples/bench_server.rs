@@ -287,24 +287,10 @@ fn show(s: &Stat) -> String {
     format!("{:.3} ({:.3}..{:.3})", s.median, s.min, s.max)
 }
 
-fn env_list(name: &str, default: &str) -> Vec<String> {
-    std::env::var(name)
-        .unwrap_or_else(|_| default.into())
-        .split(',')
-        .map(str::to_owned)
-        .collect()
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let reps: usize = std::env::var("BENCH_REPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
-    let window: usize = std::env::var("BENCH_WINDOW")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(64);
+    let reps: usize = env_or("BENCH_REPS", 3);
+    let window: usize = env_or("BENCH_WINDOW", 64);
     let sizes: Vec<usize> = env_list("BENCH_N", "1000,10000")
         .iter()
         .map(|s| s.parse().expect("BENCH_N: numbers"))

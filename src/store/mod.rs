@@ -251,6 +251,21 @@ struct Merged {
     overlay: std::iter::Peekable<std::vec::IntoIter<(Vec<u8>, Option<IVec>)>>,
 }
 
+impl Merged {
+    /// `writes`: the overlay's entries in the same range, in key order
+    /// (copied, so that the overlay's lock is not held while iterating).
+    fn new<'a>(
+        db: sled::Iter,
+        writes: impl Iterator<Item = (&'a Vec<u8>, &'a Option<IVec>)>,
+    ) -> Merged {
+        let overlay: Vec<_> = writes.map(|(k, v)| (k.clone(), v.clone())).collect();
+        Merged {
+            db: db.peekable(),
+            overlay: overlay.into_iter().peekable(),
+        }
+    }
+}
+
 impl Iterator for Merged {
     type Item = Result<(IVec, IVec), StoreError>;
 
@@ -460,31 +475,21 @@ impl Store {
 
     /// Entries whose keys start with `prefix`, in key order.
     fn scan(&self, prefix: &[u8]) -> Merged {
-        let overlay: Vec<_> = self
-            .overlay()
+        let o = self.overlay();
+        let writes = o
             .writes
             .range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded))
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        Merged {
-            db: self.db.scan_prefix(prefix).peekable(),
-            overlay: overlay.into_iter().peekable(),
-        }
+            .take_while(|(k, _)| k.starts_with(prefix));
+        Merged::new(self.db.scan_prefix(prefix), writes)
     }
 
     /// Entries with `lo <= key <= hi`, in key order.
     fn scan_range(&self, lo: &[u8], hi: &[u8]) -> Merged {
-        let overlay: Vec<_> = self
-            .overlay()
+        let o = self.overlay();
+        let writes = o
             .writes
-            .range::<[u8], _>((Bound::Included(lo), Bound::Included(hi)))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        Merged {
-            db: self.db.range(lo..=hi).peekable(),
-            overlay: overlay.into_iter().peekable(),
-        }
+            .range::<[u8], _>((Bound::Included(lo), Bound::Included(hi)));
+        Merged::new(self.db.range(lo..=hi), writes)
     }
 
     /// Open (or create) the store. Blocking: call it off the runtime.

@@ -245,6 +245,11 @@ impl Store {
 
 /// First pass over an export: every line parses, entries come in order,
 /// stanzas parse, and the trailer's counts match.
+/// A recipient as a key part: not empty, and free of the 0x00 separator.
+fn key_part_ok(jid: &str) -> bool {
+    !jid.is_empty() && !jid.contains('\0')
+}
+
 fn validate(path: &Path) -> Result<TransferSummary, TransferError> {
     let mut sum = TransferSummary::default();
     let mut last_seq = None;
@@ -278,7 +283,7 @@ fn validate(path: &Path) -> Result<TransferSummary, TransferError> {
             }
             _ if n == 1 => return Err(bad(n, "no header".into())),
             Line::Recipient { jid, .. } => {
-                if jid.is_empty() || jid.contains('\0') {
+                if !key_part_ok(&jid) {
                     return Err(bad(n, "bad recipient JID".into()));
                 }
                 sum.recipients += 1;
@@ -293,7 +298,7 @@ fn validate(path: &Path) -> Result<TransferSummary, TransferError> {
                     return Err(bad(n, "entries out of order".into()));
                 }
                 last_seq = Some(seq);
-                if recipient.is_empty() || recipient.contains('\0') {
+                if !key_part_ok(&recipient) {
                     return Err(bad(n, "bad recipient JID".into()));
                 }
                 sum.entries += 1;

@@ -33,6 +33,24 @@ fn root() -> PathBuf {
 }
 
 /// A free loopback port (bound, then released).
+/// A benchmark setting from the environment, or `default` when unset or
+/// not a number.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A comma-separated benchmark setting from the environment.
+pub fn env_list(name: &str, default: &str) -> Vec<String> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .map(str::to_owned)
+        .collect()
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -108,9 +126,9 @@ pub struct ServerOpts {
     /// Stream-management hibernation (Prosody) or resume timeout
     /// (ejabberd), seconds.
     pub smacks_hibernation_s: u32,
-    /// The server's log level: Prosody's `debug`/`info`/`warn`, ejabberd's
-    /// `debug`/`info`/`warning`. Tests log everything; the benchmark
-    /// measures the server, not its log.
+    /// Log warnings only (Prosody `warn`, ejabberd `warning`) instead of
+    /// Prosody's `debug` and ejabberd's `info`: tests read the logs; the
+    /// benchmark measures the server, not its log.
     pub quiet: bool,
 }
 
