@@ -318,6 +318,8 @@ fn flatten(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<S
 /// Prosody drops a component link on a stanza over 512 KiB; what we relay
 /// grows by a few hundred bytes, so stay clearly below that.
 const MAX_STANZA_CEILING: usize = 500 * 1024;
+/// The longest duration any setting may name: 365 days.
+const MAX_DURATION_MS: u64 = 365 * 24 * 3600 * 1000;
 
 impl Config {
     /// Read, parse and validate a config file.
@@ -382,6 +384,19 @@ impl Config {
         if self.relay.allowed_sender_domains.is_empty() {
             return bad("relay.allowed_sender_domains must name at least one domain".into());
         }
+        if !self
+            .relay
+            .allowed_sender_domains
+            .contains(&self.relay.default_domain)
+        {
+            // Receipts come from recipients on the default domain and are
+            // relayed like messages: refused senders never confirm.
+            return bad(format!(
+                "relay.allowed_sender_domains must contain relay.default_domain {:?}: \
+                 recipients there send the receipts that confirm messages",
+                self.relay.default_domain
+            ));
+        }
         for d in &self.relay.allowed_sender_domains {
             if DomainPart::new(d).is_err() {
                 return bad(format!(
@@ -439,7 +454,32 @@ impl Config {
         if self.component.keepalive_s == 0 {
             return bad("component.keepalive_s must be at least 1".into());
         }
+        for (key, ms) in self.durations_ms() {
+            if ms > MAX_DURATION_MS {
+                return bad(format!(
+                    "{key} is {ms} ms; durations may be at most 365 days ({MAX_DURATION_MS} ms)"
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Every duration setting in milliseconds, by key: the timers they
+    /// arm cannot reach past about two years (tokio's `DelayQueue`
+    /// panics there), so each is bounded at validation.
+    fn durations_ms(&self) -> [(&'static str, u64); 9] {
+        let s = |v: u64| v.saturating_mul(1000);
+        [
+            ("component.keepalive_s", s(self.component.keepalive_s)),
+            ("component.reconnect_max_ms", self.component.reconnect_max_ms),
+            ("store.flush_interval_ms", self.store.flush_interval_ms),
+            ("delivery.receipt_timeout_ms", self.delivery.receipt_timeout_ms),
+            ("delivery.replay_grace_ms", self.delivery.replay_grace_ms),
+            ("delivery.retry_initial_ms", self.delivery.retry_initial_ms),
+            ("delivery.retry_max_ms", self.delivery.retry_max_ms),
+            ("limits.message_ttl_s", s(self.limits.message_ttl_s)),
+            ("admin.session_timeout_s", s(self.admin.session_timeout_s)),
+        ]
     }
 
     pub fn server_addr(&self) -> SocketAddr {
@@ -564,6 +604,43 @@ path = "/tmp/x"
             let err = c.validate().unwrap_err().to_string();
             assert!(err.contains(what), "{what}: {err}");
         }
+    }
+
+    /// Issue 11, defect 8: a default domain whose users may not send
+    /// could never confirm anything, and a duration past tokio's timer
+    /// range killed the router at its first use.
+    #[test]
+    fn configuration_that_cannot_work_is_refused() {
+        let text = MINIMAL.replacen(
+            "allowed_sender_domains = [\"example.com\"]",
+            "allowed_sender_domains = [\"other.org\"]",
+            1,
+        );
+        let c: Config = toml::from_str(&text).unwrap();
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "relay.allowed_sender_domains must contain \
+             relay.default_domain \"example.com\": recipients there send the receipts that \
+             confirm messages"
+        );
+        for (section, key, value, ms) in [
+            ("limits", "message_ttl_s", 100_000_000u64, 100_000_000_000u64),
+            ("delivery", "retry_max_ms", 40_000_000_000, 40_000_000_000),
+            ("admin", "session_timeout_s", 40_000_000, 40_000_000_000),
+        ] {
+            let text = format!("{MINIMAL}\n[{section}]\n{key} = {value}\n");
+            let c: Config = toml::from_str(&text).unwrap();
+            assert_eq!(
+                c.validate().unwrap_err().to_string(),
+                format!(
+                    "{section}.{key} is {ms} ms; durations may be at most 365 days \
+                     (31536000000 ms)"
+                )
+            );
+        }
+        // The ceiling itself is fine.
+        let text = format!("{MINIMAL}\n[limits]\nmessage_ttl_s = 31536000\n");
+        toml::from_str::<Config>(&text).unwrap().validate().unwrap();
     }
 
     #[test]
