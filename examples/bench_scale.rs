@@ -49,6 +49,7 @@ fn fill(path: &std::path::Path, messages: usize, recipients: usize) -> u64 {
                         recipient: &recipient,
                         sender_bare: "sender@localhost",
                         origin_id: None,
+                        content_hash: 0,
                         record: Record {
                             accepted_at_ms: now,
                             sender: "sender@localhost/r".into(),

@@ -471,9 +471,15 @@ impl Config {
         let s = |v: u64| v.saturating_mul(1000);
         [
             ("component.keepalive_s", s(self.component.keepalive_s)),
-            ("component.reconnect_max_ms", self.component.reconnect_max_ms),
+            (
+                "component.reconnect_max_ms",
+                self.component.reconnect_max_ms,
+            ),
             ("store.flush_interval_ms", self.store.flush_interval_ms),
-            ("delivery.receipt_timeout_ms", self.delivery.receipt_timeout_ms),
+            (
+                "delivery.receipt_timeout_ms",
+                self.delivery.receipt_timeout_ms,
+            ),
             ("delivery.replay_grace_ms", self.delivery.replay_grace_ms),
             ("delivery.retry_initial_ms", self.delivery.retry_initial_ms),
             ("delivery.retry_max_ms", self.delivery.retry_max_ms),
@@ -624,7 +630,12 @@ path = "/tmp/x"
              confirm messages"
         );
         for (section, key, value, ms) in [
-            ("limits", "message_ttl_s", 100_000_000u64, 100_000_000_000u64),
+            (
+                "limits",
+                "message_ttl_s",
+                100_000_000u64,
+                100_000_000_000u64,
+            ),
             ("delivery", "retry_max_ms", 40_000_000_000, 40_000_000_000),
             ("admin", "session_timeout_s", 40_000_000, 40_000_000_000),
         ] {

@@ -52,6 +52,22 @@ const HINTS: &str = "urn:xmpp:hints";
 const BURST: usize = 256;
 /// Recipients probed per step after a connect.
 const PROBE_STEP: usize = 256;
+/// After a recipient refuses the presence subscription, how long before
+/// the next message asks again.
+const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// disco#info queries in flight at most; past that, new resources are
+/// not asked (they count as able to send receipts, the safe side).
+const MAX_DISCO_PENDING: usize = 4096;
+
+/// A disco#info query sent to a recipient's resource: only an answer
+/// from that full JID counts.
+#[derive(Debug)]
+struct DiscoQuery {
+    recipient: String,
+    resource: String,
+    to: Jid,
+}
 
 /// Delivery phase of one recipient.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +90,8 @@ struct InFlight {
     id: String,
     sender_bare: String,
     timer: delay_queue::Key,
+    /// The resource it was addressed to, when not the bare JID.
+    to_resource: Option<String>,
 }
 
 /// An available resource of a recipient.
@@ -83,6 +101,9 @@ struct Resource {
     /// From disco#info: `Some(false)` when the client says it cannot send
     /// receipts.
     receipts: Option<bool>,
+    /// Missed a receipt: left out until it shows life again (a presence
+    /// or any stanza from it), while the others are written to directly.
+    silent: bool,
 }
 
 /// The delivery state of `recipient`, created on first use. A free
@@ -142,8 +163,50 @@ impl Peer {
         }
     }
 
+    /// Some resource takes messages and has not missed a receipt.
     fn online(&self) -> bool {
-        self.resources.values().any(|r| r.priority >= 0)
+        self.resources
+            .values()
+            .any(|r| r.priority >= 0 && !r.silent)
+    }
+
+    /// Where messages go: the bare JID (the server picks the resources),
+    /// or, once a resource went silent, the best of the others by name,
+    /// since the server would still pick the silent one.
+    fn target(&self) -> Option<String> {
+        if !self.resources.values().any(|r| r.silent) {
+            return None;
+        }
+        self.resources
+            .iter()
+            .filter(|(_, r)| r.priority >= 0 && !r.silent)
+            .max_by_key(|(name, r)| (r.priority, std::cmp::Reverse(name.as_str())))
+            .map(|(name, _)| name.clone())
+    }
+
+    /// A receipt timed out for a message sent to `to` (a resource, or the
+    /// bare JID): mark silent what that proves silent, the resource, or
+    /// those the server routes a bare-JID message to (the highest
+    /// priority). Returns their names.
+    fn silence(&mut self, to: Option<&str>) -> Vec<String> {
+        let top = self
+            .resources
+            .values()
+            .filter(|r| r.priority >= 0 && !r.silent)
+            .map(|r| r.priority)
+            .max();
+        let mut out = Vec::new();
+        for (name, r) in &mut self.resources {
+            let hit = match to {
+                Some(t) => t == name,
+                None => !r.silent && Some(r.priority) == top,
+            };
+            if hit {
+                r.silent = true;
+                out.push(name.clone());
+            }
+        }
+        out
     }
 
     /// Stop sending: whatever is in flight stays pending (it will be
@@ -177,6 +240,10 @@ enum Timer {
     Expire,
     /// After a store failure: is there space again?
     SpaceProbe,
+    /// A disco#info query went unanswered: forget it.
+    DiscoTimeout {
+        id: String,
+    },
 }
 
 /// Why the router stopped by itself.
@@ -212,6 +279,9 @@ pub struct Stats {
     pub refused_total: u64,
     pub purged_total: u64,
     pub expired_total: u64,
+    /// Messages the recipient's side refused for good (a final error
+    /// bounce): removed, their senders told.
+    pub rejected_total: u64,
 }
 
 pub struct Router {
@@ -237,9 +307,8 @@ pub struct Router {
     timers: DelayQueue<Timer>,
     /// What is on disk decides what may be relayed.
     gate: Gate,
-    /// disco#info queries in flight: iq id → (recipient, resource).
-    disco_pending: HashMap<String, (String, String)>,
-    next_iq: u64,
+    /// disco#info queries in flight, by iq id.
+    disco_pending: HashMap<String, DiscoQuery>,
     pub stats: Stats,
     /// Ad-hoc command sessions.
     admin: Admin,
@@ -259,6 +328,9 @@ pub struct Router {
     rate: RateLimiter,
     /// Whether the expiry walk has a step scheduled.
     expiry_scheduled: bool,
+    /// Recipients that refused (or cancelled) the presence subscription,
+    /// and when: asked again only [`RESUBSCRIBE_AFTER`] later.
+    refused_at: HashMap<String, tokio::time::Instant>,
 }
 
 /// The most recently accepted messages, by seq, until relayed: at most
@@ -355,7 +427,6 @@ impl Router {
             timers: DelayQueue::new(),
             gate,
             disco_pending: HashMap::new(),
-            next_iq: 0,
             stats: Stats::default(),
             admin: Admin::default(),
             started: std::time::Instant::now(),
@@ -367,6 +438,7 @@ impl Router {
             store_failed: false,
             rate,
             expiry_scheduled: false,
+            refused_at: HashMap::new(),
         })
     }
 
@@ -661,6 +733,10 @@ impl Router {
             peer.presence_known = false;
             peer.phase = Phase::Idle;
         }
+        let names: Vec<String> = self.peers.keys().cloned().collect();
+        for name in names {
+            self.forget_if_idle(&name);
+        }
         self.disco_pending.clear();
         warn!("link down; in-flight messages stay pending");
     }
@@ -679,7 +755,12 @@ impl Router {
             return;
         }
         if m.type_ == MessageType::Error {
-            self.on_bounce(&from, &to, m.id.as_ref().map(|i| i.0.as_str()))
+            let error = m
+                .payloads
+                .iter()
+                .find(|p| p.name() == "error")
+                .and_then(|p| StanzaError::try_from(p.clone()).ok());
+            self.on_bounce(&from, &to, m.id.as_ref().map(|i| i.0.as_str()), error)
                 .await;
             return;
         }
@@ -728,7 +809,14 @@ impl Router {
             }
         };
         let from_key = from_bare.to_string();
-        // Anything from a recipient shows it is reachable again.
+        // Anything from a recipient shows it is reachable again, and the
+        // resource it came from is not silent.
+        if let Some(r) = from.resource()
+            && let Some(peer) = self.peers.get_mut(&from_key)
+            && let Some(res) = peer.resources.get_mut(r.as_str())
+        {
+            res.silent = false;
+        }
         self.seen_alive(&from_key).await;
         self.handle_confirmations(&from_key, &target, &m).await;
         if m.type_ == MessageType::Groupchat {
@@ -804,6 +892,7 @@ impl Router {
                 || p.is("delay", ns::DELAY) && p.attr("from") == Some(me.as_str())
                 || p.is("stanza-id", ns::SID) && p.attr("by") == Some(me.as_str()))
         });
+        let content_hash = content_of(&m);
         let xml = String::from(&Element::from(m.clone()));
         let size = xml.len();
         if size > self.config.limits.max_stanza_bytes {
@@ -844,6 +933,7 @@ impl Router {
                 recipient: &recipient,
                 sender_bare: &from_bare.to_string(),
                 origin_id: origin_id.as_deref(),
+                content_hash,
                 record: Record {
                     accepted_at_ms: now_ms(),
                     sender: from.to_string(),
@@ -864,6 +954,17 @@ impl Router {
             }
             Ok(Accepted::Duplicate { seq }) => {
                 info!(to = %recipient, from = %from, id = %id, seq, "duplicate submission ignored");
+            }
+            Ok(Accepted::IdInUse { seq }) => {
+                info!(to = %recipient, from = %from, id = %id, seq, "id reused for a different message");
+                self.refuse_message(
+                    &original,
+                    ErrorType::Cancel,
+                    DefinedCondition::Conflict,
+                    "a different message with this id is still pending for this recipient; \
+                     send it with a new id",
+                )
+                .await;
             }
             Ok(Accepted::QueueFull) => {
                 self.refuse_message(
@@ -983,9 +1084,16 @@ impl Router {
             info!(to = recipient, id = %rec.id, seq, assumed, "confirmed");
         }
         self.refill(recipient).await;
+        self.forget_if_idle(recipient);
     }
 
-    async fn on_bounce(&mut self, from: &Jid, to: &Jid, id: Option<&str>) {
+    async fn on_bounce(
+        &mut self,
+        from: &Jid,
+        to: &Jid,
+        id: Option<&str>,
+        error: Option<StanzaError>,
+    ) {
         let recipient = from.to_bare().to_string();
         let Some(id) = id else { return };
         let sender = to
@@ -998,15 +1106,67 @@ impl Router {
         };
         let hit = peer
             .in_flight
-            .values()
-            .any(|f| f.id == id && Some(&f.sender_bare) == sender.as_ref());
-        if hit {
+            .iter()
+            .find(|(_, f)| f.id == id && Some(&f.sender_bare) == sender.as_ref())
+            .map(|(seq, _)| *seq);
+        if let Some(seq) = hit
+            && let Some(e) = error.as_ref().filter(|e| is_final(e))
+        {
+            self.reject(&recipient, seq, e).await;
+        } else if hit.is_some() {
             self.stats.bounces_total += 1;
             info!(to = %recipient, id, "bounced; recipient marked offline");
             self.fail(&recipient, true).await;
         } else {
             debug!(from = %from, id, "error for nothing in flight");
         }
+    }
+
+    /// The recipient's side refused message `seq` in a way that retrying
+    /// cannot change: end it, tell its sender with the same condition,
+    /// and go on with the queue.
+    async fn reject(&mut self, recipient: &str, seq: u64, error: &StanzaError) {
+        let removed = match self.store.confirm(recipient, &[seq]) {
+            Ok(r) => r,
+            Err(e) => {
+                self.store_failure("reject", &e);
+                self.fail(recipient, true).await;
+                return;
+            }
+        };
+        self.gate.removed();
+        if let Some(peer) = self.peers.get_mut(recipient) {
+            if let Some(f) = peer.in_flight.remove(&seq) {
+                self.timers.try_remove(&f.timer);
+            }
+            peer.attempts.remove(&seq);
+        }
+        let said = error
+            .texts
+            .values()
+            .next()
+            .map(|t| format!(": {t}"))
+            .unwrap_or_default();
+        for (seq, rec) in removed {
+            self.stats.rejected_total += 1;
+            warn!(
+                to = recipient,
+                id = %rec.id,
+                seq,
+                condition = ?error.defined_condition,
+                "refused for good by the recipient's side; dropped, sender told"
+            );
+            let text = format!("the recipient's server refused this message{said}");
+            self.notify_sender(
+                recipient,
+                &rec,
+                error.type_.clone(),
+                error.defined_condition.clone(),
+                &text,
+            )
+            .await;
+        }
+        self.pump(recipient).await;
     }
 
     // ----- delivery state machine -----
@@ -1077,6 +1237,7 @@ impl Router {
         };
         let timeout = self.config.receipt_timeout();
         let mut to_send = Vec::with_capacity(batch.len());
+        let target = peer.target();
         {
             let peer = self.peers.get_mut(recipient).expect("checked above");
             for (seq, rec) in batch {
@@ -1094,14 +1255,17 @@ impl Router {
                     },
                     timeout,
                 );
-                peer.in_flight.insert(
+                if let Some(old) = peer.in_flight.insert(
                     seq,
                     InFlight {
                         id: rec.id.clone(),
                         sender_bare: bare_of(&rec.sender).to_owned(),
                         timer,
+                        to_resource: target.clone(),
                     },
-                );
+                ) {
+                    self.timers.try_remove(&old.timer);
+                }
                 peer.cursor = seq + 1;
                 let attempts = peer.attempts.entry(seq).or_insert(0);
                 *attempts += 1;
@@ -1116,7 +1280,15 @@ impl Router {
             }
             let fresh = self.fresh.take(seq);
             match self.outgoing(seq, &rec, replay, fresh) {
-                Some(m) => self.send(m).await,
+                Some(mut m) => {
+                    if let Some(full) = target
+                        .as_ref()
+                        .and_then(|r| Jid::from_str(&format!("{recipient}/{r}")).ok())
+                    {
+                        m.to = Some(full);
+                    }
+                    self.send(m).await
+                }
                 None => {
                     // A record we cannot parse back can never be delivered;
                     // keep it for the operator rather than drop it.
@@ -1218,6 +1390,11 @@ impl Router {
                 .map(|s| s.pending > 0)
                 .unwrap_or(false);
             if !has_pending {
+                // Nothing to resend: no retry either (a stale one would
+                // later restart a window already under way).
+                if let Some(k) = peer.timer.take() {
+                    self.timers.try_remove(&k);
+                }
                 peer.phase = Phase::Idle;
                 return;
             }
@@ -1238,6 +1415,9 @@ impl Router {
     async fn on_timer(&mut self, t: Timer) {
         match t {
             Timer::Expire => self.expire_step().await,
+            Timer::DiscoTimeout { id } => {
+                self.disco_pending.remove(&id);
+            }
             Timer::ProbeStep => {
                 if self.epoch.is_some() {
                     self.probe_step().await;
@@ -1260,25 +1440,49 @@ impl Router {
                 let Some(peer) = self.peers.get_mut(&recipient) else {
                     return;
                 };
-                peer.replay_below = next;
+                if !matches!(peer.phase, Phase::Grace | Phase::Backoff) {
+                    // Stale: only grace and backoff arm this timer.
+                    return;
+                }
+                // This timer fired: its key may already name another.
                 peer.timer = None;
+                // Whatever is in flight goes again from the queue's head,
+                // with its receipt timer gone.
+                peer.halt(&mut self.timers);
+                peer.replay_below = next;
                 peer.phase = Phase::Sending;
-                peer.cursor = 0;
                 self.pump(&recipient).await;
             }
             Timer::Receipt { recipient, seq } => {
+                let next = self.store.next_seq().unwrap_or(u64::MAX);
                 let Some(peer) = self.peers.get_mut(&recipient) else {
                     return;
                 };
-                if peer.in_flight.remove(&seq).is_none() {
+                let Some(f) = peer.in_flight.remove(&seq) else {
                     return;
-                }
+                };
                 let no_receipts = !peer.resources.is_empty()
                     && peer.resources.values().all(|r| r.receipts == Some(false));
                 if no_receipts {
                     // The clients said they never send receipts: no error
                     // within the timeout is the best proof we will get.
                     self.confirm(&recipient, &[seq], true).await;
+                    return;
+                }
+                // The timeout proves only that what it went to is silent:
+                // the other resources, if any, go on.
+                let silent = peer.silence(f.to_resource.as_deref());
+                if peer.online() {
+                    info!(
+                        to = %recipient,
+                        seq,
+                        ?silent,
+                        "receipt timeout; those resources left out, delivery goes on to the others"
+                    );
+                    peer.halt(&mut self.timers);
+                    peer.replay_below = next;
+                    peer.phase = Phase::Sending;
+                    self.pump(&recipient).await;
                 } else {
                     info!(to = %recipient, seq, "receipt timeout; recipient marked offline");
                     self.fail(&recipient, false).await;
@@ -1335,6 +1539,7 @@ impl Router {
                     self.notify_sender(
                         &recipient,
                         &rec,
+                        ErrorType::Wait,
                         DefinedCondition::ResourceConstraint,
                         "the relay could not store this message; send it again later",
                     )
@@ -1390,6 +1595,7 @@ impl Router {
                 self.notify_sender(
                     &recipient,
                     &rec,
+                    ErrorType::Wait,
                     DefinedCondition::RecipientUnavailable,
                     &text,
                 )
@@ -1408,6 +1614,7 @@ impl Router {
         &mut self,
         recipient: &str,
         rec: &Record,
+        type_: ErrorType,
         condition: DefinedCondition,
         text: &str,
     ) {
@@ -1419,11 +1626,7 @@ impl Router {
         let Ok(from) = self.book.relay_for(&recipient) else {
             return;
         };
-        let mut m = Message::error(Some(sender)).with_payload(stanza_error(
-            ErrorType::Wait,
-            condition,
-            text,
-        ));
+        let mut m = Message::error(Some(sender)).with_payload(stanza_error(type_, condition, text));
         m.from = Some(Jid::from(from));
         m.id = Some(Id(rec.id.clone()));
         self.send(m).await;
@@ -1434,6 +1637,14 @@ impl Router {
     async fn ensure_subscribed(&mut self, recipient: &str, jid: &BareJid) {
         match self.store.recipient(recipient) {
             Ok(st) if st.subscription == Subscription::None => {
+                // After a refusal, ask again only after a long pause (not
+                // once per message).
+                let now = tokio::time::Instant::now();
+                self.refused_at
+                    .retain(|_, t| now.duration_since(*t) < RESUBSCRIBE_AFTER);
+                if self.refused_at.contains_key(recipient) {
+                    return;
+                }
                 if let Err(e) = self
                     .store
                     .set_subscription(recipient, Subscription::Requested)
@@ -1501,6 +1712,12 @@ impl Router {
                 return;
             }
         };
+        // Presence state is taken only from recipients the relay asked for
+        // it: anyone else's would grow the store and memory for nothing.
+        if sub == Subscription::None {
+            debug!(from = %from, "presence from a JID the relay never asked; ignored");
+            return;
+        }
         let initial = self.config.retry_initial();
         match p.type_ {
             PresenceType::Subscribed => {
@@ -1512,6 +1729,13 @@ impl Router {
             PresenceType::Unsubscribed => {
                 info!(to = %recipient, "presence subscription refused or cancelled");
                 let _ = self.store.set_subscription(&recipient, Subscription::None);
+                self.refused_at
+                    .insert(recipient.clone(), tokio::time::Instant::now());
+                if let Some(peer) = self.peers.get_mut(&recipient) {
+                    // Without a subscription no presence will say more.
+                    peer.resources.clear();
+                    peer.presence_known = false;
+                }
             }
             PresenceType::Unavailable => {
                 // Prosody acknowledges a subscribe with a bare unavailable:
@@ -1549,11 +1773,13 @@ impl Router {
                 peer.presence_known = true;
                 let known = peer.resources.get(&resource).and_then(|r| r.receipts);
                 let new_resource = !peer.resources.contains_key(&resource);
+                // Any presence from a silent resource shows it alive.
                 peer.resources.insert(
                     resource.clone(),
                     Resource {
                         priority: p.priority.0,
                         receipts: known,
+                        silent: false,
                     },
                 );
                 let online = peer.online();
@@ -1572,11 +1798,53 @@ impl Router {
         }
     }
 
+    /// Drop the runtime state of a recipient with nothing pending and no
+    /// presence known: the map then holds only recipients with work, and
+    /// those whose presence the relay asked for (at most one per
+    /// recipient in the store).
+    fn forget_if_idle(&mut self, recipient: &str) {
+        let Some(peer) = self.peers.get(recipient) else {
+            return;
+        };
+        if peer.presence_known
+            || !peer.in_flight.is_empty()
+            || peer.timer.is_some()
+            || !peer.unsaved_confirms.is_empty()
+        {
+            return;
+        }
+        if self
+            .store
+            .recipient(recipient)
+            .is_ok_and(|s| s.pending == 0)
+        {
+            self.peers.remove(recipient);
+        }
+    }
+
     async fn query_receipt_support(&mut self, recipient: &str, full: Jid, resource: String) {
-        self.next_iq += 1;
-        let id = format!("disco-{}", self.next_iq);
-        self.disco_pending
-            .insert(id.clone(), (recipient.to_owned(), resource));
+        if self.disco_pending.len() >= MAX_DISCO_PENDING {
+            warn!(to = %full, "too many disco#info queries unanswered; not asking");
+            return;
+        }
+        // Unguessable: the answer is matched on id and sender.
+        let id = format!(
+            "disco-{:016x}{:016x}",
+            rand::random::<u64>(),
+            rand::random::<u64>()
+        );
+        self.disco_pending.insert(
+            id.clone(),
+            DiscoQuery {
+                recipient: recipient.to_owned(),
+                resource,
+                to: full.clone(),
+            },
+        );
+        self.timers.insert(
+            Timer::DiscoTimeout { id: id.clone() },
+            self.config.receipt_timeout(),
+        );
         let iq = Iq::from_get(id, DiscoInfoQuery { node: None })
             .with_from(self.me.clone())
             .with_to(full);
@@ -1601,21 +1869,24 @@ impl Router {
             return;
         }
         match iq {
-            Iq::Result { id, payload, .. } => {
-                if let Some((recipient, resource)) = self.disco_pending.remove(&id) {
-                    let supports = payload
-                        .and_then(|p| DiscoInfoResult::try_from(p).ok())
-                        .map(|info| info.features.contains(ns::RECEIPTS));
-                    if let Some(peer) = self.peers.get_mut(&recipient)
-                        && let Some(r) = peer.resources.get_mut(&resource)
-                    {
-                        r.receipts = supports;
-                        debug!(to = %recipient, %resource, ?supports, "receipt support");
-                    }
+            Iq::Result {
+                id, payload, from, ..
+            } => {
+                let Some(q) = self.take_disco(&id, from.as_ref()) else {
+                    return;
+                };
+                let supports = payload
+                    .and_then(|p| DiscoInfoResult::try_from(p).ok())
+                    .map(|info| info.features.contains(ns::RECEIPTS));
+                if let Some(peer) = self.peers.get_mut(&q.recipient)
+                    && let Some(r) = peer.resources.get_mut(&q.resource)
+                {
+                    r.receipts = supports;
+                    debug!(to = %q.recipient, resource = %q.resource, ?supports, "receipt support");
                 }
             }
-            Iq::Error { id, .. } => {
-                self.disco_pending.remove(&id);
+            Iq::Error { id, from, .. } => {
+                self.take_disco(&id, from.as_ref());
             }
             Iq::Get {
                 from,
@@ -1653,6 +1924,17 @@ impl Router {
                 self.reply_iq(from, to, id, reply).await;
             }
         }
+    }
+
+    /// The disco#info query `id` answered by `from`: only the full JID it
+    /// was sent to may answer it (anyone else's answer is ignored).
+    fn take_disco(&mut self, id: &str, from: Option<&Jid>) -> Option<DiscoQuery> {
+        let q = self.disco_pending.get(id)?;
+        if from != Some(&q.to) {
+            warn!(?from, expected = %q.to, "disco#info answer from the wrong sender ignored");
+            return None;
+        }
+        self.disco_pending.remove(id)
     }
 
     fn is_admin(&self, from: Option<&Jid>) -> bool {
@@ -1971,6 +2253,59 @@ fn probe_space(store: &std::path::Path) -> bool {
     ok
 }
 
+/// The [`content_hash`](crate::store::content_hash) of what a message
+/// says: its bodies, subjects and thread, and its payloads but those that
+/// differ between two submissions of one message (delays, ids, receipt
+/// requests).
+fn content_of(m: &Message) -> u64 {
+    let mut text = String::new();
+    for (lang, body) in &m.bodies {
+        text.push_str(lang);
+        text.push('\0');
+        text.push_str(body);
+        text.push('\0');
+    }
+    for (lang, subject) in &m.subjects {
+        text.push_str(lang);
+        text.push('\0');
+        text.push_str(subject);
+        text.push('\0');
+    }
+    if let Some(thread) = &m.thread {
+        text.push_str(&String::from(&Element::from(thread.clone())));
+    }
+    for p in &m.payloads {
+        if p.is("delay", ns::DELAY)
+            || p.is("origin-id", ns::SID)
+            || p.is("stanza-id", ns::SID)
+            || p.is("request", ns::RECEIPTS)
+        {
+            continue;
+        }
+        text.push_str(&String::from(p));
+    }
+    crate::store::content_hash(text.as_bytes())
+}
+
+/// Whether a bounce's error says the recipient's side will never take
+/// the message (a privacy list, a content filter, a domain that does not
+/// exist), as opposed to "not now". `service-unavailable` stays "not
+/// now": Prosody answers it alike for a user who does not exist and for
+/// an offline one with offline storage off (docs/architecture.md).
+fn is_final(e: &StanzaError) -> bool {
+    use DefinedCondition as C;
+    e.type_ != ErrorType::Wait
+        && !matches!(
+            e.defined_condition,
+            C::ServiceUnavailable
+                | C::RecipientUnavailable
+                | C::RemoteServerTimeout
+                | C::ResourceConstraint
+                | C::InternalServerError
+                | C::UndefinedCondition
+        )
+}
+
 /// A message with nothing to keep: only receipts, markers, chat states
 /// or processing hints.
 fn is_ephemeral(m: &Message) -> bool {
@@ -1994,12 +2329,18 @@ mod tests {
     struct Harness {
         events: mpsc::Sender<LinkEvent>,
         outbox: mpsc::Receiver<Outbound>,
+        store: Arc<Store>,
         _internal: mpsc::Sender<Flushed>,
         _dir: tempfile::TempDir,
         _stop: tokio_util::sync::DropGuard,
     }
 
     fn config(dir: &std::path::Path, window: usize) -> Config {
+        config_with(dir, window, "")
+    }
+
+    /// The test config with `extra` TOML appended (whole sections).
+    fn config_with(dir: &std::path::Path, window: usize, extra: &str) -> Config {
         let text = format!(
             r#"[component]
 domain = "relay.x"
@@ -2015,6 +2356,7 @@ receipt_timeout_ms = 1000
 replay_grace_ms = 300
 window = {window}
 retry_initial_ms = 500
+{extra}
 "#,
             dir.display()
         );
@@ -2024,21 +2366,26 @@ retry_initial_ms = 500
     }
 
     async fn harness(window: usize) -> Harness {
+        harness_with(window, "").await
+    }
+
+    async fn harness_with(window: usize, extra: &str) -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let config = Arc::new(config(dir.path(), window));
+        let config = Arc::new(config_with(dir.path(), window, extra));
         let store =
             Arc::new(Store::open(&config.store.path, Durability::Batched, 5, 1 << 20).unwrap());
         let (out_tx, out_rx) = mpsc::channel(1024);
         let (ev_tx, ev_rx) = mpsc::channel(1024);
         let (flush_tx, _flush_rx) = mpsc::unbounded_channel();
         let (int_tx, int_rx) = mpsc::channel(16);
-        let router = Router::new(config, None, store, out_tx, flush_tx).unwrap();
+        let router = Router::new(config, None, store.clone(), out_tx, flush_tx).unwrap();
         let stop = CancellationToken::new();
         tokio::spawn(router.run(ev_rx, int_rx, stop.clone()));
         ev_tx.send(LinkEvent::Up { epoch: 1 }).await.unwrap();
         Harness {
             events: ev_tx,
             outbox: out_rx,
+            store,
             _internal: int_tx,
             _dir: dir,
             _stop: stop.drop_guard(),
@@ -2048,10 +2395,10 @@ retry_initial_ms = 500
     impl Harness {
         async fn feed(&self, xml: &str) {
             let el = Element::from_str(xml).unwrap();
-            let st = if el.name() == "message" {
-                Stanza::Message(Message::try_from(el).unwrap())
-            } else {
-                Stanza::Presence(Presence::try_from(el).unwrap())
+            let st = match el.name() {
+                "message" => Stanza::Message(Message::try_from(el).unwrap()),
+                "iq" => Stanza::Iq(Iq::try_from(el).unwrap()),
+                _ => Stanza::Presence(Presence::try_from(el).unwrap()),
             };
             self.events
                 .send(LinkEvent::Stanza(Box::new(st)))
@@ -2099,6 +2446,13 @@ retry_initial_ms = 500
             .await;
         }
 
+        /// Everything sent since the last drain.
+        fn drain_all(&mut self) -> Vec<Stanza> {
+            std::iter::from_fn(|| self.outbox.try_recv().ok())
+                .map(|o| o.stanza)
+                .collect()
+        }
+
         /// Ids of relayed body messages to bob, and whether each has a delay.
         fn drain(&mut self) -> Vec<(String, bool)> {
             let mut out = Vec::new();
@@ -2114,7 +2468,7 @@ retry_initial_ms = 500
         }
     }
 
-    fn ids(v: &[(String, bool)]) -> Vec<&str> {
+    fn ids_of(v: &[(String, bool)]) -> Vec<&str> {
         v.iter().map(|(i, _)| i.as_str()).collect()
     }
 
@@ -2138,6 +2492,7 @@ retry_initial_ms = 500
                         recipient: &recipient,
                         sender_bare: "alice@x",
                         origin_id: None,
+                        content_hash: 0,
                         record: Record {
                             accepted_at_ms: now_ms(),
                             sender: "alice@x/r".into(),
@@ -2239,7 +2594,7 @@ retry_initial_ms = 500
         assert!(h.drain().is_empty(), "nothing before the grace window ends");
         tokio::time::sleep(Duration::from_millis(20)).await;
         let sent = h.drain();
-        assert_eq!(ids(&sent), ["m1", "m2", "m3"]);
+        assert_eq!(ids_of(&sent), ["m1", "m2", "m3"]);
         assert!(sent.iter().all(|(_, d)| *d), "replays carry <delay/>");
     }
 
@@ -2254,7 +2609,7 @@ retry_initial_ms = 500
         // e.g. the server's own offline copy of m1 was receipted.
         h.receipt("m1").await;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(ids(&h.drain()), ["m2"]);
+        assert_eq!(ids_of(&h.drain()), ["m2"]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -2265,7 +2620,7 @@ retry_initial_ms = 500
         tokio::time::sleep(Duration::from_millis(400)).await;
         h.msg("m1").await;
         tokio::time::sleep(Duration::from_millis(10)).await;
-        assert_eq!(ids(&h.drain()), ["m1"]);
+        assert_eq!(ids_of(&h.drain()), ["m1"]);
         // No receipt: after the timeout, nothing is resent on its own.
         tokio::time::sleep(Duration::from_secs(30)).await;
         assert!(h.drain().is_empty(), "no resend without a sign of life");
@@ -2275,7 +2630,7 @@ retry_initial_ms = 500
         ))
         .await;
         tokio::time::sleep(Duration::from_millis(310)).await;
-        assert_eq!(ids(&h.drain()), ["m1"]);
+        assert_eq!(ids_of(&h.drain()), ["m1"]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -2288,13 +2643,13 @@ retry_initial_ms = 500
             h.msg(&format!("m{i}")).await;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-        assert_eq!(ids(&h.drain()), ["m1", "m2", "m3", "m4"]);
+        assert_eq!(ids_of(&h.drain()), ["m1", "m2", "m3", "m4"]);
         h.receipt("m1").await;
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(h.drain().is_empty(), "three in flight: more than half");
         h.receipt("m2").await;
         tokio::time::sleep(Duration::from_millis(10)).await;
-        assert_eq!(ids(&h.drain()), ["m5", "m6"], "refilled in one clump");
+        assert_eq!(ids_of(&h.drain()), ["m5", "m6"], "refilled in one clump");
     }
 
     #[tokio::test(start_paused = true)]
@@ -2307,17 +2662,17 @@ retry_initial_ms = 500
             h.msg(id).await;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-        assert_eq!(ids(&h.drain()), ["m1", "m2"]);
+        assert_eq!(ids_of(&h.drain()), ["m1", "m2"]);
         h.receipt("m1").await;
         tokio::time::sleep(Duration::from_millis(10)).await;
-        assert_eq!(ids(&h.drain()), ["m3"]);
+        assert_eq!(ids_of(&h.drain()), ["m3"]);
         // A marker confirms m2 and m3 at once, freeing two slots.
         h.feed(&format!(
             "<message xmlns='{NS}' from='bob@x/r' to='alice@relay.x'><displayed xmlns='urn:xmpp:chat-markers:0' id='m3'/></message>"
         ))
         .await;
         tokio::time::sleep(Duration::from_millis(10)).await;
-        assert_eq!(ids(&h.drain()), ["m4"]);
+        assert_eq!(ids_of(&h.drain()), ["m4"]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -2325,7 +2680,7 @@ retry_initial_ms = 500
         let mut h = harness(64).await;
         h.msg("m1").await;
         tokio::time::sleep(Duration::from_millis(1)).await;
-        assert_eq!(ids(&h.drain()), ["m1"]);
+        assert_eq!(ids_of(&h.drain()), ["m1"]);
         h.feed(&format!(
             "<message xmlns='{NS}' from='bob@x' to='alice@relay.x' id='m1' type='error'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
         ))
@@ -2333,6 +2688,284 @@ retry_initial_ms = 500
         tokio::time::sleep(Duration::from_millis(490)).await;
         assert!(h.drain().is_empty());
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(ids(&h.drain()), ["m1"], "retried after 500 ms");
+        assert_eq!(ids_of(&h.drain()), ["m1"], "retried after 500 ms");
+    }
+    /// Messages sent since the last drain: (to, id, body) of each.
+    fn messages(out: &[Stanza]) -> Vec<(String, String, Option<String>)> {
+        out.iter()
+            .filter_map(|st| match st {
+                Stanza::Message(m) => Some((
+                    m.to.as_ref().map(|t| t.to_string()).unwrap_or_default(),
+                    m.id.as_ref().map(|i| i.0.clone()).unwrap_or_default(),
+                    m.bodies.values().next().cloned(),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The error condition of an error message, if it is one.
+    fn condition(st: &Stanza) -> Option<DefinedCondition> {
+        let Stanza::Message(m) = st else { return None };
+        if m.type_ != MessageType::Error {
+            return None;
+        }
+        m.payloads
+            .iter()
+            .find_map(|p| StanzaError::try_from(p.clone()).ok())
+            .map(|e| e.defined_condition)
+    }
+
+    /// Issue 11, defect 1: a disco#info result from anyone but the queried
+    /// resource, even with the right id, changes nothing (before, it made
+    /// an unconfirmed message count as confirmed at the receipt timeout).
+    #[tokio::test(start_paused = true)]
+    async fn forged_disco_result_confirms_nothing() {
+        let mut h = harness(64).await;
+        h.subscribe_and_go_offline().await;
+        h.available().await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let ids: Vec<String> = h
+            .drain_all()
+            .into_iter()
+            .filter_map(|st| match st {
+                Stanza::Iq(Iq::Get { id, to, .. })
+                    if to.as_ref().is_some_and(|t| t.to_string() == "bob@x/r") =>
+                {
+                    Some(id)
+                }
+                _ => None,
+            })
+            .collect();
+        let [id] = &ids[..] else {
+            panic!("one disco#info query to bob@x/r: {ids:?}")
+        };
+        assert!(id.len() >= 32, "an unguessable id, not a counter: {id}");
+        // Mallory answers first, with Bob's query id and no receipts.
+        h.feed(&format!(
+            "<iq xmlns='{NS}' type='result' from='mallory@x/r' to='relay.x' id='{id}'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        h.msg("m1").await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(ids_of(&h.drain()), ["m1"]);
+        // No receipt: the message stays pending, it is not "confirmed".
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(h.store.recipient("bob@x").unwrap().pending, 1);
+    }
+
+    /// Issue 11, defect 2: presence from JIDs the relay never asked (a
+    /// stranger, or a user of the served domain nobody wrote to) writes
+    /// nothing, queries nothing and is not probed after a reconnect.
+    #[tokio::test(start_paused = true)]
+    async fn presence_from_strangers_leaves_no_trace() {
+        let mut h = harness(64).await;
+        for who in ["mallory@evil", "carol@x"] {
+            for xml in [
+                format!("<presence xmlns='{NS}' from='{who}' to='relay.x' type='subscribed'/>"),
+                format!("<presence xmlns='{NS}' from='{who}/r' to='relay.x'/>"),
+                format!("<presence xmlns='{NS}' from='{who}/r' to='relay.x' type='unavailable'/>"),
+                format!("<presence xmlns='{NS}' from='{who}/s' to='relay.x'/>"),
+            ] {
+                h.feed(&xml).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let out = h.drain_all();
+        assert!(
+            !out.iter().any(
+                |st| matches!(st, Stanza::Iq(Iq::Get { payload, .. }) if payload.is("query", ns::DISCO_INFO))
+            ),
+            "no disco#info query to strangers: {out:?}"
+        );
+        assert!(h.store.recipients().unwrap().is_empty(), "nothing stored");
+        h.events.send(LinkEvent::Down).await.unwrap();
+        h.events.send(LinkEvent::Up { epoch: 2 }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let probes: Vec<_> = h
+            .drain_all()
+            .into_iter()
+            .filter(|st| matches!(st, Stanza::Presence(p) if p.type_ == PresenceType::Probe))
+            .collect();
+        assert!(probes.is_empty(), "{probes:?}");
+    }
+
+    /// Issue 11, defect 3: a final refusal (here `forbidden`, a privacy
+    /// list) ends that message with a notice to its sender carrying the
+    /// same condition, and the queue goes on at once (before, it retried
+    /// for the whole TTL while everything behind it waited).
+    #[tokio::test(start_paused = true)]
+    async fn final_refusal_ends_the_message_and_tells_its_sender() {
+        let mut h = harness(64).await;
+        h.msg("m1").await;
+        h.msg("m2").await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(
+            ids_of(&h.drain()),
+            ["m1"],
+            "presence unknown: one at a time"
+        );
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='bob@x' to='alice@relay.x' id='m1' type='error'><error type='auth'><forbidden xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let out = h.drain_all();
+        let notice: Vec<_> = out
+            .iter()
+            .filter(|st| condition(st) == Some(DefinedCondition::Forbidden))
+            .collect();
+        assert_eq!(notice.len(), 1, "{out:?}");
+        let Stanza::Message(n) = notice[0] else {
+            unreachable!()
+        };
+        assert_eq!(n.id.as_ref().unwrap().0, "m1");
+        assert_eq!(n.to.as_ref().unwrap().to_bare().to_string(), "alice@x");
+        let relayed: Vec<_> = messages(&out)
+            .into_iter()
+            .filter(|(to, _, body)| to.starts_with("bob@x") && body.is_some())
+            .map(|(_, id, _)| id)
+            .collect();
+        assert_eq!(relayed, ["m2"], "the queue went on");
+        assert_eq!(h.store.recipient("bob@x").unwrap().pending, 1);
+    }
+
+    /// Issue 11, defect 4: after a message is confirmed, a different
+    /// message under the same id is relayed (before, it was dropped as a
+    /// duplicate: no relay, no error); a resubmission of it is still
+    /// stored once; and a third, different one while it is pending is
+    /// refused with `conflict`, never dropped silently.
+    #[tokio::test(start_paused = true)]
+    async fn reused_id_for_a_different_message_is_never_lost() {
+        let mut h = harness(64).await;
+        h.subscribe_and_go_offline().await;
+        h.available().await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        h.drain_all();
+        let send = |body: &str| {
+            format!(
+                "<message xmlns='{NS}' from='alice@x/r' to='bob@relay.x' id='fixed' type='chat'><body>{body}</body></message>"
+            )
+        };
+        h.feed(&send("one")).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        h.receipt("fixed").await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(h.store.recipient("bob@x").unwrap().pending, 0);
+        h.drain_all();
+        h.feed(&send("two")).await;
+        h.feed(&send("two")).await; // a resubmission
+        h.feed(&send("three")).await; // different, while "two" is pending
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let out = h.drain_all();
+        let bodies: Vec<_> = messages(&out)
+            .into_iter()
+            .filter(|(to, _, _)| to == "bob@x")
+            .filter_map(|(_, _, b)| b)
+            .collect();
+        assert_eq!(bodies, ["two"], "relayed once");
+        let conflicts = out
+            .iter()
+            .filter(|st| condition(st) == Some(DefinedCondition::Conflict))
+            .count();
+        assert_eq!(conflicts, 1, "the third is refused, not dropped: {out:?}");
+        assert_eq!(h.store.recipient("bob@x").unwrap().pending, 1);
+    }
+
+    /// Issue 11, defect 5: a receipt timeout on one device (the higher
+    /// priority one, which the server picks, frozen) takes down only that
+    /// device: the message and those after it go to the other one by its
+    /// full JID (before, nothing more was sent while Bob stayed online).
+    #[tokio::test(start_paused = true)]
+    async fn receipt_timeout_on_one_device_lets_the_others_go_on() {
+        let mut h = harness(64).await;
+        h.subscribe_and_go_offline().await;
+        h.feed(&format!(
+            "<presence xmlns='{NS}' from='bob@x/phone' to='relay.x'><priority>5</priority></presence>"
+        ))
+        .await;
+        h.feed(&format!(
+            "<presence xmlns='{NS}' from='bob@x/desk' to='relay.x'/>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        h.drain_all();
+        h.msg("m1").await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let first: Vec<_> = messages(&h.drain_all())
+            .into_iter()
+            .map(|(to, id, _)| (to, id))
+            .collect();
+        assert_eq!(first, [("bob@x".to_string(), "m1".to_string())]);
+        // The phone is frozen: no receipt.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let again: Vec<_> = messages(&h.drain_all())
+            .into_iter()
+            .map(|(to, id, _)| (to, id))
+            .collect();
+        assert_eq!(again, [("bob@x/desk".to_string(), "m1".to_string())]);
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='bob@x/desk' to='alice@relay.x'><received xmlns='urn:xmpp:receipts' id='m1'/></message>"
+        ))
+        .await;
+        h.msg("m2").await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let next: Vec<_> = messages(&h.drain_all())
+            .into_iter()
+            .filter(|(_, _, b)| b.is_some())
+            .map(|(to, id, _)| (to, id))
+            .collect();
+        assert_eq!(next, [("bob@x/desk".to_string(), "m2".to_string())]);
+        assert_eq!(h.store.recipient("bob@x").unwrap().pending, 1);
+        // The phone shows life (a new presence): back to the bare JID.
+        h.feed(&format!(
+            "<presence xmlns='{NS}' from='bob@x/phone' to='relay.x'><priority>5</priority></presence>"
+        ))
+        .await;
+        h.receipt("m2").await;
+        h.msg("m3").await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let last: Vec<_> = messages(&h.drain_all())
+            .into_iter()
+            .filter(|(_, _, b)| b.is_some())
+            .map(|(to, id, _)| (to, id))
+            .collect();
+        assert_eq!(last, [("bob@x".to_string(), "m3".to_string())]);
+    }
+
+    /// Issue 11, defect 7: a backoff timer left armed when the queue
+    /// emptied (here by expiry) must not restart a window already under
+    /// way (before, it sent the in-flight message a second time and
+    /// leaked its receipt timer).
+    #[tokio::test(start_paused = true)]
+    async fn stale_resume_timer_sends_nothing_twice() {
+        let mut h = harness_with(64, "[limits]\nmessage_ttl_s = 1\n").await;
+        let bounce = format!(
+            "<message xmlns='{NS}' from='bob@x' to='alice@relay.x' id='m1' type='error'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
+        );
+        h.msg("m1").await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        h.feed(&bounce).await; // backoff: retry at 500 ms
+        // m1 outlives its TTL on the wall clock (expiry reads it).
+        std::thread::sleep(Duration::from_millis(1100));
+        tokio::time::sleep(Duration::from_millis(520)).await;
+        h.feed(&bounce).await; // retried and bounced: next retry at ~1.5 s
+        tokio::time::sleep(Duration::from_millis(490)).await; // expiry at 1 s
+        assert_eq!(h.store.recipient("bob@x").unwrap().pending, 0, "expired");
+        // Bob shows life with nothing pending, then a new message goes.
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='bob@x/r' to='alice@relay.x' type='chat'><active xmlns='http://jabber.org/protocol/chatstates'/></message>"
+        ))
+        .await;
+        h.drain_all();
+        h.msg("m2").await;
+        h.available().await; // the window opens
+        tokio::time::sleep(Duration::from_millis(600)).await; // past the old retry
+        let m2 = messages(&h.drain_all())
+            .into_iter()
+            .filter(|(_, id, _)| id == "m2")
+            .count();
+        assert_eq!(m2, 1, "m2 sent once");
     }
 }

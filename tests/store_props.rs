@@ -128,6 +128,7 @@ fn run(ops: Vec<Op>) {
                             recipient: &r,
                             sender_bare: &s,
                             origin_id: origin.as_deref(),
+                            content_hash: 0,
                             record: Record {
                                 accepted_at_ms: now,
                                 sender: format!("{s}/res"),

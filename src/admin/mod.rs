@@ -539,6 +539,7 @@ mod tests {
                         recipient,
                         sender_bare: "alice@x",
                         origin_id: None,
+                        content_hash: crate::store::content_hash(id.as_bytes()),
                         record: Record {
                             accepted_at_ms: 0,
                             sender: "alice@x/r".into(),

@@ -123,7 +123,7 @@ impl Store {
             for key in &e.keys {
                 owned += 1;
                 match self.db.get(key)? {
-                    Some(v) if decode_seq(&v).ok() == Some(seq) => {}
+                    Some(v) if decode_index(&v).ok().map(|(s, _)| s) == Some(seq) => {}
                     _ => bad(format!(
                         "seq {seq}: index key missing or pointing elsewhere"
                     )),
@@ -143,7 +143,7 @@ impl Store {
             for kv in self.db.scan_prefix(prefix) {
                 let (_, v) = kv?;
                 index_keys += 1;
-                let seq = decode_seq(&v)?;
+                let (seq, _) = decode_index(&v)?;
                 if self.db.get(expiry_key(seq))?.is_none() {
                     bad(format!("index key for seq {seq} that no expiry entry owns"));
                 }

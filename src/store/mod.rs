@@ -184,6 +184,9 @@ pub struct NewMessage<'a> {
     /// The sender's bare JID, for the dedup indexes.
     pub sender_bare: &'a str,
     pub origin_id: Option<&'a str>,
+    /// [`content_hash`] of what the message says: the same under a used
+    /// id is a resubmission, different is another message.
+    pub content_hash: u64,
     pub record: Record,
 }
 
@@ -201,8 +204,15 @@ pub enum Accepted {
     Stored {
         seq: u64,
     },
-    /// Same (sender, recipient, id) or origin-id as an earlier message.
+    /// The same stanza under the same (sender, recipient, id) or
+    /// origin-id as an earlier message: a resubmission, stored once.
     Duplicate {
+        seq: u64,
+    },
+    /// A different message under an id (or origin-id) that a message of
+    /// the same sender to the same recipient still pending holds: refused,
+    /// since a receipt for that id could not tell the two apart.
+    IdInUse {
         seq: u64,
     },
     QueueFull,
@@ -386,6 +396,36 @@ fn recipient_of_queue_key(k: &[u8]) -> Result<String, StoreError> {
         .ok_or_else(|| StoreError::Corrupt("short queue key".into()))?;
     String::from_utf8(name.to_vec())
         .map_err(|_| StoreError::Corrupt("queue key is not UTF-8".into()))
+}
+
+/// An id index value: the seq of the message that holds the id, then
+/// the [`content_hash`] of its stanza (absent in entries written before
+/// the hash was kept, and in imports of such stores).
+fn index_value(seq: u64, hash: u64) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&seq.to_be_bytes());
+    v[8..].copy_from_slice(&hash.to_be_bytes());
+    v
+}
+
+/// The seq and, if kept, the content hash of an id index value.
+fn decode_index(v: &[u8]) -> Result<(u64, Option<u64>), StoreError> {
+    match v.len() {
+        8 => Ok((decode_seq(v)?, None)),
+        16 => Ok((decode_seq(&v[..8])?, Some(decode_seq(&v[8..])?))),
+        n => Err(StoreError::Corrupt(format!(
+            "index value is {n} bytes, not 8 or 16"
+        ))),
+    }
+}
+
+/// What tells a resubmission from a different message under a reused
+/// id: FNV-1a over what the message says (the router picks the parts;
+/// see `router::content_of`). Stable across builds, since it is stored.
+pub fn content_hash(content: &[u8]) -> u64 {
+    content.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 fn decode_seq(v: &[u8]) -> Result<u64, StoreError> {
@@ -626,7 +666,7 @@ impl Store {
         for prefix in [b"i", b"o"] {
             for kv in self.db.scan_prefix(prefix) {
                 let (k, v) = kv?;
-                let seq = decode_seq(&v)?;
+                let (seq, _) = decode_index(&v)?;
                 let (recipient, _, _) = split_index_key(&k)?;
                 expiries
                     .entry(seq)
@@ -855,21 +895,24 @@ impl Store {
 
     /// Store a message unless it is a duplicate or the queue is full.
     pub fn accept(&self, msg: NewMessage<'_>, limits: QueueLimits) -> Result<Accepted, StoreError> {
+        let hash = msg.content_hash;
         let ikey = id_key(msg.recipient, msg.sender_bare, &msg.record.id);
-        if let Some(v) = self.read(&ikey)? {
-            return Ok(Accepted::Duplicate {
-                seq: decode_seq(&v)?,
-            });
-        }
         let okey = msg
             .origin_id
             .map(|o| origin_key(msg.recipient, msg.sender_bare, o));
-        if let Some(okey) = &okey
-            && let Some(v) = self.read(okey)?
-        {
-            return Ok(Accepted::Duplicate {
-                seq: decode_seq(&v)?,
-            });
+        // Index keys of earlier, confirmed messages that this one takes
+        // over: (key, seq of the earlier message).
+        let mut taken = Vec::new();
+        for key in std::iter::once(&ikey).chain(okey.as_ref()) {
+            let Some(v) = self.read(key)? else { continue };
+            let (seq, old_hash) = decode_index(&v)?;
+            if old_hash.is_none_or(|h| h == hash) {
+                return Ok(Accepted::Duplicate { seq });
+            }
+            if self.read(&queue_key(msg.recipient, seq))?.is_some() {
+                return Ok(Accepted::IdInUse { seq });
+            }
+            taken.push((key.clone(), seq));
         }
         let mut state = self.recipient(msg.recipient)?;
         let size = msg.record.stanza.len() as u64;
@@ -886,13 +929,31 @@ impl Store {
         state.bytes += size;
         totals.apply(&before, &state);
         let mut batch = Writes::default();
+        // The earlier owners of reused keys let go of them, so that their
+        // expiry does not take this message's dedup and receipt lookup.
+        let mut owners: HashMap<u64, Expiry> = HashMap::new();
+        for (key, old_seq) in taken {
+            let e = match owners.entry(old_seq) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    match self.read(&expiry_key(old_seq))? {
+                        Some(x) => v.insert(decode(&x, "expiry entry")?),
+                        None => continue,
+                    }
+                }
+            };
+            e.keys.retain(|k| *k != key);
+        }
+        for (old_seq, e) in owners {
+            batch.insert(expiry_key(old_seq), encode(&e));
+        }
         batch.insert(queue_key(msg.recipient, seq), encode(&msg.record));
         batch.insert(age_key(seq), msg.recipient.as_bytes());
         batch.insert(TOTALS_KEY, encode(&totals));
-        batch.insert(&ikey, seq.to_be_bytes());
+        batch.insert(&ikey, index_value(seq, hash));
         let mut keys = vec![ikey];
         if let Some(okey) = okey {
-            batch.insert(&okey, seq.to_be_bytes());
+            batch.insert(&okey, index_value(seq, hash));
             keys.push(okey);
         }
         batch.insert(
@@ -916,7 +977,7 @@ impl Store {
         id: &str,
     ) -> Result<Option<u64>, StoreError> {
         self.read(&id_key(recipient, sender_bare, id))?
-            .map(|v| decode_seq(&v))
+            .map(|v| decode_index(&v).map(|(seq, _)| seq))
             .transpose()
     }
 
@@ -1034,6 +1095,7 @@ mod tests {
             recipient,
             sender_bare: sender,
             origin_id: origin,
+            content_hash: 0,
             record: Record {
                 accepted_at_ms: 1,
                 sender: format!("{sender}/res"),
@@ -1141,6 +1203,50 @@ mod tests {
             s.accept(msg("b@x", "a@x", "id2", Some("o1")), BIG).unwrap(),
             Accepted::Duplicate { seq }
         );
+    }
+
+    /// Issue 11, defect 4, in the store: a different message under a used
+    /// id is stored once the first is confirmed (refused while it is
+    /// pending), takes the id over, and the first one's expiry leaves the
+    /// id to it.
+    #[test]
+    fn reused_id_takes_over_only_after_confirmation() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let with = |hash, at| {
+            let mut m = msg("b@x", "a@x", "id1", Some("o1"));
+            m.content_hash = hash;
+            m.record.accepted_at_ms = at;
+            m.record.stanza = format!(
+                "<message xmlns='jabber:component:accept' id='id1'><body>{hash}</body></message>"
+            );
+            m
+        };
+        let Accepted::Stored { seq: first } = s.accept(with(1, 10), BIG).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            s.accept(with(1, 11), BIG).unwrap(),
+            Accepted::Duplicate { seq: first }
+        );
+        assert_eq!(
+            s.accept(with(2, 12), BIG).unwrap(),
+            Accepted::IdInUse { seq: first }
+        );
+        s.confirm("b@x", &[first]).unwrap();
+        let Accepted::Stored { seq: second } = s.accept(with(2, 20), BIG).unwrap() else {
+            panic!("a different message after confirmation is stored")
+        };
+        assert_eq!(s.seq_of("b@x", "a@x", "id1").unwrap(), Some(second));
+        assert_eq!(s.check().unwrap().problems, Vec::<String>::new());
+        // The first one's expiry drops its entry but not the id.
+        s.expire(15, 10).unwrap();
+        assert_eq!(s.seq_of("b@x", "a@x", "id1").unwrap(), Some(second));
+        assert_eq!(
+            s.accept(with(2, 21), BIG).unwrap(),
+            Accepted::Duplicate { seq: second }
+        );
+        assert!(s.check().unwrap().problems.is_empty());
     }
 
     #[test]

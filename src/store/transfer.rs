@@ -8,7 +8,7 @@
 //! {"type":"header","format":"redeliver-store-export","version":1,"schema":2,"exported_at":"…"}
 //! {"type":"recipient","jid":"bob@example.com","subscription":"subscribed"}
 //! {"type":"entry","seq":17,"accepted_at_ms":…,"recipient":"bob@example.com",
-//!  "ids":[{"sender":"alice@example.com","value":"m1"}],"origins":[],
+//!  "ids":[{"sender":"alice@example.com","value":"m1","hash":…}],"origins":[],
 //!  "message":{"accepted_at_ms":…,"sender":"alice@example.com/phone","id":"m1","stanza":"<message …/>"}}
 //! {"type":"end","recipients":1,"entries":1,"messages":1}
 //! ```
@@ -17,6 +17,9 @@
 //! - `entry` lines come in accept order, one per accepted message still
 //!   remembered (pending, or confirmed but inside its TTL for duplicate
 //!   detection); `message` is present while it is pending.
+//! - `hash` (optional) is the content hash of the message that holds the
+//!   id, which tells a resubmission from a different message under a
+//!   reused id; without it a reused id counts as a resubmission.
 //! - `end` counts the lines before it, so a truncated file is refused.
 //!
 //! Import writes into an empty store only, after reading the whole file
@@ -58,6 +61,8 @@ pub struct TransferSummary {
 struct SenderKey {
     sender: String,
     value: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hash: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -125,12 +130,20 @@ impl Store {
             let (mut ids, mut origins) = (Vec::new(), Vec::new());
             for key in &e.keys {
                 let (_, sender, value) = split_index_key(key)?;
+                let hash = match self.db.get(key).map_err(StoreError::from)? {
+                    Some(v) => decode_index(&v)?.1,
+                    None => None,
+                };
                 let list = if key.first() == Some(&b'o') {
                     &mut origins
                 } else {
                     &mut ids
                 };
-                list.push(SenderKey { sender, value });
+                list.push(SenderKey {
+                    sender,
+                    value,
+                    hash,
+                });
             }
             let message = self.get(&e.recipient, seq)?;
             sum.entries += 1;
@@ -200,14 +213,20 @@ impl Store {
                     let seq = self.next_seq()?;
                     let mut batch = sled::Batch::default();
                     let mut keys = Vec::new();
+                    let mut values = Vec::new();
                     for k in &ids {
                         keys.push(id_key(&recipient, &k.sender, &k.value));
+                        values.push(k.hash);
                     }
                     for k in &origins {
                         keys.push(origin_key(&recipient, &k.sender, &k.value));
+                        values.push(k.hash);
                     }
-                    for k in &keys {
-                        batch.insert(k.as_slice(), &seq.to_be_bytes());
+                    for (k, hash) in keys.iter().zip(values) {
+                        match hash {
+                            Some(h) => batch.insert(k.as_slice(), &index_value(seq, h)),
+                            None => batch.insert(k.as_slice(), &seq.to_be_bytes()),
+                        }
                     }
                     if let Some(rec) = message {
                         sum.messages += 1;

@@ -42,6 +42,11 @@ pub(crate) fn run<O: Ops>(ops: &O) -> Result<Step, StanzaError> {
         ),
         field("bounces-total", "Bounces since start", s.bounces_total),
         field("refused-total", "Refused since start", s.refused_total),
+        field(
+            "rejected-total",
+            "Refused for good by the recipient's side since start",
+            s.rejected_total,
+        ),
         field("purged-total", "Purged since start", s.purged_total),
         field("expired-total", "Expired since start", s.expired_total),
         field("uptime-seconds", "Uptime (s)", snap.uptime.as_secs()),
