@@ -12,6 +12,7 @@ pub mod config;
 pub mod depthlimit;
 pub mod gate;
 pub mod link;
+pub mod message_kind;
 pub mod ratelimit;
 pub mod router;
 pub mod store;

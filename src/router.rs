@@ -37,6 +37,7 @@ use crate::admin::{Admin, Node, Ops, Snapshot};
 use crate::config::{Config, Durability};
 use crate::gate::{Flushed, Gate};
 use crate::link::{LinkEvent, Outbound};
+use crate::message_kind::{self, Kind};
 use crate::ratelimit::RateLimiter;
 use crate::store::{
     Accepted, NewMessage, PurgeScope, QueueLimits, RecipientState, Record, Store, StoreError,
@@ -45,9 +46,10 @@ use crate::store::{
 use crate::twin::{self, AnotherInstance, Instance, Verdict};
 use crate::xep0050::{COMMANDS, Command};
 
-const CHAT_MARKERS: &str = "urn:xmpp:chat-markers:0";
-const CHAT_STATES: &str = "http://jabber.org/protocol/chatstates";
-const HINTS: &str = "urn:xmpp:hints";
+/// Receipts and markers handled per stanza at most.
+const MAX_CONFIRMATIONS_PER_STANZA: usize = 16;
+/// Pending messages a marker's scan looks at, at most.
+const MARKER_SCAN_LIMIT: usize = 16_384;
 /// Link events handled in one burst (one store batch) at most.
 const BURST: usize = 256;
 /// Recipients probed per step after a connect.
@@ -331,6 +333,8 @@ pub struct Router {
     /// Recipients that refused (or cancelled) the presence subscription,
     /// and when: asked again only [`RESUBSCRIBE_AFTER`] later.
     refused_at: HashMap<String, tokio::time::Instant>,
+    /// Marker scans per recipient: 20 a second, 200 at once.
+    marker_scans: RateLimiter,
 }
 
 /// The most recently accepted messages, by seq, until relayed: at most
@@ -439,6 +443,7 @@ impl Router {
             rate,
             expiry_scheduled: false,
             refused_at: HashMap::new(),
+            marker_scans: RateLimiter::new(20, 200),
         })
     }
 
@@ -829,7 +834,27 @@ impl Router {
             .await;
             return;
         }
-        if is_ephemeral(&m) {
+        if message_kind::kind(&m) == Kind::Once {
+            let confirms = m
+                .payloads
+                .iter()
+                .any(|p| message_kind::confirmation(p).is_some());
+            // Receipts and markers are never refused (the work they cost
+            // is bounded above); everything else counts as a message.
+            if !confirms
+                && !self
+                    .rate
+                    .allow(from_bare.as_str(), tokio::time::Instant::now().into_std())
+            {
+                self.refuse_message(
+                    &m,
+                    ErrorType::Wait,
+                    DefinedCondition::PolicyViolation,
+                    "too many messages; slow down",
+                )
+                .await;
+                return;
+            }
             self.forward_ephemeral(m, &from_bare, &target).await;
             return;
         }
@@ -993,8 +1018,8 @@ impl Router {
         }
     }
 
-    /// Relay a message that carries only receipts, markers or chat states:
-    /// nothing to store, no receipt to request.
+    /// Relay a message that goes once ([`message_kind::kind`]): nothing
+    /// to store, no receipt to request.
     async fn forward_ephemeral(&mut self, mut m: Message, from_bare: &BareJid, target: &BareJid) {
         let Ok(relay_from) = self.book.relay_for(from_bare) else {
             return;
@@ -1010,15 +1035,25 @@ impl Router {
 
     /// Receipts and markers from `from_key` (a recipient) about messages
     /// that `target` sent it.
+    /// At most [`MAX_CONFIRMATIONS_PER_STANZA`] per stanza; a marker's
+    /// scan of earlier messages is budgeted per recipient (past the
+    /// budget a marker confirms only the message it names, as a receipt).
     async fn handle_confirmations(&mut self, from_key: &str, target: &BareJid, m: &Message) {
         let sender = target.to_string();
-        for p in &m.payloads {
-            let Some(id) = p.attr("id") else { continue };
-            let marker = p.ns() == CHAT_MARKERS
-                && matches!(p.name(), "received" | "displayed" | "acknowledged");
-            if !(p.is("received", ns::RECEIPTS) || marker) {
-                continue;
-            }
+        let found: Vec<(&str, bool)> = m
+            .payloads
+            .iter()
+            .filter_map(message_kind::confirmation)
+            .collect();
+        if found.len() > MAX_CONFIRMATIONS_PER_STANZA {
+            warn!(
+                from = from_key,
+                count = found.len(),
+                handled = MAX_CONFIRMATIONS_PER_STANZA,
+                "too many receipts and markers in one stanza; the rest ignored"
+            );
+        }
+        for (id, marker) in found.into_iter().take(MAX_CONFIRMATIONS_PER_STANZA) {
             let seq = match self.store.seq_of(from_key, &sender, id) {
                 Ok(Some(seq)) => seq,
                 Ok(None) => continue,
@@ -1027,8 +1062,21 @@ impl Router {
                     continue;
                 }
             };
-            let seqs = if marker {
-                match self.store.pending_from_sender_upto(from_key, &sender, seq) {
+            let scan = marker
+                && self
+                    .marker_scans
+                    .allow(from_key, tokio::time::Instant::now().into_std());
+            if marker && !scan {
+                debug!(
+                    from = from_key,
+                    id, "marker scan budget spent; confirming the marked message only"
+                );
+            }
+            let seqs = if scan {
+                match self
+                    .store
+                    .pending_from_sender_upto(from_key, &sender, seq, MARKER_SCAN_LIMIT)
+                {
                     Ok(s) => s,
                     Err(e) => {
                         error!(error = %e, "marker scan failed");
@@ -2306,17 +2354,6 @@ fn is_final(e: &StanzaError) -> bool {
         )
 }
 
-/// A message with nothing to keep: only receipts, markers, chat states
-/// or processing hints.
-fn is_ephemeral(m: &Message) -> bool {
-    m.bodies.is_empty()
-        && m.subjects.is_empty()
-        && m.payloads.iter().all(|p| {
-            let n = p.ns();
-            n == ns::RECEIPTS || n == CHAT_MARKERS || n == CHAT_STATES || n == HINTS
-        })
-}
-
 #[cfg(test)]
 mod tests {
     //! The delivery state machine with a fake link (channels) and tokio's
@@ -2967,5 +3004,108 @@ retry_initial_ms = 500
             .filter(|(_, id, _)| id == "m2")
             .count();
         assert_eq!(m2, 1, "m2 sent once");
+    }
+    /// Issue 11, defect 6: body-less payloads (a reaction, a call
+    /// proposal) go once, as they came, without a receipt request, and
+    /// are not stored (before, they waited for a receipt clients do not
+    /// send, held the queue and came back later: a call ringing days
+    /// late).
+    #[tokio::test(start_paused = true)]
+    async fn bodyless_payloads_are_relayed_once_without_a_receipt_request() {
+        let mut h = harness(64).await;
+        h.subscribe_and_go_offline().await;
+        h.available().await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        h.drain_all();
+        for (id, inner) in [
+            (
+                "react",
+                "<reactions xmlns='urn:xmpp:reactions:0' id='m0'><reaction>+1</reaction></reactions><store xmlns='urn:xmpp:hints'/>",
+            ),
+            (
+                "call",
+                "<propose xmlns='urn:xmpp:jingle-message:0' id='c1'><description xmlns='urn:xmpp:jingle:apps:rtp:1' media='audio'/></propose><store xmlns='urn:xmpp:hints'/>",
+            ),
+        ] {
+            h.feed(&format!(
+                "<message xmlns='{NS}' from='alice@x/r' to='bob@relay.x' id='{id}' type='chat'>{inner}</message>"
+            ))
+            .await;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let out = h.drain_all();
+        let relayed: Vec<&Message> = out
+            .iter()
+            .filter_map(|st| match st {
+                Stanza::Message(m) if m.to.as_ref().is_some_and(|t| t.to_string() == "bob@x") => {
+                    Some(m)
+                }
+                _ => None,
+            })
+            .collect();
+        let ids: Vec<_> = relayed
+            .iter()
+            .map(|m| m.id.as_ref().unwrap().0.as_str())
+            .collect();
+        assert_eq!(ids, ["react", "call"]);
+        assert!(
+            relayed
+                .iter()
+                .all(|m| !m.payloads.iter().any(|p| p.is("request", ns::RECEIPTS))),
+            "no receipt requested"
+        );
+        assert_eq!(
+            h.store.recipient("bob@x").unwrap().pending,
+            0,
+            "nothing stored"
+        );
+        // Bob goes away and comes back: nothing comes again.
+        h.feed(&format!(
+            "<presence xmlns='{NS}' from='bob@x/r' to='relay.x' type='unavailable'/>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        h.available().await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(messages(&h.drain_all()).is_empty());
+    }
+
+    /// Issue 11, defect 9: a stanza's receipts and markers are handled 16
+    /// at most, and a recipient's marker scans are budgeted: past the
+    /// budget a marker confirms only the message it names (before, every
+    /// payload ran, and every marker scanned and decoded the queue).
+    #[tokio::test(start_paused = true)]
+    async fn receipts_and_markers_cost_bounded_work() {
+        let mut h = harness(64).await;
+        h.subscribe_and_go_offline().await;
+        h.available().await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        for i in 0..20 {
+            h.msg(&format!("m{i}")).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let receipts: String = (0..20)
+            .map(|i| format!("<received xmlns='urn:xmpp:receipts' id='m{i}'/>"))
+            .collect();
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='bob@x/r' to='alice@relay.x'>{receipts}</message>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(h.store.recipient("bob@x").unwrap().pending, 4, "16 handled");
+        // Spend the marker budget (200) on an old message…
+        for _ in 0..200 {
+            h.feed(&format!(
+                "<message xmlns='{NS}' from='bob@x/r' to='alice@relay.x'><displayed xmlns='urn:xmpp:chat-markers:0' id='m0'/></message>"
+            ))
+            .await;
+        }
+        // …then a marker for the last one confirms only that one.
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='bob@x/r' to='alice@relay.x'><displayed xmlns='urn:xmpp:chat-markers:0' id='m19'/></message>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(h.store.recipient("bob@x").unwrap().pending, 3);
     }
 }

@@ -1041,22 +1041,39 @@ impl Store {
     }
 
     /// Seqs of pending messages from `sender_bare` up to and including
-    /// `upto`, for a XEP-0333 marker.
+    /// `upto`, for a XEP-0333 marker: at most `limit` records are looked
+    /// at (from the head of the queue), and of each only its sender is
+    /// decoded. `upto` itself is always included when pending.
     pub fn pending_from_sender_upto(
         &self,
         recipient: &str,
         sender_bare: &str,
         upto: u64,
+        limit: usize,
     ) -> Result<Vec<u64>, StoreError> {
+        /// The leading fields of a [`Record`], borrowed.
+        #[derive(Deserialize)]
+        struct Head<'a> {
+            #[allow(dead_code)]
+            accepted_at_ms: i64,
+            sender: &'a str,
+        }
         let start = queue_key(recipient, 0);
         let end = queue_key(recipient, upto);
         let mut out = Vec::new();
-        for kv in self.scan_range(&start, &end) {
+        let mut seen_upto = false;
+        for kv in self.scan_range(&start, &end).take(limit) {
             let (k, v) = kv?;
-            let rec: Record = decode(&v, "record")?;
-            if bare_of(&rec.sender) == sender_bare {
-                out.push(seq_of_queue_key(&k)?);
+            let seq = seq_of_queue_key(&k)?;
+            let head: Head<'_> = postcard::from_bytes(&v)
+                .map_err(|e| StoreError::Corrupt(format!("record: {e}")))?;
+            if bare_of(head.sender) == sender_bare {
+                out.push(seq);
+                seen_upto |= seq == upto;
             }
+        }
+        if !seen_upto && self.read(&end)?.is_some() {
+            out.push(upto);
         }
         Ok(out)
     }
@@ -1272,8 +1289,16 @@ mod tests {
             s.accept(msg("b@x", "a@x", "m1", None), BIG).unwrap(),
             Accepted::Duplicate { .. }
         ));
-        let upto = s.pending_from_sender_upto("b@x", "a@x", seqs[2]).unwrap();
+        let upto = s
+            .pending_from_sender_upto("b@x", "a@x", seqs[2], 100)
+            .unwrap();
         assert_eq!(upto, [seqs[0], seqs[2]]);
+        // Issue 11, defect 9: the scan looks at `limit` records at most;
+        // the marked message is still confirmed.
+        let upto = s
+            .pending_from_sender_upto("b@x", "a@x", seqs[2], 0)
+            .unwrap();
+        assert_eq!(upto, [seqs[2]]);
     }
 
     fn stored(s: &Store, m: NewMessage<'_>) -> u64 {
