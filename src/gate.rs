@@ -116,16 +116,23 @@ impl Gate {
         }
     }
 
-    /// An fsync failed, and the store will not recover in this process:
-    /// the messages still waiting for one are never relayed (returned as
-    /// (seq, recipient) so their senders can be told), and the receipts
-    /// held back go now (returned), as will any later ones: the removals
-    /// they waited for happened, in memory.
-    pub fn abandon_waiting(&mut self) -> (Vec<(u64, String)>, Vec<Stanza>) {
+    /// A write or an fsync failed, and the store will not recover in
+    /// this process: the messages still waiting for an fsync are never
+    /// relayed (returned as (seq, recipient) so their senders can be
+    /// told), and the receipts held back are dropped (their number
+    /// returned), as will be any later ones: the removals they confirm
+    /// never reach disk, so those messages come back after the restart,
+    /// and a sender must not have seen a receipt for them.
+    pub fn abandon_waiting(&mut self) -> (Vec<(u64, String)>, usize) {
         self.failed = true;
         let seqs = self.seqs.drain(..).map(|(_, s, r)| (s, r)).collect();
-        let held = self.held.drain(..).map(|(_, st)| st).collect();
-        (seqs, held)
+        let dropped = self.held.len();
+        self.held.clear();
+        (seqs, dropped)
+    }
+
+    pub fn is_batched(&self) -> bool {
+        self.requests.is_none()
     }
 
     /// Messages were removed (confirmed, purged or expired).
@@ -134,9 +141,12 @@ impl Gate {
     }
 
     /// Relay `stanza` once every write so far is on disk: now, if it
-    /// already is.
+    /// already is; never, after a failure.
     pub fn after_writes(&mut self, stanza: Stanza) -> Option<Stanza> {
-        if self.requests.is_none() || self.failed || self.done_ticket >= self.last_ticket {
+        if self.failed {
+            return None;
+        }
+        if self.requests.is_none() || self.done_ticket >= self.last_ticket {
             return Some(stanza);
         }
         self.held.push_back((self.last_ticket, stanza));

@@ -24,7 +24,7 @@ use tokio_xmpp::parsers::disco::{
 };
 use tokio_xmpp::parsers::iq::Iq;
 use tokio_xmpp::parsers::jid::{BareJid, Jid};
-use tokio_xmpp::parsers::message::{Id, Message, MessageType};
+use tokio_xmpp::parsers::message::{Id, Lang, Message, MessageType};
 use tokio_xmpp::parsers::ns;
 use tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
 use tokio_xmpp::parsers::receipts::Request;
@@ -57,6 +57,16 @@ const PROBE_STEP: usize = 256;
 /// After a recipient refuses the presence subscription, how long before
 /// the next message asks again.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// What a stanza of a burst needs of the burst's commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Needs {
+    Nothing,
+    /// It relays a message accepted in this burst.
+    Accept,
+    /// It relays receipts or markers: the removals they caused.
+    Removals,
+}
 
 /// disco#info queries in flight at most; past that, new resources are
 /// not asked (they count as able to send receipts, the safe side).
@@ -284,6 +294,8 @@ pub struct Stats {
     /// Messages the recipient's side refused for good (a final error
     /// bounce): removed, their senders told.
     pub rejected_total: u64,
+    /// Notices kept for senders (expiry, final refusals).
+    pub notices_total: u64,
 }
 
 pub struct Router {
@@ -294,7 +306,9 @@ pub struct Router {
     store: Arc<Store>,
     outbox: mpsc::Sender<Outbound>,
     /// Stanzas of the current burst, sent once its writes are committed.
-    out_buf: Vec<Outbound>,
+    out_buf: Vec<(Outbound, Needs)>,
+    /// Messages accepted in the current burst: (seq, recipient).
+    burst_accepted: Vec<(u64, String)>,
     /// Messages just accepted, as parsed, so that relaying one at once
     /// does not parse its stored XML back.
     fresh: Fresh,
@@ -423,6 +437,7 @@ impl Router {
             store,
             outbox,
             out_buf: Vec::new(),
+            burst_accepted: Vec::new(),
             fresh: Fresh::default(),
             probe_queue: VecDeque::new(),
             probe_waiting: Vec::new(),
@@ -540,26 +555,88 @@ impl Router {
 
     /// Queue a stanza for the link; it leaves when the burst ends.
     async fn send(&mut self, stanza: impl Into<Stanza>) {
+        self.send_after(stanza, Needs::Nothing).await;
+    }
+
+    /// Queue a stanza that may leave only if the burst's writes commit.
+    async fn send_after(&mut self, stanza: impl Into<Stanza>, needs: Needs) {
         let Some(epoch) = self.epoch else { return };
-        self.out_buf.push(Outbound {
-            epoch,
-            stanza: stanza.into(),
-        });
+        self.out_buf.push((
+            Outbound {
+                epoch,
+                stanza: stanza.into(),
+            },
+            needs,
+        ));
     }
 
     /// Commit the burst's store writes, ask for their fsync, then let its
     /// stanzas go: nothing leaves before the write it depends on is in
     /// sled (and, in fsync mode, the gate holds what needs the fsync).
+    /// If the commit fails, what depended on it stays here: relays of the
+    /// burst's new messages (their senders are told instead) and receipts
+    /// for its removals (those messages come back after the restart).
     async fn end_burst(&mut self) {
+        let accepted = std::mem::take(&mut self.burst_accepted);
         if let Err(e) = self.store.commit() {
             self.store_failure("commit", &e);
+            let out = std::mem::take(&mut self.out_buf);
+            let held = out.iter().filter(|(_, n)| *n != Needs::Nothing).count();
+            self.out_buf = out
+                .into_iter()
+                .filter(|(_, n)| *n == Needs::Nothing)
+                .collect();
+            if held > 0 {
+                warn!(
+                    stanzas = held,
+                    "not sent: they depended on writes that failed"
+                );
+            }
             self.abandon_undurable().await;
+            if self.gate.is_batched() {
+                // In fsync mode the gate held these and abandon_undurable
+                // told their senders.
+                self.abandon_unstored(accepted).await;
+            }
         }
         self.gate.submit();
-        for o in std::mem::take(&mut self.out_buf) {
+        for (o, _) in std::mem::take(&mut self.out_buf) {
             // Bounded: when the link is slow the router waits here, which
             // slows intake from the link in turn.
             let _ = self.outbox.send(o).await;
+        }
+    }
+
+    /// Messages of a burst whose commit failed (batched mode): never sent
+    /// by this process, and their senders told.
+    async fn abandon_unstored(&mut self, accepted: Vec<(u64, String)>) {
+        for (seq, recipient) in accepted {
+            if let Some(peer) = self.peers.get_mut(&recipient) {
+                if let Some(f) = peer.in_flight.remove(&seq) {
+                    self.timers.try_remove(&f.timer);
+                }
+                peer.unsaved_confirms.insert(seq);
+            }
+            self.tell_unstored(&recipient, seq).await;
+        }
+    }
+
+    /// Tell the sender of message `seq` that it was not stored.
+    async fn tell_unstored(&mut self, recipient: &str, seq: u64) {
+        match self.store.get(recipient, seq) {
+            Ok(Some(rec)) => {
+                warn!(to = %recipient, id = %rec.id, seq, "not stored durably; sender told");
+                self.notify_sender(
+                    recipient,
+                    &rec,
+                    ErrorType::Wait,
+                    DefinedCondition::ResourceConstraint,
+                    "the relay could not store this message; send it again later",
+                )
+                .await;
+            }
+            Ok(None) => {}
+            Err(e) => error!(error = %e, seq, "cannot read an unstored message"),
         }
     }
 
@@ -970,12 +1047,9 @@ impl Router {
         );
         match outcome {
             Ok(Accepted::Stored { seq }) => {
-                self.fresh.put(seq, m, size);
                 self.stats.accepted_total += 1;
                 debug!(to = %recipient, from = %from, id = %id, seq, "accepted");
-                self.gate.accepted(seq, &recipient);
-                self.ensure_subscribed(&recipient, target).await;
-                self.kick(&recipient, seq).await;
+                self.on_stored(seq, &recipient, target, m, size).await;
             }
             Ok(Accepted::Duplicate { seq }) => {
                 info!(to = %recipient, from = %from, id = %id, seq, "duplicate submission ignored");
@@ -1018,6 +1092,22 @@ impl Router {
         }
     }
 
+    /// A message (or a notice) is in `recipient`'s queue under `seq`.
+    async fn on_stored(
+        &mut self,
+        seq: u64,
+        recipient: &str,
+        target: &BareJid,
+        m: Message,
+        size: usize,
+    ) {
+        self.burst_accepted.push((seq, recipient.to_owned()));
+        self.fresh.put(seq, m, size);
+        self.gate.accepted(seq, recipient);
+        self.ensure_subscribed(recipient, target).await;
+        self.kick(recipient, seq).await;
+    }
+
     /// Relay a message that goes once ([`message_kind::kind`]): nothing
     /// to store, no receipt to request.
     async fn forward_ephemeral(&mut self, mut m: Message, from_bare: &BareJid, target: &BareJid) {
@@ -1028,8 +1118,17 @@ impl Router {
         m.to = Some(Jid::from(target.clone()));
         // A receipt tells the sender its message is done with: only once
         // its removal is on disk (fsync mode), so that it never comes back.
+        let confirms = m
+            .payloads
+            .iter()
+            .any(|p| message_kind::confirmation(p).is_some());
         if let Some(m) = self.gate.after_writes(m.into()) {
-            self.send(m).await;
+            let needs = if confirms {
+                Needs::Removals
+            } else {
+                Needs::Nothing
+            };
+            self.send_after(m, needs).await;
         }
     }
 
@@ -1323,6 +1422,11 @@ impl Router {
         }
         let sent = to_send.len();
         for (seq, rec, replay) in to_send {
+            let needs = if self.burst_accepted.iter().any(|(s, _)| *s == seq) {
+                Needs::Accept
+            } else {
+                Needs::Nothing
+            };
             if replay {
                 self.stats.replays_total += 1;
             }
@@ -1335,7 +1439,7 @@ impl Router {
                     {
                         m.to = Some(full);
                     }
-                    self.send(m).await
+                    self.send_after(m, needs).await
                 }
                 None => {
                     // A record we cannot parse back can never be delivered;
@@ -1575,27 +1679,19 @@ impl Router {
 
     /// Messages accepted but never made durable will not be relayed by
     /// this process: tell their senders, so that nothing goes silently.
+    /// Receipts held for removals that will never be durable are
+    /// dropped: those messages come back after the restart, and their
+    /// senders must not have seen a receipt for them.
     async fn abandon_undurable(&mut self) {
-        let (waiting, held) = self.gate.abandon_waiting();
-        for stanza in held {
-            self.send(stanza).await;
+        let (waiting, dropped) = self.gate.abandon_waiting();
+        if dropped > 0 {
+            warn!(
+                receipts = dropped,
+                "receipts not relayed: the removals they confirm never reached disk"
+            );
         }
         for (seq, recipient) in waiting {
-            match self.store.get(&recipient, seq) {
-                Ok(Some(rec)) => {
-                    warn!(to = %recipient, id = %rec.id, seq, "not stored durably; sender told");
-                    self.notify_sender(
-                        &recipient,
-                        &rec,
-                        ErrorType::Wait,
-                        DefinedCondition::ResourceConstraint,
-                        "the relay could not store this message; send it again later",
-                    )
-                    .await;
-                }
-                Ok(None) => {}
-                Err(e) => error!(error = %e, seq, "cannot read an undurable message"),
-            }
+            self.tell_unstored(&recipient, seq).await;
         }
     }
 
@@ -1656,8 +1752,15 @@ impl Router {
         );
     }
 
-    /// Tell a stored message's sender what became of it: an error (type
-    /// wait) from the recipient's relay address, with the message's id.
+    /// Tell a stored message's sender what became of it, from the
+    /// recipient's relay address, two ways: an error with the message's id
+    /// to the full JID it came from (a client still there marks the
+    /// message failed), and a notice a person can read, kept and relayed
+    /// like a message to the sender's bare JID. The error alone is lost
+    /// when that resource has gone away, which a week later it usually
+    /// has: servers drop an error for a resource that is gone or for a
+    /// bare JID (RFC 6121 8.5.2.1.1, 8.5.3.2.1), while a message to the
+    /// bare JID waits in the server's offline storage or here.
     async fn notify_sender(
         &mut self,
         recipient: &str,
@@ -1674,10 +1777,90 @@ impl Router {
         let Ok(from) = self.book.relay_for(&recipient) else {
             return;
         };
-        let mut m = Message::error(Some(sender)).with_payload(stanza_error(type_, condition, text));
-        m.from = Some(Jid::from(from));
+        let mut m =
+            Message::error(Some(sender.clone())).with_payload(stanza_error(type_, condition, text));
+        m.from = Some(Jid::from(from.clone()));
         m.id = Some(Id(rec.id.clone()));
         self.send(m).await;
+        self.queue_notice(&recipient, from, &sender.to_bare(), rec, text)
+            .await;
+    }
+
+    /// Keep a notice for `sender` about `rec` (which was for `recipient`)
+    /// in the sender's queue. Its record names as its sender the
+    /// recipient's bare JID with an empty resource, which is no JID, so
+    /// that no notice is ever sent about a notice.
+    async fn queue_notice(
+        &mut self,
+        recipient: &BareJid,
+        from: BareJid,
+        sender: &BareJid,
+        rec: &Record,
+        text: &str,
+    ) {
+        if self.store_failed {
+            return;
+        }
+        let said = Element::from_str(&rec.stanza)
+            .ok()
+            .and_then(|e| e.children().find(|c| c.name() == "body").map(|b| b.text()))
+            .map(|b| {
+                let mut q: String = b.chars().take(80).collect();
+                if q.len() < b.len() {
+                    q.push('…');
+                }
+                format!("\"{q}\" ")
+            })
+            .unwrap_or_default();
+        let when = chrono::DateTime::from_timestamp_millis(rec.accepted_at_ms)
+            .unwrap_or_default()
+            .format("%Y-%m-%d %H:%M UTC");
+        let body = format!(
+            "Not delivered: your message {said}to {recipient} (sent {when}, id {}): {text}.",
+            rec.id
+        );
+        let id = format!("notice-{:016x}", rand::random::<u64>());
+        let mut m = Message::chat(Some(Jid::from(sender.clone())));
+        m.from = Some(Jid::from(from));
+        m.id = Some(Id(id.clone()));
+        m.bodies.insert(Lang::default(), body);
+        let content_hash = content_of(&m);
+        let xml = String::from(&Element::from(m.clone()));
+        let size = xml.len();
+        let queue = sender.to_string();
+        let limits = QueueLimits {
+            max_pending: self.config.limits.max_pending_per_recipient,
+            max_bytes: self.config.limits.max_bytes_per_recipient,
+            max_store_bytes: self.config.limits.max_store_bytes,
+        };
+        let outcome = self.store.accept(
+            NewMessage {
+                recipient: &queue,
+                sender_bare: recipient.as_str(),
+                origin_id: None,
+                content_hash,
+                record: Record {
+                    accepted_at_ms: now_ms(),
+                    sender: format!("{recipient}/"),
+                    id: id.clone(),
+                    stanza: xml,
+                },
+            },
+            limits,
+        );
+        match outcome {
+            Ok(Accepted::Stored { seq }) => {
+                self.stats.notices_total += 1;
+                info!(to = %queue, id, about = %rec.id, seq, "notice kept for the sender");
+                self.on_stored(seq, &queue, sender, m, size).await;
+            }
+            Ok(other) => {
+                warn!(to = %queue, about = %rec.id, ?other, "no room to keep a notice; only the error was sent")
+            }
+            Err(e) => {
+                self.store_failure("notice", &e);
+            }
+        }
     }
 
     // ----- presence -----
@@ -2367,7 +2550,9 @@ mod tests {
         events: mpsc::Sender<LinkEvent>,
         outbox: mpsc::Receiver<Outbound>,
         store: Arc<Store>,
-        _internal: mpsc::Sender<Flushed>,
+        /// The flusher's side, in fsync mode: tickets asked, answers.
+        flushes: mpsc::UnboundedReceiver<u64>,
+        internal: mpsc::Sender<Flushed>,
         _dir: tempfile::TempDir,
         _stop: tokio_util::sync::DropGuard,
     }
@@ -2378,6 +2563,10 @@ mod tests {
 
     /// The test config with `extra` TOML appended (whole sections).
     fn config_with(dir: &std::path::Path, window: usize, extra: &str) -> Config {
+        config_full(dir, window, "batched", extra)
+    }
+
+    fn config_full(dir: &std::path::Path, window: usize, durability: &str, extra: &str) -> Config {
         let text = format!(
             r#"[component]
 domain = "relay.x"
@@ -2387,7 +2576,7 @@ default_domain = "x"
 allowed_sender_domains = ["x"]
 [store]
 path = "{}"
-durability = "batched"
+durability = "{durability}"
 [delivery]
 receipt_timeout_ms = 1000
 replay_grace_ms = 300
@@ -2407,13 +2596,17 @@ retry_initial_ms = 500
     }
 
     async fn harness_with(window: usize, extra: &str) -> Harness {
+        harness_full(window, "batched", extra).await
+    }
+
+    async fn harness_full(window: usize, durability: &str, extra: &str) -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let config = Arc::new(config_with(dir.path(), window, extra));
+        let config = Arc::new(config_full(dir.path(), window, durability, extra));
         let store =
-            Arc::new(Store::open(&config.store.path, Durability::Batched, 5, 1 << 20).unwrap());
+            Arc::new(Store::open(&config.store.path, config.store.durability, 5, 1 << 20).unwrap());
         let (out_tx, out_rx) = mpsc::channel(1024);
         let (ev_tx, ev_rx) = mpsc::channel(1024);
-        let (flush_tx, _flush_rx) = mpsc::unbounded_channel();
+        let (flush_tx, flush_rx) = mpsc::unbounded_channel();
         let (int_tx, int_rx) = mpsc::channel(16);
         let router = Router::new(config, None, store.clone(), out_tx, flush_tx).unwrap();
         let stop = CancellationToken::new();
@@ -2423,7 +2616,8 @@ retry_initial_ms = 500
             events: ev_tx,
             outbox: out_rx,
             store,
-            _internal: int_tx,
+            flushes: flush_rx,
+            internal: int_tx,
             _dir: dir,
             _stop: stop.drop_guard(),
         }
@@ -3107,5 +3301,143 @@ retry_initial_ms = 500
         .await;
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(h.store.recipient("bob@x").unwrap().pending, 3);
+    }
+    /// Receipts relayed to alice (ids), from a drain.
+    fn receipts_to_alice(out: &[Stanza]) -> Vec<String> {
+        out.iter()
+            .filter_map(|st| match st {
+                Stanza::Message(m)
+                    if m.to
+                        .as_ref()
+                        .is_some_and(|t| t.to_bare().to_string() == "alice@x") =>
+                {
+                    m.payloads
+                        .iter()
+                        .find(|p| p.is("received", ns::RECEIPTS))
+                        .and_then(|p| p.attr("id"))
+                        .map(str::to_owned)
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Issue 11, defect 11 (batched mode): when a burst's commit fails,
+    /// its new message is not relayed and its sender is told, and the
+    /// receipt for a removal that never reached sled is not relayed
+    /// (before, both left as if stored).
+    #[tokio::test(start_paused = true)]
+    async fn failed_commit_in_batched_mode_relays_nothing_that_needed_it() {
+        let mut h = harness(64).await;
+        h.subscribe_and_go_offline().await;
+        h.available().await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        h.msg("m1").await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(ids_of(&h.drain()), ["m1"]);
+        h.store.fail_commits();
+        h.msg("m2").await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        h.receipt("m1").await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let out = h.drain_all();
+        let to_bob: Vec<_> = messages(&out)
+            .into_iter()
+            .filter(|(to, _, b)| to.starts_with("bob@x") && b.is_some())
+            .collect();
+        assert!(to_bob.is_empty(), "m2 was not stored: {to_bob:?}");
+        let told: Vec<_> = out
+            .iter()
+            .filter(|st| condition(st) == Some(DefinedCondition::ResourceConstraint))
+            .collect();
+        assert_eq!(told.len(), 1, "m2's sender told: {out:?}");
+        assert!(receipts_to_alice(&out).is_empty(), "{out:?}");
+        // Nor is m2 sent later by this process.
+        h.available().await;
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        assert!(!ids_of(&h.drain()).contains(&"m2"));
+    }
+
+    /// Issue 11, defect 11 (fsync mode): when an fsync fails, receipts
+    /// held for removals that never reached disk are dropped, not let out
+    /// (before, they left, and those messages came back after the
+    /// restart to a sender that had seen their receipt).
+    #[tokio::test(start_paused = true)]
+    async fn failed_fsync_releases_no_held_receipt() {
+        let mut h = harness_full(64, "fsync", "").await;
+        for xml in [
+            format!("<presence xmlns='{NS}' from='bob@x' to='relay.x' type='subscribed'/>"),
+            format!("<presence xmlns='{NS}' from='bob@x/r' to='relay.x'/>"),
+        ] {
+            h.feed(&xml).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        h.msg("m1").await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(h.drain().is_empty(), "not durable yet");
+        let ticket = h.flushes.try_recv().expect("an fsync asked for m1");
+        h.internal.send(Flushed::Durable(ticket)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(ids_of(&h.drain()), ["m1"]);
+        h.receipt("m1").await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(
+            receipts_to_alice(&h.drain_all()).is_empty(),
+            "held for the removal"
+        );
+        assert!(
+            h.flushes.try_recv().is_ok(),
+            "an fsync asked for the removal"
+        );
+        h.internal
+            .send(Flushed::Failed("injected".into()))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let out = h.drain_all();
+        assert!(receipts_to_alice(&out).is_empty(), "{out:?}");
+    }
+
+    /// Issue 11, defect 10: an expired message's sender gets, besides the
+    /// error to the full JID it came from, a notice kept in the store and
+    /// relayed like a message to its bare JID (an error to a resource
+    /// that went away is dropped by the server); and a notice that itself
+    /// expires makes no notice.
+    #[tokio::test(start_paused = true)]
+    async fn expiry_notice_is_kept_and_relayed_to_the_bare_jid() {
+        let mut h = harness_with(64, "[limits]\nmessage_ttl_s = 1\n").await;
+        h.msg("m1").await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='bob@x' to='alice@relay.x' id='m1' type='error'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
+        ))
+        .await;
+        std::thread::sleep(Duration::from_millis(1100));
+        tokio::time::sleep(Duration::from_millis(1010)).await; // expiry step
+        let out = h.drain_all();
+        let errors: Vec<_> = out
+            .iter()
+            .filter(|st| condition(st) == Some(DefinedCondition::RecipientUnavailable))
+            .collect();
+        assert_eq!(errors.len(), 1, "{out:?}");
+        let notices: Vec<_> = messages(&out)
+            .into_iter()
+            .filter(|(to, _, b)| to == "alice@x" && b.is_some())
+            .collect();
+        assert_eq!(notices.len(), 1, "{out:?}");
+        let body = notices[0].2.as_deref().unwrap();
+        assert!(body.contains("\"m1\"") && body.contains("id m1"), "{body}");
+        assert_eq!(h.store.recipient("alice@x").unwrap().pending, 1, "kept");
+        // Nobody confirms the notice: it expires without a notice of its own.
+        std::thread::sleep(Duration::from_millis(1100));
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+        assert_eq!(h.store.recipient("alice@x").unwrap().pending, 0);
+        let out = h.drain_all();
+        assert!(
+            !messages(&out)
+                .iter()
+                .any(|(to, _, b)| to.starts_with("bob@x") && b.is_some()),
+            "{out:?}"
+        );
     }
 }

@@ -62,6 +62,57 @@ async fn expiry_tells_the_sender_and_survives_a_restart(kind: Kind) {
     assert!(bob.body_ids(1, SECS(3)).await.is_empty());
 }
 
+/// Issue 11, defect 10: the sender of a message that expires gets a
+/// notice even when the resource it sent from has gone away (before, only
+/// an error to that full JID, which the server drops): a chat message from
+/// the recipient's relay address, kept by the relay (or the server's
+/// offline storage) until the sender is back, and shown once.
+async fn expiry_notice_reaches_a_sender_who_went_away(kind: Kind) {
+    for offline_storage in [false, true] {
+        let server = Server::start(
+            kind,
+            ServerOpts {
+                offline_storage,
+                ..Default::default()
+            },
+        );
+        let relay = Relay::start(
+            &server,
+            RelayOpts {
+                message_ttl_s: 2,
+                ..Default::default()
+            },
+        );
+        let alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
+        alice.message(BOB, "gone1", "sent just before logging out");
+        wait_log(&relay, "id=gone1").await;
+        alice.close().await;
+        wait_log(&relay, "expired undelivered").await;
+        tokio::time::sleep(SECS(1)).await;
+        let mut alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
+        let notice = alice
+            .next_body_message(SECS(20))
+            .await
+            .unwrap_or_else(|| panic!("no notice (offline storage {offline_storage})"));
+        assert_eq!(
+            notice
+                .attr("from")
+                .map(|f| f.split('/').next().unwrap_or(f)),
+            Some(BOB),
+            "{notice:?}"
+        );
+        let body = notice.get_child("body", CLIENT_NS).unwrap().text();
+        assert!(body.contains("gone1"), "{body}");
+        let again = alice.drain(SECS(3)).await;
+        assert!(
+            !again
+                .iter()
+                .any(|m| m.get_child("body", CLIENT_NS).is_some()),
+            "shown once (offline storage {offline_storage}): {again:?}"
+        );
+    }
+}
+
 /// The store cap refuses new messages with `<resource-constraint/>`; what
 /// was accepted before is all delivered.
 async fn store_cap_refuses_new_messages_and_keeps_the_old(kind: Kind) {
@@ -183,6 +234,7 @@ async fn foreign_receipts_and_markers_confirm_nothing(kind: Kind) {
 
 on_both_servers!(
     expiry_tells_the_sender_and_survives_a_restart,
+    expiry_notice_reaches_a_sender_who_went_away,
     store_cap_refuses_new_messages_and_keeps_the_old,
     rate_limit_refuses_the_excess,
     foreign_receipts_and_markers_confirm_nothing,

@@ -459,6 +459,12 @@ impl Store {
         self.overlay.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Make every later commit fail, as after a write error (tests).
+    #[cfg(test)]
+    pub fn fail_commits(&self) {
+        self.overlay().failed = Some("injected failure".into());
+    }
+
     /// Start a burst: writes wait in memory until [`Store::commit`].
     pub fn begin(&self) {
         self.overlay().deferred = true;

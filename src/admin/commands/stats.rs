@@ -47,6 +47,11 @@ pub(crate) fn run<O: Ops>(ops: &O) -> Result<Step, StanzaError> {
             "Refused for good by the recipient's side since start",
             s.rejected_total,
         ),
+        field(
+            "notices-total",
+            "Notices kept for senders since start",
+            s.notices_total,
+        ),
         field("purged-total", "Purged since start", s.purged_total),
         field("expired-total", "Expired since start", s.expired_total),
         field("uptime-seconds", "Uptime (s)", snap.uptime.as_secs()),
