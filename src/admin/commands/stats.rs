@@ -44,7 +44,7 @@ pub(crate) fn run<O: Ops>(ops: &O) -> Result<Step, StanzaError> {
         field("refused-total", "Refused since start", s.refused_total),
         field(
             "rejected-total",
-            "Refused for good by the recipient's side since start",
+            "Refused for good by the receiving side since start",
             s.rejected_total,
         ),
         field(
