@@ -63,6 +63,17 @@ fn is_content(p: &Element) -> bool {
         || p.is("x", OOB)
 }
 
+/// Whether `m` holds only receipts, markers and processing hints: the
+/// bookkeeping that is never refused for the sender's rate.
+pub fn only_bookkeeping(m: &Message) -> bool {
+    m.bodies.is_empty()
+        && m.subjects.is_empty()
+        && m.payloads.iter().all(|p| {
+            let n = p.ns();
+            n == ns::RECEIPTS || n == CHAT_MARKERS || n == HINTS
+        })
+}
+
 /// A XEP-0184 receipt or a XEP-0333 marker that confirms a message: the
 /// id it names, and whether it is a marker (which confirms every earlier
 /// message of the same sender too).

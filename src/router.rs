@@ -27,7 +27,7 @@ use tokio_xmpp::parsers::jid::{BareJid, Jid};
 use tokio_xmpp::parsers::message::{Id, Lang, Message, MessageType};
 use tokio_xmpp::parsers::ns;
 use tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
-use tokio_xmpp::parsers::receipts::Request;
+use tokio_xmpp::parsers::receipts::{Received, Request};
 use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 use tokio_xmpp::parsers::stanza_id::StanzaId;
 use tracing::{debug, error, info, warn};
@@ -349,6 +349,11 @@ pub struct Router {
     refused_at: HashMap<String, tokio::time::Instant>,
     /// Marker scans per recipient: 20 a second, 200 at once.
     marker_scans: RateLimiter,
+    /// The first seq this process handed out.
+    first_seq: u64,
+    /// Messages relayed once, recently: who sent them, so that a bounce
+    /// reaches its sender.
+    once_sent: RecentOnce,
 }
 
 /// The most recently accepted messages, by seq, until relayed: at most
@@ -389,6 +394,33 @@ impl Fresh {
     }
 }
 
+/// Messages relayed once, by (recipient, sender bare, id) → the sender's
+/// full JID: the last [`RecentOnce::MAX`].
+#[derive(Default)]
+struct RecentOnce {
+    senders: HashMap<(String, String, String), Jid>,
+    order: VecDeque<(String, String, String)>,
+}
+
+impl RecentOnce {
+    const MAX: usize = 4096;
+
+    fn put(&mut self, key: (String, String, String), sender: Jid) {
+        if self.order.len() >= Self::MAX
+            && let Some(old) = self.order.pop_front()
+        {
+            self.senders.remove(&old);
+        }
+        if self.senders.insert(key.clone(), sender).is_none() {
+            self.order.push_back(key);
+        }
+    }
+
+    fn get(&self, key: &(String, String, String)) -> Option<&Jid> {
+        self.senders.get(key)
+    }
+}
+
 /// Error replies the router sends; every refusal gets one.
 fn stanza_error(type_: ErrorType, cond: DefinedCondition, text: &str) -> StanzaError {
     StanzaError::new(type_, cond, "en", text)
@@ -421,6 +453,7 @@ impl Router {
     ) -> Result<Router, StoreError> {
         let book = address_book(&config);
         let me = Jid::from(book.component_jid());
+        let first_seq = store.next_seq()?;
         let gate = match config.store.durability {
             // Every seq handed out so far is below this and already on
             // disk as far as this process is concerned (what sled
@@ -459,6 +492,8 @@ impl Router {
             expiry_scheduled: false,
             refused_at: HashMap::new(),
             marker_scans: RateLimiter::new(20, 200),
+            first_seq,
+            once_sent: RecentOnce::default(),
         })
     }
 
@@ -825,7 +860,7 @@ impl Router {
 
     // ----- messages -----
 
-    async fn on_message(&mut self, m: Message) {
+    async fn on_message(&mut self, mut m: Message) {
         let (Some(from), Some(to)) = (m.from.clone(), m.to.clone()) else {
             debug!("message without from or to dropped");
             return;
@@ -900,7 +935,11 @@ impl Router {
             res.silent = false;
         }
         self.seen_alive(&from_key).await;
-        self.handle_confirmations(&from_key, &target, &m).await;
+        let had_confirmations = m
+            .payloads
+            .iter()
+            .any(|p| message_kind::confirmation(p).is_some());
+        let matched = self.handle_confirmations(&from_key, &target, &mut m).await;
         if m.type_ == MessageType::Groupchat {
             self.refuse_message(
                 &m,
@@ -912,27 +951,11 @@ impl Router {
             return;
         }
         if message_kind::kind(&m) == Kind::Once {
-            let confirms = m
-                .payloads
-                .iter()
-                .any(|p| message_kind::confirmation(p).is_some());
-            // Receipts and markers are never refused (the work they cost
-            // is bounded above); everything else counts as a message.
-            if !confirms
-                && !self
-                    .rate
-                    .allow(from_bare.as_str(), tokio::time::Instant::now().into_std())
-            {
-                self.refuse_message(
-                    &m,
-                    ErrorType::Wait,
-                    DefinedCondition::PolicyViolation,
-                    "too many messages; slow down",
-                )
-                .await;
-                return;
+            if had_confirmations && m.payloads.is_empty() && m.bodies.is_empty() {
+                return; // nothing left to say
             }
-            self.forward_ephemeral(m, &from_bare, &target).await;
+            self.relay_once(m, &from, &from_bare, &target, matched)
+                .await;
             return;
         }
         self.accept(m, &from, &from_bare, &target).await;
@@ -987,13 +1010,9 @@ impl Router {
         m.id = Some(Id(id.clone()));
         m.from = Some(Jid::from(relay_from));
         m.to = Some(Jid::from(target.clone()));
-        // Ours are added at send time; never relay a claim made in our name.
-        let me = self.me.to_string();
-        m.payloads.retain(|p| {
-            !(p.is("request", ns::RECEIPTS)
-                || p.is("delay", ns::DELAY) && p.attr("from") == Some(me.as_str())
-                || p.is("stanza-id", ns::SID) && p.attr("by") == Some(me.as_str()))
-        });
+        // Ours is added at send time.
+        m.payloads.retain(|p| !p.is("request", ns::RECEIPTS));
+        self.strip_claims_in_our_name(&mut m);
         let content_hash = content_of(&m);
         let xml = String::from(&Element::from(m.clone()));
         let size = xml.len();
@@ -1110,26 +1129,65 @@ impl Router {
 
     /// Relay a message that goes once ([`message_kind::kind`]): nothing
     /// to store, no receipt to request.
-    async fn forward_ephemeral(&mut self, mut m: Message, from_bare: &BareJid, target: &BareJid) {
+    ///
+    /// Receipts, markers and hints alone cost bounded work and are never
+    /// refused; anything else counts against the sender's rate and size
+    /// limits like a message. `confirmed`: it confirmed stored messages,
+    /// so it tells the sender they are done with and leaves only once
+    /// their removal is on disk (fsync mode; never after a store failure).
+    async fn relay_once(
+        &mut self,
+        mut m: Message,
+        from: &Jid,
+        from_bare: &BareJid,
+        target: &BareJid,
+        confirmed: bool,
+    ) {
+        if !message_kind::only_bookkeeping(&m) {
+            let size = String::from(&Element::from(m.clone())).len();
+            let refusal = if size > self.config.limits.max_stanza_bytes {
+                Some((ErrorType::Modify, "message too large for the relay"))
+            } else if !self
+                .rate
+                .allow(from_bare.as_str(), tokio::time::Instant::now().into_std())
+            {
+                Some((ErrorType::Wait, "too many messages; slow down"))
+            } else {
+                None
+            };
+            if let Some((t, text)) = refusal {
+                self.refuse_message(&m, t, DefinedCondition::PolicyViolation, text)
+                    .await;
+                return;
+            }
+            if let Some(id) = &m.id {
+                self.once_sent.put(
+                    (target.to_string(), from_bare.to_string(), id.0.clone()),
+                    from.clone(),
+                );
+            }
+        }
         let Ok(relay_from) = self.book.relay_for(from_bare) else {
             return;
         };
         m.from = Some(Jid::from(relay_from));
         m.to = Some(Jid::from(target.clone()));
-        // A receipt tells the sender its message is done with: only once
-        // its removal is on disk (fsync mode), so that it never comes back.
-        let confirms = m
-            .payloads
-            .iter()
-            .any(|p| message_kind::confirmation(p).is_some());
-        if let Some(m) = self.gate.after_writes(m.into()) {
-            let needs = if confirms {
-                Needs::Removals
-            } else {
-                Needs::Nothing
-            };
-            self.send_after(m, needs).await;
+        self.strip_claims_in_our_name(&mut m);
+        if !confirmed {
+            self.send(m).await;
+        } else if let Some(m) = self.gate.after_writes(m.into()) {
+            self.send_after(m, Needs::Removals).await;
         }
+    }
+
+    /// Never relay a claim made in our name (a delay or a stanza-id of
+    /// ours is added at send time, by us only).
+    fn strip_claims_in_our_name(&self, m: &mut Message) {
+        let me = self.me.to_string();
+        m.payloads.retain(|p| {
+            !(p.is("delay", ns::DELAY) && p.attr("from") == Some(me.as_str())
+                || p.is("stanza-id", ns::SID) && p.attr("by") == Some(me.as_str()))
+        });
     }
 
     /// Receipts and markers from `from_key` (a recipient) about messages
@@ -1137,12 +1195,27 @@ impl Router {
     /// At most [`MAX_CONFIRMATIONS_PER_STANZA`] per stanza; a marker's
     /// scan of earlier messages is budgeted per recipient (past the
     /// budget a marker confirms only the message it names, as a receipt).
-    async fn handle_confirmations(&mut self, from_key: &str, target: &BareJid, m: &Message) {
+    ///
+    /// The stanza is edited to say no more than what was done, since it is
+    /// relayed on to the sender: confirmations past the limit, and those
+    /// naming a message not sent yet (a late receipt for an earlier message
+    /// under a reused id), are taken out; a marker that confirmed only its
+    /// own message becomes a receipt for it. Returns whether any named a
+    /// stored message (then its relay waits for the removal's fsync).
+    async fn handle_confirmations(
+        &mut self,
+        from_key: &str,
+        target: &BareJid,
+        m: &mut Message,
+    ) -> bool {
         let sender = target.to_string();
-        let found: Vec<(&str, bool)> = m
+        let found: Vec<(usize, String, bool)> = m
             .payloads
             .iter()
-            .filter_map(message_kind::confirmation)
+            .enumerate()
+            .filter_map(|(i, p)| {
+                message_kind::confirmation(p).map(|(id, marker)| (i, id.to_owned(), marker))
+            })
             .collect();
         if found.len() > MAX_CONFIRMATIONS_PER_STANZA {
             warn!(
@@ -1152,8 +1225,15 @@ impl Router {
                 "too many receipts and markers in one stanza; the rest ignored"
             );
         }
-        for (id, marker) in found.into_iter().take(MAX_CONFIRMATIONS_PER_STANZA) {
-            let seq = match self.store.seq_of(from_key, &sender, id) {
+        let mut matched = false;
+        // Payload index → its replacement (None: taken out).
+        let mut edits: Vec<(usize, Option<Element>)> = Vec::new();
+        for (n, (i, id, marker)) in found.into_iter().enumerate() {
+            if n >= MAX_CONFIRMATIONS_PER_STANZA {
+                edits.push((i, None));
+                continue;
+            }
+            let seq = match self.store.seq_of(from_key, &sender, &id) {
                 Ok(Some(seq)) => seq,
                 Ok(None) => continue,
                 Err(e) => {
@@ -1161,6 +1241,15 @@ impl Router {
                     continue;
                 }
             };
+            if self.unsent(from_key, seq) {
+                debug!(
+                    from = from_key,
+                    id, seq, "confirmation for a message not sent yet ignored"
+                );
+                edits.push((i, None));
+                continue;
+            }
+            matched = true;
             let scan = marker
                 && self
                     .marker_scans
@@ -1176,17 +1265,49 @@ impl Router {
                     .store
                     .pending_from_sender_upto(from_key, &sender, seq, MARKER_SCAN_LIMIT)
                 {
-                    Ok(s) => s,
+                    Ok(s) => s
+                        .into_iter()
+                        .filter(|s| !self.unsent(from_key, *s))
+                        .collect(),
                     Err(e) => {
                         error!(error = %e, "marker scan failed");
                         continue;
                     }
                 }
             } else {
+                if marker {
+                    edits.push((i, Some(Element::from(Received { id: id.clone() }))));
+                }
                 vec![seq]
             };
             self.confirm(from_key, &seqs, false).await;
         }
+        if !edits.is_empty() {
+            let mut payloads = std::mem::take(&mut m.payloads);
+            for (i, with) in edits.into_iter().rev() {
+                match with {
+                    Some(el) => payloads[i] = el,
+                    None => {
+                        payloads.remove(i);
+                    }
+                }
+            }
+            m.payloads = payloads;
+        }
+        matched
+    }
+
+    /// Whether message `seq` for `recipient` was accepted by this process
+    /// and never sent: no client can have seen it, so nothing confirms
+    /// it (an older message of this process's lifetime may have been sent
+    /// by the one before, which is not known here).
+    fn unsent(&self, recipient: &str, seq: u64) -> bool {
+        seq >= self.first_seq
+            && self
+                .peers
+                .get(recipient)
+                .is_none_or(|p| !p.attempts.contains_key(&seq))
+            && matches!(self.store.get(recipient, seq), Ok(Some(_)))
     }
 
     /// Remove confirmed messages.
@@ -1247,15 +1368,12 @@ impl Router {
             .node()
             .and_then(|n| self.book.user_for(Some(n.as_str())).ok())
             .map(|j| j.to_string());
-        let Some(peer) = self.peers.get(&recipient) else {
-            debug!(from = %from, id, "error for nothing in flight");
-            return;
-        };
-        let hit = peer
-            .in_flight
-            .iter()
-            .find(|(_, f)| f.id == id && Some(&f.sender_bare) == sender.as_ref())
-            .map(|(seq, _)| *seq);
+        let hit = self.peers.get(&recipient).and_then(|peer| {
+            peer.in_flight
+                .iter()
+                .find(|(_, f)| f.id == id && Some(&f.sender_bare) == sender.as_ref())
+                .map(|(seq, _)| *seq)
+        });
         if let Some(seq) = hit
             && let Some(e) = error.as_ref().filter(|e| is_final(e))
         {
@@ -1265,16 +1383,47 @@ impl Router {
             info!(to = %recipient, id, "bounced; recipient marked offline");
             self.fail(&recipient, true).await;
         } else {
-            debug!(from = %from, id, "error for nothing in flight");
+            self.bounce_once(&recipient, sender, id, error).await;
         }
+    }
+
+    /// A bounce of a message relayed once goes back to its sender (from
+    /// the recipient's relay address, with the same id and error).
+    async fn bounce_once(
+        &mut self,
+        recipient: &str,
+        sender: Option<String>,
+        id: &str,
+        error: Option<StanzaError>,
+    ) {
+        let (Some(sender), Some(error)) = (sender, error) else {
+            debug!(to = recipient, id, "error for nothing in flight");
+            return;
+        };
+        let key = (recipient.to_owned(), sender, id.to_owned());
+        let (Some(to), Ok(bare)) = (
+            self.once_sent.get(&key).cloned(),
+            BareJid::from_str(recipient),
+        ) else {
+            debug!(to = recipient, id, "error for nothing in flight");
+            return;
+        };
+        let Ok(from) = self.book.relay_for(&bare) else {
+            return;
+        };
+        info!(to = recipient, id, condition = ?error.defined_condition, "message relayed once bounced; sender told");
+        let mut m = Message::error(Some(to)).with_payload(error);
+        m.from = Some(Jid::from(from));
+        m.id = Some(Id(id.to_owned()));
+        self.send(m).await;
     }
 
     /// The recipient's side refused message `seq` in a way that retrying
     /// cannot change: end it, tell its sender with the same condition,
     /// and go on with the queue.
     async fn reject(&mut self, recipient: &str, seq: u64, error: &StanzaError) {
-        let removed = match self.store.confirm(recipient, &[seq]) {
-            Ok(r) => r,
+        let removed = match self.store.forget(recipient, seq) {
+            Ok(r) => r.map(|rec| (seq, rec)),
             Err(e) => {
                 self.store_failure("reject", &e);
                 self.fail(recipient, true).await;
@@ -1288,13 +1437,14 @@ impl Router {
             }
             peer.attempts.remove(&seq);
         }
+        // Bounded: the text comes from the other side.
         let said = error
             .texts
             .values()
             .next()
-            .map(|t| format!(": {t}"))
+            .map(|t| format!(": {}", t.chars().take(200).collect::<String>()))
             .unwrap_or_default();
-        for (seq, rec) in removed {
+        if let Some((seq, rec)) = removed {
             self.stats.rejected_total += 1;
             warn!(
                 to = recipient,
@@ -1501,7 +1651,12 @@ impl Router {
             return;
         };
         peer.halt(&mut self.timers);
-        peer.resources.clear();
+        if bounced {
+            // The server says nobody is there.
+            peer.resources.clear();
+        }
+        // After a timeout the resources stay, marked silent: a late
+        // receipt or any stanza from one brings it back.
         peer.forced = false;
         let subscribed = matches!(
             self.store.recipient(recipient).map(|s| s.subscription),
@@ -1963,9 +2118,20 @@ impl Router {
                 self.refused_at
                     .insert(recipient.clone(), tokio::time::Instant::now());
                 if let Some(peer) = self.peers.get_mut(&recipient) {
-                    // Without a subscription no presence will say more.
+                    // Without a subscription no presence will say more:
+                    // what waited for it is retried with backoff.
                     peer.resources.clear();
                     peer.presence_known = false;
+                    if peer.phase == Phase::Offline {
+                        peer.phase = Phase::Idle;
+                    }
+                }
+                if self
+                    .store
+                    .recipient(&recipient)
+                    .is_ok_and(|s| s.pending > 0)
+                {
+                    self.resume_unless_known(&recipient, initial);
                 }
             }
             PresenceType::Unavailable => {
@@ -2519,10 +2685,12 @@ fn content_of(m: &Message) -> u64 {
 }
 
 /// Whether a bounce's error says the recipient's side will never take
-/// the message (a privacy list, a content filter, a domain that does not
-/// exist), as opposed to "not now". `service-unavailable` stays "not
-/// now": Prosody answers it alike for a user who does not exist and for
-/// an offline one with offline storage off (docs/architecture.md).
+/// the message (a privacy list, a content filter), as opposed to "not
+/// now". `service-unavailable` stays "not now": Prosody answers it alike
+/// for a user who does not exist and for an offline one with offline
+/// storage off; so does `remote-server-not-found`, which Prosody also
+/// sends (type cancel) while a remote server that exists is down
+/// (docs/architecture.md).
 fn is_final(e: &StanzaError) -> bool {
     use DefinedCondition as C;
     e.type_ != ErrorType::Wait
@@ -2531,6 +2699,7 @@ fn is_final(e: &StanzaError) -> bool {
             C::ServiceUnavailable
                 | C::RecipientUnavailable
                 | C::RemoteServerTimeout
+                | C::RemoteServerNotFound
                 | C::ResourceConstraint
                 | C::InternalServerError
                 | C::UndefinedCondition
@@ -2833,11 +3002,22 @@ retry_initial_ms = 500
     async fn receipt_during_grace_is_not_replayed() {
         let mut h = harness(64).await;
         h.subscribe_and_go_offline().await;
+        h.available().await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // m1 goes out, then bob drops without a receipt; the server keeps
+        // its copy (offline storage).
         h.msg("m1").await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        h.feed(&format!(
+            "<presence xmlns='{NS}' from='bob@x/r' to='relay.x' type='unavailable'/>"
+        ))
+        .await;
         h.msg("m2").await;
         h.available().await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        h.drain();
         tokio::time::sleep(Duration::from_millis(100)).await;
-        // e.g. the server's own offline copy of m1 was receipted.
+        // The server's own offline copy of m1 was receipted.
         h.receipt("m1").await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(ids_of(&h.drain()), ["m2"]);
@@ -3439,5 +3619,293 @@ retry_initial_ms = 500
                 .any(|(to, _, b)| to.starts_with("bob@x") && b.is_some()),
             "{out:?}"
         );
+    }
+    /// Review of issue 11, 1: `remote-server-not-found` is what Prosody
+    /// bounces while a remote server that exists is down, so it is not
+    /// final: the message stays and is retried, nobody is told yet.
+    #[tokio::test(start_paused = true)]
+    async fn remote_server_not_found_is_not_final() {
+        let mut h = harness(64).await;
+        h.msg("m1").await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        h.drain_all();
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='bob@x' to='alice@relay.x' id='m1' type='error'><error type='cancel'><remote-server-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(510)).await;
+        let out = h.drain_all();
+        assert!(out.iter().all(|st| condition(st).is_none()), "{out:?}");
+        assert_eq!(ids_of(&h.drain()), Vec::<&str>::new());
+        let again: Vec<_> = messages(&out).into_iter().map(|(_, id, _)| id).collect();
+        assert_eq!(again, ["m1"], "retried");
+        assert_eq!(h.store.recipient("bob@x").unwrap().pending, 1);
+    }
+
+    /// Review of issue 11, 2: after a store failure, what needs no write
+    /// still flows: chat states, and receipts that confirm nothing stored.
+    #[tokio::test(start_paused = true)]
+    async fn after_a_store_failure_what_needs_no_write_still_flows() {
+        let mut h = harness(64).await;
+        h.store.fail_commits();
+        h.msg("m1").await; // the failing commit fails the gate
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        h.drain_all();
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='bob@x/r' to='alice@relay.x' type='chat'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>"
+        ))
+        .await;
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='bob@x/r' to='alice@relay.x'><received xmlns='urn:xmpp:receipts' id='unknown'/></message>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let out = h.drain_all();
+        let to_alice = messages(&out)
+            .into_iter()
+            .filter(|(to, _, _)| to == "alice@x")
+            .count();
+        assert_eq!(to_alice, 2, "{out:?}");
+        assert_eq!(receipts_to_alice(&out), ["unknown"]);
+    }
+
+    /// Review of issue 11, 3: when every resource went silent, a late
+    /// receipt from one brings it back, and delivery goes on to it by full
+    /// JID (not to the bare JID, which the server routes to the frozen
+    /// one).
+    #[tokio::test(start_paused = true)]
+    async fn a_late_receipt_brings_a_silent_device_back() {
+        let mut h = harness(64).await;
+        h.subscribe_and_go_offline().await;
+        h.feed(&format!(
+            "<presence xmlns='{NS}' from='bob@x/laptop' to='relay.x'><priority>5</priority></presence>"
+        ))
+        .await;
+        h.feed(&format!(
+            "<presence xmlns='{NS}' from='bob@x/phone' to='relay.x'/>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        h.msg("m1").await;
+        // The laptop is frozen; m1 goes on to the phone, which is slow too.
+        tokio::time::sleep(Duration::from_millis(2010)).await;
+        h.drain_all();
+        // The phone's late receipt arrives: it is back, m2 goes to it.
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='bob@x/phone' to='alice@relay.x'><received xmlns='urn:xmpp:receipts' id='m1'/></message>"
+        ))
+        .await;
+        h.msg("m2").await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let sent: Vec<_> = messages(&h.drain_all())
+            .into_iter()
+            .filter(|(_, _, b)| b.is_some())
+            .map(|(to, id, _)| (to, id))
+            .collect();
+        assert_eq!(sent, [("bob@x/phone".to_string(), "m2".to_string())]);
+    }
+
+    /// Review of issue 11, 4 and 5: a late receipt for an earlier message
+    /// under a reused id does not confirm the new one before it was sent,
+    /// and is not relayed; receipts past the per-stanza limit are not
+    /// relayed either, and a marker past its scan budget is relayed as a
+    /// receipt for its own message.
+    #[tokio::test(start_paused = true)]
+    async fn only_what_was_confirmed_is_relayed_to_the_sender() {
+        let mut h = harness(64).await;
+        h.subscribe_and_go_offline().await;
+        h.available().await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let send = |body: &str| {
+            format!(
+                "<message xmlns='{NS}' from='alice@x/r' to='bob@relay.x' id='fixed' type='chat'><body>{body}</body></message>"
+            )
+        };
+        h.feed(&send("one")).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        h.receipt("fixed").await;
+        h.feed(&format!(
+            "<presence xmlns='{NS}' from='bob@x/r' to='relay.x' type='unavailable'/>"
+        ))
+        .await;
+        h.feed(&send("two")).await; // bob is offline: not sent
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        h.drain_all();
+        // The laptop wakes and receipts the old copy.
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='bob@x/laptop' to='alice@relay.x'><received xmlns='urn:xmpp:receipts' id='fixed'/></message>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(h.store.recipient("bob@x").unwrap().pending, 1, "two stays");
+        assert!(receipts_to_alice(&h.drain_all()).is_empty());
+
+        // 20 receipts in one stanza: 16 handled, 16 relayed.
+        let mut h = harness(64).await;
+        h.subscribe_and_go_offline().await;
+        h.available().await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        for i in 0..20 {
+            h.msg(&format!("m{i}")).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        h.drain_all();
+        let receipts: String = (0..20)
+            .map(|i| format!("<received xmlns='urn:xmpp:receipts' id='m{i}'/>"))
+            .collect();
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='bob@x/r' to='alice@relay.x'>{receipts}</message>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let out = h.drain_all();
+        let relayed: usize = out
+            .iter()
+            .filter_map(|st| match st {
+                Stanza::Message(m) => Some(
+                    m.payloads
+                        .iter()
+                        .filter(|p| p.is("received", ns::RECEIPTS))
+                        .count(),
+                ),
+                _ => None,
+            })
+            .sum();
+        assert_eq!(relayed, 16);
+        for _ in 0..200 {
+            h.feed(&format!(
+                "<message xmlns='{NS}' from='bob@x/r' to='alice@relay.x'><displayed xmlns='urn:xmpp:chat-markers:0' id='m0'/></message>"
+            ))
+            .await;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        h.drain_all();
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='bob@x/r' to='alice@relay.x'><displayed xmlns='urn:xmpp:chat-markers:0' id='m19'/></message>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let out = h.drain_all();
+        assert_eq!(receipts_to_alice(&out), ["m19"], "{out:?}");
+    }
+
+    /// Review of issue 11, 6 and 7: a message relayed once is held to the
+    /// size limit and loses claims made in the relay's name; a chat state
+    /// with a receipt attached is not exempt from the rate; and a bounce
+    /// of a message relayed once goes back to its sender.
+    #[tokio::test(start_paused = true)]
+    async fn messages_relayed_once_are_checked_and_their_bounces_returned() {
+        let mut h = harness_with(64, "[limits]\nmax_stanza_bytes = 2000\n").await;
+        let big = "x".repeat(3000);
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='alice@x/r' to='bob@relay.x' id='big' type='chat'><reactions xmlns='urn:xmpp:reactions:0' id='m0'><reaction>{big}</reaction></reactions></message>"
+        ))
+        .await;
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='alice@x/r' to='bob@relay.x' id='r1' type='chat'><reactions xmlns='urn:xmpp:reactions:0' id='m0'><reaction>+1</reaction></reactions><stanza-id xmlns='urn:xmpp:sid:0' by='relay.x' id='forged'/></message>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let out = h.drain_all();
+        let refused: Vec<_> = out
+            .iter()
+            .filter(|st| condition(st) == Some(DefinedCondition::PolicyViolation))
+            .collect();
+        assert_eq!(refused.len(), 1, "{out:?}");
+        let relayed: Vec<&Message> = out
+            .iter()
+            .filter_map(|st| match st {
+                Stanza::Message(m) if m.to.as_ref().is_some_and(|t| t.to_string() == "bob@x") => {
+                    Some(m)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(relayed.len(), 1);
+        assert!(
+            !relayed[0]
+                .payloads
+                .iter()
+                .any(|p| p.is("stanza-id", ns::SID)),
+            "the forged stanza-id is gone"
+        );
+        // Bob's server bounces the reaction: alice hears of it.
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='bob@x' to='alice@relay.x' id='r1' type='error'><error type='cancel'><not-acceptable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let out = h.drain_all();
+        let back: Vec<_> = out
+            .iter()
+            .filter_map(|st| match st {
+                Stanza::Message(m) if condition(st) == Some(DefinedCondition::NotAcceptable) => {
+                    Some(m.to.as_ref().unwrap().to_string())
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(back, ["alice@x/r"], "{out:?}");
+
+        // Rate: burst 200 by default; a receipt does not carry chat states
+        // past it.
+        let mut h = harness_with(64, "[limits]\nsender_rate_per_s = 1\nsender_burst = 1\n").await;
+        for i in 0..3 {
+            h.feed(&format!(
+                "<message xmlns='{NS}' from='alice@x/r' to='bob@relay.x' id='c{i}' type='chat'><composing xmlns='http://jabber.org/protocol/chatstates'/><received xmlns='urn:xmpp:receipts' id='nothing'/></message>"
+            ))
+            .await;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let out = h.drain_all();
+        let refused = out
+            .iter()
+            .filter(|st| condition(st) == Some(DefinedCondition::PolicyViolation))
+            .count();
+        assert_eq!(refused, 2, "{out:?}");
+    }
+
+    /// Review of issue 11, 9 and 10: a message refused for good forgets
+    /// its id, so the sender may send it again; the refusal's text from
+    /// the other side is cut short in the notice.
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_message_may_be_sent_again_and_its_notice_is_bounded() {
+        let mut h = harness(64).await;
+        h.msg("m1").await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let long = "y".repeat(10_000);
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='bob@x' to='alice@relay.x' id='m1' type='error'><error type='auth'><forbidden xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/><text xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>{long}</text></error></message>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let out = h.drain_all();
+        let notice = messages(&out)
+            .into_iter()
+            .find(|(to, _, b)| to == "alice@x" && b.is_some())
+            .expect("a notice");
+        assert!(notice.2.unwrap().len() < 600);
+        h.msg("m1").await; // sent again, say once unblocked
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(ids_of(&h.drain()), ["m1"]);
+        assert_eq!(h.store.recipient("bob@x").unwrap().pending, 1);
+    }
+
+    /// Review of issue 11, 11: when a recipient cancels the subscription,
+    /// what waited for its presence is retried with backoff (no presence
+    /// will come again).
+    #[tokio::test(start_paused = true)]
+    async fn an_unsubscribed_queue_is_retried() {
+        let mut h = harness(64).await;
+        h.subscribe_and_go_offline().await;
+        h.msg("m1").await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(h.drain().is_empty(), "offline");
+        h.feed(&format!(
+            "<presence xmlns='{NS}' from='bob@x' to='relay.x' type='unsubscribed'/>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(510)).await;
+        assert_eq!(ids_of(&h.drain()), ["m1"]);
     }
 }

@@ -906,11 +906,19 @@ impl Store {
         let okey = msg
             .origin_id
             .map(|o| origin_key(msg.recipient, msg.sender_bare, o));
-        // Index keys of earlier, confirmed messages that this one takes
-        // over: (key, seq of the earlier message).
+        // An origin-id names one message (XEP-0359): a match is a
+        // resubmission whatever it says now (a client may re-encrypt).
+        if let Some(okey) = &okey
+            && let Some(v) = self.read(okey)?
+        {
+            return Ok(Accepted::Duplicate {
+                seq: decode_index(&v)?.0,
+            });
+        }
+        // The index key of an earlier, confirmed message that this one
+        // takes over: (key, seq of the earlier message).
         let mut taken = Vec::new();
-        for key in std::iter::once(&ikey).chain(okey.as_ref()) {
-            let Some(v) = self.read(key)? else { continue };
+        if let Some(v) = self.read(&ikey)? {
             let (seq, old_hash) = decode_index(&v)?;
             if old_hash.is_none_or(|h| h == hash) {
                 return Ok(Accepted::Duplicate { seq });
@@ -918,7 +926,7 @@ impl Store {
             if self.read(&queue_key(msg.recipient, seq))?.is_some() {
                 return Ok(Accepted::IdInUse { seq });
             }
-            taken.push((key.clone(), seq));
+            taken.push((ikey.clone(), seq));
         }
         let mut state = self.recipient(msg.recipient)?;
         let size = msg.record.stanza.len() as u64;
@@ -1016,6 +1024,23 @@ impl Store {
     /// resubmission is still recognised. Returns the removed records.
     pub fn confirm(&self, recipient: &str, seqs: &[u64]) -> Result<Vec<(u64, Record)>, StoreError> {
         self.remove(recipient, seqs)
+    }
+
+    /// Remove a message the recipient's side refused for good, and forget
+    /// its ids (its expiry entry and index keys go too), so that the
+    /// sender may send it again (say, once unblocked).
+    pub fn forget(&self, recipient: &str, seq: u64) -> Result<Option<Record>, StoreError> {
+        let removed = self.remove(recipient, &[seq])?;
+        let mut batch = Writes::default();
+        if let Some(v) = self.read(&expiry_key(seq))? {
+            let e: Expiry = decode(&v, "expiry entry")?;
+            for key in &e.keys {
+                batch.remove(key);
+            }
+            batch.remove(expiry_key(seq));
+            self.write(batch)?;
+        }
+        Ok(removed.into_iter().next().map(|(_, rec)| rec))
     }
 
     /// Remove pending messages (those still there) in one batch, with
@@ -1236,8 +1261,23 @@ mod tests {
     fn reused_id_takes_over_only_after_confirmation() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(dir.path());
+        // An origin-id names one message: a match is a resubmission,
+        // whatever it says now (a client may re-encrypt on resend).
+        let mut o1 = msg("b@x", "a@x", "o-first", Some("o1"));
+        o1.content_hash = 7;
+        o1.record.stanza =
+            "<message xmlns='jabber:component:accept' id='o-first'><body>o</body></message>".into();
+        let Accepted::Stored { seq: o_seq } = s.accept(o1, BIG).unwrap() else {
+            panic!()
+        };
+        let mut o2 = msg("b@x", "a@x", "o-second", Some("o1"));
+        o2.content_hash = 8;
+        assert_eq!(
+            s.accept(o2, BIG).unwrap(),
+            Accepted::Duplicate { seq: o_seq }
+        );
         let with = |hash, at| {
-            let mut m = msg("b@x", "a@x", "id1", Some("o1"));
+            let mut m = msg("b@x", "a@x", "id1", None);
             m.content_hash = hash;
             m.record.accepted_at_ms = at;
             m.record.stanza = format!(
