@@ -11,6 +11,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod commands;
+pub mod readable;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -343,7 +344,7 @@ impl Admin {
                     })
                     .collect();
                 c.payloads.extend(payload);
-                Ok(c)
+                Ok(readable(c))
             }
             Step::Ask {
                 form,
@@ -377,7 +378,7 @@ impl Admin {
                 let mut c =
                     Command::response(node.name(), Some(sid), Status::Executing).with_payload(form);
                 c.actions = Some(actions);
-                Ok(c)
+                Ok(readable(c))
             }
         }
     }
@@ -497,6 +498,15 @@ pub(crate) fn form(
         instructions,
         fields,
     }
+}
+
+/// The response with every form in it made readable by every client
+/// (see [`readable`]).
+fn readable(mut c: Command) -> Command {
+    for p in &mut c.payloads {
+        readable::for_every_client(p);
+    }
+    c
 }
 
 /// Whole seconds from `then_ms` to `now_ms`, never negative.
@@ -624,6 +634,95 @@ mod tests {
             .into_iter()
             .find(|f| f.var.as_deref() == Some(var))?;
         field.values.into_iter().next()
+    }
+
+    /// Every field of every form of every command at every stage has an
+    /// explicit type, and every table has its text rendering: Profanity
+    /// shows nothing else (issue 15).
+    #[tokio::test]
+    async fn every_form_of_every_command_is_readable_by_every_client() {
+        fn check(node: &str, stage: usize, c: &Command) {
+            for x in c.payloads.iter().filter(|p| p.is("x", ns_forms())) {
+                let mut fields: Vec<&Element> =
+                    x.children().filter(|f| f.name() == "field").collect();
+                for part in x
+                    .children()
+                    .filter(|p| p.name() == "reported" || p.name() == "item")
+                {
+                    fields.extend(part.children().filter(|f| f.name() == "field"));
+                }
+                for f in fields {
+                    assert!(
+                        f.attr("type").is_some(),
+                        "{node} stage {stage}: a field without a type: {}",
+                        String::from(f)
+                    );
+                }
+                if x.get_child("reported", ns_forms()).is_some() {
+                    let rows = x
+                        .children()
+                        .find(|f| f.attr("var") == Some(readable::ROWS_VAR))
+                        .unwrap_or_else(|| panic!("{node} stage {stage}: a table without text"));
+                    assert_eq!(rows.attr("type"), Some("text-multi"));
+                    let items = x.children().filter(|p| p.name() == "item").count();
+                    let lines = rows.children().count();
+                    assert_eq!(lines, items.max(1), "{node} stage {stage}: a line per row");
+                }
+            }
+        }
+        fn ns_forms() -> &'static str {
+            "jabber:x:data"
+        }
+        let mut a = Admin::default();
+        let mut ops = Fake::new();
+        for i in 0..3 {
+            ops.add("bob@x", &format!("m{i}"));
+        }
+        let me = jid("root@x/r");
+        let mut walked = 0;
+        for node in Node::ALL {
+            let mut c = a
+                .handle(&mut ops, &me, true, T, Command::execute(node.name()))
+                .await
+                .unwrap_or_else(|e| panic!("{node:?}: {e:?}"));
+            let mut stage = 0;
+            check(node.name(), stage, &c);
+            while c.status == Some(Status::Executing) {
+                stage += 1;
+                let action = c
+                    .actions
+                    .as_ref()
+                    .and_then(|a| a.execute)
+                    .unwrap_or(Action::Complete);
+                let answers: Vec<(&str, &str)> = c
+                    .form()
+                    .and_then(Result::ok)
+                    .map(|f| {
+                        f.fields
+                            .iter()
+                            .filter_map(|f| match f.var.as_deref() {
+                                Some("jid") => Some(("jid", "bob@x")),
+                                _ => None,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                c = a
+                    .handle(
+                        &mut ops,
+                        &me,
+                        true,
+                        T,
+                        submit(node.name(), c.sessionid.as_deref(), action, &answers),
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("{node:?} stage {stage}: {e:?}"));
+                check(node.name(), stage, &c);
+            }
+            assert_eq!(c.status, Some(Status::Completed), "{node:?}");
+            walked += stage + 1;
+        }
+        assert!(walked > Node::ALL.len(), "multi-stage commands walked");
     }
 
     #[tokio::test]
