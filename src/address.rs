@@ -4,7 +4,10 @@
 //! Pure functions; the router calls them for every stanza in both
 //! directions.
 
-use xmpp_parsers::jid::{BareJid, DomainPart, NodePart};
+use xmpp_parsers::jid::{BareJid, DomainPart, Jid, NodePart};
+
+/// The resource of the full JID that relayed stanzas come from.
+pub const RELAY_RESOURCE: &str = "redeliver";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AddressError {
@@ -137,6 +140,17 @@ impl AddressBook {
             return Err(AddressError::DomainNotAllowed(jid.domain().to_string()));
         }
         Ok(jid)
+    }
+
+    /// The full JID relayed stanzas come from: the relay address with the
+    /// fixed resource [`RELAY_RESOURCE`]. Clients that answer receipts to
+    /// the sender's full JID only (Profanity 0.13) need one; receipts and
+    /// markers to the bare address or any resource of it count alike.
+    pub fn relay_full(&self, user: &BareJid) -> Result<Jid, AddressError> {
+        let bare = self.relay_for(user)?;
+        bare.with_resource_str(RELAY_RESOURCE)
+            .map(Jid::from)
+            .map_err(|_| AddressError::Malformed(bare.to_string()))
     }
 
     /// The relay address standing for `user`, whose domain must be one the

@@ -32,7 +32,7 @@ use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError
 use tokio_xmpp::parsers::stanza_id::StanzaId;
 use tracing::{debug, error, info, warn};
 
-use crate::address::{AddressBook, AddressError};
+use crate::address::{AddressBook, AddressError, RELAY_RESOURCE};
 use crate::admin::{Admin, Node, Ops, Snapshot};
 use crate::config::{Config, Durability};
 use crate::gate::{Flushed, Gate};
@@ -1167,10 +1167,10 @@ impl Router {
                 );
             }
         }
-        let Ok(relay_from) = self.book.relay_for(from_bare) else {
+        let Ok(relay_from) = self.book.relay_full(from_bare) else {
             return;
         };
-        m.from = Some(Jid::from(relay_from));
+        m.from = Some(relay_from);
         m.to = Some(Jid::from(target.clone()));
         self.strip_claims_in_our_name(&mut m);
         if !confirmed {
@@ -1408,12 +1408,12 @@ impl Router {
             debug!(to = recipient, id, "error for nothing in flight");
             return;
         };
-        let Ok(from) = self.book.relay_for(&bare) else {
+        let Ok(from) = self.book.relay_full(&bare) else {
             return;
         };
         info!(to = recipient, id, condition = ?error.defined_condition, "message relayed once bounced; sender told");
         let mut m = Message::error(Some(to)).with_payload(error);
-        m.from = Some(Jid::from(from));
+        m.from = Some(from);
         m.id = Some(Id(id.to_owned()));
         self.send(m).await;
     }
@@ -1617,6 +1617,14 @@ impl Router {
             Some(m) => m,
             None => Message::try_from(Element::from_str(&rec.stanza).ok()?).ok()?,
         };
+        // From the relay address's full JID (stored stanzas name the bare
+        // one): some clients answer receipts to a full JID only.
+        if let Some(from) = &m.from
+            && from.resource().is_none()
+            && let Ok(full) = from.to_bare().with_resource_str(RELAY_RESOURCE)
+        {
+            m.from = Some(Jid::from(full));
+        }
         m.payloads.push(Request.into());
         m.payloads.push(
             StanzaId {
@@ -1934,7 +1942,7 @@ impl Router {
         };
         let mut m =
             Message::error(Some(sender.clone())).with_payload(stanza_error(type_, condition, text));
-        m.from = Some(Jid::from(from.clone()));
+        m.from = self.book.relay_full(&recipient).ok();
         m.id = Some(Id(rec.id.clone()));
         self.send(m).await;
         self.queue_notice(&recipient, from, &sender.to_bare(), rec, text)
@@ -3907,5 +3915,43 @@ retry_initial_ms = 500
         .await;
         tokio::time::sleep(Duration::from_millis(510)).await;
         assert_eq!(ids_of(&h.drain()), ["m1"]);
+    }
+    /// Issue 12, item 0: relayed messages come from the relay address's
+    /// full JID (Profanity answers receipts to a full JID only), and a
+    /// receipt addressed to the bare relay address or to any resource of
+    /// it confirms alike.
+    #[tokio::test(start_paused = true)]
+    async fn relayed_from_a_full_jid_and_confirmed_at_any_resource() {
+        let mut h = harness(64).await;
+        h.subscribe_and_go_offline().await;
+        h.available().await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        for id in ["f1", "f2", "f3"] {
+            h.msg(id).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let froms: Vec<String> = h
+            .drain_all()
+            .into_iter()
+            .filter_map(|st| match st {
+                Stanza::Message(m) if !m.bodies.is_empty() => m.from.map(|f| f.to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(froms, ["alice@relay.x/redeliver"; 3]);
+        for (id, to) in [
+            ("f1", "alice@relay.x"),
+            ("f2", "alice@relay.x/redeliver"),
+            ("f3", "alice@relay.x/other"),
+        ] {
+            h.feed(&format!(
+                "<message xmlns='{NS}' from='bob@x/r' to='{to}'><received xmlns='urn:xmpp:receipts' id='{id}'/></message>"
+            ))
+            .await;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(h.store.recipient("bob@x").unwrap().pending, 0);
+        let receipts = receipts_to_alice(&h.drain_all());
+        assert_eq!(receipts, ["f1", "f2", "f3"], "relayed to the sender");
     }
 }

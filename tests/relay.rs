@@ -25,8 +25,8 @@ async fn online_recipient_messages_and_receipts_both_ways(kind: Kind) {
         let m = bob.next_body_message(SECS(10)).await.expect("bob receives");
         assert_eq!(
             m.attr("from"),
-            Some(ALICE),
-            "relayed from alice's relay address"
+            Some(format!("{ALICE}/redeliver").as_str()),
+            "relayed from alice's relay address, a full JID"
         );
         assert!(m.has_child("request", "urn:xmpp:receipts"));
         let sid = m
@@ -46,7 +46,7 @@ async fn online_recipient_messages_and_receipts_both_ways(kind: Kind) {
         .await
         .expect("alice receives reply");
     assert_eq!(m.attr("id"), Some("b1"));
-    assert_eq!(m.attr("from"), Some(BOB));
+    assert_eq!(m.attr("from"), Some(format!("{BOB}/redeliver").as_str()));
     assert_eq!(bob.receipt_ids(1, SECS(10)).await, ["b1"]);
 
     // No duplicates afterwards.

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod fake;
+pub mod profanity;
 
 use std::borrow::Cow;
 use std::net::TcpListener;
