@@ -678,6 +678,11 @@ pub struct ClientOpts {
     pub resource: String,
     /// Answer receipt requests.
     pub receipts: bool,
+    /// Answer them only as Gajim 1.7, Conversations, Monal and Psi do:
+    /// when the sender's bare JID is in the roster with subscription
+    /// `from` or `both` (Gajim's `_should_answer`), never for a copy from
+    /// the archive. The roster is fetched at login and kept by its pushes.
+    pub receipts_to_contacts_only: bool,
     /// Advertise receipt support in disco#info (a real client that does
     /// not get to answer still advertises it).
     pub advertise_receipts: bool,
@@ -694,6 +699,7 @@ impl Default for ClientOpts {
         ClientOpts {
             resource: "test".into(),
             receipts: true,
+            receipts_to_contacts_only: false,
             advertise_receipts: true,
             sm: false,
             approve: true,
@@ -789,6 +795,13 @@ impl Client {
                 .unwrap();
             let reply = next_el(&mut s).await;
             assert_eq!(reply.name(), "enabled", "sm: {reply:?}");
+        }
+        if opts.receipts_to_contacts_only {
+            s.send(&xml(&format!(
+                "<iq xmlns='{CLIENT_NS}' type='get' id='{ROSTER_GET}'><query xmlns='jabber:iq:roster'/></iq>"
+            )))
+            .await
+            .unwrap();
         }
         if opts.presence {
             s.send(&xml(&format!("<presence xmlns='{CLIENT_NS}'/>")))
@@ -965,6 +978,8 @@ async fn client_loop(
 ) {
     let mut handled: u32 = 0;
     let mut n: u64 = 0;
+    // Bare JID → subscription, for `receipts_to_contacts_only`.
+    let mut roster: std::collections::HashMap<String, String> = Default::default();
     loop {
         tokio::select! {
             cmd = cmds.recv() => match cmd {
@@ -1001,7 +1016,11 @@ async fn client_loop(
                 let from = e.attr("from").unwrap_or("").to_owned();
                 match e.name() {
                     "message" => {
+                        let contact = roster
+                            .get(from.split('/').next().unwrap_or(""))
+                            .is_some_and(|s| s == "from" || s == "both");
                         if opts.receipts
+                            && (!opts.receipts_to_contacts_only || contact)
                             && e.attr("type") != Some("error")
                             && e.has_child("request", "urn:xmpp:receipts")
                             && let Some(id) = e.attr("id")
@@ -1023,6 +1042,21 @@ async fn client_loop(
                         ));
                         let _ = s.send(&p).await;
                     }
+                    "iq" if e.has_child("query", "jabber:iq:roster") => {
+                        // The roster (our request) or a push.
+                        let q = e.get_child("query", "jabber:iq:roster").expect("checked");
+                        for item in q.children() {
+                            if let Some(jid) = item.attr("jid") {
+                                let sub = item.attr("subscription").unwrap_or("none");
+                                roster.insert(jid.to_owned(), sub.to_owned());
+                            }
+                        }
+                        if e.attr("type") == Some("set") {
+                            let id = esc(e.attr("id").unwrap_or(""));
+                            let _ = s.send(&xml(&format!("<iq xmlns='{CLIENT_NS}' type='result' id='{id}'/>"))).await;
+                        }
+                    }
+                    "iq" if e.attr("id") == Some(ROSTER_GET) => {}
                     "iq" => {
                         let t = e.attr("type").unwrap_or("");
                         if t == "result" || t == "error" {
@@ -1049,6 +1083,9 @@ async fn client_loop(
 }
 
 pub const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// The id of a client's roster request at login.
+const ROSTER_GET: &str = "roster-get";
 
 /// Turn each scenario `async fn name(kind: Kind)` into two tests,
 /// `prosody::name` and `ejabberd::name`.
