@@ -54,8 +54,6 @@ const MARKER_SCAN_LIMIT: usize = 16_384;
 const BURST: usize = 256;
 /// Recipients probed per step after a connect.
 const PROBE_STEP: usize = 256;
-/// Answering pairs kept in memory at most (the store holds them all).
-const ANSWERING_CACHE: usize = 100_000;
 /// After a recipient refuses the presence subscription, how long before
 /// the next message asks again.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(24 * 3600);
@@ -298,10 +296,6 @@ pub struct Stats {
     pub rejected_total: u64,
     /// Notices kept for senders (expiry, final refusals).
     pub notices_total: u64,
-    /// Messages counted delivered without a receipt: sent, and no error
-    /// within the receipt timeout, to a client that says it sends no
-    /// receipts or that never answered this sender.
-    pub assumed_total: u64,
 }
 
 pub struct Router {
@@ -360,9 +354,6 @@ pub struct Router {
     /// Messages relayed once, recently: who sent them, so that a bounce
     /// reaches its sender.
     once_sent: RecentOnce,
-    /// (recipient, sender bare) pairs known to answer receipts (a cache
-    /// of the store's, cleared past [`ANSWERING_CACHE`] entries).
-    answering: std::collections::HashSet<(String, String)>,
 }
 
 /// The most recently accepted messages, by seq, until relayed: at most
@@ -503,7 +494,6 @@ impl Router {
             marker_scans: RateLimiter::new(20, 200),
             first_seq,
             once_sent: RecentOnce::default(),
-            answering: Default::default(),
         })
     }
 
@@ -1235,11 +1225,6 @@ impl Router {
                 "too many receipts and markers in one stanza; the rest ignored"
             );
         }
-        if !found.is_empty() {
-            // This client answers this sender: from now on its receipts
-            // are waited for.
-            self.mark_answers(from_key, &sender);
-        }
         let mut matched = false;
         // Payload index → its replacement (None: taken out).
         let mut edits: Vec<(usize, Option<Element>)> = Vec::new();
@@ -1312,45 +1297,6 @@ impl Router {
         matched
     }
 
-    /// Whether `recipient`'s client has ever answered `sender`'s relay
-    /// address with a receipt or marker.
-    fn answers(&mut self, recipient: &str, sender: &str) -> bool {
-        let key = (recipient.to_owned(), sender.to_owned());
-        if self.answering.contains(&key) {
-            return true;
-        }
-        match self.store.answers(recipient, sender) {
-            Ok(true) => {
-                if self.answering.len() >= ANSWERING_CACHE {
-                    self.answering.clear();
-                }
-                self.answering.insert(key);
-                true
-            }
-            Ok(false) => false,
-            // Unknown: wait for receipts, the stronger side.
-            Err(_) => true,
-        }
-    }
-
-    fn mark_answers(&mut self, recipient: &str, sender: &str) {
-        if self.answers(recipient, sender) {
-            return;
-        }
-        match self.store.mark_answers(recipient, sender) {
-            Ok(()) => {
-                info!(
-                    to = recipient,
-                    from = sender,
-                    "this client answers receipts from this sender"
-                );
-                self.answering
-                    .insert((recipient.to_owned(), sender.to_owned()));
-            }
-            Err(e) => error!(error = %e, "cannot record that a client answers receipts"),
-        }
-    }
-
     /// Whether message `seq` for `recipient` was accepted by this process
     /// and never sent: no client can have seen it, so nothing confirms
     /// it (an older message of this process's lifetime may have been sent
@@ -1399,11 +1345,7 @@ impl Router {
             }
             peer.backoff = initial;
         }
-        if assumed {
-            self.stats.assumed_total += removed.len() as u64;
-        } else {
-            self.stats.confirmed_total += removed.len() as u64;
-        }
+        self.stats.confirmed_total += removed.len() as u64;
         // The recipient's own receipt or marker is relayed to the sender
         // as it came (see on_message), so nothing is sent here.
         for (seq, rec) in removed {
@@ -1836,18 +1778,6 @@ impl Router {
                 };
                 let no_receipts = !peer.resources.is_empty()
                     && peer.resources.values().all(|r| r.receipts == Some(false));
-                if !self.answers(&recipient, &f.sender_bare) {
-                    // This client never answered this sender (it answers
-                    // its roster contacts only, or its user ignores the
-                    // request): sent and no error within the timeout is
-                    // all it will give; waiting for more would only show
-                    // the message again at every login.
-                    self.confirm(&recipient, &[seq], true).await;
-                    return;
-                }
-                let Some(peer) = self.peers.get_mut(&recipient) else {
-                    return;
-                };
                 if no_receipts {
                     // The clients said they never send receipts: no error
                     // within the timeout is the best proof we will get.
@@ -2228,24 +2158,8 @@ impl Router {
                 }
                 if !peer.online() {
                     debug!(to = %recipient, "offline");
-                    let sent: Vec<(u64, String)> = peer
-                        .in_flight
-                        .iter()
-                        .map(|(s, f)| (*s, f.sender_bare.clone()))
-                        .collect();
                     peer.halt(&mut self.timers);
                     peer.phase = Phase::Offline;
-                    // What went to a client that never answers its sender
-                    // and did not bounce counts as delivered: a replay
-                    // would only show it twice.
-                    let assumed: Vec<u64> = sent
-                        .into_iter()
-                        .filter(|(_, sender)| !self.answers(&recipient, sender))
-                        .map(|(s, _)| s)
-                        .collect();
-                    if !assumed.is_empty() {
-                        self.confirm(&recipient, &assumed, true).await;
-                    }
                 }
             }
             PresenceType::None => {
@@ -4039,58 +3953,5 @@ retry_initial_ms = 500
         assert_eq!(h.store.recipient("bob@x").unwrap().pending, 0);
         let receipts = receipts_to_alice(&h.drain_all());
         assert_eq!(receipts, ["f1", "f2", "f3"], "relayed to the sender");
-    }
-    /// Issue 12, item 2: a client that never answered this sender (it
-    /// answers its roster contacts only, or its user ignored the request)
-    /// sees each message once, across reconnects, and the queue drains;
-    /// once it has answered this sender, a timeout keeps the message for
-    /// its next login again (the frozen-client guarantee).
-    #[tokio::test(start_paused = true)]
-    async fn a_client_that_never_answers_sees_each_message_once() {
-        let mut h = harness(64).await;
-        h.msg("m0").await; // asks bob for presence
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        h.feed(&format!(
-            "<presence xmlns='{NS}' from='bob@x' to='relay.x' type='subscribed'/>"
-        ))
-        .await;
-        h.available().await;
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        for id in ["m1", "m2", "m3"] {
-            h.msg(id).await;
-        }
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        let mut shown = ids_of(&h.drain())
-            .into_iter()
-            .map(str::to_owned)
-            .collect::<Vec<_>>();
-        assert_eq!(h.store.recipient("bob@x").unwrap().pending, 0, "drained");
-        for _ in 0..3 {
-            h.feed(&format!(
-                "<presence xmlns='{NS}' from='bob@x/r' to='relay.x' type='unavailable'/>"
-            ))
-            .await;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            h.available().await;
-            tokio::time::sleep(Duration::from_millis(1500)).await;
-            shown.extend(ids_of(&h.drain()).into_iter().map(str::to_owned));
-        }
-        shown.sort();
-        assert_eq!(shown, ["m0", "m1", "m2", "m3"], "each once");
-
-        // Bob's client answers once: from then on its receipts count.
-        h.msg("m4").await;
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        h.receipt("m4").await;
-        h.msg("m5").await; // frozen: no receipt
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        assert_eq!(h.store.recipient("bob@x").unwrap().pending, 1, "m5 kept");
-        h.drain();
-        h.feed(&format!(
-            "<presence xmlns='{NS}' from='bob@x/r2' to='relay.x'/>"
-        ))
-        .await;
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        assert_eq!(ids_of(&h.drain()), ["m5"], "replayed at the next login");
     }
 }

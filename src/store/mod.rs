@@ -354,10 +354,6 @@ fn origin_key(recipient: &str, sender: &str, origin: &str) -> Vec<u8> {
     )
 }
 
-fn pair_key(recipient: &str, sender_bare: &str) -> Vec<u8> {
-    key(b'p', &[recipient.as_bytes(), sender_bare.as_bytes()])
-}
-
 fn recipient_key(recipient: &str) -> Vec<u8> {
     key(b'r', &[recipient.as_bytes()])
 }
@@ -824,23 +820,6 @@ impl Store {
         let mut w = Writes::default();
         w.insert(recipient_key(recipient), encode(state));
         self.write(w)
-    }
-
-    /// Whether `recipient`'s client has ever sent a receipt or marker to
-    /// `sender_bare`'s relay address (then it is expected to answer).
-    pub fn answers(&self, recipient: &str, sender_bare: &str) -> Result<bool, StoreError> {
-        Ok(self.read(&pair_key(recipient, sender_bare))?.is_some())
-    }
-
-    /// Remember that `recipient`'s client answers `sender_bare`.
-    pub fn mark_answers(&self, recipient: &str, sender_bare: &str) -> Result<(), StoreError> {
-        let k = pair_key(recipient, sender_bare);
-        if self.read(&k)?.is_none() {
-            let mut w = Writes::default();
-            w.insert(k, [1u8]);
-            self.write(w)?;
-        }
-        Ok(())
     }
 
     pub fn set_subscription(&self, recipient: &str, sub: Subscription) -> Result<(), StoreError> {

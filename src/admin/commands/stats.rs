@@ -40,11 +40,6 @@ pub(crate) fn run<O: Ops>(ops: &O) -> Result<Step, StanzaError> {
             "Replayed sends since start",
             s.replays_total,
         ),
-        field(
-            "assumed-total",
-            "Counted delivered without a receipt since start",
-            s.assumed_total,
-        ),
         field("bounces-total", "Bounces since start", s.bounces_total),
         field("refused-total", "Refused since start", s.refused_total),
         field(
