@@ -725,6 +725,42 @@ mod tests {
         assert!(walked > Node::ALL.len(), "multi-stage commands walked");
     }
 
+    /// A list-queue page stays far below the 512 KiB at which servers drop
+    /// a component's stream, whatever the ids and senders hold: both
+    /// renderings of the table (items and text lines) and XML escaping
+    /// count, and long cells are cut.
+    #[tokio::test]
+    async fn a_page_of_huge_ids_stays_small() {
+        let mut a = Admin::default();
+        let mut ops = Fake::new();
+        for i in 0..5 {
+            ops.add("bob@x", &format!("{i}{}", "&<".repeat(30_000)));
+        }
+        let me = jid("root@x/r");
+        let c = a
+            .handle(
+                &mut ops,
+                &me,
+                true,
+                T,
+                submit("list-queue", None, Action::Execute, &[("jid", "bob@x")]),
+            )
+            .await
+            .unwrap();
+        let size = String::from(&Element::from(c.clone())).len();
+        assert!(size < 64 * 1024, "{size} bytes");
+        let id = c
+            .payloads
+            .iter()
+            .flat_map(|x| x.children())
+            .filter(|i| i.name() == "item")
+            .flat_map(|i| i.children())
+            .find(|f| f.attr("var") == Some("id"))
+            .map(|f| f.children().next().unwrap().text())
+            .unwrap();
+        assert!(id.ends_with('…') && id.chars().count() == 201, "{id}");
+    }
+
     #[tokio::test]
     async fn non_admins_are_forbidden_everything() {
         let mut a = Admin::default();

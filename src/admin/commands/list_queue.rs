@@ -7,15 +7,12 @@ use tokio_xmpp::minidom::Element;
 use tokio_xmpp::parsers::data_forms::{DataForm, DataFormType, Field, FieldType};
 use tokio_xmpp::parsers::stanza_error::StanzaError;
 
-use super::{columns, store_failed};
+use super::{PAGE_BYTES, cell, columns, row_cost, store_failed};
 use crate::admin::{Input, Ops, Step, age_seconds, field, form, input};
 use crate::xep0050::Table;
 
 const DEFAULT_PAGE: u64 = 50;
 const MAX_PAGE: u64 = 500;
-/// Rows stop once the table holds this many bytes of values, so that a
-/// page stays far below the 512 KiB at which servers drop the link.
-const PAGE_BYTES: usize = 128 * 1024;
 /// Characters of body shown per message.
 const PREVIEW_CHARS: usize = 80;
 
@@ -61,8 +58,8 @@ pub(crate) fn run<O: Ops>(ops: &O, input: &Input<'_>) -> Result<Step, StanzaErro
     for (seq, rec) in page.iter().take(max) {
         let row = vec![
             Field::text_single("seq", &seq.to_string()),
-            Field::text_single("from", &rec.sender),
-            Field::text_single("id", &rec.id),
+            Field::text_single("from", &cell(&rec.sender)),
+            Field::text_single("id", &cell(&rec.id)),
             Field::text_single(
                 "age-seconds",
                 &age_seconds(now, rec.accepted_at_ms).to_string(),
@@ -70,15 +67,13 @@ pub(crate) fn run<O: Ops>(ops: &O, input: &Input<'_>) -> Result<Step, StanzaErro
             Field::text_single("attempts", &ops.attempts(&recipient, *seq).to_string()),
             Field::text_single("preview", &preview(&rec.stanza)),
         ];
-        bytes += row
-            .iter()
-            .map(|f| f.values.iter().map(String::len).sum::<usize>() + 64)
-            .sum::<usize>();
-        rows.push(row);
-        last = Some(*seq);
-        if bytes > PAGE_BYTES {
+        let cost = row_cost(&row);
+        if !rows.is_empty() && bytes + cost > PAGE_BYTES {
             break;
         }
+        bytes += cost;
+        rows.push(row);
+        last = Some(*seq);
     }
     let more = page.len() > rows.len();
     let mut fields = vec![

@@ -3,7 +3,7 @@
 use tokio_xmpp::parsers::data_forms::{DataForm, DataFormType, Field, FieldType};
 use tokio_xmpp::parsers::stanza_error::StanzaError;
 
-use super::{columns, store_failed};
+use super::{PAGE_BYTES, columns, row_cost, store_failed};
 use crate::admin::{Input, Ops, Step, age_seconds, field, form, input};
 use crate::xep0050::Table;
 
@@ -30,7 +30,8 @@ pub(crate) fn run<O: Ops>(ops: &O, input: &Input<'_>) -> Result<Step, StanzaErro
     let max = input.number("max", 1, MAX_MAX)?.unwrap_or(DEFAULT_MAX) as usize;
     let queues = ops.store().top_queues(max).map_err(store_failed)?;
     let now = ops.now_ms();
-    let rows = queues
+    let mut bytes = 0;
+    let rows: Vec<Vec<Field>> = queues
         .iter()
         .map(|q| {
             vec![
@@ -45,6 +46,11 @@ pub(crate) fn run<O: Ops>(ops: &O, input: &Input<'_>) -> Result<Step, StanzaErro
                 ),
             ]
         })
+        // Kept under the page budget (JIDs of up to 3 KiB each).
+        .take_while(|row| {
+            bytes += row_cost(row);
+            bytes <= PAGE_BYTES
+        })
         .collect();
     let columns = columns(&[
         ("jid", "Recipient"),
@@ -56,7 +62,7 @@ pub(crate) fn run<O: Ops>(ops: &O, input: &Input<'_>) -> Result<Step, StanzaErro
         DataFormType::Result_,
         "Largest queues",
         None,
-        vec![field("listed", "Queues listed", queues.len())],
+        vec![field("listed", "Queues listed", rows.len())],
     );
     Ok(Step::done(Table { columns, rows }.attach(result)))
 }
