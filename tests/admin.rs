@@ -360,14 +360,8 @@ async fn non_admin_is_forbidden_and_changes_nothing(kind: Kind) {
 /// that the recipient never gets it.
 async fn purge_and_replay_change_what_recipients_receive(kind: Kind) {
     let (server, relay) = start(kind).await;
-    // Bob's client has answered alice before (so her messages wait for
-    // its receipts), then shows the messages but sends no receipts: after
-    // the receipt timeout the relay holds his queue until a sign of life.
-    let mut bob = Client::connect(server.c2s_port, "bob", ClientOpts::default()).await;
-    send_all(&server, BOB, &ids("warm", 1)).await;
-    assert_eq!(bob.body_ids(1, SECS(10)).await, ["warm1"]);
-    wait_log(&relay, "this client answers receipts").await;
-    bob.close().await;
+    // Bob's client shows the messages but never sends receipts: after the
+    // receipt timeout the relay holds his queue until a sign of life.
     let mut bob = Client::connect(
         server.c2s_port,
         "bob",
