@@ -2847,6 +2847,14 @@ retry_initial_ms = 500
             self.drain();
         }
 
+        /// Bob approved the subscription, went away and is back, past
+        /// the replay grace: messages go to him at once.
+        async fn bob_online(&mut self) {
+            self.subscribe_and_go_offline().await;
+            self.available().await;
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+
         async fn available(&self) {
             self.feed(&format!(
                 "<presence xmlns='{NS}' from='bob@x/r' to='relay.x'/>"
@@ -3009,9 +3017,7 @@ retry_initial_ms = 500
     #[tokio::test(start_paused = true)]
     async fn receipt_during_grace_is_not_replayed() {
         let mut h = harness(64).await;
-        h.subscribe_and_go_offline().await;
-        h.available().await;
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        h.bob_online().await;
         // m1 goes out, then bob drops without a receipt; the server keeps
         // its copy (offline storage).
         h.msg("m1").await;
@@ -3034,9 +3040,7 @@ retry_initial_ms = 500
     #[tokio::test(start_paused = true)]
     async fn receipt_timeout_marks_offline_until_presence() {
         let mut h = harness(64).await;
-        h.subscribe_and_go_offline().await;
-        h.available().await;
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        h.bob_online().await;
         h.msg("m1").await;
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(ids_of(&h.drain()), ["m1"]);
@@ -3055,9 +3059,7 @@ retry_initial_ms = 500
     #[tokio::test(start_paused = true)]
     async fn window_refills_once_half_is_confirmed() {
         let mut h = harness(4).await;
-        h.subscribe_and_go_offline().await;
-        h.available().await;
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        h.bob_online().await;
         for i in 1..=8 {
             h.msg(&format!("m{i}")).await;
         }
@@ -3074,9 +3076,7 @@ retry_initial_ms = 500
     #[tokio::test(start_paused = true)]
     async fn window_bounds_in_flight() {
         let mut h = harness(2).await;
-        h.subscribe_and_go_offline().await;
-        h.available().await;
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        h.bob_online().await;
         for id in ["m1", "m2", "m3", "m4"] {
             h.msg(id).await;
         }
@@ -3258,9 +3258,7 @@ retry_initial_ms = 500
     #[tokio::test(start_paused = true)]
     async fn reused_id_for_a_different_message_is_never_lost() {
         let mut h = harness(64).await;
-        h.subscribe_and_go_offline().await;
-        h.available().await;
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        h.bob_online().await;
         h.drain_all();
         let send = |body: &str| {
             format!(
@@ -3395,9 +3393,7 @@ retry_initial_ms = 500
     #[tokio::test(start_paused = true)]
     async fn bodyless_payloads_are_relayed_once_without_a_receipt_request() {
         let mut h = harness(64).await;
-        h.subscribe_and_go_offline().await;
-        h.available().await;
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        h.bob_online().await;
         h.drain_all();
         for (id, inner) in [
             (
@@ -3459,9 +3455,7 @@ retry_initial_ms = 500
     #[tokio::test(start_paused = true)]
     async fn receipts_and_markers_cost_bounded_work() {
         let mut h = harness(64).await;
-        h.subscribe_and_go_offline().await;
-        h.available().await;
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        h.bob_online().await;
         for i in 0..20 {
             h.msg(&format!("m{i}")).await;
         }
@@ -3517,9 +3511,7 @@ retry_initial_ms = 500
     #[tokio::test(start_paused = true)]
     async fn failed_commit_in_batched_mode_relays_nothing_that_needed_it() {
         let mut h = harness(64).await;
-        h.subscribe_and_go_offline().await;
-        h.available().await;
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        h.bob_online().await;
         h.msg("m1").await;
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(ids_of(&h.drain()), ["m1"]);
@@ -3721,9 +3713,7 @@ retry_initial_ms = 500
     #[tokio::test(start_paused = true)]
     async fn only_what_was_confirmed_is_relayed_to_the_sender() {
         let mut h = harness(64).await;
-        h.subscribe_and_go_offline().await;
-        h.available().await;
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        h.bob_online().await;
         let send = |body: &str| {
             format!(
                 "<message xmlns='{NS}' from='alice@x/r' to='bob@relay.x' id='fixed' type='chat'><body>{body}</body></message>"
@@ -3750,9 +3740,7 @@ retry_initial_ms = 500
 
         // 20 receipts in one stanza: 16 handled, 16 relayed.
         let mut h = harness(64).await;
-        h.subscribe_and_go_offline().await;
-        h.available().await;
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        h.bob_online().await;
         for i in 0..20 {
             h.msg(&format!("m{i}")).await;
         }
@@ -3916,6 +3904,7 @@ retry_initial_ms = 500
         tokio::time::sleep(Duration::from_millis(510)).await;
         assert_eq!(ids_of(&h.drain()), ["m1"]);
     }
+
     /// Issue 12, item 0: relayed messages come from the relay address's
     /// full JID (Profanity answers receipts to a full JID only), and a
     /// receipt addressed to the bare relay address or to any resource of
@@ -3923,9 +3912,7 @@ retry_initial_ms = 500
     #[tokio::test(start_paused = true)]
     async fn relayed_from_a_full_jid_and_confirmed_at_any_resource() {
         let mut h = harness(64).await;
-        h.subscribe_and_go_offline().await;
-        h.available().await;
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        h.bob_online().await;
         for id in ["f1", "f2", "f3"] {
             h.msg(id).await;
         }
