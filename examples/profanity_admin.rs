@@ -20,6 +20,8 @@ async fn main() {
     let prof = tokio::task::block_in_place(|| {
         let prof = Profanity::start(prosody.c2s_port, "admin");
         prof.wait_for(&["logged in successfully"]);
+        // Profanity takes input a moment after it says so.
+        std::thread::sleep(std::time::Duration::from_secs(1));
         prof.step(
             "The command list",
             &format!("/cmd list {COMPONENT}"),

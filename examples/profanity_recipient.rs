@@ -19,6 +19,7 @@ async fn main() {
     let bob = tokio::task::block_in_place(|| {
         let bob = Profanity::start(prosody.c2s_port, "bob");
         bob.wait_for(&["logged in successfully"]);
+        std::thread::sleep(std::time::Duration::from_secs(1));
         bob
     });
     let mut alice = Client::connect(prosody.c2s_port, "alice", ClientOpts::default()).await;
