@@ -29,7 +29,7 @@ use tokio_xmpp::parsers::ns;
 use tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
 use tokio_xmpp::parsers::receipts::{Received, Request};
 use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
-use tokio_xmpp::parsers::stanza_id::StanzaId;
+use tokio_xmpp::parsers::stanza_id::{OriginId, StanzaId};
 use tracing::{debug, error, info, warn};
 
 use crate::address::{AddressBook, AddressError, RELAY_RESOURCE};
@@ -1626,6 +1626,13 @@ impl Router {
             m.from = Some(Jid::from(full));
         }
         m.payloads.push(Request.into());
+        // A XEP-0359 origin-id equal to the message id, unless the sender
+        // gave one: clients that tell copies apart by origin-id (and by
+        // the stanza-id below, the same at every send) then show a replay,
+        // or the copy their server archived, once.
+        if !m.payloads.iter().any(|p| p.is("origin-id", ns::SID)) {
+            m.payloads.push(OriginId { id: rec.id.clone() }.into());
+        }
         m.payloads.push(
             StanzaId {
                 id: format!("{seq:016x}"),
@@ -3940,5 +3947,53 @@ retry_initial_ms = 500
         assert_eq!(h.store.recipient("bob@x").unwrap().pending, 0);
         let receipts = receipts_to_alice(&h.drain_all());
         assert_eq!(receipts, ["f1", "f2", "f3"], "relayed to the sender");
+    }
+    /// Issue 12, item 4 (in part): a relayed message carries a XEP-0359
+    /// origin-id equal to its id (the sender's own, if it gave one) and a
+    /// stanza-id that stays the same at every send, so that clients that
+    /// tell copies apart by either show a replay, or an archived copy,
+    /// once.
+    #[tokio::test(start_paused = true)]
+    async fn relayed_messages_carry_stable_origin_and_stanza_ids() {
+        let mut h = harness(64).await;
+        h.bob_online().await;
+        h.msg("o1").await;
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='alice@x/r' to='bob@relay.x' id='o2' type='chat'><body>x</body><origin-id xmlns='urn:xmpp:sid:0' id='mine'/></message>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let ids = |out: Vec<Stanza>| -> Vec<(String, Vec<String>, String)> {
+            out.into_iter()
+                .filter_map(|st| match st {
+                    Stanza::Message(m) if !m.bodies.is_empty() => Some((
+                        m.id.clone().unwrap().0,
+                        m.payloads
+                            .iter()
+                            .filter(|p| p.is("origin-id", ns::SID))
+                            .map(|p| p.attr("id").unwrap().to_owned())
+                            .collect(),
+                        m.payloads
+                            .iter()
+                            .find(|p| p.is("stanza-id", ns::SID))
+                            .map(|p| p.attr("id").unwrap().to_owned())
+                            .unwrap(),
+                    )),
+                    _ => None,
+                })
+                .collect()
+        };
+        let first = ids(h.drain_all());
+        assert_eq!(first[0].1, ["o1"]);
+        assert_eq!(first[1].1, ["mine"], "the sender's own kept, not doubled");
+        // Bob drops without receipts and comes back: the replay carries
+        // the same origin-ids and stanza-ids.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        h.feed(&format!(
+            "<presence xmlns='{NS}' from='bob@x/r2' to='relay.x'/>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(ids(h.drain_all()), first);
     }
 }
