@@ -119,6 +119,11 @@ pub struct DeliveryConfig {
     /// server's own offline copies and their receipts arrive first.
     #[serde(default = "default_replay_grace_ms")]
     pub replay_grace_ms: u64,
+    /// How long the first messages from a sender wait for the recipient
+    /// to answer that sender's relay contact request (then they go
+    /// anyway); 0 sends at once.
+    #[serde(default = "default_contact_wait_ms")]
+    pub contact_wait_ms: u64,
     /// Unconfirmed messages in flight per recipient.
     #[serde(default = "default_window")]
     pub window: usize,
@@ -199,6 +204,10 @@ fn default_flush_interval_ms() -> u64 {
 fn default_cache_bytes() -> u64 {
     32 * 1024 * 1024
 }
+fn default_contact_wait_ms() -> u64 {
+    10_000
+}
+
 fn default_receipt_timeout_ms() -> u64 {
     30_000
 }
@@ -244,6 +253,7 @@ impl Default for DeliveryConfig {
         DeliveryConfig {
             receipt_timeout_ms: default_receipt_timeout_ms(),
             replay_grace_ms: default_replay_grace_ms(),
+            contact_wait_ms: default_contact_wait_ms(),
             window: default_window(),
             retry_initial_ms: default_retry_initial_ms(),
             retry_max_ms: default_retry_max_ms(),
@@ -467,7 +477,7 @@ impl Config {
     /// Every duration setting in milliseconds, by key: the timers they
     /// arm cannot reach past about two years (tokio's `DelayQueue`
     /// panics there), so each is bounded at validation.
-    fn durations_ms(&self) -> [(&'static str, u64); 9] {
+    fn durations_ms(&self) -> [(&'static str, u64); 10] {
         let s = |v: u64| v.saturating_mul(1000);
         [
             ("component.keepalive_s", s(self.component.keepalive_s)),
@@ -481,6 +491,7 @@ impl Config {
                 self.delivery.receipt_timeout_ms,
             ),
             ("delivery.replay_grace_ms", self.delivery.replay_grace_ms),
+            ("delivery.contact_wait_ms", self.delivery.contact_wait_ms),
             ("delivery.retry_initial_ms", self.delivery.retry_initial_ms),
             ("delivery.retry_max_ms", self.delivery.retry_max_ms),
             ("limits.message_ttl_s", s(self.limits.message_ttl_s)),

@@ -40,8 +40,8 @@ use crate::link::{LinkEvent, Outbound};
 use crate::message_kind::{self, Kind};
 use crate::ratelimit::RateLimiter;
 use crate::store::{
-    Accepted, NewMessage, PurgeScope, QueueLimits, RecipientState, Record, Store, StoreError,
-    Subscription, bare_of,
+    Accepted, Contact, NewMessage, PurgeScope, QueueLimits, RecipientState, Record, Store,
+    StoreError, Subscription, bare_of,
 };
 use crate::twin::{self, AnotherInstance, Instance, Verdict};
 use crate::xep0050::{COMMANDS, Command};
@@ -54,6 +54,10 @@ const MARKER_SCAN_LIMIT: usize = 16_384;
 const BURST: usize = 256;
 /// Recipients probed per step after a connect.
 const PROBE_STEP: usize = 256;
+/// Relay contacts kept in memory at most (the store holds them all).
+const CONTACT_CACHE: usize = 100_000;
+/// XEP-0172 user nickname.
+const NICK: &str = "http://jabber.org/protocol/nick";
 /// After a recipient refuses the presence subscription, how long before
 /// the next message asks again.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(24 * 3600);
@@ -256,6 +260,10 @@ enum Timer {
     DiscoTimeout {
         id: String,
     },
+    /// The wait for a relay contact's answer is over: send what it held.
+    ContactWait {
+        recipient: String,
+    },
 }
 
 /// Why the router stopped by itself.
@@ -344,9 +352,16 @@ pub struct Router {
     rate: RateLimiter,
     /// Whether the expiry walk has a step scheduled.
     expiry_scheduled: bool,
-    /// Recipients that refused (or cancelled) the presence subscription,
-    /// and when: asked again only [`RESUBSCRIBE_AFTER`] later.
+    /// Recipients that refused (or cancelled) the presence subscription
+    /// (keyed by recipient, or by "recipient\0sender" for a relay
+    /// contact), and when: asked again only [`RESUBSCRIBE_AFTER`] later.
     refused_at: HashMap<String, tokio::time::Instant>,
+    /// Relay contacts, a cache of the store's (cleared past
+    /// [`CONTACT_CACHE`] entries).
+    contacts: HashMap<(String, String), Contact>,
+    /// When this process asked each relay contact not answered yet: its
+    /// first messages wait `contact_wait_ms` from then.
+    contact_asked: HashMap<(String, String), tokio::time::Instant>,
     /// Marker scans per recipient: 20 a second, 200 at once.
     marker_scans: RateLimiter,
     /// The first seq this process handed out.
@@ -491,6 +506,8 @@ impl Router {
             rate,
             expiry_scheduled: false,
             refused_at: HashMap::new(),
+            contacts: HashMap::new(),
+            contact_asked: HashMap::new(),
             marker_scans: RateLimiter::new(20, 200),
             first_seq,
             once_sent: RecentOnce::default(),
@@ -1068,6 +1085,7 @@ impl Router {
             Ok(Accepted::Stored { seq }) => {
                 self.stats.accepted_total += 1;
                 debug!(to = %recipient, from = %from, id = %id, seq, "accepted");
+                self.ensure_contact(&recipient, target, from_bare).await;
                 self.on_stored(seq, &recipient, target, m, size).await;
             }
             Ok(Accepted::Duplicate { seq }) => {
@@ -1535,6 +1553,22 @@ impl Router {
         let timeout = self.config.receipt_timeout();
         let mut to_send = Vec::with_capacity(batch.len());
         let target = peer.target();
+        // The first message held for a relay contact's answer, if any.
+        let mut held_until = None;
+        for (seq, rec) in &batch {
+            if let Some(until) = self.held_for_contact(recipient, bare_of(&rec.sender)) {
+                held_until = Some((*seq, until));
+                break;
+            }
+        }
+        if let Some((_, wait)) = held_until {
+            self.timers.insert(
+                Timer::ContactWait {
+                    recipient: recipient.to_owned(),
+                },
+                wait,
+            );
+        }
         {
             let peer = self.peers.get_mut(recipient).expect("checked above");
             for (seq, rec) in batch {
@@ -1544,6 +1578,9 @@ impl Router {
                 }
                 if seq > self.gate.durable_seq() {
                     break; // not on disk yet; on_durable resumes
+                }
+                if held_until.is_some_and(|(h, _)| h == seq) {
+                    break; // until the recipient answers the relay contact
                 }
                 let timer = self.timers.insert(
                     Timer::Receipt {
@@ -1739,6 +1776,15 @@ impl Router {
             Timer::Expire => self.expire_step().await,
             Timer::DiscoTimeout { id } => {
                 self.disco_pending.remove(&id);
+            }
+            Timer::ContactWait { recipient } => {
+                if self
+                    .peers
+                    .get(&recipient)
+                    .is_some_and(|p| p.phase == Phase::Sending)
+                {
+                    self.pump(&recipient).await;
+                }
             }
             Timer::ProbeStep => {
                 if self.epoch.is_some() {
@@ -2035,6 +2081,136 @@ impl Router {
 
     // ----- presence -----
 
+    /// The first message from `sender` to `recipient` makes the sender's
+    /// relay address ask the recipient for a presence subscription (with
+    /// a XEP-0172 nick naming the sender), so that clients that answer
+    /// receipts only to roster contacts (Gajim, Conversations, Monal,
+    /// Psi) answer it once the recipient approves.
+    async fn ensure_contact(&mut self, recipient: &str, target: &BareJid, sender: &BareJid) {
+        let sender_key = sender.to_string();
+        if self.contact(recipient, &sender_key).is_some() {
+            return;
+        }
+        let pair = format!("{recipient}\0{sender_key}");
+        let now = tokio::time::Instant::now();
+        if self
+            .refused_at
+            .get(&pair)
+            .is_some_and(|t| now.duration_since(*t) < RESUBSCRIBE_AFTER)
+        {
+            return;
+        }
+        let Ok(from) = self.book.relay_for(sender) else {
+            return;
+        };
+        let contact = Contact {
+            subscription: Subscription::Requested,
+            asked_at_ms: now_ms(),
+        };
+        if let Err(e) = self.store.set_contact(recipient, &sender_key, contact) {
+            error!(error = %e, "cannot record a relay contact request");
+            return;
+        }
+        self.cache_contact(recipient, &sender_key, contact);
+        if self.contact_asked.len() >= CONTACT_CACHE {
+            self.contact_asked.clear();
+        }
+        self.contact_asked.insert(
+            (recipient.to_owned(), sender_key.clone()),
+            tokio::time::Instant::now(),
+        );
+        info!(to = recipient, contact = %from, "asking for a relay contact");
+        let nick = Element::builder("nick", NICK)
+            .append(sender_key.clone())
+            .build();
+        self.send(
+            Presence::subscribe()
+                .with_from(Jid::from(from))
+                .with_to(Jid::from(target.clone()))
+                .with_payloads(vec![nick]),
+        )
+        .await;
+    }
+
+    /// The recipient answered a relay contact's request.
+    async fn on_contact_answer(&mut self, recipient: &str, sender: &str, approved: bool) {
+        let Some(mut c) = self.contact(recipient, sender) else {
+            return; // never asked
+        };
+        let sub = if approved {
+            Subscription::Subscribed
+        } else {
+            Subscription::None
+        };
+        if c.subscription == sub {
+            return;
+        }
+        c.subscription = sub;
+        if let Err(e) = self.store.set_contact(recipient, sender, c) {
+            error!(error = %e, "cannot record a relay contact answer");
+            return;
+        }
+        self.cache_contact(recipient, sender, c);
+        if approved {
+            info!(to = recipient, from = sender, "relay contact approved");
+        } else {
+            info!(
+                to = recipient,
+                from = sender,
+                "relay contact refused or cancelled"
+            );
+            self.refused_at.insert(
+                format!("{recipient}\0{sender}"),
+                tokio::time::Instant::now(),
+            );
+        }
+        // What waited for the answer goes now.
+        if self
+            .peers
+            .get(recipient)
+            .is_some_and(|p| p.phase == Phase::Sending)
+        {
+            self.pump(recipient).await;
+        }
+    }
+
+    fn contact(&mut self, recipient: &str, sender: &str) -> Option<Contact> {
+        let key = (recipient.to_owned(), sender.to_owned());
+        if let Some(c) = self.contacts.get(&key) {
+            return Some(*c);
+        }
+        let c = self.store.contact(recipient, sender).ok().flatten()?;
+        self.cache_contact(recipient, sender, c);
+        Some(c)
+    }
+
+    fn cache_contact(&mut self, recipient: &str, sender: &str, c: Contact) {
+        if self.contacts.len() >= CONTACT_CACHE {
+            self.contacts.clear();
+        }
+        self.contacts
+            .insert((recipient.to_owned(), sender.to_owned()), c);
+    }
+
+    /// How much longer a message from `sender` to `recipient` waits for
+    /// the recipient's answer to the relay contact's request, if it does:
+    /// at most `contact_wait_ms` after this process asked (after a
+    /// restart, nothing waits).
+    fn held_for_contact(&mut self, recipient: &str, sender: &str) -> Option<Duration> {
+        let key = (recipient.to_owned(), sender.to_owned());
+        let asked = *self.contact_asked.get(&key)?;
+        let wait = Duration::from_millis(self.config.delivery.contact_wait_ms);
+        let left = wait.saturating_sub(asked.elapsed());
+        let waiting = self
+            .contact(recipient, sender)
+            .is_some_and(|c| c.subscription == Subscription::Requested);
+        if !waiting || left.is_zero() {
+            self.contact_asked.remove(&key);
+            return None;
+        }
+        Some(left)
+    }
+
     async fn ensure_subscribed(&mut self, recipient: &str, jid: &BareJid) {
         match self.store.recipient(recipient) {
             Ok(st) if st.subscription == Subscription::None => {
@@ -2101,8 +2277,18 @@ impl Router {
             _ => {}
         }
         // Delivery tracking only looks at presence for our bare domain;
-        // relay-user JIDs in a roster get their own copies.
-        if to.node().is_some() {
+        // relay-user JIDs in a roster get their own copies, and answers
+        // to their (relay contact) subscription requests.
+        if let Some(node) = to.node() {
+            if matches!(
+                p.type_,
+                PresenceType::Subscribed | PresenceType::Unsubscribed
+            ) && let Ok(sender) = self.book.user_for(Some(node.as_str()))
+            {
+                let approved = p.type_ == PresenceType::Subscribed;
+                self.on_contact_answer(&from.to_bare().to_string(), sender.as_str(), approved)
+                    .await;
+            }
             return;
         }
         let recipient = from.to_bare().to_string();
@@ -2751,6 +2937,12 @@ mod tests {
     }
 
     fn config_full(dir: &std::path::Path, window: usize, durability: &str, extra: &str) -> Config {
+        // Relay contacts send at once in these tests, unless one sets it.
+        let wait = if extra.contains("contact_wait_ms") {
+            ""
+        } else {
+            "contact_wait_ms = 0"
+        };
         let text = format!(
             r#"[component]
 domain = "relay.x"
@@ -2764,6 +2956,7 @@ durability = "{durability}"
 [delivery]
 receipt_timeout_ms = 1000
 replay_grace_ms = 300
+{wait}
 window = {window}
 retry_initial_ms = 500
 {extra}
@@ -3995,5 +4188,52 @@ retry_initial_ms = 500
         .await;
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(ids(h.drain_all()), first);
+    }
+    /// Issue 12, item 1: the first message from a sender makes its relay
+    /// address ask the recipient for a subscription, with a XEP-0172 nick
+    /// naming the sender; messages from that sender wait for the answer
+    /// (here approval), or at most `contact_wait_ms`, then go.
+    #[tokio::test(start_paused = true)]
+    async fn a_relay_contact_is_asked_for_and_its_answer_awaited() {
+        let mut h = harness_with(64, "contact_wait_ms = 5000\n").await;
+        h.msg("c1").await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let out = h.drain_all();
+        let asks: Vec<(String, String)> = out
+            .iter()
+            .filter_map(|st| match st {
+                Stanza::Presence(p) if p.type_ == PresenceType::Subscribe => Some((
+                    p.from.as_ref().unwrap().to_string(),
+                    p.payloads
+                        .iter()
+                        .find(|e| e.is("nick", NICK))
+                        .map(|e| e.text())
+                        .unwrap_or_default(),
+                )),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            asks.contains(&("alice@relay.x".to_string(), "alice@x".to_string())),
+            "{asks:?}"
+        );
+        assert!(messages(&out).is_empty(), "held for the answer");
+        h.feed(&format!(
+            "<presence xmlns='{NS}' from='bob@x' to='alice@relay.x' type='subscribed'/>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(ids_of(&h.drain()), ["c1"], "sent once approved");
+        h.receipt("c1").await;
+
+        // Carol's first message: nobody answers, it goes after the wait.
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='carol@x/r' to='bob@relay.x' id='k1' type='chat'><body>k1</body></message>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(4900)).await;
+        assert!(!ids_of(&h.drain()).contains(&"k1"), "still waiting");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(ids_of(&h.drain()).contains(&"k1"), "sent after the wait");
     }
 }

@@ -19,11 +19,17 @@ const BOB: &str = "bob@relay.localhost";
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Rule {
     Always,
+    /// Gajim's: only roster contacts with subscription from or both;
+    /// its user approves every request.
+    ContactsOnly,
 }
 
 impl Rule {
     fn opts(self) -> ClientOpts {
-        ClientOpts::default()
+        ClientOpts {
+            receipts_to_contacts_only: self == Rule::ContactsOnly,
+            ..Default::default()
+        }
     }
 }
 
@@ -103,4 +109,12 @@ async fn always_answering_client(kind: Kind) {
     scenario(kind, Rule::Always, false).await;
 }
 
-on_both_servers!(always_answering_client);
+/// The relay address asks bob for a subscription (a relay contact); once
+/// his user approved, his contacts-only client answers it like any
+/// contact.
+async fn contacts_only_client_that_approves(kind: Kind) {
+    scenario(kind, Rule::ContactsOnly, true).await;
+    scenario(kind, Rule::ContactsOnly, false).await;
+}
+
+on_both_servers!(always_answering_client, contacts_only_client_that_approves);

@@ -94,6 +94,16 @@ pub enum Subscription {
     Subscribed,
 }
 
+/// A relay address's presence subscription to one recipient (a relay
+/// contact): clients that answer receipts only to roster contacts answer
+/// it once the recipient approved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contact {
+    pub subscription: Subscription,
+    /// When the subscription was asked for.
+    pub asked_at_ms: i64,
+}
+
 /// Per-recipient state, kept incrementally (sled's `len` is a full scan).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct RecipientState {
@@ -352,6 +362,10 @@ fn origin_key(recipient: &str, sender: &str, origin: &str) -> Vec<u8> {
         b'o',
         &[recipient.as_bytes(), sender.as_bytes(), origin.as_bytes()],
     )
+}
+
+fn contact_key(recipient: &str, sender_bare: &str) -> Vec<u8> {
+    key(b'c', &[recipient.as_bytes(), sender_bare.as_bytes()])
 }
 
 fn recipient_key(recipient: &str) -> Vec<u8> {
@@ -819,6 +833,30 @@ impl Store {
     fn put_recipient(&self, recipient: &str, state: &RecipientState) -> Result<(), StoreError> {
         let mut w = Writes::default();
         w.insert(recipient_key(recipient), encode(state));
+        self.write(w)
+    }
+
+    /// The relay contact `sender_bare`'s relay address has with
+    /// `recipient`: whether it asked for, and got, a presence
+    /// subscription.
+    pub fn contact(
+        &self,
+        recipient: &str,
+        sender_bare: &str,
+    ) -> Result<Option<Contact>, StoreError> {
+        self.read(&contact_key(recipient, sender_bare))?
+            .map(|v| decode(&v, "contact"))
+            .transpose()
+    }
+
+    pub fn set_contact(
+        &self,
+        recipient: &str,
+        sender_bare: &str,
+        contact: Contact,
+    ) -> Result<(), StoreError> {
+        let mut w = Writes::default();
+        w.insert(contact_key(recipient, sender_bare), encode(&contact));
         self.write(w)
     }
 
