@@ -328,6 +328,8 @@ fn flatten(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<S
 /// Prosody drops a component link on a stanza over 512 KiB; what we relay
 /// grows by a few hundred bytes, so stay clearly below that.
 const MAX_STANZA_CEILING: usize = 500 * 1024;
+/// The longest wait for a relay contact's answer: 10 minutes.
+const MAX_CONTACT_WAIT_MS: u64 = 10 * 60 * 1000;
 /// The longest duration any setting may name: 365 days.
 const MAX_DURATION_MS: u64 = 365 * 24 * 3600 * 1000;
 
@@ -463,6 +465,13 @@ impl Config {
         }
         if self.component.keepalive_s == 0 {
             return bad("component.keepalive_s must be at least 1".into());
+        }
+        if self.delivery.contact_wait_ms > MAX_CONTACT_WAIT_MS {
+            return bad(format!(
+                "delivery.contact_wait_ms is {} ms; it may be at most 10 minutes ({MAX_CONTACT_WAIT_MS} ms): \
+                 a recipient's messages wait that long for each new correspondent's answer",
+                self.delivery.contact_wait_ms
+            ));
         }
         for (key, ms) in self.durations_ms() {
             if ms > MAX_DURATION_MS {
@@ -660,6 +669,14 @@ path = "/tmp/x"
                 )
             );
         }
+        let text = format!("{MINIMAL}\n[delivery]\ncontact_wait_ms = 600001\n");
+        let c: Config = toml::from_str(&text).unwrap();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("delivery.contact_wait_ms is 600001 ms; it may be at most 10 minutes")
+        );
         // The ceiling itself is fine.
         let text = format!("{MINIMAL}\n[limits]\nmessage_ttl_s = 31536000\n");
         toml::from_str::<Config>(&text).unwrap().validate().unwrap();

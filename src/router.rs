@@ -160,6 +160,8 @@ struct Peer {
     /// An administrator asked for a replay: the full window, whatever
     /// presence says, until the next failure.
     forced: bool,
+    /// Armed while messages wait for a relay contact's answer.
+    contact_timer: Option<delay_queue::Key>,
 }
 
 impl Peer {
@@ -176,6 +178,7 @@ impl Peer {
             replay_below: 0,
             unsaved_confirms: Default::default(),
             forced: false,
+            contact_timer: None,
         }
     }
 
@@ -232,6 +235,9 @@ impl Peer {
             timers.try_remove(&f.timer);
         }
         if let Some(k) = self.timer.take() {
+            timers.try_remove(&k);
+        }
+        if let Some(k) = self.contact_timer.take() {
             timers.try_remove(&k);
         }
         self.cursor = 0;
@@ -352,9 +358,8 @@ pub struct Router {
     rate: RateLimiter,
     /// Whether the expiry walk has a step scheduled.
     expiry_scheduled: bool,
-    /// Recipients that refused (or cancelled) the presence subscription
-    /// (keyed by recipient, or by "recipient\0sender" for a relay
-    /// contact), and when: asked again only [`RESUBSCRIBE_AFTER`] later.
+    /// Recipients that refused (or cancelled) the presence subscription,
+    /// and when: asked again only [`RESUBSCRIBE_AFTER`] later.
     refused_at: HashMap<String, tokio::time::Instant>,
     /// Relay contacts, a cache of the store's (cleared past
     /// [`CONTACT_CACHE`] entries).
@@ -1553,21 +1558,29 @@ impl Router {
         let timeout = self.config.receipt_timeout();
         let mut to_send = Vec::with_capacity(batch.len());
         let target = peer.target();
-        // The first message held for a relay contact's answer, if any.
-        let mut held_until = None;
-        for (seq, rec) in &batch {
-            if let Some(until) = self.held_for_contact(recipient, bare_of(&rec.sender)) {
-                held_until = Some((*seq, until));
-                break;
+        // Senders whose messages wait for a relay contact's answer, and
+        // the shortest wait left (one timer per recipient at a time).
+        let mut held = std::collections::HashSet::new();
+        let mut soonest: Option<Duration> = None;
+        for (_, rec) in &batch {
+            let sender = bare_of(&rec.sender);
+            if !held.contains(sender)
+                && let Some(left) = self.held_for_contact(recipient, sender)
+            {
+                held.insert(sender.to_owned());
+                soonest = Some(soonest.map_or(left, |s| s.min(left)));
             }
         }
-        if let Some((_, wait)) = held_until {
-            self.timers.insert(
+        if let Some(wait) = soonest
+            && let Some(peer) = self.peers.get_mut(recipient)
+            && peer.contact_timer.is_none()
+        {
+            peer.contact_timer = Some(self.timers.insert(
                 Timer::ContactWait {
                     recipient: recipient.to_owned(),
                 },
                 wait,
-            );
+            ));
         }
         {
             let peer = self.peers.get_mut(recipient).expect("checked above");
@@ -1579,8 +1592,10 @@ impl Router {
                 if seq > self.gate.durable_seq() {
                     break; // not on disk yet; on_durable resumes
                 }
-                if held_until.is_some_and(|(h, _)| h == seq) {
-                    break; // until the recipient answers the relay contact
+                if held.contains(bare_of(&rec.sender)) {
+                    // Until the recipient answers the relay contact; the
+                    // queue keeps its order, so what follows waits too.
+                    break;
                 }
                 let timer = self.timers.insert(
                     Timer::Receipt {
@@ -1778,11 +1793,12 @@ impl Router {
                 self.disco_pending.remove(&id);
             }
             Timer::ContactWait { recipient } => {
-                if self
-                    .peers
-                    .get(&recipient)
-                    .is_some_and(|p| p.phase == Phase::Sending)
-                {
+                let Some(peer) = self.peers.get_mut(&recipient) else {
+                    return;
+                };
+                // This timer fired: its key may already name another.
+                peer.contact_timer = None;
+                if peer.phase == Phase::Sending {
                     self.pump(&recipient).await;
                 }
             }
@@ -2068,6 +2084,9 @@ impl Router {
             Ok(Accepted::Stored { seq }) => {
                 self.stats.notices_total += 1;
                 info!(to = %queue, id, about = %rec.id, seq, "notice kept for the sender");
+                // From the recipient's relay address: a relay contact of
+                // the sender's, so that contacts-only clients answer it.
+                self.ensure_contact(&queue, sender, recipient).await;
                 self.on_stored(seq, &queue, sender, m, size).await;
             }
             Ok(other) => {
@@ -2088,15 +2107,11 @@ impl Router {
     /// Psi) answer it once the recipient approves.
     async fn ensure_contact(&mut self, recipient: &str, target: &BareJid, sender: &BareJid) {
         let sender_key = sender.to_string();
-        if self.contact(recipient, &sender_key).is_some() {
-            return;
-        }
-        let pair = format!("{recipient}\0{sender_key}");
-        let now = tokio::time::Instant::now();
-        if self
-            .refused_at
-            .get(&pair)
-            .is_some_and(|t| now.duration_since(*t) < RESUBSCRIBE_AFTER)
+        // Asked (or refused) within the last day: not again. A request
+        // lost on the way, or refused, is asked again after that.
+        if let Some(c) = self.contact(recipient, &sender_key)
+            && (c.subscription == Subscription::Subscribed
+                || now_ms().saturating_sub(c.asked_at_ms) < RESUBSCRIBE_AFTER.as_millis() as i64)
         {
             return;
         }
@@ -2146,6 +2161,10 @@ impl Router {
             return;
         }
         c.subscription = sub;
+        if !approved {
+            // Asked again only a day after the refusal.
+            c.asked_at_ms = now_ms();
+        }
         if let Err(e) = self.store.set_contact(recipient, sender, c) {
             error!(error = %e, "cannot record a relay contact answer");
             return;
@@ -2158,10 +2177,6 @@ impl Router {
                 to = recipient,
                 from = sender,
                 "relay contact refused or cancelled"
-            );
-            self.refused_at.insert(
-                format!("{recipient}\0{sender}"),
-                tokio::time::Instant::now(),
             );
         }
         // What waited for the answer goes now.

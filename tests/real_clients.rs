@@ -44,7 +44,15 @@ async fn shown(client: &mut Client, wait: Duration) -> Vec<String> {
 /// shown twice, receipts to alice, pending at the end.
 async fn scenario(kind: Kind, rule: Rule, online: bool) {
     let server = Server::start(kind, ServerOpts::default());
-    let relay = Relay::start(&server, RelayOpts::default());
+    // New correspondents' first messages wait for the relay contact's
+    // answer, as by default.
+    let relay = Relay::start(
+        &server,
+        RelayOpts {
+            contact_wait_ms: 10_000,
+            ..Default::default()
+        },
+    );
     let mut alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
     let sent = ids(if online { "on" } else { "off" }, 3);
     let mut bob = if online {

@@ -380,6 +380,10 @@ pub struct RelayOpts {
     pub store_path: Option<PathBuf>,
     /// Messages in flight per recipient.
     pub window: usize,
+    /// How long a new correspondent's messages wait for the relay
+    /// contact's answer (0 here by default: most scenarios are not about
+    /// it, and the test clients approve at once anyway).
+    pub contact_wait_ms: u64,
     /// sled's page cache, bytes.
     pub cache_bytes: u64,
 }
@@ -399,6 +403,7 @@ impl Default for RelayOpts {
             sender_burst: 200,
             store_path: None,
             window: 64,
+            contact_wait_ms: 0,
             cache_bytes: 32 << 20,
         }
     }
@@ -502,6 +507,7 @@ cache_bytes = {cache}
 receipt_timeout_ms = {rt}
 replay_grace_ms = {grace}
 window = {window}
+contact_wait_ms = {contact_wait}
 retry_initial_ms = 500
 retry_max_ms = 2000
 [limits]
@@ -532,6 +538,7 @@ session_timeout_s = {sess}
             rate = opts.sender_rate_per_s,
             burst = opts.sender_burst,
             window = opts.window,
+            contact_wait = opts.contact_wait_ms,
             cache = opts.cache_bytes,
         );
         std::fs::write(&config, text).unwrap();
