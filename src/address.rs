@@ -9,6 +9,14 @@ use xmpp_parsers::jid::{BareJid, DomainPart, Jid, NodePart};
 /// The resource of the full JID that relayed stanzas come from.
 pub const RELAY_RESOURCE: &str = "redeliver";
 
+/// A relay address as the full JID relayed stanzas come from.
+pub fn with_relay_resource(relay_address: &BareJid) -> Option<Jid> {
+    relay_address
+        .with_resource_str(RELAY_RESOURCE)
+        .ok()
+        .map(Jid::from)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AddressError {
     #[error("the address has no localpart")]
@@ -148,9 +156,7 @@ impl AddressBook {
     /// markers to the bare address or any resource of it count alike.
     pub fn relay_full(&self, user: &BareJid) -> Result<Jid, AddressError> {
         let bare = self.relay_for(user)?;
-        bare.with_resource_str(RELAY_RESOURCE)
-            .map(Jid::from)
-            .map_err(|_| AddressError::Malformed(bare.to_string()))
+        with_relay_resource(&bare).ok_or_else(|| AddressError::Malformed(bare.to_string()))
     }
 
     /// The relay address standing for `user`, whose domain must be one the

@@ -32,7 +32,7 @@ use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError
 use tokio_xmpp::parsers::stanza_id::{OriginId, StanzaId};
 use tracing::{debug, error, info, warn};
 
-use crate::address::{AddressBook, AddressError, RELAY_RESOURCE};
+use crate::address::{AddressBook, AddressError, with_relay_resource};
 use crate::admin::{Admin, Node, Ops, Snapshot};
 use crate::config::{Config, Durability};
 use crate::gate::{Flushed, Gate};
@@ -226,6 +226,24 @@ impl Peer {
             }
         }
         out
+    }
+
+    /// Message `seq` left the store (confirmed, refused, expired,
+    /// purged): nothing of it stays in flight or counted.
+    fn removed(&mut self, seq: u64, timers: &mut DelayQueue<Timer>) {
+        if let Some(f) = self.in_flight.remove(&seq) {
+            timers.try_remove(&f.timer);
+        }
+        self.attempts.remove(&seq);
+    }
+
+    /// Message `seq` stays in the store (a write failed) but this
+    /// process must never send it again.
+    fn never_again(&mut self, seq: u64, timers: &mut DelayQueue<Timer>) {
+        if let Some(f) = self.in_flight.remove(&seq) {
+            timers.try_remove(&f.timer);
+        }
+        self.unsaved_confirms.insert(seq);
     }
 
     /// Stop sending: whatever is in flight stays pending (it will be
@@ -669,10 +687,7 @@ impl Router {
     async fn abandon_unstored(&mut self, accepted: Vec<(u64, String)>) {
         for (seq, recipient) in accepted {
             if let Some(peer) = self.peers.get_mut(&recipient) {
-                if let Some(f) = peer.in_flight.remove(&seq) {
-                    self.timers.try_remove(&f.timer);
-                }
-                peer.unsaved_confirms.insert(seq);
+                peer.never_again(seq, &mut self.timers);
             }
             self.tell_unstored(&recipient, seq).await;
         }
@@ -983,6 +998,31 @@ impl Router {
         self.accept(m, &from, &from_bare, &target).await;
     }
 
+    /// Why a message of `size` bytes from `sender` is refused, if it is:
+    /// over `max_stanza_bytes`, or over the sender's rate (which this
+    /// counts). The condition is `policy-violation` either way.
+    fn over_size_or_rate(
+        &mut self,
+        size: usize,
+        sender: &BareJid,
+    ) -> Option<(ErrorType, &'static str)> {
+        if size > self.config.limits.max_stanza_bytes {
+            return Some((ErrorType::Modify, "message too large for the relay"));
+        }
+        let now = tokio::time::Instant::now().into_std();
+        (!self.rate.allow(sender.as_str(), now))
+            .then_some((ErrorType::Wait, "too many messages; slow down"))
+    }
+
+    fn queue_limits(&self) -> QueueLimits {
+        let l = &self.config.limits;
+        QueueLimits {
+            max_pending: l.max_pending_per_recipient,
+            max_bytes: l.max_bytes_per_recipient,
+            max_store_bytes: l.max_store_bytes,
+        }
+    }
+
     /// The store cannot take it (write failure, full disk).
     async fn refuse_unstorable(&mut self, m: &Message) {
         self.refuse_message(
@@ -1038,35 +1078,13 @@ impl Router {
         let content_hash = content_of(&m);
         let xml = String::from(&Element::from(m.clone()));
         let size = xml.len();
-        if size > self.config.limits.max_stanza_bytes {
-            self.refuse_message(
-                &original,
-                ErrorType::Modify,
-                DefinedCondition::PolicyViolation,
-                "message too large for the relay",
-            )
-            .await;
-            return;
-        }
-        if !self
-            .rate
-            .allow(from_bare.as_str(), tokio::time::Instant::now().into_std())
-        {
-            self.refuse_message(
-                &original,
-                ErrorType::Wait,
-                DefinedCondition::PolicyViolation,
-                "too many messages; slow down",
-            )
-            .await;
+        if let Some((t, text)) = self.over_size_or_rate(size, from_bare) {
+            self.refuse_message(&original, t, DefinedCondition::PolicyViolation, text)
+                .await;
             return;
         }
         let recipient = target.to_string();
-        let limits = QueueLimits {
-            max_pending: self.config.limits.max_pending_per_recipient,
-            max_bytes: self.config.limits.max_bytes_per_recipient,
-            max_store_bytes: self.config.limits.max_store_bytes,
-        };
+        let limits = self.queue_limits();
         if self.store_failed {
             self.refuse_unstorable(&original).await;
             return;
@@ -1168,17 +1186,7 @@ impl Router {
     ) {
         if !message_kind::only_bookkeeping(&m) {
             let size = String::from(&Element::from(m.clone())).len();
-            let refusal = if size > self.config.limits.max_stanza_bytes {
-                Some((ErrorType::Modify, "message too large for the relay"))
-            } else if !self
-                .rate
-                .allow(from_bare.as_str(), tokio::time::Instant::now().into_std())
-            {
-                Some((ErrorType::Wait, "too many messages; slow down"))
-            } else {
-                None
-            };
-            if let Some((t, text)) = refusal {
+            if let Some((t, text)) = self.over_size_or_rate(size, from_bare) {
                 self.refuse_message(&m, t, DefinedCondition::PolicyViolation, text)
                     .await;
                 return;
@@ -1344,10 +1352,7 @@ impl Router {
                 // the failure leads to they come once more.
                 if let Some(peer) = self.peers.get_mut(recipient) {
                     for seq in seqs {
-                        if let Some(f) = peer.in_flight.remove(seq) {
-                            self.timers.try_remove(&f.timer);
-                        }
-                        peer.unsaved_confirms.insert(*seq);
+                        peer.never_again(*seq, &mut self.timers);
                     }
                 }
                 self.pump(recipient).await;
@@ -1361,10 +1366,7 @@ impl Router {
         let initial = self.config.retry_initial();
         if let Some(peer) = self.peers.get_mut(recipient) {
             for (seq, _) in &removed {
-                if let Some(f) = peer.in_flight.remove(seq) {
-                    self.timers.try_remove(&f.timer);
-                }
-                peer.attempts.remove(seq);
+                peer.removed(*seq, &mut self.timers);
             }
             peer.backoff = initial;
         }
@@ -1455,10 +1457,7 @@ impl Router {
         };
         self.gate.removed();
         if let Some(peer) = self.peers.get_mut(recipient) {
-            if let Some(f) = peer.in_flight.remove(&seq) {
-                self.timers.try_remove(&f.timer);
-            }
-            peer.attempts.remove(&seq);
+            peer.removed(seq, &mut self.timers);
         }
         // Bounded: the text comes from the other side.
         let said = error
@@ -1673,9 +1672,9 @@ impl Router {
         // one): some clients answer receipts to a full JID only.
         if let Some(from) = &m.from
             && from.resource().is_none()
-            && let Ok(full) = from.to_bare().with_resource_str(RELAY_RESOURCE)
+            && let Some(full) = with_relay_resource(&from.to_bare())
         {
-            m.from = Some(Jid::from(full));
+            m.from = Some(full);
         }
         m.payloads.push(Request.into());
         // A XEP-0359 origin-id equal to the message id, unless the sender
@@ -1960,10 +1959,7 @@ impl Router {
             self.stats.expired_total += 1;
             info!(to = %recipient, id = %rec.id, seq, "expired undelivered");
             if let Some(peer) = self.peers.get_mut(&recipient) {
-                if let Some(f) = peer.in_flight.remove(&seq) {
-                    self.timers.try_remove(&f.timer);
-                }
-                peer.attempts.remove(&seq);
+                peer.removed(seq, &mut self.timers);
             }
             if notice {
                 let text =
@@ -2060,11 +2056,7 @@ impl Router {
         let xml = String::from(&Element::from(m.clone()));
         let size = xml.len();
         let queue = sender.to_string();
-        let limits = QueueLimits {
-            max_pending: self.config.limits.max_pending_per_recipient,
-            max_bytes: self.config.limits.max_bytes_per_recipient,
-            max_store_bytes: self.config.limits.max_store_bytes,
-        };
+        let limits = self.queue_limits();
         let outcome = self.store.accept(
             NewMessage {
                 recipient: &queue,
@@ -2806,10 +2798,7 @@ impl Ops for Router {
         }
         if let Some(peer) = self.peers.get_mut(recipient) {
             for seq in &seqs {
-                if let Some(f) = peer.in_flight.remove(seq) {
-                    self.timers.try_remove(&f.timer);
-                }
-                peer.attempts.remove(seq);
+                peer.removed(*seq, &mut self.timers);
             }
         }
         self.stats.purged_total += seqs.len() as u64;
