@@ -3059,11 +3059,32 @@ retry_initial_ms = 500
             tokio::time::sleep(Duration::from_millis(400)).await;
         }
 
-        async fn available(&self) {
+        /// An available presence from `bob@x/{resource}`.
+        async fn presence(&self, resource: &str) {
             self.feed(&format!(
-                "<presence xmlns='{NS}' from='bob@x/r' to='relay.x'/>"
+                "<presence xmlns='{NS}' from='bob@x/{resource}' to='relay.x'/>"
             ))
             .await;
+        }
+
+        /// `bob@x/{resource}` logs out.
+        async fn unavailable(&self, resource: &str) {
+            self.feed(&format!(
+                "<presence xmlns='{NS}' from='bob@x/{resource}' to='relay.x' type='unavailable'/>"
+            ))
+            .await;
+        }
+
+        /// Bob's server bounces message `id` to alice with `condition`.
+        async fn bounce(&self, id: &str, type_: &str, condition: &str) {
+            self.feed(&format!(
+                "<message xmlns='{NS}' from='bob@x' to='alice@relay.x' id='{id}' type='error'><error type='{type_}'><{condition} xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
+            ))
+            .await;
+        }
+
+        async fn available(&self) {
+            self.presence("r").await;
         }
 
         /// Everything sent since the last drain.
@@ -3226,10 +3247,7 @@ retry_initial_ms = 500
         // its copy (offline storage).
         h.msg("m1").await;
         tokio::time::sleep(Duration::from_millis(1)).await;
-        h.feed(&format!(
-            "<presence xmlns='{NS}' from='bob@x/r' to='relay.x' type='unavailable'/>"
-        ))
-        .await;
+        h.unavailable("r").await;
         h.msg("m2").await;
         h.available().await;
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -3252,10 +3270,7 @@ retry_initial_ms = 500
         tokio::time::sleep(Duration::from_secs(30)).await;
         assert!(h.drain().is_empty(), "no resend without a sign of life");
         // A new login (new available presence) replays it.
-        h.feed(&format!(
-            "<presence xmlns='{NS}' from='bob@x/r2' to='relay.x'/>"
-        ))
-        .await;
+        h.presence("r2").await;
         tokio::time::sleep(Duration::from_millis(310)).await;
         assert_eq!(ids_of(&h.drain()), ["m1"]);
     }
@@ -3304,10 +3319,7 @@ retry_initial_ms = 500
         h.msg("m1").await;
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(ids_of(&h.drain()), ["m1"]);
-        h.feed(&format!(
-            "<message xmlns='{NS}' from='bob@x' to='alice@relay.x' id='m1' type='error'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
-        ))
-        .await;
+        h.bounce("m1", "cancel", "service-unavailable").await;
         tokio::time::sleep(Duration::from_millis(490)).await;
         assert!(h.drain().is_empty());
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -3429,10 +3441,7 @@ retry_initial_ms = 500
             ["m1"],
             "presence unknown: one at a time"
         );
-        h.feed(&format!(
-            "<message xmlns='{NS}' from='bob@x' to='alice@relay.x' id='m1' type='error'><error type='auth'><forbidden xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
-        ))
-        .await;
+        h.bounce("m1", "auth", "forbidden").await;
         tokio::time::sleep(Duration::from_millis(1)).await;
         let out = h.drain_all();
         let notice: Vec<_> = out
@@ -3506,10 +3515,7 @@ retry_initial_ms = 500
             "<presence xmlns='{NS}' from='bob@x/phone' to='relay.x'><priority>5</priority></presence>"
         ))
         .await;
-        h.feed(&format!(
-            "<presence xmlns='{NS}' from='bob@x/desk' to='relay.x'/>"
-        ))
-        .await;
+        h.presence("desk").await;
         tokio::time::sleep(Duration::from_millis(400)).await;
         h.drain_all();
         h.msg("m1").await;
@@ -3642,10 +3648,7 @@ retry_initial_ms = 500
             "nothing stored"
         );
         // Bob goes away and comes back: nothing comes again.
-        h.feed(&format!(
-            "<presence xmlns='{NS}' from='bob@x/r' to='relay.x' type='unavailable'/>"
-        ))
-        .await;
+        h.unavailable("r").await;
         tokio::time::sleep(Duration::from_millis(2000)).await;
         h.available().await;
         tokio::time::sleep(Duration::from_millis(400)).await;
@@ -3792,10 +3795,7 @@ retry_initial_ms = 500
         let mut h = harness_with(64, "[limits]\nmessage_ttl_s = 1\n").await;
         h.msg("m1").await;
         tokio::time::sleep(Duration::from_millis(1)).await;
-        h.feed(&format!(
-            "<message xmlns='{NS}' from='bob@x' to='alice@relay.x' id='m1' type='error'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
-        ))
-        .await;
+        h.bounce("m1", "cancel", "service-unavailable").await;
         std::thread::sleep(Duration::from_millis(1100));
         tokio::time::sleep(Duration::from_millis(1010)).await; // expiry step
         let out = h.drain_all();
@@ -3833,10 +3833,7 @@ retry_initial_ms = 500
         h.msg("m1").await;
         tokio::time::sleep(Duration::from_millis(1)).await;
         h.drain_all();
-        h.feed(&format!(
-            "<message xmlns='{NS}' from='bob@x' to='alice@relay.x' id='m1' type='error'><error type='cancel'><remote-server-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
-        ))
-        .await;
+        h.bounce("m1", "cancel", "remote-server-not-found").await;
         tokio::time::sleep(Duration::from_millis(510)).await;
         let out = h.drain_all();
         assert!(out.iter().all(|st| condition(st).is_none()), "{out:?}");
@@ -3885,10 +3882,7 @@ retry_initial_ms = 500
             "<presence xmlns='{NS}' from='bob@x/laptop' to='relay.x'><priority>5</priority></presence>"
         ))
         .await;
-        h.feed(&format!(
-            "<presence xmlns='{NS}' from='bob@x/phone' to='relay.x'/>"
-        ))
-        .await;
+        h.presence("phone").await;
         tokio::time::sleep(Duration::from_millis(400)).await;
         h.msg("m1").await;
         // The laptop is frozen; m1 goes on to the phone, which is slow too.
@@ -3926,10 +3920,7 @@ retry_initial_ms = 500
         h.feed(&send("one")).await;
         tokio::time::sleep(Duration::from_millis(1)).await;
         h.receipt("fixed").await;
-        h.feed(&format!(
-            "<presence xmlns='{NS}' from='bob@x/r' to='relay.x' type='unavailable'/>"
-        ))
-        .await;
+        h.unavailable("r").await;
         h.feed(&send("two")).await; // bob is offline: not sent
         tokio::time::sleep(Duration::from_millis(1)).await;
         h.drain_all();
@@ -4030,10 +4021,7 @@ retry_initial_ms = 500
             "the forged stanza-id is gone"
         );
         // Bob's server bounces the reaction: alice hears of it.
-        h.feed(&format!(
-            "<message xmlns='{NS}' from='bob@x' to='alice@relay.x' id='r1' type='error'><error type='cancel'><not-acceptable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
-        ))
-        .await;
+        h.bounce("r1", "cancel", "not-acceptable").await;
         tokio::time::sleep(Duration::from_millis(1)).await;
         let out = h.drain_all();
         let back: Vec<_> = out
@@ -4186,10 +4174,7 @@ retry_initial_ms = 500
         // Bob drops without receipts and comes back: the replay carries
         // the same origin-ids and stanza-ids.
         tokio::time::sleep(Duration::from_millis(1100)).await;
-        h.feed(&format!(
-            "<presence xmlns='{NS}' from='bob@x/r2' to='relay.x'/>"
-        ))
-        .await;
+        h.presence("r2").await;
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(ids(h.drain_all()), first);
     }
