@@ -6,104 +6,14 @@ mod common;
 
 use std::collections::HashMap;
 
+use common::operator::*;
 use common::*;
 use tokio_xmpp::minidom::Element;
 
-const COMMANDS: &str = "http://jabber.org/protocol/commands";
-const DATA: &str = "jabber:x:data";
 const STANZAS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
 const BOB: &str = "bob@relay.localhost";
 const DAVE: &str = "dave@relay.localhost";
 const CAROL: &str = "carol@relay.localhost";
-
-/// A c2s client that runs commands on the relay's bare domain.
-struct Operator {
-    client: Client,
-    next: u64,
-}
-
-impl Operator {
-    async fn connect(server: &Server, user: &str) -> Operator {
-        Operator {
-            client: Client::connect(server.c2s_port, user, ClientOpts::default()).await,
-            next: 0,
-        }
-    }
-
-    fn id(&mut self) -> String {
-        self.next += 1;
-        format!("op-{}", self.next)
-    }
-
-    /// Send `<command/>` with `action` (and a submitted form when `fields`
-    /// is not empty); returns the iq reply.
-    async fn command(
-        &mut self,
-        node: &str,
-        sid: Option<&str>,
-        action: &str,
-        fields: &[(&str, &str)],
-    ) -> Element {
-        let sid = sid.map_or(String::new(), |s| format!(" sessionid='{}'", esc(s)));
-        let form = if fields.is_empty() {
-            String::new()
-        } else {
-            let fields: String = fields
-                .iter()
-                .map(|(k, v)| format!("<field var='{}'><value>{}</value></field>", esc(k), esc(v)))
-                .collect();
-            format!("<x xmlns='{DATA}' type='submit'>{fields}</x>")
-        };
-        let id = self.id();
-        self.client
-            .iq(xml(&format!(
-                "<iq xmlns='jabber:client' type='set' to='{COMPONENT}' id='{id}'>\
-                 <command xmlns='{COMMANDS}' node='{node}' action='{action}'{sid}>{form}</command></iq>"
-            )))
-            .await
-    }
-
-    /// Run a command in one request (input submitted with the execute)
-    /// and expect it to complete.
-    async fn run(&mut self, node: &str, fields: &[(&str, &str)]) -> Element {
-        let iq = self.command(node, None, "execute", fields).await;
-        let c = command(&iq);
-        assert_eq!(c.attr("status"), Some("completed"), "{node}: {iq:?}");
-        c.clone()
-    }
-
-    async fn disco(&mut self, kind: &str, node: Option<&str>) -> Element {
-        let node = node.map_or(String::new(), |n| format!(" node='{n}'"));
-        let id = self.id();
-        self.client
-            .iq(xml(&format!(
-                "<iq xmlns='jabber:client' type='get' to='{COMPONENT}' id='{id}'>\
-                 <query xmlns='http://jabber.org/protocol/disco#{kind}'{node}/></iq>"
-            )))
-            .await
-    }
-}
-
-fn command(iq: &Element) -> &Element {
-    assert_eq!(iq.attr("type"), Some("result"), "{iq:?}");
-    iq.get_child("command", COMMANDS).expect("command element")
-}
-
-/// A field's first value in the command's form.
-fn value(cmd: &Element, var: &str) -> Option<String> {
-    cmd.get_child("x", DATA)?
-        .children()
-        .find(|f| f.name() == "field" && f.attr("var") == Some(var))
-        .and_then(|f| f.get_child("value", DATA))
-        .map(|v| v.text())
-}
-
-fn number(cmd: &Element, var: &str) -> u64 {
-    value(cmd, var)
-        .unwrap_or_else(|| panic!("no field {var}: {cmd:?}"))
-        .parse()
-        .unwrap_or_else(|_| panic!("{var} is not a number: {cmd:?}"))
-}
 
 /// The rows of the form's `<item/>` table.
 fn rows(cmd: &Element) -> Vec<HashMap<String, String>> {

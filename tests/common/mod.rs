@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod fake;
+pub mod operator;
 pub mod profanity;
 
 use std::borrow::Cow;
