@@ -124,6 +124,16 @@ pub struct DeliveryConfig {
     /// anyway); 0 sends at once.
     #[serde(default = "default_contact_wait_ms")]
     pub contact_wait_ms: u64,
+    /// A message sent to clients that have never answered a receipt
+    /// counts delivered when no error came back within this long (at
+    /// most `receipt_timeout_ms`).
+    #[serde(default = "default_unanswered_wait_ms")]
+    pub unanswered_wait_ms: u64,
+    /// Such a message is kept this long after (at most the time to live),
+    /// so that a late bounce (a stream-management session timing out)
+    /// puts it back in its queue.
+    #[serde(default = "default_late_bounce_window_s")]
+    pub late_bounce_window_s: u64,
     /// Unconfirmed messages in flight per recipient.
     #[serde(default = "default_window")]
     pub window: usize,
@@ -207,6 +217,12 @@ fn default_cache_bytes() -> u64 {
 fn default_contact_wait_ms() -> u64 {
     10_000
 }
+fn default_unanswered_wait_ms() -> u64 {
+    5_000
+}
+fn default_late_bounce_window_s() -> u64 {
+    3_600
+}
 
 fn default_receipt_timeout_ms() -> u64 {
     30_000
@@ -254,6 +270,8 @@ impl Default for DeliveryConfig {
             receipt_timeout_ms: default_receipt_timeout_ms(),
             replay_grace_ms: default_replay_grace_ms(),
             contact_wait_ms: default_contact_wait_ms(),
+            unanswered_wait_ms: default_unanswered_wait_ms(),
+            late_bounce_window_s: default_late_bounce_window_s(),
             window: default_window(),
             retry_initial_ms: default_retry_initial_ms(),
             retry_max_ms: default_retry_max_ms(),
@@ -431,6 +449,9 @@ impl Config {
         if d.receipt_timeout_ms == 0 {
             return bad("delivery.receipt_timeout_ms must be at least 1".into());
         }
+        if d.unanswered_wait_ms == 0 {
+            return bad("delivery.unanswered_wait_ms must be at least 1".into());
+        }
         if d.retry_initial_ms == 0 || d.retry_max_ms < d.retry_initial_ms {
             return bad("delivery.retry_initial_ms must be >= 1 and <= retry_max_ms".into());
         }
@@ -486,7 +507,7 @@ impl Config {
     /// Every duration setting in milliseconds, by key: the timers they
     /// arm cannot reach past about two years (tokio's `DelayQueue`
     /// panics there), so each is bounded at validation.
-    fn durations_ms(&self) -> [(&'static str, u64); 10] {
+    fn durations_ms(&self) -> [(&'static str, u64); 12] {
         let s = |v: u64| v.saturating_mul(1000);
         [
             ("component.keepalive_s", s(self.component.keepalive_s)),
@@ -501,6 +522,14 @@ impl Config {
             ),
             ("delivery.replay_grace_ms", self.delivery.replay_grace_ms),
             ("delivery.contact_wait_ms", self.delivery.contact_wait_ms),
+            (
+                "delivery.unanswered_wait_ms",
+                self.delivery.unanswered_wait_ms,
+            ),
+            (
+                "delivery.late_bounce_window_s",
+                s(self.delivery.late_bounce_window_s),
+            ),
             ("delivery.retry_initial_ms", self.delivery.retry_initial_ms),
             ("delivery.retry_max_ms", self.delivery.retry_max_ms),
             ("limits.message_ttl_s", s(self.limits.message_ttl_s)),
@@ -518,6 +547,24 @@ impl Config {
 
     pub fn receipt_timeout(&self) -> Duration {
         Duration::from_millis(self.delivery.receipt_timeout_ms)
+    }
+
+    /// At most the receipt timeout.
+    pub fn unanswered_wait(&self) -> Duration {
+        Duration::from_millis(
+            self.delivery
+                .unanswered_wait_ms
+                .min(self.delivery.receipt_timeout_ms),
+        )
+    }
+
+    /// At most the messages' time to live: what expired is not put back.
+    pub fn late_bounce_window(&self) -> Duration {
+        Duration::from_secs(
+            self.delivery
+                .late_bounce_window_s
+                .min(self.limits.message_ttl_s),
+        )
     }
 
     pub fn retry_initial(&self) -> Duration {
@@ -669,6 +716,12 @@ path = "/tmp/x"
                 )
             );
         }
+        let text = format!("{MINIMAL}\n[delivery]\nunanswered_wait_ms = 0\n");
+        let c: Config = toml::from_str(&text).unwrap();
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "delivery.unanswered_wait_ms must be at least 1"
+        );
         let text = format!("{MINIMAL}\n[delivery]\ncontact_wait_ms = 600001\n");
         let c: Config = toml::from_str(&text).unwrap();
         assert!(

@@ -40,8 +40,8 @@ use crate::link::{LinkEvent, Outbound};
 use crate::message_kind::{self, Kind};
 use crate::ratelimit::RateLimiter;
 use crate::store::{
-    Accepted, Contact, NewMessage, PurgeScope, QueueLimits, RecipientState, Record, Store,
-    StoreError, Subscription, bare_of,
+    Accepted, Answers, Contact, Habit, NewMessage, PurgeScope, QueueLimits, RecipientState, Record,
+    Store, StoreError, Subscription, bare_of,
 };
 use crate::twin::{self, AnotherInstance, Instance, Verdict};
 use crate::xep0050::{COMMANDS, Command};
@@ -108,6 +108,10 @@ struct InFlight {
     timer: delay_queue::Key,
     /// The resource it was addressed to, when not the bare JID.
     to_resource: Option<String>,
+    /// Whether a client it went to is known to answer its sender: if
+    /// not, it counts delivered when no error came back within
+    /// `unanswered_wait_ms` (see [`Router::expects_receipt`]).
+    expect: bool,
 }
 
 /// An available resource of a recipient.
@@ -162,6 +166,9 @@ struct Peer {
     forced: bool,
     /// Armed while messages wait for a relay contact's answer.
     contact_timer: Option<delay_queue::Key>,
+    /// What each client does with receipt requests, by resource: the
+    /// store's, read at first use.
+    habits: Option<HashMap<String, Habit>>,
 }
 
 impl Peer {
@@ -179,6 +186,7 @@ impl Peer {
             unsaved_confirms: Default::default(),
             forced: false,
             contact_timer: None,
+            habits: None,
         }
     }
 
@@ -201,6 +209,27 @@ impl Peer {
             .filter(|(_, r)| r.priority >= 0 && !r.silent)
             .max_by_key(|(name, r)| (r.priority, std::cmp::Reverse(name.as_str())))
             .map(|(name, _)| name.clone())
+    }
+
+    /// The resources a message sent to `to` (a resource, or the bare JID)
+    /// reaches: that one, or those the server routes a bare-JID message
+    /// to (the highest priority, silent or not: the server does not know
+    /// what the relay thinks of them). Empty when presence is unknown.
+    fn reached_by(&self, to: Option<&str>) -> Vec<String> {
+        if let Some(t) = to {
+            return vec![t.to_owned()];
+        }
+        let top = self
+            .resources
+            .values()
+            .filter(|r| r.priority >= 0)
+            .map(|r| r.priority)
+            .max();
+        self.resources
+            .iter()
+            .filter(|(_, r)| Some(r.priority) == top)
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// A receipt timed out for a message sent to `to` (a resource, or the
@@ -328,6 +357,11 @@ pub struct Stats {
     pub rejected_total: u64,
     /// Notices kept for senders (expiry, final refusals).
     pub notices_total: u64,
+    /// Messages counted delivered without a receipt: sent to clients not
+    /// known to answer their sender, and no error came back in time.
+    pub assumed_total: u64,
+    /// Of those, put back in their queue by a late bounce.
+    pub late_bounces_total: u64,
 }
 
 pub struct Router {
@@ -976,7 +1010,10 @@ impl Router {
             .payloads
             .iter()
             .any(|p| message_kind::confirmation(p).is_some());
-        let matched = self.handle_confirmations(&from_key, &target, &mut m).await;
+        let resource = from.resource().map(|r| r.to_string());
+        let matched = self
+            .handle_confirmations(&from_key, resource.as_deref(), &target, &mut m)
+            .await;
         if m.type_ == MessageType::Groupchat {
             self.refuse_message(
                 &m,
@@ -1233,9 +1270,12 @@ impl Router {
     /// under a reused id), are taken out; a marker that confirmed only its
     /// own message becomes a receipt for it. Returns whether any named a
     /// stored message (then its relay waits for the removal's fsync).
+    /// Each that names one also tells that the client at `resource`
+    /// answers `target` ([`Router::learn_habit`]).
     async fn handle_confirmations(
         &mut self,
         from_key: &str,
+        resource: Option<&str>,
         target: &BareJid,
         m: &mut Message,
     ) -> bool {
@@ -1281,6 +1321,11 @@ impl Router {
                 continue;
             }
             matched = true;
+            // Only a receipt says the client answers receipts: a client
+            // may send read markers with receipts turned off.
+            if !marker && let Some(r) = resource {
+                self.learn_habit(from_key, r, &sender);
+            }
             let scan = marker
                 && self
                     .marker_scans
@@ -1292,10 +1337,21 @@ impl Router {
                 );
             }
             let seqs = if scan {
-                match self
+                // Pending ones, and those counted delivered and kept for a
+                // late bounce (read now: a bounce must not bring them back).
+                let found = self
                     .store
                     .pending_from_sender_upto(from_key, &sender, seq, MARKER_SCAN_LIMIT)
-                {
+                    .and_then(|mut s| {
+                        s.extend(self.store.assumed_from_sender_upto(
+                            from_key,
+                            &sender,
+                            seq,
+                            MARKER_SCAN_LIMIT,
+                        )?);
+                        Ok(s)
+                    });
+                match found {
                     Ok(s) => s
                         .into_iter()
                         .filter(|s| !self.unsent(from_key, *s))
@@ -1341,9 +1397,16 @@ impl Router {
             && matches!(self.store.get(recipient, seq), Ok(Some(_)))
     }
 
-    /// Remove confirmed messages.
+    /// Remove confirmed messages, or (`assumed`) messages counted
+    /// delivered without a receipt, which the store keeps aside for the
+    /// late bounce window.
     async fn confirm(&mut self, recipient: &str, seqs: &[u64], assumed: bool) {
-        let removed = match self.store.confirm(recipient, seqs) {
+        let outcome = if assumed {
+            self.store.assume(recipient, seqs, now_ms())
+        } else {
+            self.store.confirm(recipient, seqs)
+        };
+        let removed = match outcome {
             Ok(r) => r,
             Err(e) => {
                 self.store_failure("confirm", &e);
@@ -1366,15 +1429,38 @@ impl Router {
         let initial = self.config.retry_initial();
         if let Some(peer) = self.peers.get_mut(recipient) {
             for (seq, _) in &removed {
-                peer.removed(*seq, &mut self.timers);
+                if assumed {
+                    // Its send count stays: a late bounce may put it back,
+                    // and then a receipt for it still counts.
+                    if let Some(f) = peer.in_flight.remove(seq) {
+                        self.timers.try_remove(&f.timer);
+                    }
+                } else {
+                    peer.removed(*seq, &mut self.timers);
+                }
             }
             peer.backoff = initial;
         }
-        self.stats.confirmed_total += removed.len() as u64;
         // The recipient's own receipt or marker is relayed to the sender
         // as it came (see on_message), so nothing is sent here.
-        for (seq, rec) in removed {
-            info!(to = recipient, id = %rec.id, seq, assumed, "confirmed");
+        if assumed {
+            self.stats.assumed_total += removed.len() as u64;
+            let keep_s = self.config.late_bounce_window().as_secs();
+            for (seq, rec) in removed {
+                info!(
+                    to = recipient,
+                    id = %rec.id,
+                    seq,
+                    keep_s,
+                    "no receipt expected from this client and no error came back: counted \
+                     delivered, kept for a late bounce"
+                );
+            }
+        } else {
+            self.stats.confirmed_total += removed.len() as u64;
+            for (seq, rec) in removed {
+                info!(to = recipient, id = %rec.id, seq, "confirmed");
+            }
         }
         self.refill(recipient).await;
         self.forget_if_idle(recipient);
@@ -1399,17 +1485,92 @@ impl Router {
                 .find(|(_, f)| f.id == id && Some(&f.sender_bare) == sender.as_ref())
                 .map(|(seq, _)| *seq)
         });
-        if let Some(seq) = hit
-            && let Some(e) = error.as_ref().filter(|e| is_final(e))
-        {
+        let Some(seq) = hit else {
+            // Not on the wire: a message counted delivered (a late
+            // bounce), or one relayed once.
+            if let Some(s) = sender.as_deref()
+                && self.late_bounce(&recipient, s, id, error.as_ref()).await
+            {
+                return;
+            }
+            self.bounce_once(&recipient, sender, id, error).await;
+            return;
+        };
+        if let Some(e) = error.as_ref().filter(|e| is_final(e)) {
             self.reject(&recipient, seq, e).await;
-        } else if hit.is_some() {
+        } else {
             self.stats.bounces_total += 1;
             info!(to = %recipient, id, "bounced; recipient marked offline");
             self.fail(&recipient, true).await;
-        } else {
-            self.bounce_once(&recipient, sender, id, error).await;
         }
+    }
+
+    /// A bounce of a message counted delivered without a receipt (the
+    /// server kept it in a stream-management session that then timed
+    /// out): it goes back in its queue, at its place, and is sent again
+    /// once the recipient is back. Whether the bounce was one.
+    async fn late_bounce(
+        &mut self,
+        recipient: &str,
+        sender: &str,
+        id: &str,
+        error: Option<&StanzaError>,
+    ) -> bool {
+        let seq = match self.store.seq_of(recipient, sender, id) {
+            Ok(Some(seq)) => seq,
+            Ok(None) => return false,
+            Err(e) => {
+                error!(error = %e, "id index lookup failed");
+                return false;
+            }
+        };
+        if !self.store.is_assumed(recipient, seq).unwrap_or(false) {
+            return false;
+        }
+        let rec = match self.store.restore(recipient, seq) {
+            Ok(Some(rec)) => rec,
+            Ok(None) => return false,
+            Err(e) => {
+                self.store_failure("restore", &e);
+                return true;
+            }
+        };
+        self.stats.late_bounces_total += 1;
+        self.gate.removed();
+        warn!(
+            to = recipient,
+            id = %rec.id,
+            seq,
+            "late bounce of a message counted delivered without a receipt: back in its queue"
+        );
+        if self.store_failed {
+            // Back in the queue in memory only: the sender is told now,
+            // and the restart that the failure leads to starts afresh.
+            self.tell_unstored(recipient, seq).await;
+            if let Some(peer) = self.peers.get_mut(recipient) {
+                peer.never_again(seq, &mut self.timers);
+            }
+            return true;
+        }
+        if let Some(e) = error.filter(|e| is_final(e)) {
+            self.reject(recipient, seq, e).await;
+            return true;
+        }
+        // A bounce about a session that ended (a stream-management
+        // timeout) says nothing of the recipient's other resources: the
+        // message goes again in its place, now if the recipient is being
+        // sent to, else when it is back.
+        let initial = self.config.retry_initial();
+        let peer = peer_entry(&mut self.peers, recipient, initial);
+        match peer.phase {
+            Phase::Sending => {
+                peer.cursor = peer.cursor.min(seq);
+                self.pump(recipient).await;
+            }
+            Phase::Idle => self.kick(recipient, seq).await,
+            Phase::Grace | Phase::Offline | Phase::Backoff => {}
+        }
+        true
     }
 
     /// A bounce of a message relayed once goes back to its sender (from
@@ -1570,6 +1731,16 @@ impl Router {
                 soonest = Some(soonest.map_or(left, |s| s.min(left)));
             }
         }
+        // Per sender: is a client the batch reaches known to answer it?
+        let mut expect: HashMap<String, bool> = HashMap::new();
+        for (_, rec) in &batch {
+            let sender = bare_of(&rec.sender);
+            if !expect.contains_key(sender) {
+                let e = self.expects_receipt(recipient, sender, target.as_deref());
+                expect.insert(sender.to_owned(), e);
+            }
+        }
+        let unanswered_wait = self.config.unanswered_wait();
         if let Some(wait) = soonest
             && let Some(peer) = self.peers.get_mut(recipient)
             && peer.contact_timer.is_none()
@@ -1584,7 +1755,9 @@ impl Router {
         {
             let peer = self.peers.get_mut(recipient).expect("checked above");
             for (seq, rec) in batch {
-                if peer.unsaved_confirms.contains(&seq) {
+                if peer.unsaved_confirms.contains(&seq) || peer.in_flight.contains_key(&seq) {
+                    // Never again; or on the wire already (the cursor went
+                    // back for a message a late bounce put back).
                     peer.cursor = seq + 1;
                     continue;
                 }
@@ -1596,12 +1769,13 @@ impl Router {
                     // queue keeps its order, so what follows waits too.
                     break;
                 }
+                let expect = expect.get(bare_of(&rec.sender)).copied().unwrap_or(true);
                 let timer = self.timers.insert(
                     Timer::Receipt {
                         recipient: recipient.to_owned(),
                         seq,
                     },
-                    timeout,
+                    if expect { timeout } else { unanswered_wait },
                 );
                 if let Some(old) = peer.in_flight.insert(
                     seq,
@@ -1610,6 +1784,7 @@ impl Router {
                         sender_bare: bare_of(&rec.sender).to_owned(),
                         timer,
                         to_resource: target.clone(),
+                        expect,
                     },
                 ) {
                     self.timers.try_remove(&old.timer);
@@ -1844,14 +2019,18 @@ impl Router {
                 let Some(f) = peer.in_flight.remove(&seq) else {
                     return;
                 };
-                let no_receipts = !peer.resources.is_empty()
-                    && peer.resources.values().all(|r| r.receipts == Some(false));
-                if no_receipts {
-                    // The clients said they never send receipts: no error
-                    // within the timeout is the best proof we will get.
+                if !f.expect {
+                    // No client it reached is known to answer its sender
+                    // (they say they send no receipts, or never sent one
+                    // to it): no error in time is the best proof there
+                    // will be. A late bounce puts it back.
                     self.confirm(&recipient, &[seq], true).await;
                     return;
                 }
+                self.missed_receipt(&recipient, f.to_resource.as_deref());
+                let Some(peer) = self.peers.get_mut(&recipient) else {
+                    return;
+                };
                 // The timeout proves only that what it went to is silent:
                 // the other resources, if any, go on.
                 let silent = peer.silence(f.to_resource.as_deref());
@@ -1953,6 +2132,26 @@ impl Router {
         if !step.messages.is_empty() {
             self.gate.removed();
         }
+        // Messages counted delivered without a receipt are kept only for
+        // the late bounce window.
+        let window =
+            i64::try_from(self.config.late_bounce_window().as_millis()).unwrap_or(i64::MAX);
+        let pruned = match self
+            .store
+            .prune_assumed(now_ms().saturating_sub(window), STEP)
+        {
+            Ok(p) => p,
+            Err(e) => {
+                self.store_failure("prune", &e);
+                Default::default()
+            }
+        };
+        if pruned.removed > 0 {
+            debug!(
+                count = pruned.removed,
+                "late bounce window over for messages counted delivered"
+            );
+        }
         let notice = self.config.limits.expiry_notice;
         let ttl_s = self.config.limits.message_ttl_s;
         for (recipient, seq, rec) in step.messages {
@@ -1976,7 +2175,11 @@ impl Router {
         }
         self.timers.insert(
             Timer::Expire,
-            if step.more { Duration::ZERO } else { pause },
+            if step.more || pruned.more {
+                Duration::ZERO
+            } else {
+                pause
+            },
         );
     }
 
@@ -2086,6 +2289,195 @@ impl Router {
             }
             Err(e) => {
                 self.store_failure("notice", &e);
+            }
+        }
+    }
+
+    // ----- receipts expected or not -----
+
+    /// Read `recipient`'s remembered client habits into its peer, once.
+    fn load_habits(&mut self, recipient: &str) {
+        let Some(peer) = self.peers.get_mut(recipient) else {
+            return;
+        };
+        if peer.habits.is_none() {
+            let known = self.store.habits(recipient).unwrap_or_else(|e| {
+                error!(error = %e, to = recipient, "cannot read client habits");
+                Vec::new()
+            });
+            peer.habits = Some(known.into_iter().collect());
+        }
+    }
+
+    /// The clients a message sent to `to` (a resource, or the bare JID)
+    /// reaches: by presence, or, with presence unknown, every client the
+    /// relay remembers for `recipient`.
+    fn reached(&mut self, recipient: &str, to: Option<&str>) -> Vec<String> {
+        self.load_habits(recipient);
+        let Some(peer) = self.peers.get(recipient) else {
+            return Vec::new();
+        };
+        if peer.presence_known && !peer.resources.is_empty() || to.is_some() {
+            peer.reached_by(to)
+        } else {
+            peer.habits
+                .as_ref()
+                .map(|h| h.keys().cloned().collect())
+                .unwrap_or_default()
+        }
+    }
+
+    /// Whether a message from `sender` sent to `to` waits for a receipt
+    /// (and, without one, is sent again at the next login), or counts
+    /// delivered when no error came back within `unanswered_wait_ms`. It
+    /// waits when a client it reaches is known to answer that sender: a
+    /// client seen answering a relay address its user had not approved
+    /// answers everyone; one seen answering only approved ones answers
+    /// the relay contacts its user approved. A client never seen
+    /// answering (receipts off, or its user ignored the contact request)
+    /// would otherwise be shown the message again at every login.
+    fn expects_receipt(&mut self, recipient: &str, sender: &str, to: Option<&str>) -> bool {
+        let reached = self.reached(recipient, to);
+        if reached.is_empty() {
+            return false;
+        }
+        let approved = self
+            .contact(recipient, sender)
+            .is_some_and(|c| c.subscription == Subscription::Subscribed);
+        let Some(peer) = self.peers.get(recipient) else {
+            return false;
+        };
+        let habits = peer.habits.as_ref();
+        reached.iter().any(|r| {
+            peer.resources
+                .get(r)
+                .is_none_or(|res| res.receipts != Some(false))
+                && habits
+                    .and_then(|h| h.get(r))
+                    .is_some_and(|h| h.answers == Answers::All || approved)
+        })
+    }
+
+    /// A receipt or marker from `resource` confirmed a message from
+    /// `sender` that the relay sent: remember that this client answers
+    /// (everyone, unless its user had approved that sender's relay
+    /// contact). Written only when something changes, and the time it
+    /// was heard from at most once a day.
+    fn learn_habit(&mut self, recipient: &str, resource: &str, sender: &str) {
+        let approved = self
+            .contact(recipient, sender)
+            .is_some_and(|c| c.subscription == Subscription::Subscribed);
+        let seen = if approved {
+            Answers::Contacts
+        } else {
+            Answers::All
+        };
+        self.load_habits(recipient);
+        let old = match self.peers.get(recipient).and_then(|p| p.habits.as_ref()) {
+            Some(h) => h.get(resource).copied(),
+            None => self
+                .store
+                .habits(recipient)
+                .ok()
+                .and_then(|v| v.into_iter().find(|(r, _)| r == resource).map(|(_, h)| h)),
+        };
+        let now = now_ms();
+        let answers = old.map_or(seen, |h| h.answers.max(seen));
+        if let Some(h) = old
+            && h.answers == answers
+            && h.missed == 0
+            && now.saturating_sub(h.seen_at_ms) < 24 * 3600 * 1000
+        {
+            return;
+        }
+        let habit = Habit {
+            answers,
+            missed: 0,
+            seen_at_ms: now,
+        };
+        if let Err(e) = self.store.set_habit(recipient, resource, Some(habit)) {
+            error!(error = %e, "cannot record a client's receipt habit");
+            return;
+        }
+        if old.map(|h| h.answers) != Some(answers) {
+            info!(
+                to = recipient,
+                resource,
+                ?answers,
+                "this client answers receipts; its messages wait for them"
+            );
+        }
+        if let Some(h) = self
+            .peers
+            .get_mut(recipient)
+            .and_then(|p| p.habits.as_mut())
+        {
+            if h.len() >= crate::store::MAX_HABITS && !h.contains_key(resource) {
+                // The store dropped one too; read them again next time.
+                self.peers.get_mut(recipient).expect("just seen").habits = None;
+            } else {
+                h.insert(resource.to_owned(), habit);
+            }
+        }
+        // What is on the wire to it now waits for its receipts too.
+        let waiting: Vec<(u64, String, Option<String>)> = self
+            .peers
+            .get(recipient)
+            .map(|p| {
+                p.in_flight
+                    .iter()
+                    .filter(|(_, f)| !f.expect)
+                    .map(|(seq, f)| (*seq, f.sender_bare.clone(), f.to_resource.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let timeout = self.config.receipt_timeout();
+        for (seq, sender, to) in waiting {
+            if self.expects_receipt(recipient, &sender, to.as_deref())
+                && let Some(f) = self
+                    .peers
+                    .get_mut(recipient)
+                    .and_then(|p| p.in_flight.get_mut(&seq))
+            {
+                f.expect = true;
+                self.timers.reset(&f.timer, timeout);
+            }
+        }
+    }
+
+    /// A message that waited for a receipt from the clients `to` reaches
+    /// timed out: one more silent spell for each remembered one. Two in a
+    /// row without an answer between them and it is forgotten, so that a
+    /// client whose user turned receipts off is not shown messages again
+    /// at every login (a client that froze once answers at its next
+    /// login and keeps the full guarantee).
+    fn missed_receipt(&mut self, recipient: &str, to: Option<&str>) {
+        let reached = self.reached(recipient, to);
+        for r in reached {
+            let Some(habits) = self
+                .peers
+                .get_mut(recipient)
+                .and_then(|p| p.habits.as_mut())
+            else {
+                return;
+            };
+            let Some(h) = habits.get_mut(&r) else {
+                continue;
+            };
+            h.missed = h.missed.saturating_add(1);
+            let update = if h.missed >= 2 {
+                habits.remove(&r);
+                info!(
+                    to = recipient,
+                    resource = %r,
+                    "client missed receipts twice in a row; its messages no longer wait for them"
+                );
+                None
+            } else {
+                Some(*h)
+            };
+            if let Err(e) = self.store.set_habit(recipient, &r, update) {
+                error!(error = %e, "cannot record a client's receipt habit");
             }
         }
     }
@@ -2358,8 +2750,22 @@ impl Router {
                 }
                 if !peer.online() {
                     debug!(to = %recipient, "offline");
+                    // What went to clients not known to answer counts
+                    // delivered now: the server had it before this
+                    // unavailable, and if it could not deliver it, it
+                    // bounces it (or keeps it offline), and a bounce puts
+                    // it back. The rest goes again at the next login.
+                    let unanswered: Vec<u64> = peer
+                        .in_flight
+                        .iter()
+                        .filter(|(_, f)| !f.expect)
+                        .map(|(seq, _)| *seq)
+                        .collect();
                     peer.halt(&mut self.timers);
                     peer.phase = Phase::Offline;
+                    if !unanswered.is_empty() {
+                        self.confirm(&recipient, &unanswered, true).await;
+                    }
                 }
             }
             PresenceType::None => {
@@ -3051,6 +3457,20 @@ retry_initial_ms = 500
             self.drain();
         }
 
+        /// The client at `bob@x/{resource}` answers a message: the relay
+        /// then knows it answers receipts, and waits for its receipts.
+        async fn answers(&mut self, resource: &str) {
+            let id = format!("hello-{resource}");
+            self.msg(&id).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            self.feed(&format!(
+                "<message xmlns='{NS}' from='bob@x/{resource}' to='alice@relay.x'><received xmlns='urn:xmpp:receipts' id='{id}'/></message>"
+            ))
+            .await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            self.drain_all();
+        }
+
         /// Bob approved the subscription, went away and is back, past
         /// the replay grace: messages go to him at once.
         async fn bob_online(&mut self) {
@@ -3518,6 +3938,9 @@ retry_initial_ms = 500
         h.presence("desk").await;
         tokio::time::sleep(Duration::from_millis(400)).await;
         h.drain_all();
+        // Both clients are known to answer receipts.
+        h.answers("phone").await;
+        h.answers("desk").await;
         h.msg("m1").await;
         tokio::time::sleep(Duration::from_millis(1)).await;
         let first: Vec<_> = messages(&h.drain_all())
@@ -3884,6 +4307,8 @@ retry_initial_ms = 500
         .await;
         h.presence("phone").await;
         tokio::time::sleep(Duration::from_millis(400)).await;
+        h.answers("laptop").await;
+        h.answers("phone").await;
         h.msg("m1").await;
         // The laptop is frozen; m1 goes on to the phone, which is slow too.
         tokio::time::sleep(Duration::from_millis(2010)).await;
@@ -4224,5 +4649,307 @@ retry_initial_ms = 500
         assert!(!ids_of(&h.drain()).contains(&"k1"), "still waiting");
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(ids_of(&h.drain()).contains(&"k1"), "sent after the wait");
+    }
+
+    /// Bob's client at `res` logs in with subscription approved (its
+    /// receipts never seen): presence known, nothing learned about it.
+    async fn new_client_online(h: &mut Harness, res: &str) {
+        h.store
+            .set_subscription("bob@x", Subscription::Requested)
+            .unwrap();
+        h.feed(&format!(
+            "<presence xmlns='{NS}' from='bob@x' to='relay.x' type='subscribed'/>"
+        ))
+        .await;
+        h.presence(res).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        h.drain_all();
+    }
+
+    fn stats(h: &Harness) -> (u64, u64) {
+        let t = h.store.totals().unwrap();
+        (t.pending, h.store.assumed_totals().unwrap().messages)
+    }
+
+    /// Issue 12, item 2: a client that advertises receipts and never
+    /// answers (receipts off, or a contacts-only client whose user
+    /// ignored the request) sees each message once across reconnects, and
+    /// the queue drains: with no error within `unanswered_wait_ms`, or
+    /// at a logout, a message counts delivered; a bounce puts it back.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_answers_sees_each_message_once() {
+        let mut h = harness_with(64, "unanswered_wait_ms = 200\n").await;
+        new_client_online(&mut h, "gajim").await;
+        for id in ["m1", "m2", "m3"] {
+            h.msg(id).await;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(ids_of(&h.drain()), ["m1", "m2", "m3"]);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(stats(&h), (0, 3), "counted delivered, kept aside");
+        for _ in 0..3 {
+            h.unavailable("gajim").await;
+            h.presence("gajim").await;
+            tokio::time::sleep(Duration::from_millis(2000)).await;
+            assert!(h.drain().is_empty(), "nothing shown again");
+        }
+        // Logged out 100 ms after m4 went: the server had it first, so it
+        // counts delivered now; its bounce (had the server not delivered
+        // it) puts it back for the next login.
+        h.msg("m4").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        h.unavailable("gajim").await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(stats(&h), (0, 4), "counted delivered at the logout");
+        h.bounce("m4", "cancel", "service-unavailable").await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(stats(&h), (1, 3));
+        h.presence("gajim").await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(ids_of(&h.drain()), ["m4", "m4"]);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(stats(&h), (0, 4));
+    }
+
+    /// A message counted delivered without a receipt that the server
+    /// bounces late (a stream-management session that timed out) goes
+    /// back in its queue at its place, and out again at the next login;
+    /// a late receipt confirms it for good (relayed to its sender) and
+    /// teaches that the client answers, so that its next messages wait
+    /// for receipts again (the frozen-client guarantee). The late bounce
+    /// window ends the tombstones.
+    #[tokio::test(start_paused = true)]
+    async fn late_bounces_and_late_receipts_after_an_assumption() {
+        let mut h = harness_with(
+            64,
+            "unanswered_wait_ms = 200\nlate_bounce_window_s = 60\n[limits]\nmessage_ttl_s = 600\n",
+        )
+        .await;
+        new_client_online(&mut h, "phone").await;
+        h.msg("m1").await;
+        h.msg("m2").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        h.drain_all();
+        assert_eq!(stats(&h), (0, 2));
+        // A late receipt for m2 reaches alice and ends its tombstone.
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='bob@x/phone' to='alice@relay.x'><received xmlns='urn:xmpp:receipts' id='m2'/></message>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(receipts_to_alice(&h.drain_all()), ["m2"]);
+        h.bounce("m2", "cancel", "service-unavailable").await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(stats(&h), (0, 1), "confirmed m2 stays so");
+        // The phone's session timed out with m1 unacknowledged.
+        h.bounce("m1", "cancel", "service-unavailable").await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(stats(&h), (1, 0), "m1 back in the queue");
+        h.presence("phone").await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(ids_of(&h.drain()), ["m1"], "sent again at the next login");
+        // Sent to a client now known to answer, m1 waits for its
+        // receipt: after the timeout it is not counted delivered.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(stats(&h), (1, 0));
+        assert_eq!(
+            h.store.habits("bob@x").unwrap()[0].1.answers,
+            Answers::All,
+            "answered a relay address bob never approved"
+        );
+        h.presence("phone").await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(ids_of(&h.drain()), ["m1"], "frozen-client guarantee");
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='bob@x/phone' to='alice@relay.x'><received xmlns='urn:xmpp:receipts' id='m1'/></message>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(stats(&h), (0, 0));
+    }
+
+    /// The expiry walk ends tombstones once the late bounce window is
+    /// over (here 0: at its next step); a bounce after that finds none.
+    #[tokio::test(start_paused = true)]
+    async fn tombstones_end_with_the_late_bounce_window() {
+        let mut h = harness_with(
+            64,
+            "unanswered_wait_ms = 200\nlate_bounce_window_s = 0\n[limits]\nmessage_ttl_s = 600\n",
+        )
+        .await;
+        new_client_online(&mut h, "tablet").await;
+        h.msg("m3").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(stats(&h), (0, 1));
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert_eq!(stats(&h), (0, 0), "pruned after the window");
+        h.bounce("m3", "cancel", "service-unavailable").await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(stats(&h), (0, 0), "too late to put back");
+        assert_eq!(ids_of(&h.drain()), ["m3"]);
+    }
+
+    /// A client seen answering only relay contacts its user approved (a
+    /// contacts-only client: Gajim, Conversations, Monal, Psi) is waited
+    /// for on messages from those senders, and not on others'; a client
+    /// that missed receipts in two silent spells in a row is no longer
+    /// waited for.
+    #[tokio::test(start_paused = true)]
+    async fn contacts_only_clients_are_waited_for_on_approved_contacts_only() {
+        let mut h = harness_with(64, "unanswered_wait_ms = 200\n").await;
+        new_client_online(&mut h, "gajim").await;
+        h.msg("a1").await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        h.feed(&format!(
+            "<presence xmlns='{NS}' from='bob@x' to='alice@relay.x' type='subscribed'/>"
+        ))
+        .await;
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='bob@x/gajim' to='alice@relay.x'><received xmlns='urn:xmpp:receipts' id='a1'/></message>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            h.store.habits("bob@x").unwrap()[0].1.answers,
+            Answers::Contacts
+        );
+        h.drain_all();
+        // Carol's relay address was never approved: her message counts
+        // delivered without a receipt.
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='carol@x/r' to='bob@relay.x' id='k1' type='chat'><body>k1</body></message>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(ids_of(&h.drain()), ["k1"]);
+        assert_eq!(stats(&h), (0, 1));
+        // Alice's waits: frozen, then shown again at the next login.
+        h.msg("a2").await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(h.store.totals().unwrap().pending, 1);
+        h.presence("gajim").await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(ids_of(&h.drain()), ["a2", "a2"]);
+        // Silent again (its user turned receipts off): forgotten, a2
+        // counted delivered at its next send.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(h.store.habits("bob@x").unwrap().is_empty());
+        h.presence("gajim").await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(ids_of(&h.drain()), ["a2"]);
+        assert_eq!(stats(&h), (0, 2));
+    }
+
+    fn receipt_from(resource: &str, id: &str) -> String {
+        format!(
+            "<message xmlns='{NS}' from='bob@x/{resource}' to='alice@relay.x'><received xmlns='urn:xmpp:receipts' id='{id}'/></message>"
+        )
+    }
+
+    /// Review of item 2: a late bounce about a session that ended does
+    /// not take down the recipient's other resources: the message goes
+    /// again at once to the one still there, and what follows goes on.
+    #[tokio::test(start_paused = true)]
+    async fn a_late_bounce_does_not_stall_a_recipient_still_online() {
+        let mut h = harness_with(64, "unanswered_wait_ms = 200\n").await;
+        new_client_online(&mut h, "phone").await;
+        h.msg("m1").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        h.presence("desk").await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        h.drain_all();
+        assert_eq!(stats(&h), (0, 1));
+        h.bounce("m1", "cancel", "service-unavailable").await;
+        h.unavailable("phone").await;
+        h.msg("m2").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(ids_of(&h.drain()), ["m1", "m2"]);
+    }
+
+    /// Review of item 2: a marker for a message counted delivered ends
+    /// its tombstone (and those of the sender's earlier ones), so that a
+    /// late bounce does not show read messages again; markers do not
+    /// teach that a client answers receipts; a receipt for a message put
+    /// back by a late bounce still counts.
+    #[tokio::test(start_paused = true)]
+    async fn markers_end_tombstones_and_teach_nothing() {
+        let mut h = harness_with(64, "unanswered_wait_ms = 200\n").await;
+        new_client_online(&mut h, "gajim").await;
+        h.msg("m1").await;
+        h.msg("m2").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(stats(&h), (0, 2));
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='bob@x/gajim' to='alice@relay.x'><displayed xmlns='urn:xmpp:chat-markers:0' id='m2'/></message>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(stats(&h), (0, 0), "read: no late bounce brings them back");
+        assert!(
+            h.store.habits("bob@x").unwrap().is_empty(),
+            "a marker is no receipt"
+        );
+        h.bounce("m1", "cancel", "service-unavailable").await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(stats(&h), (0, 0));
+        // m3 counted delivered, put back by a bounce, then its receipt
+        // arrives before the resend: it counts, and it is relayed.
+        h.drain_all();
+        h.msg("m3").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        h.unavailable("gajim").await;
+        h.bounce("m3", "cancel", "service-unavailable").await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(stats(&h), (1, 0));
+        h.feed(&receipt_from("gajim", "m3")).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(stats(&h), (0, 0));
+        assert_eq!(receipts_to_alice(&h.drain_all()), ["m3"]);
+    }
+
+    /// Review of item 2: once a client is seen answering, what is already
+    /// on the wire to it waits for its receipts too (the frozen-client
+    /// guarantee from its first answer on).
+    #[tokio::test(start_paused = true)]
+    async fn messages_in_flight_wait_once_their_client_answered() {
+        let mut h = harness_with(64, "unanswered_wait_ms = 200\n").await;
+        new_client_online(&mut h, "phone").await;
+        h.msg("m1").await;
+        h.msg("m2").await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        h.feed(&receipt_from("phone", "m1")).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(stats(&h), (1, 0), "m2 waits for its receipt");
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert_eq!(stats(&h), (1, 0), "and stays for the next login");
+    }
+
+    /// Review of item 2: a late bounce while the store cannot write tells
+    /// the sender at once (the message is back in memory only).
+    #[tokio::test(start_paused = true)]
+    async fn a_late_bounce_after_a_store_failure_tells_the_sender() {
+        let mut h = harness_with(64, "unanswered_wait_ms = 200\n").await;
+        new_client_online(&mut h, "phone").await;
+        h.msg("m1").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        h.drain_all();
+        h.store.fail_commits();
+        // A write that fails makes the relay notice.
+        h.msg("m2").await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        h.drain_all();
+        h.bounce("m1", "cancel", "service-unavailable").await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let told: Vec<_> = h
+            .drain_all()
+            .into_iter()
+            .filter_map(|st| match st {
+                Stanza::Message(m) if m.type_ == MessageType::Error => {
+                    Some(m.id.map(|i| i.0).unwrap_or_default())
+                }
+                _ => None,
+            })
+            .collect();
+        assert!(told.contains(&"m1".to_string()), "{told:?}");
     }
 }

@@ -154,6 +154,11 @@ impl Store {
                 "{index_keys} index keys but expiry entries own {owned}"
             ));
         }
+        // Tombstones: each with its time key and expiry entry, none for a
+        // pending message, and their totals.
+        for p in self.check_tombstones(&pending_seqs)? {
+            bad(p);
+        }
         r.problems = problems;
         Ok(r)
     }

@@ -14,6 +14,11 @@
 //! | `g` | [`Totals`] over all recipients |
 //! | `x` seq(u64 BE) | [`Expiry`]: when the message was accepted and its dedup keys |
 //! | `m` name | metadata (schema version) |
+//! | `c` recipient 0x00 sender | [`Contact`]: the sender's relay address's subscription |
+//! | `t` recipient 0x00 seq(u64 BE) | a message counted delivered without a receipt (`assumed.rs`) |
+//! | `u` at(u64 BE) seq(u64 BE) | recipient (when each `t` entry was written, for pruning) |
+//! | `l` recipient 0x00 resource | [`Habit`]: whether that client answers receipts |
+//! | `h` | [`AssumedTotals`]: how many `t` entries, and their stanza bytes |
 //!
 //! Sequence numbers come from sled's `generate_id`, which is monotonic
 //! across restarts, so each recipient's queue is in accept order and a seq
@@ -44,10 +49,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Durability;
 
+mod assumed;
 mod check;
+mod habits;
 mod transfer;
 
+pub use assumed::{AssumedTotals, Pruned};
 pub use check::CheckReport;
+pub use habits::{Answers, Habit, MAX_HABITS};
 pub use transfer::{TransferError, TransferSummary};
 
 /// Version of the layout above. Bumped on any incompatible change.
@@ -889,6 +898,7 @@ impl Store {
         let mut out = Expired::default();
         let mut batch = Writes::default();
         let mut states: HashMap<String, (RecipientState, RecipientState)> = HashMap::new();
+        let mut tombstoned = Vec::new();
         for kv in self.scan(b"x") {
             if out.entries == limit {
                 out.more = true;
@@ -918,12 +928,24 @@ impl Store {
                 after.bytes = after.bytes.saturating_sub(rec.stanza.len() as u64);
                 batch.remove(qkey);
                 batch.remove(age_key(seq));
-                out.messages.push((e.recipient, seq, rec));
+                out.messages.push((e.recipient.clone(), seq, rec));
             }
+            tombstoned.push((e.recipient, seq));
             out.entries += 1;
         }
         if out.entries == 0 {
             return Ok(out);
+        }
+        // Kept for a late bounce at most until their time to live ends.
+        let mut kept = self.assumed_totals()?;
+        let mut dropped = false;
+        for (recipient, seq) in &tombstoned {
+            dropped |= self
+                .take_tombstone(recipient, *seq, &mut batch, &mut kept)?
+                .is_some();
+        }
+        if dropped {
+            batch.insert(assumed::ASSUMED_KEY, encode(&kept));
         }
         if !states.is_empty() {
             let mut totals = self.totals()?;
@@ -961,7 +983,9 @@ impl Store {
             if old_hash.is_none_or(|h| h == hash) {
                 return Ok(Accepted::Duplicate { seq });
             }
-            if self.read(&queue_key(msg.recipient, seq))?.is_some() {
+            if self.read(&queue_key(msg.recipient, seq))?.is_some()
+                || self.is_assumed(msg.recipient, seq)?
+            {
                 return Ok(Accepted::IdInUse { seq });
             }
             taken.push((ikey.clone(), seq));
@@ -972,7 +996,8 @@ impl Store {
             return Ok(Accepted::QueueFull);
         }
         let mut totals = self.totals()?;
-        if totals.bytes + size > limits.max_store_bytes {
+        let kept = self.assumed_totals()?;
+        if totals.bytes + kept.bytes + size > limits.max_store_bytes {
             return Ok(Accepted::StoreFull);
         }
         let seq = self.next_seq()?;
@@ -1082,12 +1107,30 @@ impl Store {
     }
 
     /// Remove pending messages (those still there) in one batch, with
-    /// their age entries and counters.
+    /// their age entries and counters. A message counted delivered without
+    /// a receipt (see `assumed.rs`) is removed too: its tombstone goes, so
+    /// that a late bounce no longer puts it back.
     fn remove(&self, recipient: &str, seqs: &[u64]) -> Result<Vec<(u64, Record)>, StoreError> {
+        let (batch, removed) = self.removal(recipient, seqs, true)?;
+        if !batch.0.is_empty() {
+            self.write(batch)?;
+        }
+        Ok(removed)
+    }
+
+    /// The writes that [`Store::remove`] applies, and what they remove;
+    /// tombstones too if `tombstones`.
+    fn removal(
+        &self,
+        recipient: &str,
+        seqs: &[u64],
+        tombstones: bool,
+    ) -> Result<(Writes, Vec<(u64, Record)>), StoreError> {
         let before = self.recipient(recipient)?;
         let mut state = before;
         let mut batch = Writes::default();
         let mut removed = Vec::new();
+        let mut gone = Vec::new();
         for &seq in seqs {
             let k = queue_key(recipient, seq);
             if let Some(v) = self.read(&k)? {
@@ -1097,16 +1140,22 @@ impl Store {
                 batch.remove(k);
                 batch.remove(age_key(seq));
                 removed.push((seq, rec));
+            } else {
+                gone.push(seq);
             }
+        }
+        // Counted delivered earlier, confirmed (or purged) now: a late
+        // bounce no longer puts them back.
+        if tombstones {
+            removed.extend(self.drop_tombstones(recipient, &gone, &mut batch)?);
         }
         if !removed.is_empty() {
             let mut totals = self.totals()?;
             totals.apply(&before, &state);
             batch.insert(recipient_key(recipient), encode(&state));
             batch.insert(TOTALS_KEY, encode(&totals));
-            self.write(batch)?;
         }
-        Ok(removed)
+        Ok((batch, removed))
     }
 
     /// Seqs of pending messages from `sender_bare` up to and including
@@ -1159,7 +1208,7 @@ mod tests {
 
     /// Open, waiting out the lock of a store just dropped in this process:
     /// sled's I/O threads can still hold it for a moment under load.
-    fn open(dir: &Path) -> Store {
+    pub(super) fn open(dir: &Path) -> Store {
         let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
             match Store::open(dir, Durability::Fsync, 5, 1 << 20) {
@@ -1171,7 +1220,7 @@ mod tests {
         }
     }
 
-    fn msg<'a>(
+    pub(super) fn msg<'a>(
         recipient: &'a str,
         sender: &'a str,
         id: &str,
@@ -1191,7 +1240,7 @@ mod tests {
         }
     }
 
-    const BIG: QueueLimits = QueueLimits {
+    pub(super) const BIG: QueueLimits = QueueLimits {
         max_pending: 100,
         max_bytes: 1 << 20,
         max_store_bytes: 1 << 30,
@@ -1385,7 +1434,7 @@ mod tests {
         assert_eq!(upto, [seqs[2]]);
     }
 
-    fn stored(s: &Store, m: NewMessage<'_>) -> u64 {
+    pub(super) fn stored(s: &Store, m: NewMessage<'_>) -> u64 {
         match s.accept(m, BIG).unwrap() {
             Accepted::Stored { seq } => seq,
             other => panic!("{other:?}"),

@@ -173,7 +173,7 @@ impl Store {
     }
 
     fn is_empty_of_data(&self) -> Result<bool, StoreError> {
-        for p in [b"q", b"r", b"x", b"i", b"o", b"a", b"c"] {
+        for p in [b"q", b"r", b"x", b"i", b"o", b"a", b"c", b"t", b"u", b"l"] {
             if self.db.scan_prefix(p).next().is_some() {
                 return Ok(false);
             }

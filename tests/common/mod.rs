@@ -1143,6 +1143,48 @@ pub async fn wait_log(relay: &Relay, needle: &str) {
     panic!("log never said {needle:?}");
 }
 
+/// The relay learns that `user`'s client at `resource` answers receipts:
+/// it answers one message from alice. From then on that client's
+/// messages wait for its receipts (the frozen-client guarantee); a client
+/// never seen answering gets each message once instead.
+pub async fn answers_once(server: &Server, relay: &Relay, user: &str, resource: &str) {
+    let mut c = Client::connect(
+        server.c2s_port,
+        user,
+        ClientOpts {
+            resource: resource.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = format!("hello-{user}-{resource}");
+    send_all(
+        server,
+        &format!("{user}@relay.localhost"),
+        std::slice::from_ref(&id),
+    )
+    .await;
+    assert_eq!(c.body_ids(1, SECS(10)).await, [id]);
+    let needle = format!("resource=\"{resource}\"");
+    wait_log_line(relay, &["this client answers receipts", &needle]).await;
+    c.close().await;
+}
+
+/// Wait until a line of redeliver's log contains every one of `needles`.
+pub async fn wait_log_line(relay: &Relay, needles: &[&str]) {
+    for _ in 0..200 {
+        if relay
+            .log_text()
+            .lines()
+            .any(|l| needles.iter().all(|n| l.contains(n)))
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no log line said all of {needles:?}");
+}
+
 /// Alice sends `sent` (ids) to `to`, then logs out.
 pub async fn send_all(server: &Server, to: &str, sent: &[String]) {
     let alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;

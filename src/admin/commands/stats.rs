@@ -15,6 +15,8 @@ pub(crate) fn run<O: Ops>(ops: &O) -> Result<Step, StanzaError> {
         .map(|(_, _, rec)| age_seconds(ops.now_ms(), rec.accepted_at_ms))
         .unwrap_or(0);
     let s = &snap.stats;
+    let (answer_all, answer_contacts) = store.habit_counts().map_err(store_failed)?;
+    let kept_assumed = store.assumed_totals().map_err(store_failed)?.messages;
     let fields = vec![
         field("pending-messages", "Pending messages", totals.pending),
         field(
@@ -34,6 +36,31 @@ pub(crate) fn run<O: Ops>(ops: &O) -> Result<Step, StanzaError> {
             "confirmed-total",
             "Confirmed since start",
             s.confirmed_total,
+        ),
+        field(
+            "assumed-total",
+            "Counted delivered without a receipt since start (clients not known to answer)",
+            s.assumed_total,
+        ),
+        field(
+            "late-bounces-total",
+            "Of those, put back by a late bounce since start",
+            s.late_bounces_total,
+        ),
+        field(
+            "assumed-kept",
+            "Counted delivered without a receipt, kept for a late bounce",
+            kept_assumed,
+        ),
+        field(
+            "clients-answering-all",
+            "Clients known to answer receipts from everyone",
+            answer_all,
+        ),
+        field(
+            "clients-answering-contacts",
+            "Clients known to answer receipts from approved contacts only",
+            answer_contacts,
         ),
         field(
             "replays-total",

@@ -1,0 +1,438 @@
+//! Messages counted delivered without a receipt, kept aside for a while.
+//!
+//! A client that never answers receipts (its user turned them off, or it
+//! answers only roster contacts) would see a message again at every
+//! login if the relay waited for a receipt. So for such clients a
+//! message counts delivered when no error came back in time: it leaves
+//! its queue like a confirmed one, and a tombstone keeps it. A server
+//! that bounces it late (a stream-management session that timed out
+//! with the message unacknowledged) then finds it here, and it goes back
+//! in its queue, at its place. Tombstones are pruned after the late
+//! bounce window.
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Record, Store, StoreError, TOTALS_KEY, Writes, age_key, decode, encode, expiry_key, key,
+    queue_key, recipient_key,
+};
+
+pub(super) const ASSUMED_KEY: &[u8] = b"h";
+
+/// A message counted delivered without a receipt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Tombstone {
+    assumed_at_ms: i64,
+    record: Record,
+}
+
+/// How many tombstones the store keeps, and their stanza bytes (these
+/// count against `max_store_bytes` with the pending ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct AssumedTotals {
+    pub messages: u64,
+    pub bytes: u64,
+}
+
+impl AssumedTotals {
+    fn add(&mut self, rec: &Record) {
+        self.messages += 1;
+        self.bytes += rec.stanza.len() as u64;
+    }
+
+    fn sub(&mut self, rec: &Record) {
+        self.messages = self.messages.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(rec.stanza.len() as u64);
+    }
+}
+
+fn tomb_key(recipient: &str, seq: u64) -> Vec<u8> {
+    let mut k = key(b't', &[recipient.as_bytes()]);
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn tomb_age_key(at_ms: i64, seq: u64) -> [u8; 17] {
+    let mut k = [b'u'; 17];
+    k[1..9].copy_from_slice(&(at_ms.max(0) as u64).to_be_bytes());
+    k[9..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// One pruning step.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Tombstones removed.
+    pub removed: usize,
+    /// Whether the step stopped at its limit with more to do.
+    pub more: bool,
+}
+
+impl Store {
+    /// The tombstones' count and bytes.
+    pub fn assumed_totals(&self) -> Result<AssumedTotals, StoreError> {
+        match self.read(ASSUMED_KEY)? {
+            Some(v) => decode(&v, "assumed totals"),
+            None => Ok(AssumedTotals::default()),
+        }
+    }
+
+    /// Count pending messages as delivered without a receipt: they leave
+    /// the queue (counters included) and a tombstone keeps each until
+    /// [`Store::prune_assumed`] takes it or its time to live ends, in one
+    /// batch. Returns what left.
+    pub fn assume(
+        &self,
+        recipient: &str,
+        seqs: &[u64],
+        now_ms: i64,
+    ) -> Result<Vec<(u64, Record)>, StoreError> {
+        let (mut batch, removed) = self.removal(recipient, seqs, false)?;
+        let mut kept = self.assumed_totals()?;
+        for (seq, record) in &removed {
+            kept.add(record);
+            batch.insert(
+                tomb_key(recipient, *seq),
+                encode(&Tombstone {
+                    assumed_at_ms: now_ms,
+                    record: record.clone(),
+                }),
+            );
+            batch.insert(tomb_age_key(now_ms, *seq), recipient.as_bytes());
+        }
+        if !removed.is_empty() {
+            batch.insert(ASSUMED_KEY, encode(&kept));
+            self.write(batch)?;
+        }
+        Ok(removed)
+    }
+
+    /// Whether message `seq` for `recipient` was counted delivered
+    /// without a receipt and is still kept.
+    pub fn is_assumed(&self, recipient: &str, seq: u64) -> Result<bool, StoreError> {
+        Ok(self.read(&tomb_key(recipient, seq))?.is_some())
+    }
+
+    /// A late bounce showed that message `seq` was not delivered: put it
+    /// back in its queue at its place (no limit applies: it was accepted
+    /// once). `Ok(None)` when there is no tombstone.
+    pub fn restore(&self, recipient: &str, seq: u64) -> Result<Option<Record>, StoreError> {
+        let mut batch = Writes::default();
+        let mut kept = self.assumed_totals()?;
+        let Some(rec) = self.take_tombstone(recipient, seq, &mut batch, &mut kept)? else {
+            return Ok(None);
+        };
+        batch.insert(ASSUMED_KEY, encode(&kept));
+        if self.read(&expiry_key(seq))?.is_none() {
+            // Past its time to live (the expiry walk drops tombstones
+            // with their message, so only a damaged store gets here).
+            self.write(batch)?;
+            return Ok(None);
+        }
+        let before = self.recipient(recipient)?;
+        let mut state = before;
+        state.pending += 1;
+        state.bytes += rec.stanza.len() as u64;
+        let mut totals = self.totals()?;
+        totals.apply(&before, &state);
+        batch.insert(queue_key(recipient, seq), encode(&rec));
+        batch.insert(age_key(seq), recipient.as_bytes());
+        batch.insert(recipient_key(recipient), encode(&state));
+        batch.insert(TOTALS_KEY, encode(&totals));
+        self.write(batch)?;
+        Ok(Some(rec))
+    }
+
+    /// Writes that drop the tombstone of `seq`, if there is one, with
+    /// `kept` updated; returns its record.
+    pub(super) fn take_tombstone(
+        &self,
+        recipient: &str,
+        seq: u64,
+        batch: &mut Writes,
+        kept: &mut AssumedTotals,
+    ) -> Result<Option<Record>, StoreError> {
+        let tkey = tomb_key(recipient, seq);
+        let Some(v) = self.read(&tkey)? else {
+            return Ok(None);
+        };
+        let t: Tombstone = decode(&v, "tombstone")?;
+        batch.remove(tkey);
+        batch.remove(tomb_age_key(t.assumed_at_ms, seq));
+        kept.sub(&t.record);
+        Ok(Some(t.record))
+    }
+
+    /// Drop the tombstones of `seqs` (those there are) in `batch`, with
+    /// the totals; their records.
+    pub(super) fn drop_tombstones(
+        &self,
+        recipient: &str,
+        seqs: &[u64],
+        batch: &mut Writes,
+    ) -> Result<Vec<(u64, Record)>, StoreError> {
+        let mut kept = self.assumed_totals()?;
+        let mut out = Vec::new();
+        for &seq in seqs {
+            if let Some(rec) = self.take_tombstone(recipient, seq, batch, &mut kept)? {
+                out.push((seq, rec));
+            }
+        }
+        if !out.is_empty() {
+            batch.insert(ASSUMED_KEY, encode(&kept));
+        }
+        Ok(out)
+    }
+
+    /// One pruning step: up to `limit` of the oldest tombstones written
+    /// at or before `cutoff_ms` go.
+    pub fn prune_assumed(&self, cutoff_ms: i64, limit: usize) -> Result<Pruned, StoreError> {
+        let mut out = Pruned::default();
+        let mut batch = Writes::default();
+        let mut kept = self.assumed_totals()?;
+        for kv in self.scan(b"u") {
+            if out.removed == limit {
+                out.more = true;
+                break;
+            }
+            let (k, v) = kv?;
+            if k.len() != 17 {
+                return Err(StoreError::Corrupt(
+                    "tombstone age key is not 17 bytes".into(),
+                ));
+            }
+            let at = u64::from_be_bytes(k[1..9].try_into().expect("8 bytes"));
+            if at > cutoff_ms.max(0) as u64 {
+                break;
+            }
+            let seq = u64::from_be_bytes(k[9..].try_into().expect("8 bytes"));
+            let recipient = std::str::from_utf8(&v)
+                .map_err(|_| StoreError::Corrupt("tombstone age value is not UTF-8".into()))?;
+            if self
+                .take_tombstone(recipient, seq, &mut batch, &mut kept)?
+                .is_none()
+            {
+                batch.remove(&k); // an age key without its tombstone
+            }
+            out.removed += 1;
+        }
+        if out.removed > 0 {
+            batch.insert(ASSUMED_KEY, encode(&kept));
+            self.write(batch)?;
+        }
+        Ok(out)
+    }
+
+    /// `store check` of the tombstones: each with its time key and its
+    /// message's expiry entry, none for a pending message (`pending`: seq
+    /// to recipient), and the totals matching. Read-only; the problems.
+    pub(super) fn check_tombstones(
+        &self,
+        pending: &std::collections::BTreeMap<u64, String>,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut problems = Vec::new();
+        let mut found = AssumedTotals::default();
+        let mut times = 0u64;
+        for kv in self.db.scan_prefix(b"u") {
+            let (k, v) = kv?;
+            times += 1;
+            if k.len() != 17 {
+                problems.push("tombstone time key is not 17 bytes".to_string());
+                continue;
+            }
+            let seq = u64::from_be_bytes(k[9..].try_into().expect("8 bytes"));
+            let recipient = String::from_utf8_lossy(&v).into_owned();
+            if self.db.get(tomb_key(&recipient, seq))?.is_none() {
+                problems.push(format!(
+                    "{recipient} seq {seq}: time key without a tombstone"
+                ));
+            }
+        }
+        let mut tombs = 0u64;
+        for kv in self.db.scan_prefix(b"t") {
+            let (k, v) = kv?;
+            tombs += 1;
+            let seq =
+                u64::from_be_bytes(k[k.len().saturating_sub(8)..].try_into().unwrap_or([0; 8]));
+            let t: Tombstone = match decode(&v, "tombstone") {
+                Ok(t) => t,
+                Err(e) => {
+                    problems.push(format!("seq {seq}: {e}"));
+                    continue;
+                }
+            };
+            found.add(&t.record);
+            if pending.contains_key(&seq) {
+                problems.push(format!("seq {seq}: both pending and a tombstone"));
+            }
+            if self.db.get(expiry_key(seq))?.is_none() {
+                problems.push(format!("seq {seq}: tombstone past its expiry entry"));
+            }
+            if self.db.get(tomb_age_key(t.assumed_at_ms, seq))?.is_none() {
+                problems.push(format!("seq {seq}: tombstone without its time key"));
+            }
+        }
+        if times != tombs {
+            problems.push(format!("{tombs} tombstones but {times} time keys"));
+        }
+        let kept = match self.db.get(ASSUMED_KEY)? {
+            Some(v) => decode(&v, "assumed totals")?,
+            None => AssumedTotals::default(),
+        };
+        if kept != found {
+            problems.push(format!(
+                "tombstone totals say {kept:?}, the tombstones are {found:?}"
+            ));
+        }
+        Ok(problems)
+    }
+
+    /// Tombstoned messages for `recipient` from `sender_bare` up to and
+    /// including `upto`, for a XEP-0333 marker: at most `limit` looked at.
+    pub fn assumed_from_sender_upto(
+        &self,
+        recipient: &str,
+        sender_bare: &str,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<u64>, StoreError> {
+        let start = tomb_key(recipient, 0);
+        let end = tomb_key(recipient, upto);
+        let mut out = Vec::new();
+        for kv in self.scan_range(&start, &end).take(limit) {
+            let (k, v) = kv?;
+            let seq = u64::from_be_bytes(
+                k[k.len() - 8..]
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("short tombstone key".into()))?,
+            );
+            let t: Tombstone = decode(&v, "tombstone")?;
+            if super::bare_of(&t.record.sender) == sender_bare {
+                out.push(seq);
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{msg, open, stored};
+    use super::super::{Accepted, QueueLimits};
+    use super::*;
+
+    #[test]
+    fn assumed_messages_leave_the_queue_and_a_late_bounce_puts_them_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let a = stored(&s, msg("bob@x", "alice@x", "m1", None));
+        let b = stored(&s, msg("bob@x", "alice@x", "m2", None));
+        let c = stored(&s, msg("bob@x", "alice@x", "m3", None));
+        let removed = s.assume("bob@x", &[a, b], 1_000).unwrap();
+        assert_eq!(removed.len(), 2);
+        assert_eq!(s.recipient("bob@x").unwrap().pending, 1);
+        assert_eq!(s.totals().unwrap().pending, 1);
+        assert!(s.is_assumed("bob@x", a).unwrap());
+        assert_eq!(s.assumed_totals().unwrap().messages, 2);
+        // A late bounce of the first: back at its place, before c.
+        assert_eq!(s.restore("bob@x", a).unwrap().unwrap().id, "m1");
+        let order: Vec<u64> = s
+            .pending_from("bob@x", 0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(q, _)| q)
+            .collect();
+        assert_eq!(order, vec![a, c]);
+        assert_eq!(s.totals().unwrap().pending, 2);
+        assert_eq!(s.restore("bob@x", a).unwrap(), None, "restored once");
+        // A late receipt for the second confirms it: nothing to put back.
+        assert_eq!(s.confirm("bob@x", &[b]).unwrap().len(), 1);
+        assert!(!s.is_assumed("bob@x", b).unwrap());
+        assert_eq!(s.restore("bob@x", b).unwrap(), None);
+        assert_eq!(s.assumed_totals().unwrap(), AssumedTotals::default());
+        let problems = s.check().unwrap().problems;
+        assert!(
+            problems.iter().all(|p| p.contains("does not parse")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn tombstones_are_pruned_after_the_window_in_time_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let seqs: Vec<u64> = (0..5)
+            .map(|n| stored(&s, msg("bob@x", "alice@x", &format!("m{n}"), None)))
+            .collect();
+        s.assume("bob@x", &seqs[..3], 1_000).unwrap();
+        s.assume("bob@x", &seqs[3..], 5_000).unwrap();
+        assert_eq!(
+            s.prune_assumed(2_000, 2).unwrap(),
+            Pruned {
+                removed: 2,
+                more: true
+            }
+        );
+        assert_eq!(
+            s.prune_assumed(2_000, 10).unwrap(),
+            Pruned {
+                removed: 1,
+                more: false
+            }
+        );
+        assert_eq!(s.assumed_totals().unwrap().messages, 2);
+        assert_eq!(s.restore("bob@x", seqs[0]).unwrap(), None);
+        assert!(s.restore("bob@x", seqs[4]).unwrap().is_some());
+        assert_eq!(s.assumed_totals().unwrap().messages, 1);
+    }
+
+    #[test]
+    fn tombstones_end_with_the_time_to_live_and_count_against_the_store_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let a = stored(&s, msg("bob@x", "alice@x", "m1", None));
+        s.assume("bob@x", &[a], 1_000).unwrap();
+        let bytes = s.assumed_totals().unwrap().bytes;
+        assert!(bytes > 0);
+        // The same id for different content is in use while kept.
+        let mut other = msg("bob@x", "alice@x", "m1", None);
+        other.content_hash = 7;
+        assert_eq!(
+            s.accept(other, super::super::tests::BIG).unwrap(),
+            Accepted::IdInUse { seq: a }
+        );
+        // Kept bytes count against the store cap.
+        let tight = QueueLimits {
+            max_store_bytes: bytes + 1,
+            ..super::super::tests::BIG
+        };
+        assert_eq!(
+            s.accept(msg("bob@x", "alice@x", "m2", None), tight)
+                .unwrap(),
+            Accepted::StoreFull
+        );
+        // The expiry walk takes the tombstone with the message's entry.
+        let step = s.expire(i64::MAX, 10).unwrap();
+        assert!(step.messages.is_empty(), "not pending any more");
+        assert_eq!(step.entries, 1);
+        assert_eq!(s.restore("bob@x", a).unwrap(), None);
+        assert_eq!(s.assumed_totals().unwrap(), AssumedTotals::default());
+    }
+
+    #[test]
+    fn a_marker_finds_the_tombstones_of_its_sender() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let a = stored(&s, msg("bob@x", "alice@x", "m1", None));
+        let c = stored(&s, msg("bob@x", "carol@x", "k1", None));
+        let b = stored(&s, msg("bob@x", "alice@x", "m2", None));
+        let later = stored(&s, msg("bob@x", "alice@x", "m3", None));
+        s.assume("bob@x", &[a, c, b, later], 1_000).unwrap();
+        assert_eq!(
+            s.assumed_from_sender_upto("bob@x", "alice@x", b, 100)
+                .unwrap(),
+            vec![a, b]
+        );
+    }
+}

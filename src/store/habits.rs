@@ -1,0 +1,149 @@
+//! What each of a recipient's clients does with receipt requests, as
+//! learned from the receipts it sent (`l` keys).
+//!
+//! Written only when a receipt or marker confirms a message the relay
+//! sent to that client, so a recipient cannot grow these by sending
+//! receipts for nothing; and at most [`MAX_HABITS`] per recipient.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Store, StoreError, Writes, decode, encode, key};
+
+/// Clients remembered per recipient; past that, the one heard from
+/// longest ago is forgotten.
+pub const MAX_HABITS: usize = 16;
+
+/// To whom a client answers receipt requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Answers {
+    /// Only roster contacts it shares presence with (Gajim,
+    /// Conversations, Monal, Psi): seen answering a relay address the
+    /// recipient had approved.
+    Contacts,
+    /// Everyone (Dino, Profanity, Movim): seen answering a relay address
+    /// the recipient had not approved.
+    All,
+}
+
+/// One client's habit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Habit {
+    pub answers: Answers,
+    /// Receipt timeouts in a row (one per silent spell) since its last
+    /// answer: at two it is forgotten, so that a client that stopped
+    /// answering does not see messages again at every login.
+    pub missed: u8,
+    /// When it last answered.
+    pub seen_at_ms: i64,
+}
+
+fn habit_prefix(recipient: &str) -> Vec<u8> {
+    let mut k = key(b'l', &[recipient.as_bytes()]);
+    k.push(0);
+    k
+}
+
+fn habit_key(recipient: &str, resource: &str) -> Vec<u8> {
+    let mut k = habit_prefix(recipient);
+    k.extend_from_slice(resource.as_bytes());
+    k
+}
+
+impl Store {
+    /// Every remembered client of `recipient`, by resource.
+    pub fn habits(&self, recipient: &str) -> Result<Vec<(String, Habit)>, StoreError> {
+        let prefix = habit_prefix(recipient);
+        let mut out = Vec::new();
+        for kv in self.scan(&prefix) {
+            let (k, v) = kv?;
+            let resource = String::from_utf8(k[prefix.len()..].to_vec())
+                .map_err(|_| StoreError::Corrupt("habit key is not UTF-8".into()))?;
+            out.push((resource, decode(&v, "habit")?));
+        }
+        Ok(out)
+    }
+
+    /// Remember (`Some`) or forget (`None`) what the client at
+    /// `resource` does. A new client past [`MAX_HABITS`] replaces the
+    /// one heard from longest ago.
+    pub fn set_habit(
+        &self,
+        recipient: &str,
+        resource: &str,
+        habit: Option<Habit>,
+    ) -> Result<(), StoreError> {
+        let mut w = Writes::default();
+        let k = habit_key(recipient, resource);
+        match habit {
+            None => w.remove(k),
+            Some(h) => {
+                if self.read(&k)?.is_none() {
+                    let known = self.habits(recipient)?;
+                    if known.len() >= MAX_HABITS
+                        && let Some((oldest, _)) = known.iter().min_by_key(|(_, h)| h.seen_at_ms)
+                    {
+                        w.remove(habit_key(recipient, oldest));
+                    }
+                }
+                w.insert(k, encode(&h));
+            }
+        }
+        self.write(w)
+    }
+
+    /// How many clients are remembered answering all and answering
+    /// contacts only (a scan: for the admin's `stats`).
+    pub fn habit_counts(&self) -> Result<(u64, u64), StoreError> {
+        let (mut all, mut contacts) = (0, 0);
+        for kv in self.scan(b"l") {
+            let (_, v) = kv?;
+            match decode::<Habit>(&v, "habit")?.answers {
+                Answers::All => all += 1,
+                Answers::Contacts => contacts += 1,
+            }
+        }
+        Ok((all, contacts))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::open;
+    use super::*;
+
+    fn habit(answers: Answers, at: i64) -> Option<Habit> {
+        Some(Habit {
+            answers,
+            missed: 0,
+            seen_at_ms: at,
+        })
+    }
+
+    #[test]
+    fn habits_are_per_client_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        s.set_habit("bob@x", "phone", habit(Answers::Contacts, 1))
+            .unwrap();
+        s.set_habit("bob@xy", "phone", habit(Answers::All, 1))
+            .unwrap();
+        assert_eq!(
+            s.habits("bob@x").unwrap(),
+            vec![("phone".to_owned(), habit(Answers::Contacts, 1).unwrap())],
+            "another recipient's prefix is not mixed in"
+        );
+        for n in 0..MAX_HABITS as i64 {
+            s.set_habit("bob@x", &format!("r{n}"), habit(Answers::All, 10 + n))
+                .unwrap();
+        }
+        let known = s.habits("bob@x").unwrap();
+        assert_eq!(known.len(), MAX_HABITS);
+        assert!(
+            !known.iter().any(|(r, _)| r == "phone"),
+            "the one heard from longest ago went"
+        );
+        s.set_habit("bob@x", "r3", None).unwrap();
+        assert_eq!(s.habits("bob@x").unwrap().len(), MAX_HABITS - 1);
+        assert_eq!(s.habit_counts().unwrap(), (MAX_HABITS as u64, 0));
+    }
+}
