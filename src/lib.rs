@@ -13,6 +13,7 @@ pub mod depthlimit;
 pub mod gate;
 pub mod link;
 pub mod message_kind;
+pub mod privilege;
 pub mod ratelimit;
 pub mod router;
 pub mod store;

@@ -38,6 +38,7 @@ use crate::config::{Config, Durability};
 use crate::gate::{Flushed, Gate};
 use crate::link::{LinkEvent, Outbound};
 use crate::message_kind::{self, Kind};
+use crate::privilege::{self, Grants};
 use crate::ratelimit::RateLimiter;
 use crate::store::{
     Accepted, Answers, Contact, Habit, NewMessage, PurgeScope, QueueLimits, RecipientState, Record,
@@ -426,6 +427,11 @@ pub struct Router {
     /// Messages relayed once, recently: who sent them, so that a bounce
     /// reaches its sender.
     once_sent: RecentOnce,
+    /// What each server (by domain) granted the component (XEP-0356), as
+    /// it announced on this connection.
+    grants: HashMap<String, Grants>,
+    /// Privileged roster sets in flight, by iq id: (recipient, sender).
+    roster_sets: HashMap<String, (String, String)>,
 }
 
 /// The most recently accepted messages, by seq, until relayed: at most
@@ -568,6 +574,8 @@ impl Router {
             marker_scans: RateLimiter::new(20, 200),
             first_seq,
             once_sent: RecentOnce::default(),
+            grants: HashMap::new(),
+            roster_sets: HashMap::new(),
         })
     }
 
@@ -819,6 +827,9 @@ impl Router {
 
     async fn on_link_up(&mut self, epoch: u64) {
         self.epoch = Some(epoch);
+        // The server says again what it grants on each connection.
+        self.grants.clear();
+        self.roster_sets.clear();
         self.link_up_since = Some(chrono::Utc::now());
         let recipients = match self.store.recipients() {
             Ok(r) => r,
@@ -950,6 +961,25 @@ impl Router {
                 .and_then(|p| StanzaError::try_from(p.clone()).ok());
             self.on_bounce(&from, &to, m.id.as_ref().map(|i| i.0.as_str()), error)
                 .await;
+            return;
+        }
+        if to.node().is_none()
+            && from.node().is_none()
+            && from.resource().is_none()
+            && let Some(g) = m.payloads.iter().find_map(privilege::grants)
+        {
+            if !self.book.sender_allowed(from.domain().as_str()) {
+                // ejabberd announces for each of its hosts.
+                debug!(server = %from, "privileges on a domain the relay does not serve; ignored");
+                return;
+            }
+            info!(
+                server = %from,
+                roster = g.roster_set,
+                presence = g.presence,
+                "the server granted privileges (XEP-0356)"
+            );
+            self.grants.insert(from.domain().to_string(), g);
             return;
         }
         let Some(to_node) = to.node() else {
@@ -1888,6 +1918,9 @@ impl Router {
     /// frozen client): resending would only duplicate it, so we wait for
     /// presence or any stanza from the recipient.
     async fn fail(&mut self, recipient: &str, bounced: bool) {
+        // With presence granted (XEP-0356) the server says when the
+        // recipient is back, as with a subscription.
+        let granted = BareJid::from_str(recipient).is_ok_and(|j| self.granted(&j).presence);
         let Some(peer) = self.peers.get_mut(recipient) else {
             return;
         };
@@ -1899,10 +1932,11 @@ impl Router {
         // After a timeout the resources stay, marked silent: a late
         // receipt or any stanza from one brings it back.
         peer.forced = false;
-        let subscribed = matches!(
-            self.store.recipient(recipient).map(|s| s.subscription),
-            Ok(Subscription::Subscribed)
-        );
+        let subscribed = granted
+            || matches!(
+                self.store.recipient(recipient).map(|s| s.subscription),
+                Ok(Subscription::Subscribed)
+            );
         if subscribed || !bounced {
             peer.presence_known = subscribed;
             peer.phase = Phase::Offline;
@@ -2518,13 +2552,82 @@ impl Router {
             (recipient.to_owned(), sender_key.clone()),
             tokio::time::Instant::now(),
         );
+        if self.granted(target).roster_set && self.roster_sets.len() < MAX_DISCO_PENDING {
+            // No prompt: the item goes straight into the roster.
+            let id = format!("roster-{}", random_id());
+            self.roster_sets
+                .insert(id.clone(), (recipient.to_owned(), sender_key.clone()));
+            info!(to = recipient, contact = %from, "adding a relay contact to the roster (privileged)");
+            let name = format!("{sender_key} (via {})", self.book.component());
+            self.send(privilege::roster_item(
+                id,
+                self.me.clone(),
+                target,
+                from,
+                &name,
+            ))
+            .await;
+            return;
+        }
+        self.ask_contact(recipient, target, &from, &sender_key)
+            .await;
+    }
+
+    /// What the server of `user` granted the component.
+    fn granted(&self, user: &BareJid) -> Grants {
+        self.grants
+            .get(user.domain().as_str())
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// The answer to a privileged roster set: the contact is in the
+    /// roster with subscription both, or (refused: ejabberd 23.01 fails
+    /// every such set) the relay stops trying on that server and asks for
+    /// the subscription instead.
+    async fn on_roster_set_answer(&mut self, id: &str, from: Option<&Jid>, ok: bool) -> bool {
+        let Some((recipient, sender)) = self.roster_sets.get(id).cloned() else {
+            return false;
+        };
+        if from.map(|f| f.to_bare().to_string()) != Some(recipient.clone()) {
+            return false;
+        }
+        self.roster_sets.remove(id);
+        if ok {
+            self.on_contact_answer(&recipient, &sender, true).await;
+            return true;
+        }
+        let (Ok(target), Ok(sender_jid)) =
+            (BareJid::from_str(&recipient), BareJid::from_str(&sender))
+        else {
+            return true;
+        };
+        if let Some(g) = self.grants.get_mut(target.domain().as_str()) {
+            warn!(server = %target.domain(), "the server refused a privileged roster set; asking recipients instead");
+            g.roster_set = false;
+        }
+        if let Ok(from) = self.book.relay_for(&sender_jid) {
+            self.ask_contact(&recipient, &target, &from, &sender).await;
+        }
+        true
+    }
+
+    /// Ask `target` for a presence subscription from the relay address
+    /// `from` (for `sender`).
+    async fn ask_contact(
+        &mut self,
+        recipient: &str,
+        target: &BareJid,
+        from: &BareJid,
+        sender_key: &str,
+    ) {
         info!(to = recipient, contact = %from, "asking for a relay contact");
         let nick = Element::builder("nick", NICK)
-            .append(sender_key.clone())
+            .append(sender_key.to_owned())
             .build();
         self.send(
             Presence::subscribe()
-                .with_from(Jid::from(from))
+                .with_from(Jid::from(from.clone()))
                 .with_to(Jid::from(target.clone()))
                 .with_payloads(vec![nick]),
         )
@@ -2611,6 +2714,10 @@ impl Router {
     }
 
     async fn ensure_subscribed(&mut self, recipient: &str, jid: &BareJid) {
+        if self.granted(jid).presence {
+            // The server sends its users' presence without one.
+            return;
+        }
         match self.store.recipient(recipient) {
             Ok(st) if st.subscription == Subscription::None => {
                 // After a refusal, ask again only after a long pause (not
@@ -2700,7 +2807,15 @@ impl Router {
         };
         // Presence state is taken only from recipients the relay asked for
         // it: anyone else's would grow the store and memory for nothing.
-        if sub == Subscription::None {
+        // Where the server grants presence (XEP-0356 managed_entity) it
+        // sends every user's: taken from those with messages here only.
+        let managed = self.granted(&from.to_bare()).presence
+            && (self.peers.contains_key(&recipient)
+                || self
+                    .store
+                    .recipient(&recipient)
+                    .is_ok_and(|s| s.pending > 0));
+        if sub == Subscription::None && !managed {
             debug!(from = %from, "presence from a JID the relay never asked; ignored");
             return;
         }
@@ -2737,7 +2852,7 @@ impl Router {
             PresenceType::Unavailable => {
                 // Prosody acknowledges a subscribe with a bare unavailable:
                 // that is not a logout.
-                if sub != Subscription::Subscribed {
+                if sub != Subscription::Subscribed && !managed {
                     return;
                 }
                 let peer = peer_entry(&mut self.peers, &recipient, initial);
@@ -2883,6 +2998,9 @@ impl Router {
             Iq::Result {
                 id, payload, from, ..
             } => {
+                if self.on_roster_set_answer(&id, from.as_ref(), true).await {
+                    return;
+                }
                 let Some(q) = self.take_disco(&id, from.as_ref()) else {
                     return;
                 };
@@ -2897,6 +3015,9 @@ impl Router {
                 }
             }
             Iq::Error { id, from, .. } => {
+                if self.on_roster_set_answer(&id, from.as_ref(), false).await {
+                    return;
+                }
                 self.take_disco(&id, from.as_ref());
             }
             Iq::Get {

@@ -187,4 +187,75 @@ on_both_servers!(
     contacts_only_client_that_approves,
     contacts_only_client_that_ignores_the_request,
     client_that_never_answers,
+    privileged_mode_needs_no_prompt,
 );
+
+/// Privileged mode (XEP-0356), with a contacts-only client whose user
+/// would ignore every prompt. On Prosody (mod_privilege) the relay puts
+/// the relay contact into bob's roster with subscription both: no prompt,
+/// his client answers, alice gets every receipt. On ejabberd 23.01 the
+/// roster set fails (SERVER-FACTS.md), so the relay asks instead; his
+/// user ignores it and each message is shown once. On both, presence
+/// comes without the domain's subscription request.
+async fn privileged_mode_needs_no_prompt(kind: Kind) {
+    let server = Server::start(
+        kind,
+        ServerOpts {
+            privilege: true,
+            ..Default::default()
+        },
+    );
+    let relay = Relay::start(
+        &server,
+        RelayOpts {
+            contact_wait_ms: 10_000,
+            ..Default::default()
+        },
+    );
+    wait_log(&relay, "the server granted privileges").await;
+    let opts = Rule::ContactsOnlyIgnoring.opts();
+    let mut bob = Client::connect(server.c2s_port, "bob", opts.clone()).await;
+    let mut alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
+    let sent = ids("priv", 3);
+    for id in &sent {
+        alice.message(BOB, id, &format!("body of {id}"));
+    }
+    let mut all = shown(&mut bob, SECS(12)).await;
+    bob.close().await;
+    let mut bob = Client::connect(server.c2s_port, "bob", opts).await;
+    all.extend(shown(&mut bob, SECS(4)).await);
+    let receipts = alice.receipt_ids(sent.len(), SECS(1)).await;
+    let log = relay.log_text();
+    println!(
+        "{kind:?} privileged: sent {}, shown {}, receipts to alice {}",
+        sent.len(),
+        all.len(),
+        receipts.len()
+    );
+    assert_eq!(all, sent, "each shown once, in order");
+    assert!(
+        !log.contains("requesting presence subscription"),
+        "no prompt for the relay's domain:\n{log}"
+    );
+    match kind {
+        Kind::Prosody => {
+            assert!(log.contains("adding a relay contact to the roster (privileged)"));
+            assert!(
+                !log.contains("asking for a relay contact"),
+                "no prompt:\n{log}"
+            );
+            let mut r = receipts.clone();
+            r.sort();
+            assert_eq!(r, sent, "his client answers the roster contact");
+        }
+        Kind::Ejabberd => {
+            assert!(
+                log.contains("the server refused a privileged roster set"),
+                "{log}"
+            );
+            assert!(log.contains("asking for a relay contact"));
+            assert!(receipts.is_empty());
+        }
+    }
+    assert_eq!(pending_messages(&server).await, 0);
+}

@@ -68,12 +68,15 @@ fn wait_port(port: u16, timeout: Duration) -> bool {
 }
 
 fn ensure_prosody() {
-    if Command::new("prosodyctl")
-        .arg("about")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    let privilege = Path::new("/usr/lib/prosody/modules/mod_privilege/mod_privilege.lua").exists()
+        || Path::new("/usr/lib/prosody/modules/mod_privilege.lua").exists();
+    if privilege
+        && Command::new("prosodyctl")
+            .arg("about")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
     {
         return;
     }
@@ -132,6 +135,9 @@ pub struct ServerOpts {
     /// Prosody's `debug` and ejabberd's `info`: tests read the logs; the
     /// benchmark measures the server, not its log.
     pub quiet: bool,
+    /// Grant the component XEP-0356 privileges (roster `both`, message
+    /// `outgoing`, presence `managed_entity`), as component-config/ shows.
+    pub privilege: bool,
 }
 
 impl Default for ServerOpts {
@@ -140,9 +146,26 @@ impl Default for ServerOpts {
             offline_storage: false,
             smacks_hibernation_s: 3,
             quiet: false,
+            privilege: false,
         }
     }
 }
+
+/// XEP-0356 grants for the component, as in component-config/.
+const PROSODY_PRIVILEGE_HOST: &str = r#"    modules_enabled = { "privilege" }
+    privileged_entities = {
+        ["@COMPONENT@"] = { roster = "both"; message = "outgoing"; presence = "managed_entity"; };
+    }"#;
+const EJABBERD_PRIVILEGE_ACCESS: &str = r#"  relay_privileged:
+    allow:
+      server: "@COMPONENT@""#;
+const EJABBERD_PRIVILEGE_MODULE: &str = r#"  mod_privilege:
+    roster:
+      both: relay_privileged
+    message:
+      outgoing: relay_privileged
+    presence:
+      managed_entity: relay_privileged"#;
 
 /// Accounts on every test server, all with [`PASSWORD`]. `eve` lives on
 /// a second domain whose users may not use the relay.
@@ -203,6 +226,38 @@ impl Server {
             .replace(
                 "@SMACKS_HIBERNATION@",
                 &opts.smacks_hibernation_s.to_string(),
+            )
+            .replace(
+                "@PRIVILEGE_HOST@",
+                if opts.privilege {
+                    PROSODY_PRIVILEGE_HOST
+                } else {
+                    ""
+                },
+            )
+            .replace(
+                "@PRIVILEGE_COMPONENT@",
+                if opts.privilege {
+                    "    modules_enabled = { \"privilege\" }"
+                } else {
+                    ""
+                },
+            )
+            .replace(
+                "@PRIVILEGE_ACCESS@",
+                if opts.privilege {
+                    EJABBERD_PRIVILEGE_ACCESS
+                } else {
+                    ""
+                },
+            )
+            .replace(
+                "@PRIVILEGE_MODULE@",
+                if opts.privilege {
+                    EJABBERD_PRIVILEGE_MODULE
+                } else {
+                    ""
+                },
             )
             .replace("@COMPONENT@", COMPONENT)
             .replace("@SECRET@", SECRET)
