@@ -138,6 +138,9 @@ pub struct ServerOpts {
     /// Grant the component XEP-0356 privileges (roster `both`, message
     /// `outgoing`, presence `managed_entity`), as component-config/ shows.
     pub privilege: bool,
+    /// Archive every user's messages (XEP-0313: Prosody's `mod_mam`,
+    /// ejabberd's `mod_mam` with `default: always`).
+    pub mam: bool,
 }
 
 impl Default for ServerOpts {
@@ -147,6 +150,7 @@ impl Default for ServerOpts {
             smacks_hibernation_s: 3,
             quiet: false,
             privilege: false,
+            mam: false,
         }
     }
 }
@@ -226,6 +230,14 @@ impl Server {
             .replace(
                 "@SMACKS_HIBERNATION@",
                 &opts.smacks_hibernation_s.to_string(),
+            )
+            .replace(
+                "@EXTRA_MODULES@",
+                match (kind, opts.mam) {
+                    (Kind::Prosody, true) => "\"mam\"",
+                    (Kind::Ejabberd, true) => "  mod_mam:\n    default: always",
+                    (_, false) => "",
+                },
             )
             .replace(
                 "@PRIVILEGE_HOST@",
@@ -955,6 +967,33 @@ impl Client {
             }
         }
         ids
+    }
+
+    /// This account's archive (XEP-0313, `urn:xmpp:mam:2`): the archived
+    /// messages, oldest first, and everything else received meanwhile.
+    pub async fn archive(&mut self) -> (Vec<Element>, Vec<Element>) {
+        const MAM: &str = "urn:xmpp:mam:2";
+        let qid = format!("mam-{:016x}", rand::random::<u64>());
+        let reply = self
+            .iq(xml(&format!(
+                "<iq xmlns='{CLIENT_NS}' type='set' id='{qid}'><query xmlns='{MAM}' queryid='{qid}'/></iq>"
+            )))
+            .await;
+        assert_eq!(reply.attr("type"), Some("result"), "{reply:?}");
+        // The results came before the answer, so they are all here.
+        let (mut archived, mut other) = (Vec::new(), Vec::new());
+        while let Ok(el) = self.inbox.try_recv() {
+            let copy = el
+                .get_child("result", MAM)
+                .filter(|r| r.attr("queryid") == Some(qid.as_str()))
+                .and_then(|r| r.get_child("forwarded", "urn:xmpp:forward:0"))
+                .and_then(|f| f.get_child("message", CLIENT_NS));
+            match copy {
+                Some(m) => archived.push(m.clone()),
+                None => other.push(el),
+            }
+        }
+        (archived, other)
     }
 
     /// Everything received within `wait`.
