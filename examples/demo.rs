@@ -1,6 +1,9 @@
 //! The demo behind `scripts/demo`: a throwaway Prosody on loopback with the
-//! component registered, redeliver in front of it, and one message to an
-//! offline user that arrives exactly once when the user logs in.
+//! component registered and privileged (XEP-0356, `mod_privilege` from
+//! prosody-modules), redeliver in front of it, and one message to an
+//! offline user that arrives exactly once when the user logs in. Bob's
+//! client answers receipts only to roster contacts, as Gajim does, and his
+//! user approves nothing: in privileged mode nobody is asked.
 //!
 //! It reuses the integration-test harness, so the demo and the tests run
 //! the same code.
@@ -15,9 +18,16 @@ use common::*;
 #[tokio::main]
 async fn main() {
     println!(
-        "1. starting Prosody on 127.0.0.1 (offline storage off, component {COMPONENT} registered)"
+        "1. starting Prosody on 127.0.0.1 (offline storage off, component {COMPONENT} registered \
+         and granted roster and presence privileges)"
     );
-    let prosody = Server::start(Kind::Prosody, ServerOpts::default());
+    let prosody = Server::start(
+        Kind::Prosody,
+        ServerOpts {
+            privilege: true,
+            ..Default::default()
+        },
+    );
     println!(
         "   c2s port {}, component port {}, data in {}",
         prosody.c2s_port,
@@ -33,9 +43,19 @@ async fn main() {
         relay.log.display()
     );
 
-    println!("3. bob logs in once to approve the relay's presence subscription, then logs out");
+    // Like Gajim: receipts only to roster contacts; its user approves no
+    // subscription request.
+    let bob_client = ClientOpts {
+        receipts_to_contacts_only: true,
+        approve: false,
+        ..Default::default()
+    };
+    println!(
+        "3. bob logs in (his client answers receipts only to roster contacts; he approves nothing);\n   \
+         alice's first message puts her relay address into his roster, with no prompt"
+    );
     {
-        let mut bob = Client::connect(prosody.c2s_port, "bob", ClientOpts::default()).await;
+        let mut bob = Client::connect(prosody.c2s_port, "bob", bob_client.clone()).await;
         let alice = Client::connect(prosody.c2s_port, "alice", ClientOpts::default()).await;
         alice.message(
             "bob@relay.localhost",
@@ -44,6 +64,23 @@ async fn main() {
         );
         let got = bob.body_ids(1, Duration::from_secs(10)).await;
         println!("   bob received {got:?}");
+        let log = relay.log_text();
+        for l in log.lines().filter(|l| {
+            l.contains("granted privileges")
+                || l.contains("to the roster (privileged)")
+                || l.contains("relay contact approved")
+        }) {
+            println!(
+                "   redeliver: {}",
+                l.split("redeliver::router: ").last().unwrap_or(l)
+            );
+        }
+        if log.contains("asking for a relay contact")
+            || log.contains("requesting presence subscription")
+        {
+            eprintln!("FAILED: the relay asked bob for a subscription");
+            std::process::exit(1);
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
         bob.close().await;
         alice.close().await;
@@ -61,7 +98,7 @@ async fn main() {
     println!("   redeliver holds it (Prosody's own offline storage is off)");
 
     println!("5. bob logs in");
-    let mut bob = Client::connect(prosody.c2s_port, "bob", ClientOpts::default()).await;
+    let mut bob = Client::connect(prosody.c2s_port, "bob", bob_client).await;
     let first = bob.next_body_message(Duration::from_secs(15)).await;
     let Some(m) = first else {
         eprintln!("FAILED: bob received nothing; log: {}", relay.log.display());
@@ -76,5 +113,8 @@ async fn main() {
         eprintln!("FAILED");
         std::process::exit(1);
     }
-    println!("OK: the message arrived exactly once after bob came back. Stopping everything.");
+    println!(
+        "OK: the message arrived exactly once after bob came back, and his contacts-only client \
+         confirmed it, with no prompt. Stopping everything."
+    );
 }
