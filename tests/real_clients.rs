@@ -60,7 +60,22 @@ async fn shown(client: &mut Client, wait: Duration) -> Vec<String> {
 /// Then bob logs out and in twice. Checks and prints: sent, shown,
 /// shown twice, receipts to alice, pending at the end.
 async fn scenario(kind: Kind, rule: Rule, online: bool) {
-    let server = Server::start(kind, ServerOpts::default());
+    scenario_on(kind, rule, online, false).await;
+}
+
+/// [`scenario`], with the server granting privileges (XEP-0356) or not.
+async fn scenario_on(kind: Kind, rule: Rule, online: bool, privileged: bool) {
+    let server = Server::start(
+        kind,
+        ServerOpts {
+            privilege: privileged,
+            ..Default::default()
+        },
+    );
+    // Prosody's roster permission puts the relay contact into the roster:
+    // a contacts-only client answers it even if its user approves nothing.
+    let answers =
+        rule.answers() || privileged && kind == Kind::Prosody && rule == Rule::ContactsOnlyIgnoring;
     // New correspondents' first messages wait for the relay contact's
     // answer, as by default.
     let relay = Relay::start(
@@ -123,7 +138,8 @@ async fn scenario(kind: Kind, rule: Rule, online: bool) {
     unique.sort();
     unique.dedup();
     println!(
-        "{kind:?} {rule:?} {}: sent {}, shown {}, shown twice {}, receipts to alice {}, pending at the end {}",
+        "{kind:?} {rule:?}{} {}: sent {}, shown {}, shown twice {}, receipts to alice {}, pending at the end {}",
+        if privileged { " privileged" } else { "" },
         if online {
             "online"
         } else {
@@ -139,7 +155,7 @@ async fn scenario(kind: Kind, rule: Rule, online: bool) {
     assert_eq!(all.len(), sent.len(), "nothing shown twice: {all:?}");
     let mut r = receipts.clone();
     r.sort();
-    if rule.answers() {
+    if answers {
         assert_eq!(r, sent, "alice gets bob's receipts");
     } else {
         assert!(r.is_empty(), "bob sent none: {r:?}");
@@ -176,6 +192,20 @@ async fn contacts_only_client_that_ignores_the_request(kind: Kind) {
     scenario(kind, Rule::ContactsOnlyIgnoring, false).await;
 }
 
+/// Every client mode, online and offline then online, with the server
+/// granting privileges (XEP-0356).
+async fn every_client_mode_in_privileged_mode(kind: Kind) {
+    for rule in [
+        Rule::Always,
+        Rule::ContactsOnly,
+        Rule::ContactsOnlyIgnoring,
+        Rule::Never,
+    ] {
+        scenario_on(kind, rule, true, true).await;
+        scenario_on(kind, rule, false, true).await;
+    }
+}
+
 /// Receipts turned off (still advertised): shown each message once.
 async fn client_that_never_answers(kind: Kind) {
     scenario(kind, Rule::Never, true).await;
@@ -188,6 +218,7 @@ on_both_servers!(
     contacts_only_client_that_ignores_the_request,
     client_that_never_answers,
     privileged_mode_needs_no_prompt,
+    every_client_mode_in_privileged_mode,
 );
 
 /// Privileged mode (XEP-0356), with a contacts-only client whose user
