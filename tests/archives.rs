@@ -104,6 +104,18 @@ async fn scenario(kind: Kind, offline_storage: bool, answers: bool) {
     let mut expected: Vec<String> = live.iter().chain(&later).cloned().collect();
     expected.sort();
     let seen: Vec<String> = by_origin.keys().cloned().collect();
+    // Shown live once each; each in the archive (which holds one copy per
+    // send: a replay is archived again).
+    let mut live_ids: Vec<String> = copies.iter().map(|c| c.0.clone()).collect();
+    live_ids.sort();
+    assert_eq!(
+        live_ids, expected,
+        "each shown live exactly once: {copies:?}"
+    );
+    let mut archived_ids: Vec<String> = archived.iter().map(|c| c.0.clone()).collect();
+    archived_ids.sort();
+    archived_ids.dedup();
+    assert_eq!(archived_ids, expected, "each in the archive: {archived:?}");
     println!(
         "{kind:?} archive on, offline storage {}, client {}: sent 6, shown live {}, in the archive {}, \
          a client that de-duplicates nothing shows {}, one that de-duplicates by origin-id {}",
