@@ -19,13 +19,15 @@ Component "relay.example.com"
 -- are on: the relay then puts each correspondent's relay address into the
 -- recipient's roster with subscription "both" (no prompt, and clients that
 -- answer receipts only to contacts answer it), and gets users' presence
--- without subscribing. Leave both parts out to run without privileges:
--- the relay then asks each recipient to approve (docs/operating.md).
+-- without subscribing. Grant no more than this: "both" would let it read
+-- every roster, and a message permission would let it write as any user.
+-- Leave both parts out to run without privileges: the relay then asks
+-- each recipient to approve (docs/operating.md).
 --
 -- VirtualHost "example.com"
 --     modules_enabled = { "privilege" }
 --     privileged_entities = {
---         ["relay.example.com"] = { roster = "both"; message = "outgoing"; presence = "managed_entity"; };
+--         ["relay.example.com"] = { roster = "set"; presence = "managed_entity"; };
 --     }
 
 -- Server offline storage (mod_offline) may stay on: redeliver confirms the

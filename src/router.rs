@@ -827,9 +827,20 @@ impl Router {
 
     async fn on_link_up(&mut self, epoch: u64) {
         self.epoch = Some(epoch);
-        // The server says again what it grants on each connection.
+        // The server says again what it grants on each connection. Roster
+        // sets that got no answer are asked again at the pair's next
+        // message (not a day later).
         self.grants.clear();
-        self.roster_sets.clear();
+        for (_, (recipient, sender)) in std::mem::take(&mut self.roster_sets) {
+            if let Some(mut c) = self.contact(&recipient, &sender)
+                && c.subscription == Subscription::Requested
+            {
+                c.asked_at_ms = 0;
+                if self.store.set_contact(&recipient, &sender, c).is_ok() {
+                    self.cache_contact(&recipient, &sender, c);
+                }
+            }
+        }
         self.link_up_since = Some(chrono::Utc::now());
         let recipients = match self.store.recipients() {
             Ok(r) => r,
@@ -968,9 +979,11 @@ impl Router {
             && from.resource().is_none()
             && let Some(g) = m.payloads.iter().find_map(privilege::grants)
         {
-            if !self.book.sender_allowed(from.domain().as_str()) {
-                // ejabberd announces for each of its hosts.
-                debug!(server = %from, "privileges on a domain the relay does not serve; ignored");
+            if from.domain().as_str() != self.config.relay.default_domain {
+                // Only the component's own server may grant (XEP-0356):
+                // that is the default domain's. ejabberd announces for
+                // each of its hosts; a federated server could claim it.
+                debug!(server = %from, "privileges from a domain other than the default one; ignored");
                 return;
             }
             info!(
@@ -1918,9 +1931,6 @@ impl Router {
     /// frozen client): resending would only duplicate it, so we wait for
     /// presence or any stanza from the recipient.
     async fn fail(&mut self, recipient: &str, bounced: bool) {
-        // With presence granted (XEP-0356) the server says when the
-        // recipient is back, as with a subscription.
-        let granted = BareJid::from_str(recipient).is_ok_and(|j| self.granted(&j).presence);
         let Some(peer) = self.peers.get_mut(recipient) else {
             return;
         };
@@ -1932,11 +1942,10 @@ impl Router {
         // After a timeout the resources stay, marked silent: a late
         // receipt or any stanza from one brings it back.
         peer.forced = false;
-        let subscribed = granted
-            || matches!(
-                self.store.recipient(recipient).map(|s| s.subscription),
-                Ok(Subscription::Subscribed)
-            );
+        let subscribed = matches!(
+            self.store.recipient(recipient).map(|s| s.subscription),
+            Ok(Subscription::Subscribed)
+        );
         if subscribed || !bounced {
             peer.presence_known = subscribed;
             peer.phase = Phase::Offline;
@@ -2486,6 +2495,15 @@ impl Router {
     /// at every login (a client that froze once answers at its next
     /// login and keeps the full guarantee).
     fn missed_receipt(&mut self, recipient: &str, to: Option<&str>) {
+        // With presence unknown nobody knows which client had it: no
+        // client is charged.
+        if !self
+            .peers
+            .get(recipient)
+            .is_some_and(|p| p.presence_known && !p.resources.is_empty() || to.is_some())
+        {
+            return;
+        }
         let reached = self.reached(recipient, to);
         for r in reached {
             let Some(habits) = self
@@ -2525,14 +2543,18 @@ impl Router {
     /// Psi) answer it once the recipient approves.
     async fn ensure_contact(&mut self, recipient: &str, target: &BareJid, sender: &BareJid) {
         let sender_key = sender.to_string();
+        let known = self.contact(recipient, &sender_key);
         // Asked (or refused) within the last day: not again. A request
         // lost on the way, or refused, is asked again after that.
-        if let Some(c) = self.contact(recipient, &sender_key)
+        if let Some(c) = known
             && (c.subscription == Subscription::Subscribed
                 || now_ms().saturating_sub(c.asked_at_ms) < RESUBSCRIBE_AFTER.as_millis() as i64)
         {
             return;
         }
+        // A contact the recipient removed or refused is not put back into
+        // the roster without asking (privileged mode asks then).
+        let refused_before = known.is_some_and(|c| c.subscription == Subscription::None);
         let Ok(from) = self.book.relay_for(sender) else {
             return;
         };
@@ -2552,7 +2574,10 @@ impl Router {
             (recipient.to_owned(), sender_key.clone()),
             tokio::time::Instant::now(),
         );
-        if self.granted(target).roster_set && self.roster_sets.len() < MAX_DISCO_PENDING {
+        if self.granted(target).roster_set
+            && !refused_before
+            && self.roster_sets.len() < MAX_DISCO_PENDING
+        {
             // No prompt: the item goes straight into the roster.
             let id = format!("roster-{}", random_id());
             self.roster_sets
@@ -2585,7 +2610,12 @@ impl Router {
     /// roster with subscription both, or (refused: ejabberd 23.01 fails
     /// every such set) the relay stops trying on that server and asks for
     /// the subscription instead.
-    async fn on_roster_set_answer(&mut self, id: &str, from: Option<&Jid>, ok: bool) -> bool {
+    async fn on_roster_set_answer(
+        &mut self,
+        id: &str,
+        from: Option<&Jid>,
+        error: Option<&StanzaError>,
+    ) -> bool {
         let Some((recipient, sender)) = self.roster_sets.get(id).cloned() else {
             return false;
         };
@@ -2593,18 +2623,31 @@ impl Router {
             return false;
         }
         self.roster_sets.remove(id);
-        if ok {
+        let Some(error) = error else {
             self.on_contact_answer(&recipient, &sender, true).await;
             return true;
-        }
+        };
         let (Ok(target), Ok(sender_jid)) =
             (BareJid::from_str(&recipient), BareJid::from_str(&sender))
         else {
             return true;
         };
-        if let Some(g) = self.grants.get_mut(target.domain().as_str()) {
-            warn!(server = %target.domain(), "the server refused a privileged roster set; asking recipients instead");
+        // A refusal of the permission itself ends roster sets on that
+        // server for this connection (ejabberd 23.01 answers every one
+        // with internal-server-error); anything else (a user that does
+        // not exist, say) concerns this pair only.
+        let refused = matches!(
+            error.defined_condition,
+            DefinedCondition::InternalServerError
+                | DefinedCondition::Forbidden
+                | DefinedCondition::NotAllowed
+                | DefinedCondition::FeatureNotImplemented
+        );
+        if refused && let Some(g) = self.grants.get_mut(target.domain().as_str()) {
+            warn!(server = %target.domain(), condition = ?error.defined_condition, "the server refused a privileged roster set; asking recipients instead");
             g.roster_set = false;
+        } else {
+            info!(to = %recipient, condition = ?error.defined_condition, "a privileged roster set failed for this recipient; asking instead");
         }
         if let Ok(from) = self.book.relay_for(&sender_jid) {
             self.ask_contact(&recipient, &target, &from, &sender).await;
@@ -2808,8 +2851,12 @@ impl Router {
         // Presence state is taken only from recipients the relay asked for
         // it: anyone else's would grow the store and memory for nothing.
         // Where the server grants presence (XEP-0356 managed_entity) it
-        // sends every user's: taken from those with messages here only.
-        let managed = self.granted(&from.to_bare()).presence
+        // sends every user's: taken from those the relay is delivering to
+        // only. It shows changes since then, so what the relay knows of
+        // such a user's resources may be incomplete: a hint, not proof of
+        // absence.
+        let granted_presence = self.granted(&from.to_bare()).presence;
+        let managed = granted_presence
             && (self.peers.contains_key(&recipient)
                 || self
                     .store
@@ -2855,7 +2902,17 @@ impl Router {
                 if sub != Subscription::Subscribed && !managed {
                     return;
                 }
+                let managed_only = sub != Subscription::Subscribed;
                 let peer = peer_entry(&mut self.peers, &recipient, initial);
+                if managed_only
+                    && !from
+                        .resource()
+                        .is_some_and(|r| peer.resources.contains_key(r.as_str()))
+                {
+                    // A resource the relay never saw: says nothing of the
+                    // others.
+                    return;
+                }
                 peer.presence_known = true;
                 match from.resource() {
                     Some(r) => {
@@ -2877,16 +2934,32 @@ impl Router {
                         .map(|(seq, _)| *seq)
                         .collect();
                     peer.halt(&mut self.timers);
-                    peer.phase = Phase::Offline;
+                    if managed_only {
+                        // Maybe still online elsewhere: retried with
+                        // backoff, as with presence unknown.
+                        peer.presence_known = false;
+                        peer.phase = Phase::Idle;
+                    } else {
+                        peer.phase = Phase::Offline;
+                    }
                     if !unanswered.is_empty() {
                         self.confirm(&recipient, &unanswered, true).await;
+                    }
+                    if managed_only
+                        && self
+                            .store
+                            .recipient(&recipient)
+                            .is_ok_and(|s| s.pending > 0)
+                    {
+                        self.resume_unless_known(&recipient, initial);
                     }
                 }
             }
             PresenceType::None => {
-                if sub == Subscription::Requested {
-                    // Presence only flows after approval; a lost
-                    // `subscribed` must not leave us waiting.
+                if sub == Subscription::Requested && !granted_presence {
+                    // Presence only flows after approval (unless the
+                    // server grants it); a lost `subscribed` must not
+                    // leave us waiting.
                     let _ = self
                         .store
                         .set_subscription(&recipient, Subscription::Subscribed);
@@ -2998,7 +3071,7 @@ impl Router {
             Iq::Result {
                 id, payload, from, ..
             } => {
-                if self.on_roster_set_answer(&id, from.as_ref(), true).await {
+                if self.on_roster_set_answer(&id, from.as_ref(), None).await {
                     return;
                 }
                 let Some(q) = self.take_disco(&id, from.as_ref()) else {
@@ -3014,8 +3087,13 @@ impl Router {
                     debug!(to = %q.recipient, resource = %q.resource, ?supports, "receipt support");
                 }
             }
-            Iq::Error { id, from, .. } => {
-                if self.on_roster_set_answer(&id, from.as_ref(), false).await {
+            Iq::Error {
+                id, from, error, ..
+            } => {
+                if self
+                    .on_roster_set_answer(&id, from.as_ref(), Some(&error))
+                    .await
+                {
                     return;
                 }
                 self.take_disco(&id, from.as_ref());
@@ -5072,5 +5150,201 @@ retry_initial_ms = 500
             })
             .collect();
         assert!(told.contains(&"m1".to_string()), "{told:?}");
+    }
+
+    /// The server grants the component `perms` (XEP-0356).
+    async fn grant(h: &Harness, from: &str, perms: &str) {
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='{from}' to='relay.x'><privilege xmlns='urn:xmpp:privilege:2'>{perms}</privilege></message>"
+        ))
+        .await;
+    }
+
+    const ROSTER: &str = "<perm access='roster' type='set'/>";
+    const PRESENCE: &str = "<perm access='presence' type='managed_entity'/>";
+
+    /// Roster sets the relay sent: (iq id, to, item jid).
+    fn roster_sets(out: &[Stanza]) -> Vec<(String, String, String)> {
+        out.iter()
+            .filter_map(|st| match st {
+                Stanza::Iq(iq) => {
+                    let el = Element::from(iq.clone());
+                    let item = el
+                        .get_child("query", ns::ROSTER)?
+                        .get_child("item", ns::ROSTER)?
+                        .attr("jid")?
+                        .to_owned();
+                    Some((el.attr("id")?.to_owned(), el.attr("to")?.to_owned(), item))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn subscribes_from(out: &[Stanza]) -> Vec<String> {
+        out.iter()
+            .filter_map(|st| match st {
+                Stanza::Presence(p) if p.type_ == PresenceType::Subscribe => {
+                    p.from.as_ref().map(|f| f.to_string())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Review of privileged mode: presence granted by the server shows
+    /// only changes since the relay started delivering to a user, so a
+    /// logout of a resource it never saw does not make him offline, and
+    /// when the ones it saw are gone his queue is still retried.
+    #[tokio::test(start_paused = true)]
+    async fn granted_presence_is_a_hint_not_proof_of_absence() {
+        let mut h = harness_with(64, "unanswered_wait_ms = 200\n").await;
+        grant(&h, "x", PRESENCE).await;
+        // phone and desktop were online before anything was pending.
+        h.presence("phone").await;
+        h.presence("desktop").await;
+        h.msg("m1").await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        h.unavailable("desktop").await;
+        h.msg("m2").await;
+        // As soon as m1 counts delivered (200 ms): nothing says bob left
+        // (a backoff retry would be 500 ms).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let out = h.drain_all();
+        let sent: Vec<String> = messages(&out).into_iter().map(|(_, id, _)| id).collect();
+        assert!(sent.contains(&"m2".to_string()), "{sent:?}");
+        assert!(
+            subscribes_from(&out).iter().all(|f| f != "relay.x"),
+            "no subscription asked for the domain: {out:?}"
+        );
+        // A presence seen, then its logout: nothing known is left, and a
+        // message after that is still tried (with backoff).
+        h.presence("tablet").await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        h.unavailable("tablet").await;
+        h.msg("m3").await;
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        assert!(ids_of(&h.drain()).contains(&"m3"));
+        assert_eq!(
+            h.store.recipient("bob@x").unwrap().subscription,
+            Subscription::None,
+            "granted presence approves nothing"
+        );
+    }
+
+    /// Review of privileged mode: a roster set that fails for one user
+    /// (one that does not exist) falls back for that pair only; one the
+    /// server refuses as such (ejabberd 23.01: internal-server-error)
+    /// ends roster sets for the connection. Unanswered ones are sent
+    /// again after a reconnect, and a relay contact the user removed is
+    /// asked for, not put back.
+    #[tokio::test(start_paused = true)]
+    async fn privileged_roster_sets_fall_back_with_care() {
+        let mut h = harness_with(64, "unanswered_wait_ms = 200\n").await;
+        grant(&h, "x", ROSTER).await;
+        // A grant from another domain is ignored.
+        grant(&h, "y", "<perm access='presence' type='managed_entity'/>").await;
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='alice@x/r' to='nobody@relay.x' id='n1' type='chat'><body>n1</body></message>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let out = h.drain_all();
+        let sets = roster_sets(&out);
+        assert_eq!(sets.len(), 1, "{out:?}");
+        h.feed(&format!(
+            "<iq xmlns='{NS}' type='error' from='nobody@x' to='relay.x' id='{}'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>",
+            sets[0].0
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            subscribes_from(&h.drain_all()),
+            ["alice@relay.x"],
+            "asked instead"
+        );
+        // Bob: still a roster set.
+        h.msg("b1").await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let out = h.drain_all();
+        let sets = roster_sets(&out);
+        assert_eq!(sets.len(), 1, "{out:?}");
+        assert_eq!(sets[0].1, "bob@x");
+        assert_eq!(sets[0].2, "alice@relay.x");
+        // The link drops before the answer: sent again afterwards.
+        h.events.send(LinkEvent::Down).await.unwrap();
+        h.events.send(LinkEvent::Up { epoch: 2 }).await.unwrap();
+        grant(&h, "x", ROSTER).await;
+        h.msg("b2").await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let sets = roster_sets(&h.drain_all());
+        assert_eq!(sets.len(), 1, "asked again");
+        h.feed(&format!(
+            "<iq xmlns='{NS}' type='result' from='bob@x' to='relay.x' id='{}'/>",
+            sets[0].0
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            h.store
+                .contact("bob@x", "alice@x")
+                .unwrap()
+                .unwrap()
+                .subscription,
+            Subscription::Subscribed
+        );
+        // Bob removes the contact; a day later alice's next message asks
+        // him instead of putting it back.
+        h.feed(&format!(
+            "<presence xmlns='{NS}' from='bob@x' to='alice@relay.x' type='unsubscribed'/>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let mut c = h.store.contact("bob@x", "alice@x").unwrap().unwrap();
+        assert_eq!(c.subscription, Subscription::None);
+        c.asked_at_ms -= 25 * 3600 * 1000;
+        h.store.set_contact("bob@x", "alice@x", c).unwrap();
+        // (the relay's cache still holds the fresh one: a carol→bob pair
+        // shows the same rule on a cold cache)
+        h.store
+            .set_contact(
+                "bob@x",
+                "carol@x",
+                Contact {
+                    subscription: Subscription::None,
+                    asked_at_ms: 1,
+                },
+            )
+            .unwrap();
+        h.drain_all();
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='carol@x/r' to='bob@relay.x' id='k1' type='chat'><body>k1</body></message>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let out = h.drain_all();
+        assert!(roster_sets(&out).is_empty(), "not put back: {out:?}");
+        assert_eq!(subscribes_from(&out), ["carol@relay.x"]);
+        // ejabberd 23.01's answer ends roster sets for the connection.
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='dave@x/r' to='bob@relay.x' id='d1' type='chat'><body>d1</body></message>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let sets = roster_sets(&h.drain_all());
+        assert_eq!(sets.len(), 1);
+        h.feed(&format!(
+            "<iq xmlns='{NS}' type='error' from='bob@x' to='relay.x' id='{}'><error type='wait'><internal-server-error xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>",
+            sets[0].0
+        ))
+        .await;
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='erin@x/r' to='bob@relay.x' id='e1' type='chat'><body>e1</body></message>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let out = h.drain_all();
+        assert!(roster_sets(&out).is_empty(), "{out:?}");
+        assert_eq!(subscribes_from(&out), ["dave@relay.x", "erin@relay.x"]);
     }
 }

@@ -135,8 +135,8 @@ pub struct ServerOpts {
     /// Prosody's `debug` and ejabberd's `info`: tests read the logs; the
     /// benchmark measures the server, not its log.
     pub quiet: bool,
-    /// Grant the component XEP-0356 privileges (roster `both`, message
-    /// `outgoing`, presence `managed_entity`), as component-config/ shows.
+    /// Grant the component XEP-0356 privileges (roster `set`, presence
+    /// `managed_entity`), as component-config/ shows.
     pub privilege: bool,
     /// Archive every user's messages (XEP-0313: Prosody's `mod_mam`,
     /// ejabberd's `mod_mam` with `default: always`).
@@ -158,16 +158,14 @@ impl Default for ServerOpts {
 /// XEP-0356 grants for the component, as in component-config/.
 const PROSODY_PRIVILEGE_HOST: &str = r#"    modules_enabled = { "privilege" }
     privileged_entities = {
-        ["@COMPONENT@"] = { roster = "both"; message = "outgoing"; presence = "managed_entity"; };
+        ["@COMPONENT@"] = { roster = "set"; presence = "managed_entity"; };
     }"#;
 const EJABBERD_PRIVILEGE_ACCESS: &str = r#"  relay_privileged:
     allow:
       server: "@COMPONENT@""#;
 const EJABBERD_PRIVILEGE_MODULE: &str = r#"  mod_privilege:
     roster:
-      both: relay_privileged
-    message:
-      outgoing: relay_privileged
+      set: relay_privileged
     presence:
       managed_entity: relay_privileged"#;
 
