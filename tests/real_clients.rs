@@ -153,6 +153,7 @@ async fn scenario_on(kind: Kind, rule: Rule, online: bool, privileged: bool) {
     );
     assert_eq!(unique, sent, "every message shown: {all:?}");
     assert_eq!(all.len(), sent.len(), "nothing shown twice: {all:?}");
+    assert_eq!(all, sent, "in the order sent");
     let mut r = receipts.clone();
     r.sort();
     if answers {
