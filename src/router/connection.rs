@@ -1,0 +1,231 @@
+//! The component link coming and going: probes after a connect, twin
+//! detection, invalid stanzas.
+
+use super::*;
+
+impl Router {
+    /// Pings from our domain to our domain, naming this instance.
+    pub(super) async fn send_twin_probes(&mut self) {
+        for n in 0..twin::PROBES {
+            let from = format!("{}@{}", Instance::probe_node(n), self.book.component());
+            let Ok(from) = Jid::from_str(&from) else {
+                continue;
+            };
+            let iq = Iq::from_get(self.instance.probe_id(n), tokio_xmpp::parsers::ping::Ping)
+                .with_from(from)
+                .with_to(self.me.clone());
+            self.send(iq).await;
+        }
+    }
+
+    pub(super) async fn on_twin_probe(&mut self, verdict: Verdict) {
+        match verdict {
+            Verdict::Mine => {}
+            Verdict::Earlier(other) => {
+                let e = AnotherInstance {
+                    domain: self.book.component().to_string(),
+                    started: other.started(),
+                };
+                error!(error = %e, "stopping");
+                self.fatal = Some(Stop::AnotherInstance(e));
+            }
+            Verdict::Later(other) => {
+                warn!(
+                    other_started = %other.started(),
+                    "another redeliver instance connected under this component's name; \
+                     it started later and will stop"
+                );
+                // Make sure it hears of us soon.
+                self.send_twin_probes().await;
+            }
+        }
+    }
+
+    pub(super) async fn on_link_event(&mut self, ev: LinkEvent) {
+        match ev {
+            LinkEvent::Up { epoch } => self.on_link_up(epoch).await,
+            LinkEvent::Down => self.on_link_down(),
+            LinkEvent::Stanza(st) => match *st {
+                Stanza::Message(m) => self.on_message(m).await,
+                Stanza::Presence(p) => self.on_presence(p).await,
+                Stanza::Iq(iq) => self.on_iq(iq).await,
+            },
+            LinkEvent::Invalid {
+                kind,
+                from,
+                to,
+                id,
+                type_,
+                error,
+            } => {
+                warn!(kind, ?from, ?to, ?id, %error, "stanza did not parse");
+                self.answer_invalid(kind, from, to, id, type_).await;
+            }
+        }
+    }
+
+    pub(super) async fn answer_invalid(
+        &mut self,
+        kind: &'static str,
+        from: Option<String>,
+        to: Option<String>,
+        id: Option<String>,
+        type_: Option<String>,
+    ) {
+        // Never answer an error or a result: that could loop.
+        if matches!(type_.as_deref(), Some("error") | Some("result")) || kind == "presence" {
+            return;
+        }
+        let (Some(from), Some(to)) = (
+            from.and_then(|f| Jid::from_str(&f).ok()),
+            to.and_then(|t| Jid::from_str(&t).ok()),
+        ) else {
+            return;
+        };
+        if to.domain().as_str() != self.book.component().as_str() {
+            return;
+        }
+        let err = stanza_error(
+            ErrorType::Modify,
+            DefinedCondition::BadRequest,
+            "the stanza could not be parsed",
+        );
+        if kind == "iq" {
+            let iq = Iq::from_error(id.unwrap_or_default(), err)
+                .with_from(to)
+                .with_to(from);
+            self.send(iq).await;
+        } else {
+            let mut m = Message::error(Some(from)).with_payload(err);
+            m.from = Some(to);
+            m.id = id.map(Id);
+            self.send(m).await;
+        }
+    }
+
+    pub(super) async fn on_link_up(&mut self, epoch: u64) {
+        self.epoch = Some(epoch);
+        // The server says again what it grants on each connection. Roster
+        // sets that got no answer are asked again at the pair's next
+        // message (not a day later).
+        self.grants.clear();
+        for (_, (recipient, sender)) in std::mem::take(&mut self.roster_sets) {
+            if let Some(mut c) = self.contact(&recipient, &sender)
+                && c.subscription == Subscription::Requested
+            {
+                c.asked_at_ms = 0;
+                if self.store.set_contact(&recipient, &sender, c).is_ok() {
+                    self.cache_contact(&recipient, &sender, c);
+                }
+            }
+        }
+        self.link_up_since = Some(chrono::Utc::now());
+        let recipients = match self.store.recipients() {
+            Ok(r) => r,
+            Err(e) => {
+                error!(error = %e, "cannot list recipients after connect");
+                return;
+            }
+        };
+        info!(
+            epoch,
+            recipients = recipients.len(),
+            "link up; probing subscribed recipients"
+        );
+        // In steps, so that a large store does not hold everything else
+        // up (nor buffer a probe per recipient at once).
+        self.probe_queue = recipients.into();
+        self.timers.insert(Timer::ProbeStep, Duration::ZERO);
+        self.send_twin_probes().await;
+        // The walk runs while notices can go out; the first connect starts
+        // it at once (a restart may find messages that expired while the
+        // process was down).
+        if !self.expiry_scheduled {
+            self.expiry_scheduled = true;
+            self.timers.insert(Timer::Expire, Duration::ZERO);
+        }
+        if self.twin_timer.is_none() {
+            self.twin_timer = Some(self.timers.insert(Timer::TwinCheck, twin::INTERVAL));
+        }
+    }
+
+    /// Probe the next [`PROBE_STEP`] recipients known at link up: servers
+    /// do not queue presence for a disconnected component, so ask again.
+    pub(super) async fn probe_step(&mut self) {
+        let initial = self.config.retry_initial();
+        for _ in 0..PROBE_STEP {
+            let Some((name, state)) = self.probe_queue.pop_front() else {
+                break;
+            };
+            let Ok(jid) = BareJid::from_str(&name) else {
+                warn!(recipient = %name, "store holds an invalid recipient JID; skipping");
+                continue;
+            };
+            if state.subscription == Subscription::Subscribed {
+                self.send(
+                    Presence::probe()
+                        .with_from(self.me.clone())
+                        .with_to(Jid::from(jid)),
+                )
+                .await;
+            }
+            if state.pending > 0 {
+                if state.subscription == Subscription::Subscribed {
+                    // The probe may answer; the retry waits for the
+                    // whole pass (see below).
+                    self.probe_waiting.push(name);
+                } else {
+                    self.resume_unless_known(&name, Duration::ZERO);
+                }
+            }
+        }
+        if !self.probe_queue.is_empty() {
+            self.timers.insert(Timer::ProbeStep, Duration::ZERO);
+            return;
+        }
+        // Every probe is out. Where no presence has come back within
+        // retry_initial_ms of the last one (presence unknown), a retry
+        // decides: timed from the end of the pass, so that a large store
+        // does not resend to recipients whose answers are still queued.
+        debug!("every recipient probed");
+        for name in std::mem::take(&mut self.probe_waiting) {
+            self.resume_unless_known(&name, initial);
+        }
+    }
+
+    /// Schedule a resume for a recipient nothing is known of yet.
+    pub(super) fn resume_unless_known(&mut self, name: &str, delay: Duration) {
+        let initial = self.config.retry_initial();
+        let peer = peer_entry(&mut self.peers, name, initial);
+        if peer.timer.is_none() && peer.phase == Phase::Idle {
+            peer.phase = Phase::Backoff;
+            peer.timer = Some(self.timers.insert(
+                Timer::Resume {
+                    recipient: name.to_owned(),
+                },
+                delay,
+            ));
+        }
+    }
+
+    pub(super) fn on_link_down(&mut self) {
+        self.epoch = None;
+        self.probe_queue.clear();
+        self.probe_waiting.clear();
+        self.link_up_since = None;
+        // What was on the wire is in doubt: it stays pending and is
+        // replayed once presence is known again.
+        for peer in self.peers.values_mut() {
+            peer.halt(&mut self.timers);
+            peer.resources.clear();
+            peer.presence_known = false;
+            peer.phase = Phase::Idle;
+        }
+        let names: Vec<String> = self.peers.keys().cloned().collect();
+        for name in names {
+            self.forget_if_idle(&name);
+        }
+        self.disco_pending.clear();
+        warn!("link down; in-flight messages stay pending");
+    }
+}

@@ -1,0 +1,315 @@
+//! Sending a recipient's queue in order within its window, and what a
+//! failed send does.
+
+use super::*;
+
+impl Router {
+    /// Message `seq` is new for `recipient`: send if we may.
+    pub(super) async fn kick(&mut self, recipient: &str, seq: u64) {
+        let initial = self.config.retry_initial();
+        let peer = peer_entry(&mut self.peers, recipient, initial);
+        match peer.phase {
+            Phase::Sending => {
+                self.pump(recipient).await;
+            }
+            Phase::Idle => {
+                if peer.online() || !peer.presence_known {
+                    peer.phase = Phase::Sending;
+                    peer.cursor = 0;
+                    peer.replay_below = seq;
+                    self.pump(recipient).await;
+                } else {
+                    peer.phase = Phase::Offline;
+                }
+            }
+            Phase::Grace | Phase::Offline | Phase::Backoff => {}
+        }
+    }
+
+    /// Send pending messages in order while the window has room; how
+    /// many went.
+    pub(super) async fn pump(&mut self, recipient: &str) -> usize {
+        self.pump_some(recipient, false).await
+    }
+
+    /// After confirmations: refill only once half the window is free, so
+    /// that a backlog leaves in clumps (fewer, larger writes for the
+    /// server to read) rather than one message per receipt.
+    pub(super) async fn refill(&mut self, recipient: &str) -> usize {
+        self.pump_some(recipient, true).await
+    }
+
+    pub(super) async fn pump_some(&mut self, recipient: &str, clump: bool) -> usize {
+        if self.epoch.is_none() {
+            return 0;
+        }
+        let Some(peer) = self.peers.get(recipient) else {
+            return 0;
+        };
+        // With presence unknown, one message at a time: if the recipient
+        // is logging in right now, the server would bounce the head of a
+        // window and deliver its tail, out of order.
+        let window = if peer.forced || peer.presence_known && peer.online() {
+            self.config.delivery.window
+        } else {
+            1
+        };
+        if peer.phase != Phase::Sending
+            || peer.in_flight.len() >= window
+            || clump && peer.in_flight.len() > window / 2
+        {
+            return 0;
+        }
+        let room = window - peer.in_flight.len();
+        let batch = match self.store.pending_from(recipient, peer.cursor, room) {
+            Ok(b) => b,
+            Err(e) => {
+                error!(error = %e, to = recipient, "cannot read queue");
+                return 0;
+            }
+        };
+        let timeout = self.config.receipt_timeout();
+        let mut to_send = Vec::with_capacity(batch.len());
+        let target = peer.target();
+        // Senders whose messages wait for a relay contact's answer, and
+        // the shortest wait left (one timer per recipient at a time).
+        let mut held = std::collections::HashSet::new();
+        let mut soonest: Option<Duration> = None;
+        for (_, rec) in &batch {
+            let sender = bare_of(&rec.sender);
+            if !held.contains(sender)
+                && let Some(left) = self.held_for_contact(recipient, sender)
+            {
+                held.insert(sender.to_owned());
+                soonest = Some(soonest.map_or(left, |s| s.min(left)));
+            }
+        }
+        // Per sender: is a client the batch reaches known to answer it?
+        let mut expect: HashMap<String, bool> = HashMap::new();
+        for (_, rec) in &batch {
+            let sender = bare_of(&rec.sender);
+            if !expect.contains_key(sender) {
+                let e = self.expects_receipt(recipient, sender, target.as_deref());
+                expect.insert(sender.to_owned(), e);
+            }
+        }
+        let unanswered_wait = self.config.unanswered_wait();
+        if let Some(wait) = soonest
+            && let Some(peer) = self.peers.get_mut(recipient)
+            && peer.contact_timer.is_none()
+        {
+            peer.contact_timer = Some(self.timers.insert(
+                Timer::ContactWait {
+                    recipient: recipient.to_owned(),
+                },
+                wait,
+            ));
+        }
+        {
+            let peer = self.peers.get_mut(recipient).expect("checked above");
+            for (seq, rec) in batch {
+                if peer.unsaved_confirms.contains(&seq) || peer.in_flight.contains_key(&seq) {
+                    // Never again; or on the wire already (the cursor went
+                    // back for a message a late bounce put back).
+                    peer.cursor = seq + 1;
+                    continue;
+                }
+                if seq > self.gate.durable_seq() {
+                    break; // not on disk yet; on_durable resumes
+                }
+                if held.contains(bare_of(&rec.sender)) {
+                    // Until the recipient answers the relay contact; the
+                    // queue keeps its order, so what follows waits too.
+                    break;
+                }
+                let expect = expect.get(bare_of(&rec.sender)).copied().unwrap_or(true);
+                let timer = self.timers.insert(
+                    Timer::Receipt {
+                        recipient: recipient.to_owned(),
+                        seq,
+                    },
+                    if expect { timeout } else { unanswered_wait },
+                );
+                if let Some(old) = peer.in_flight.insert(
+                    seq,
+                    InFlight {
+                        id: rec.id.clone(),
+                        sender_bare: bare_of(&rec.sender).to_owned(),
+                        timer,
+                        to_resource: target.clone(),
+                        expect,
+                    },
+                ) {
+                    self.timers.try_remove(&old.timer);
+                }
+                peer.cursor = seq + 1;
+                let attempts = peer.attempts.entry(seq).or_insert(0);
+                *attempts += 1;
+                let replay = *attempts > 1 || seq < peer.replay_below;
+                to_send.push((seq, rec, replay));
+            }
+        }
+        let sent = to_send.len();
+        for (seq, rec, replay) in to_send {
+            let needs = if self.burst_accepted.iter().any(|(s, _)| *s == seq) {
+                Needs::Accept
+            } else {
+                Needs::Nothing
+            };
+            if replay {
+                self.stats.replays_total += 1;
+            }
+            let fresh = self.fresh.take(seq);
+            match self.outgoing(seq, &rec, replay, fresh) {
+                Some(mut m) => {
+                    if let Some(full) = target
+                        .as_ref()
+                        .and_then(|r| Jid::from_str(&format!("{recipient}/{r}")).ok())
+                    {
+                        m.to = Some(full);
+                    }
+                    self.send_after(m, needs).await
+                }
+                None => {
+                    // A record we cannot parse back can never be delivered;
+                    // keep it for the operator rather than drop it.
+                    error!(
+                        to = recipient,
+                        seq, "stored stanza does not parse; left in the store"
+                    );
+                }
+            }
+        }
+        sent
+    }
+
+    /// Rebuild the stanza for the wire from its record.
+    /// `fresh`: the same message as accepted, if still at hand.
+    pub(super) fn outgoing(
+        &self,
+        seq: u64,
+        rec: &Record,
+        replay: bool,
+        fresh: Option<Message>,
+    ) -> Option<Message> {
+        let mut m = match fresh {
+            Some(m) => m,
+            None => Message::try_from(Element::from_str(&rec.stanza).ok()?).ok()?,
+        };
+        // From the relay address's full JID (stored stanzas name the bare
+        // one): some clients answer receipts to a full JID only.
+        if let Some(from) = &m.from
+            && from.resource().is_none()
+            && let Some(full) = with_relay_resource(&from.to_bare())
+        {
+            m.from = Some(full);
+        }
+        m.payloads.push(Request.into());
+        // A XEP-0359 origin-id equal to the message id, unless the sender
+        // gave one: clients that tell copies apart by origin-id (and by
+        // the stanza-id below, the same at every send) then show a replay,
+        // or the copy their server archived, once.
+        if !m.payloads.iter().any(|p| p.is("origin-id", ns::SID)) {
+            m.payloads.push(OriginId { id: rec.id.clone() }.into());
+        }
+        m.payloads.push(
+            StanzaId {
+                id: format!("{seq:016x}"),
+                by: self.me.clone(),
+            }
+            .into(),
+        );
+        if replay {
+            let stamp = chrono::DateTime::from_timestamp_millis(rec.accepted_at_ms)
+                .unwrap_or_default()
+                .fixed_offset();
+            m.payloads.push(
+                Delay {
+                    from: Some(self.me.clone()),
+                    stamp: DateTime(stamp),
+                    data: Some("Redelivered".into()),
+                }
+                .into(),
+            );
+        }
+        Some(m)
+    }
+
+    /// A send failed. After a bounce the server certainly kept nothing,
+    /// so with presence unknown we retry with backoff. After a silent
+    /// receipt timeout the server may hold a copy (offline storage, a
+    /// frozen client): resending would only duplicate it, so we wait for
+    /// presence or any stanza from the recipient.
+    pub(super) async fn fail(&mut self, recipient: &str, bounced: bool) {
+        let Some(peer) = self.peers.get_mut(recipient) else {
+            return;
+        };
+        peer.halt(&mut self.timers);
+        if bounced {
+            // The server says nobody is there.
+            peer.resources.clear();
+        }
+        // After a timeout the resources stay, marked silent: a late
+        // receipt or any stanza from one brings it back.
+        peer.forced = false;
+        let subscribed = matches!(
+            self.store.recipient(recipient).map(|s| s.subscription),
+            Ok(Subscription::Subscribed)
+        );
+        if subscribed || !bounced {
+            peer.presence_known = subscribed;
+            peer.phase = Phase::Offline;
+        } else {
+            peer.presence_known = false;
+            peer.phase = Phase::Backoff;
+            let delay = peer.backoff;
+            peer.backoff = (peer.backoff * 2).min(self.config.retry_max());
+            peer.timer = Some(self.timers.insert(
+                Timer::Resume {
+                    recipient: recipient.to_owned(),
+                },
+                delay,
+            ));
+            debug!(
+                to = recipient,
+                retry_in_ms = delay.as_millis() as u64,
+                "presence unknown; retry scheduled"
+            );
+        }
+    }
+
+    /// The recipient showed signs of life: replay after the grace window
+    /// unless already sending.
+    pub(super) async fn seen_alive(&mut self, recipient: &str) {
+        let Some(peer) = self.peers.get_mut(recipient) else {
+            return;
+        };
+        if matches!(peer.phase, Phase::Offline | Phase::Backoff | Phase::Idle) {
+            let has_pending = self
+                .store
+                .recipient(recipient)
+                .map(|s| s.pending > 0)
+                .unwrap_or(false);
+            if !has_pending {
+                // Nothing to resend: no retry either (a stale one would
+                // later restart a window already under way).
+                if let Some(k) = peer.timer.take() {
+                    self.timers.try_remove(&k);
+                }
+                peer.phase = Phase::Idle;
+                return;
+            }
+            if let Some(k) = peer.timer.take() {
+                self.timers.try_remove(&k);
+            }
+            peer.phase = Phase::Grace;
+            peer.timer = Some(self.timers.insert(
+                Timer::Resume {
+                    recipient: recipient.to_owned(),
+                },
+                self.config.replay_grace(),
+            ));
+            debug!(to = recipient, "back online; replay after grace");
+        }
+    }
+}

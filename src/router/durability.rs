@@ -1,0 +1,101 @@
+//! What is on disk decides what may leave: durable tickets, store failures
+//! and the senders they concern.
+
+use super::*;
+
+impl Router {
+    /// Messages of a burst whose commit failed (batched mode): never sent
+    /// by this process, and their senders told.
+    pub(super) async fn abandon_unstored(&mut self, accepted: Vec<(u64, String)>) {
+        for (seq, recipient) in accepted {
+            if let Some(peer) = self.peers.get_mut(&recipient) {
+                peer.never_again(seq, &mut self.timers);
+            }
+            self.tell_unstored(&recipient, seq).await;
+        }
+    }
+
+    /// Tell the sender of message `seq` that it was not stored.
+    pub(super) async fn tell_unstored(&mut self, recipient: &str, seq: u64) {
+        match self.store.get(recipient, seq) {
+            Ok(Some(rec)) => {
+                warn!(to = %recipient, id = %rec.id, seq, "not stored durably; sender told");
+                self.notify_sender(
+                    recipient,
+                    &rec,
+                    ErrorType::Wait,
+                    DefinedCondition::ResourceConstraint,
+                    "the relay could not store this message; send it again later",
+                )
+                .await;
+            }
+            Ok(None) => {}
+            Err(e) => error!(error = %e, seq, "cannot read an unstored message"),
+        }
+    }
+
+    pub(super) async fn on_durable(&mut self, ticket: u64) {
+        let (released, recipients) = self.gate.durable(ticket);
+        for stanza in released {
+            self.send(stanza).await;
+        }
+        // Only a recipient with a message that just became durable can
+        // have been held back by the gate.
+        for r in recipients {
+            if self
+                .peers
+                .get(&r)
+                .is_some_and(|p| p.phase == Phase::Sending)
+            {
+                self.pump(&r).await;
+            }
+        }
+    }
+
+    pub(super) fn store_failure(&mut self, what: &str, e: &dyn std::fmt::Display) {
+        if self.store_failed {
+            return;
+        }
+        self.store_failed = true;
+        error!(
+            operation = what,
+            error = %e,
+            "the store cannot write: refusing new messages until there is space again, \
+             then exiting to reopen it"
+        );
+        self.timers.insert(Timer::SpaceProbe, SPACE_PROBE_EVERY);
+    }
+
+    /// Messages accepted but never made durable will not be relayed by
+    /// this process: tell their senders, so that nothing goes silently.
+    /// Receipts held for removals that will never be durable are
+    /// dropped: those messages come back after the restart, and their
+    /// senders must not have seen a receipt for them.
+    pub(super) async fn abandon_undurable(&mut self) {
+        let (waiting, dropped) = self.gate.abandon_waiting();
+        if dropped > 0 {
+            warn!(
+                receipts = dropped,
+                "receipts not relayed: the removals they confirm never reached disk"
+            );
+        }
+        for (seq, recipient) in waiting {
+            self.tell_unstored(&recipient, seq).await;
+        }
+    }
+
+    /// Stop: make the store durable. Blocking work runs off the runtime.
+    pub async fn flush_store(store: Arc<Store>) {
+        match tokio::task::spawn_blocking(move || {
+            store.commit()?;
+            store.flush()?;
+            store.write_shutdown_marker()
+        })
+        .await
+        {
+            Ok(Ok(_)) => info!("store flushed"),
+            Ok(Err(e)) => error!(error = %e, "final store flush failed"),
+            Err(e) => error!(error = %e, "final store flush panicked"),
+        }
+    }
+}

@@ -1,0 +1,366 @@
+//! Messages arriving from senders: checks, limits, and acceptance into the
+//! store (or relaying once).
+
+use super::*;
+
+impl Router {
+    pub(super) async fn on_message(&mut self, mut m: Message) {
+        let (Some(from), Some(to)) = (m.from.clone(), m.to.clone()) else {
+            debug!("message without from or to dropped");
+            return;
+        };
+        if to.domain().as_str() != self.book.component().as_str() {
+            // Not ours (a server would not route it here): no answer, since
+            // nothing may leave with a `from` outside our domain.
+            debug!(%to, "message for another domain dropped");
+            return;
+        }
+        if m.type_ == MessageType::Error {
+            let error = m
+                .payloads
+                .iter()
+                .find(|p| p.name() == "error")
+                .and_then(|p| StanzaError::try_from(p.clone()).ok());
+            self.on_bounce(&from, &to, m.id.as_ref().map(|i| i.0.as_str()), error)
+                .await;
+            return;
+        }
+        if to.node().is_none()
+            && from.node().is_none()
+            && from.resource().is_none()
+            && let Some(g) = m.payloads.iter().find_map(privilege::grants)
+        {
+            if from.domain().as_str() != self.config.relay.default_domain {
+                // Only the component's own server may grant (XEP-0356):
+                // that is the default domain's. ejabberd announces for
+                // each of its hosts; a federated server could claim it.
+                debug!(server = %from, "privileges from a domain other than the default one; ignored");
+                return;
+            }
+            info!(
+                server = %from,
+                roster = g.roster_set,
+                presence = g.presence,
+                "the server granted privileges (XEP-0356)"
+            );
+            self.grants.insert(from.domain().to_string(), g);
+            return;
+        }
+        let Some(to_node) = to.node() else {
+            self.refuse_message(
+                &m,
+                ErrorType::Cancel,
+                DefinedCondition::ServiceUnavailable,
+                "this address does not take messages; write to user@relay-domain",
+            )
+            .await;
+            return;
+        };
+        let from_bare = from.to_bare();
+        if from_bare.node().is_none() || !self.book.sender_allowed(from.domain().as_str()) {
+            self.refuse_message(
+                &m,
+                ErrorType::Cancel,
+                DefinedCondition::NotAllowed,
+                "your domain may not send through this relay",
+            )
+            .await;
+            return;
+        }
+        let target = match self.book.user_for(Some(to_node.as_str())) {
+            Ok(t) => t,
+            Err(AddressError::DomainNotAllowed(_)) => {
+                self.refuse_message(
+                    &m,
+                    ErrorType::Cancel,
+                    DefinedCondition::NotAllowed,
+                    "the recipient's domain is not served by this relay",
+                )
+                .await;
+                return;
+            }
+            Err(e) => {
+                self.refuse_message(
+                    &m,
+                    ErrorType::Modify,
+                    DefinedCondition::JidMalformed,
+                    &e.to_string(),
+                )
+                .await;
+                return;
+            }
+        };
+        let from_key = from_bare.to_string();
+        // Anything from a recipient shows it is reachable again, and the
+        // resource it came from is not silent.
+        if let Some(r) = from.resource()
+            && let Some(peer) = self.peers.get_mut(&from_key)
+            && let Some(res) = peer.resources.get_mut(r.as_str())
+        {
+            res.silent = false;
+        }
+        self.seen_alive(&from_key).await;
+        let had_confirmations = m
+            .payloads
+            .iter()
+            .any(|p| message_kind::confirmation(p).is_some());
+        let resource = from.resource().map(|r| r.to_string());
+        let matched = self
+            .handle_confirmations(&from_key, resource.as_deref(), &target, &mut m)
+            .await;
+        if m.type_ == MessageType::Groupchat {
+            self.refuse_message(
+                &m,
+                ErrorType::Cancel,
+                DefinedCondition::NotAcceptable,
+                "groupchat messages are not relayed",
+            )
+            .await;
+            return;
+        }
+        if message_kind::kind(&m) == Kind::Once {
+            if had_confirmations && m.payloads.is_empty() && m.bodies.is_empty() {
+                return; // nothing left to say
+            }
+            self.relay_once(m, &from, &from_bare, &target, matched)
+                .await;
+            return;
+        }
+        self.accept(m, &from, &from_bare, &target).await;
+    }
+
+    /// Why a message of `size` bytes from `sender` is refused, if it is:
+    /// over `max_stanza_bytes`, or over the sender's rate (which this
+    /// counts). The condition is `policy-violation` either way.
+    pub(super) fn over_size_or_rate(
+        &mut self,
+        size: usize,
+        sender: &BareJid,
+    ) -> Option<(ErrorType, &'static str)> {
+        if size > self.config.limits.max_stanza_bytes {
+            return Some((ErrorType::Modify, "message too large for the relay"));
+        }
+        let now = tokio::time::Instant::now().into_std();
+        (!self.rate.allow(sender.as_str(), now))
+            .then_some((ErrorType::Wait, "too many messages; slow down"))
+    }
+
+    pub(super) fn queue_limits(&self) -> QueueLimits {
+        let l = &self.config.limits;
+        QueueLimits {
+            max_pending: l.max_pending_per_recipient,
+            max_bytes: l.max_bytes_per_recipient,
+            max_store_bytes: l.max_store_bytes,
+        }
+    }
+
+    /// The store cannot take it (write failure, full disk).
+    pub(super) async fn refuse_unstorable(&mut self, m: &Message) {
+        self.refuse_message(
+            m,
+            ErrorType::Wait,
+            DefinedCondition::ResourceConstraint,
+            "the relay cannot store messages right now",
+        )
+        .await;
+    }
+
+    pub(super) async fn refuse_message(
+        &mut self,
+        m: &Message,
+        t: ErrorType,
+        c: DefinedCondition,
+        text: &str,
+    ) {
+        self.stats.refused_total += 1;
+        info!(from = ?m.from, to = ?m.to, id = ?m.id, condition = ?c, "refused message");
+        let Some(from) = m.from.clone() else { return };
+        let mut reply = Message::error(Some(from)).with_payload(stanza_error(t, c, text));
+        reply.from = m.to.clone();
+        reply.id = m.id.clone();
+        self.send(reply).await;
+    }
+
+    pub(super) async fn accept(
+        &mut self,
+        mut m: Message,
+        from: &Jid,
+        from_bare: &BareJid,
+        target: &BareJid,
+    ) {
+        let relay_from = match self.book.relay_for(from_bare) {
+            Ok(r) => r,
+            Err(e) => {
+                self.refuse_message(
+                    &m,
+                    ErrorType::Modify,
+                    DefinedCondition::JidMalformed,
+                    &e.to_string(),
+                )
+                .await;
+                return;
+            }
+        };
+        let original = m.clone();
+        let id = match &m.id {
+            Some(id) if !id.0.is_empty() => id.0.clone(),
+            _ => random_id(),
+        };
+        let origin_id = m
+            .payloads
+            .iter()
+            .find(|p| p.is("origin-id", ns::SID))
+            .and_then(|p| p.attr("id"))
+            .map(str::to_owned);
+        m.id = Some(Id(id.clone()));
+        m.from = Some(Jid::from(relay_from));
+        m.to = Some(Jid::from(target.clone()));
+        // Ours is added at send time.
+        m.payloads.retain(|p| !p.is("request", ns::RECEIPTS));
+        self.strip_claims_in_our_name(&mut m);
+        let content_hash = content_of(&m);
+        let xml = String::from(&Element::from(m.clone()));
+        let size = xml.len();
+        if let Some((t, text)) = self.over_size_or_rate(size, from_bare) {
+            self.refuse_message(&original, t, DefinedCondition::PolicyViolation, text)
+                .await;
+            return;
+        }
+        let recipient = target.to_string();
+        let limits = self.queue_limits();
+        if self.store_failed {
+            self.refuse_unstorable(&original).await;
+            return;
+        }
+        let outcome = self.store.accept(
+            NewMessage {
+                recipient: &recipient,
+                sender_bare: &from_bare.to_string(),
+                origin_id: origin_id.as_deref(),
+                content_hash,
+                record: Record {
+                    accepted_at_ms: now_ms(),
+                    sender: from.to_string(),
+                    id: id.clone(),
+                    stanza: xml,
+                },
+            },
+            limits,
+        );
+        match outcome {
+            Ok(Accepted::Stored { seq }) => {
+                self.stats.accepted_total += 1;
+                debug!(to = %recipient, from = %from, id = %id, seq, "accepted");
+                self.ensure_contact(&recipient, target, from_bare).await;
+                self.on_stored(seq, &recipient, target, m, size).await;
+            }
+            Ok(Accepted::Duplicate { seq }) => {
+                info!(to = %recipient, from = %from, id = %id, seq, "duplicate submission ignored");
+            }
+            Ok(Accepted::IdInUse { seq }) => {
+                info!(to = %recipient, from = %from, id = %id, seq, "id reused for a different message");
+                self.refuse_message(
+                    &original,
+                    ErrorType::Cancel,
+                    DefinedCondition::Conflict,
+                    "a different message with this id is still pending for this recipient; \
+                     send it with a new id",
+                )
+                .await;
+            }
+            Ok(Accepted::QueueFull) => {
+                self.refuse_message(
+                    &original,
+                    ErrorType::Wait,
+                    DefinedCondition::ResourceConstraint,
+                    "the recipient's queue is full",
+                )
+                .await;
+            }
+            Ok(Accepted::StoreFull) => {
+                warn!(to = %recipient, "store holds limits.max_store_bytes; refusing new messages");
+                self.refuse_message(
+                    &original,
+                    ErrorType::Wait,
+                    DefinedCondition::ResourceConstraint,
+                    "the relay's store is full",
+                )
+                .await;
+            }
+            Err(e) => {
+                self.store_failure("accept", &e);
+                error!(error = %e, to = %recipient, "store write failed; refusing");
+                self.refuse_unstorable(&original).await;
+            }
+        }
+    }
+
+    /// A message (or a notice) is in `recipient`'s queue under `seq`.
+    pub(super) async fn on_stored(
+        &mut self,
+        seq: u64,
+        recipient: &str,
+        target: &BareJid,
+        m: Message,
+        size: usize,
+    ) {
+        self.burst_accepted.push((seq, recipient.to_owned()));
+        self.fresh.put(seq, m, size);
+        self.gate.accepted(seq, recipient);
+        self.ensure_subscribed(recipient, target).await;
+        self.kick(recipient, seq).await;
+    }
+
+    /// Relay a message that goes once ([`message_kind::kind`]): nothing
+    /// to store, no receipt to request.
+    ///
+    /// Receipts, markers and hints alone cost bounded work and are never
+    /// refused; anything else counts against the sender's rate and size
+    /// limits like a message. `confirmed`: it confirmed stored messages,
+    /// so it tells the sender they are done with and leaves only once
+    /// their removal is on disk (fsync mode; never after a store failure).
+    pub(super) async fn relay_once(
+        &mut self,
+        mut m: Message,
+        from: &Jid,
+        from_bare: &BareJid,
+        target: &BareJid,
+        confirmed: bool,
+    ) {
+        if !message_kind::only_bookkeeping(&m) {
+            let size = String::from(&Element::from(m.clone())).len();
+            if let Some((t, text)) = self.over_size_or_rate(size, from_bare) {
+                self.refuse_message(&m, t, DefinedCondition::PolicyViolation, text)
+                    .await;
+                return;
+            }
+            if let Some(id) = &m.id {
+                self.once_sent.put(
+                    (target.to_string(), from_bare.to_string(), id.0.clone()),
+                    from.clone(),
+                );
+            }
+        }
+        let Ok(relay_from) = self.book.relay_full(from_bare) else {
+            return;
+        };
+        m.from = Some(relay_from);
+        m.to = Some(Jid::from(target.clone()));
+        self.strip_claims_in_our_name(&mut m);
+        if !confirmed {
+            self.send(m).await;
+        } else if let Some(m) = self.gate.after_writes(m.into()) {
+            self.send_after(m, Needs::Removals).await;
+        }
+    }
+
+    /// Never relay a claim made in our name (a delay or a stanza-id of
+    /// ours is added at send time, by us only).
+    pub(super) fn strip_claims_in_our_name(&self, m: &mut Message) {
+        let me = self.me.to_string();
+        m.payloads.retain(|p| {
+            !(p.is("delay", ns::DELAY) && p.attr("from") == Some(me.as_str())
+                || p.is("stanza-id", ns::SID) && p.attr("by") == Some(me.as_str()))
+        });
+    }
+}

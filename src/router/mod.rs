@@ -1,0 +1,805 @@
+//! The router: every stanza from the link goes through here.
+//!
+//! It is one task that owns all delivery state, so no locks: messages are
+//! accepted into the store, sent once durable, confirmed by receipts and
+//! markers, and replayed when presence says the recipient is back. See the
+//! lifecycle in docs/architecture.md.
+//!
+//! This file holds the state (the router, each recipient's peer, timers)
+//! and the round loop; each job's methods are in a file of their own:
+//! `intake` (messages from senders), `delivery` (sending a queue in
+//! order), `confirm` (receipts and markers), `expectations` (which
+//! clients answer receipts), `bounce` (error bounces, late ones
+//! included), `presence`, `contacts` (relay contacts), `connection` (the
+//! link coming and going), `iq`, `timers`, `expiry` (and sender notices),
+//! `durability` (what is on disk decides what may leave), and `ops` (the
+//! admin commands' view).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::time::{DelayQueue, delay_queue};
+use tokio_xmpp::Stanza;
+use tokio_xmpp::minidom::Element;
+use tokio_xmpp::parsers::date::DateTime;
+use tokio_xmpp::parsers::delay::Delay;
+use tokio_xmpp::parsers::disco::{
+    DiscoInfoQuery, DiscoInfoResult, DiscoItemsResult, Identity, Item as DiscoItem,
+};
+use tokio_xmpp::parsers::iq::Iq;
+use tokio_xmpp::parsers::jid::{BareJid, Jid};
+use tokio_xmpp::parsers::message::{Id, Lang, Message, MessageType};
+use tokio_xmpp::parsers::ns;
+use tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
+use tokio_xmpp::parsers::receipts::{Received, Request};
+use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
+use tokio_xmpp::parsers::stanza_id::{OriginId, StanzaId};
+use tracing::{debug, error, info, warn};
+
+use crate::address::{AddressBook, AddressError, with_relay_resource};
+use crate::admin::{Admin, Node, Ops, Snapshot};
+use crate::config::{Config, Durability};
+use crate::gate::{Flushed, Gate};
+use crate::link::{LinkEvent, Outbound};
+use crate::message_kind::{self, Kind};
+use crate::privilege::{self, Grants};
+use crate::ratelimit::RateLimiter;
+use crate::store::{
+    Accepted, Answers, Contact, Habit, NewMessage, PurgeScope, QueueLimits, RecipientState, Record,
+    Store, StoreError, Subscription, bare_of,
+};
+use crate::twin::{self, AnotherInstance, Instance, Verdict};
+use crate::xep0050::{COMMANDS, Command};
+
+mod bounce;
+mod confirm;
+mod connection;
+mod contacts;
+mod delivery;
+mod durability;
+mod expectations;
+mod expiry;
+mod intake;
+mod iq;
+mod ops;
+mod presence;
+mod timers;
+
+/// Receipts and markers handled per stanza at most.
+const MAX_CONFIRMATIONS_PER_STANZA: usize = 16;
+/// Pending messages a marker's scan looks at, at most.
+const MARKER_SCAN_LIMIT: usize = 16_384;
+/// Link events handled in one burst (one store batch) at most.
+const BURST: usize = 256;
+/// Recipients probed per step after a connect.
+const PROBE_STEP: usize = 256;
+/// Relay contacts kept in memory at most (the store holds them all).
+const CONTACT_CACHE: usize = 100_000;
+/// XEP-0172 user nickname.
+const NICK: &str = "http://jabber.org/protocol/nick";
+/// After a recipient refuses the presence subscription, how long before
+/// the next message asks again.
+const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// What a stanza of a burst needs of the burst's commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Needs {
+    Nothing,
+    /// It relays a message accepted in this burst.
+    Accept,
+    /// It relays receipts or markers: the removals they caused.
+    Removals,
+}
+
+/// disco#info queries in flight at most; past that, new resources are
+/// not asked (they count as able to send receipts, the safe side).
+const MAX_DISCO_PENDING: usize = 4096;
+
+/// A disco#info query sent to a recipient's resource: only an answer
+/// from that full JID counts.
+#[derive(Debug)]
+struct DiscoQuery {
+    recipient: String,
+    resource: String,
+    to: Jid,
+}
+
+/// Delivery phase of one recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Nothing sent and nothing scheduled.
+    Idle,
+    /// Sending pending messages in order, up to the window.
+    Sending,
+    /// Back online; replay starts when the grace timer fires.
+    Grace,
+    /// Known to be offline: wait for presence (or any stanza from it).
+    Offline,
+    /// Presence unknown after a failure: retry when the timer fires.
+    Backoff,
+}
+
+/// One message on the wire, waiting for its receipt.
+#[derive(Debug)]
+struct InFlight {
+    id: String,
+    sender_bare: String,
+    timer: delay_queue::Key,
+    /// The resource it was addressed to, when not the bare JID.
+    to_resource: Option<String>,
+    /// Whether a client it went to is known to answer its sender: if
+    /// not, it counts delivered when no error came back within
+    /// `unanswered_wait_ms` (see [`Router::expects_receipt`]).
+    expect: bool,
+}
+
+/// An available resource of a recipient.
+#[derive(Debug, Clone, Copy)]
+struct Resource {
+    priority: i8,
+    /// From disco#info: `Some(false)` when the client says it cannot send
+    /// receipts.
+    receipts: Option<bool>,
+    /// Missed a receipt: left out until it shows life again (a presence
+    /// or any stanza from it), while the others are written to directly.
+    silent: bool,
+}
+
+/// The delivery state of `recipient`, created on first use. A free
+/// function so that the caller may still borrow the router's timers.
+fn peer_entry<'a>(
+    peers: &'a mut HashMap<String, Peer>,
+    recipient: &str,
+    initial_backoff: Duration,
+) -> &'a mut Peer {
+    peers
+        .entry(recipient.to_owned())
+        .or_insert_with(|| Peer::new(initial_backoff))
+}
+
+/// Runtime (not stored) delivery state of one recipient.
+#[derive(Debug)]
+struct Peer {
+    phase: Phase,
+    /// Available resources, from presence addressed to our bare domain.
+    resources: HashMap<String, Resource>,
+    /// Whether the resources map reflects real presence information.
+    presence_known: bool,
+    in_flight: BTreeMap<u64, InFlight>,
+    /// Next seq to consider sending while `Sending`.
+    cursor: u64,
+    /// Grace or backoff timer.
+    timer: Option<delay_queue::Key>,
+    /// Next backoff delay.
+    backoff: Duration,
+    /// Send attempts per pending seq since start (not stored).
+    attempts: HashMap<u64, u32>,
+    /// Messages below this seq were accepted before the current sending
+    /// phase began: they go out as replays, with `<delay/>`.
+    replay_below: u64,
+    /// Confirmed while the store could not record it: never sent again
+    /// by this process.
+    unsaved_confirms: std::collections::HashSet<u64>,
+    /// An administrator asked for a replay: the full window, whatever
+    /// presence says, until the next failure.
+    forced: bool,
+    /// Armed while messages wait for a relay contact's answer.
+    contact_timer: Option<delay_queue::Key>,
+    /// What each client does with receipt requests, by resource: the
+    /// store's, read at first use.
+    habits: Option<HashMap<String, Habit>>,
+}
+
+impl Peer {
+    fn new(initial_backoff: Duration) -> Peer {
+        Peer {
+            phase: Phase::Idle,
+            resources: HashMap::new(),
+            presence_known: false,
+            in_flight: BTreeMap::new(),
+            cursor: 0,
+            timer: None,
+            backoff: initial_backoff,
+            attempts: HashMap::new(),
+            replay_below: 0,
+            unsaved_confirms: Default::default(),
+            forced: false,
+            contact_timer: None,
+            habits: None,
+        }
+    }
+
+    /// Some resource takes messages and has not missed a receipt.
+    fn online(&self) -> bool {
+        self.resources
+            .values()
+            .any(|r| r.priority >= 0 && !r.silent)
+    }
+
+    /// Where messages go: the bare JID (the server picks the resources),
+    /// or, once a resource went silent, the best of the others by name,
+    /// since the server would still pick the silent one.
+    fn target(&self) -> Option<String> {
+        if !self.resources.values().any(|r| r.silent) {
+            return None;
+        }
+        self.resources
+            .iter()
+            .filter(|(_, r)| r.priority >= 0 && !r.silent)
+            .max_by_key(|(name, r)| (r.priority, std::cmp::Reverse(name.as_str())))
+            .map(|(name, _)| name.clone())
+    }
+
+    /// The resources a message sent to `to` (a resource, or the bare JID)
+    /// reaches: that one, or those the server routes a bare-JID message
+    /// to (the highest priority, silent or not: the server does not know
+    /// what the relay thinks of them). Empty when presence is unknown.
+    fn reached_by(&self, to: Option<&str>) -> Vec<String> {
+        if let Some(t) = to {
+            return vec![t.to_owned()];
+        }
+        let top = self
+            .resources
+            .values()
+            .filter(|r| r.priority >= 0)
+            .map(|r| r.priority)
+            .max();
+        self.resources
+            .iter()
+            .filter(|(_, r)| Some(r.priority) == top)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// A receipt timed out for a message sent to `to` (a resource, or the
+    /// bare JID): mark silent what that proves silent, the resource, or
+    /// those the server routes a bare-JID message to (the highest
+    /// priority). Returns their names.
+    fn silence(&mut self, to: Option<&str>) -> Vec<String> {
+        let top = self
+            .resources
+            .values()
+            .filter(|r| r.priority >= 0 && !r.silent)
+            .map(|r| r.priority)
+            .max();
+        let mut out = Vec::new();
+        for (name, r) in &mut self.resources {
+            let hit = match to {
+                Some(t) => t == name,
+                None => !r.silent && Some(r.priority) == top,
+            };
+            if hit {
+                r.silent = true;
+                out.push(name.clone());
+            }
+        }
+        out
+    }
+
+    /// Message `seq` left the store (confirmed, refused, expired,
+    /// purged): nothing of it stays in flight or counted.
+    fn removed(&mut self, seq: u64, timers: &mut DelayQueue<Timer>) {
+        if let Some(f) = self.in_flight.remove(&seq) {
+            timers.try_remove(&f.timer);
+        }
+        self.attempts.remove(&seq);
+    }
+
+    /// Message `seq` stays in the store (a write failed) but this
+    /// process must never send it again.
+    fn never_again(&mut self, seq: u64, timers: &mut DelayQueue<Timer>) {
+        if let Some(f) = self.in_flight.remove(&seq) {
+            timers.try_remove(&f.timer);
+        }
+        self.unsaved_confirms.insert(seq);
+    }
+
+    /// Stop sending: whatever is in flight stays pending (it will be
+    /// replayed from the start of the queue) and no timer stays armed.
+    fn halt(&mut self, timers: &mut DelayQueue<Timer>) {
+        for (_, f) in std::mem::take(&mut self.in_flight) {
+            timers.try_remove(&f.timer);
+        }
+        if let Some(k) = self.timer.take() {
+            timers.try_remove(&k);
+        }
+        if let Some(k) = self.contact_timer.take() {
+            timers.try_remove(&k);
+        }
+        self.cursor = 0;
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Timer {
+    Receipt {
+        recipient: String,
+        seq: u64,
+    },
+    /// Grace or backoff elapsed: start (re)sending.
+    Resume {
+        recipient: String,
+    },
+    /// Time to probe the next recipients after a connect.
+    ProbeStep,
+    /// Time to look for another instance under our name again.
+    TwinCheck,
+    /// Time for the next step of the expiry walk.
+    Expire,
+    /// After a store failure: is there space again?
+    SpaceProbe,
+    /// A disco#info query went unanswered: forget it.
+    DiscoTimeout {
+        id: String,
+    },
+    /// The wait for a relay contact's answer is over: send what it held.
+    ContactWait {
+        recipient: String,
+    },
+}
+
+/// Why the router stopped by itself.
+#[derive(Debug, thiserror::Error)]
+pub enum Stop {
+    #[error(transparent)]
+    AnotherInstance(#[from] AnotherInstance),
+    #[error(
+        "the store failed to write and there is space again; exiting so that it is reopened \
+         (a supervisor restarts it; pending messages are replayed)"
+    )]
+    ReopenStore,
+}
+
+impl Stop {
+    /// The process's exit status for this stop.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            Stop::AnotherInstance(_) => twin::EXIT_STATUS,
+            // EX_TEMPFAIL: restart me.
+            Stop::ReopenStore => 75,
+        }
+    }
+}
+
+/// Counters for logs and the admin commands.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub accepted_total: u64,
+    pub confirmed_total: u64,
+    pub replays_total: u64,
+    pub bounces_total: u64,
+    pub refused_total: u64,
+    pub purged_total: u64,
+    pub expired_total: u64,
+    /// Messages the recipient's side refused for good (a final error
+    /// bounce): removed, their senders told.
+    pub rejected_total: u64,
+    /// Notices kept for senders (expiry, final refusals).
+    pub notices_total: u64,
+    /// Messages counted delivered without a receipt: sent to clients not
+    /// known to answer their sender, and no error came back in time.
+    pub assumed_total: u64,
+    /// Of those, put back in their queue by a late bounce.
+    pub late_bounces_total: u64,
+}
+
+pub struct Router {
+    config: Arc<Config>,
+    book: AddressBook,
+    /// The component's bare domain as a JID, the `from` of its own stanzas.
+    me: Jid,
+    store: Arc<Store>,
+    outbox: mpsc::Sender<Outbound>,
+    /// Stanzas of the current burst, sent once its writes are committed.
+    out_buf: Vec<(Outbound, Needs)>,
+    /// Messages accepted in the current burst: (seq, recipient).
+    burst_accepted: Vec<(u64, String)>,
+    /// Messages just accepted, as parsed, so that relaying one at once
+    /// does not parse its stored XML back.
+    fresh: Fresh,
+    /// Recipients still to probe after the last connect.
+    probe_queue: VecDeque<(String, RecipientState)>,
+    /// Probed recipients with pending messages, awaiting the end of the
+    /// pass to schedule their retry.
+    probe_waiting: Vec<String>,
+    /// Epoch of the live link, if any.
+    epoch: Option<u64>,
+    peers: HashMap<String, Peer>,
+    timers: DelayQueue<Timer>,
+    /// What is on disk decides what may be relayed.
+    gate: Gate,
+    /// disco#info queries in flight, by iq id.
+    disco_pending: HashMap<String, DiscoQuery>,
+    pub stats: Stats,
+    /// Ad-hoc command sessions.
+    admin: Admin,
+    started: std::time::Instant,
+    link_up_since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Where the config came from, for `reload-config` and `status`.
+    config_path: Option<PathBuf>,
+    /// This process, as its twin probes name it.
+    instance: Instance,
+    twin_timer: Option<delay_queue::Key>,
+    /// Set when this instance must stop by itself.
+    fatal: Option<Stop>,
+    /// A store write failed (disk full, I/O error): sled does not recover
+    /// from that within the process, so new messages are refused until
+    /// there is space again, and then the process exits to reopen it.
+    store_failed: bool,
+    rate: RateLimiter,
+    /// Whether the expiry walk has a step scheduled.
+    expiry_scheduled: bool,
+    /// Recipients that refused (or cancelled) the presence subscription,
+    /// and when: asked again only [`RESUBSCRIBE_AFTER`] later.
+    refused_at: HashMap<String, tokio::time::Instant>,
+    /// Relay contacts, a cache of the store's (cleared past
+    /// [`CONTACT_CACHE`] entries).
+    contacts: HashMap<(String, String), Contact>,
+    /// When this process asked each relay contact not answered yet: its
+    /// first messages wait `contact_wait_ms` from then.
+    contact_asked: HashMap<(String, String), tokio::time::Instant>,
+    /// Marker scans per recipient: 20 a second, 200 at once.
+    marker_scans: RateLimiter,
+    /// The first seq this process handed out.
+    first_seq: u64,
+    /// Messages relayed once, recently: who sent them, so that a bounce
+    /// reaches its sender.
+    once_sent: RecentOnce,
+    /// What each server (by domain) granted the component (XEP-0356), as
+    /// it announced on this connection.
+    grants: HashMap<String, Grants>,
+    /// Privileged roster sets in flight, by iq id: (recipient, sender).
+    roster_sets: HashMap<String, (String, String)>,
+}
+
+/// The most recently accepted messages, by seq, until relayed: at most
+/// [`Fresh::MAX_BYTES`] of stanzas and [`Fresh::MAX_ENTRIES`] seqs.
+#[derive(Default)]
+struct Fresh {
+    messages: HashMap<u64, (Message, usize)>,
+    /// Seqs in accept order, taken ones too (until they age out).
+    order: VecDeque<u64>,
+    bytes: usize,
+}
+
+impl Fresh {
+    const MAX_BYTES: usize = 4 << 20;
+    const MAX_ENTRIES: usize = 16_384;
+
+    fn put(&mut self, seq: u64, m: Message, size: usize) {
+        while self.order.len() >= Self::MAX_ENTRIES
+            || !self.order.is_empty() && self.bytes + size > Self::MAX_BYTES
+        {
+            if let Some(old) = self.order.pop_front()
+                && let Some((_, s)) = self.messages.remove(&old)
+            {
+                self.bytes -= s;
+            }
+        }
+        if size <= Self::MAX_BYTES {
+            self.order.push_back(seq);
+            self.messages.insert(seq, (m, size));
+            self.bytes += size;
+        }
+    }
+
+    fn take(&mut self, seq: u64) -> Option<Message> {
+        let (m, size) = self.messages.remove(&seq)?;
+        self.bytes -= size;
+        Some(m)
+    }
+}
+
+/// Messages relayed once, by (recipient, sender bare, id) → the sender's
+/// full JID: the last [`RecentOnce::MAX`].
+#[derive(Default)]
+struct RecentOnce {
+    senders: HashMap<(String, String, String), Jid>,
+    order: VecDeque<(String, String, String)>,
+}
+
+impl RecentOnce {
+    const MAX: usize = 4096;
+
+    fn put(&mut self, key: (String, String, String), sender: Jid) {
+        if self.order.len() >= Self::MAX
+            && let Some(old) = self.order.pop_front()
+        {
+            self.senders.remove(&old);
+        }
+        if self.senders.insert(key.clone(), sender).is_none() {
+            self.order.push_back(key);
+        }
+    }
+
+    fn get(&self, key: &(String, String, String)) -> Option<&Jid> {
+        self.senders.get(key)
+    }
+}
+
+/// Error replies the router sends; every refusal gets one.
+fn stanza_error(type_: ErrorType, cond: DefinedCondition, text: &str) -> StanzaError {
+    StanzaError::new(type_, cond, "en", text)
+}
+
+/// The answer to an iq nobody here serves.
+fn no_such_service() -> StanzaError {
+    stanza_error(
+        ErrorType::Cancel,
+        DefinedCondition::ServiceUnavailable,
+        "no such service",
+    )
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn random_id() -> String {
+    format!("rd-{:016x}", rand::random::<u64>())
+}
+
+impl Router {
+    pub fn new(
+        config: Arc<Config>,
+        config_path: Option<PathBuf>,
+        store: Arc<Store>,
+        outbox: mpsc::Sender<Outbound>,
+        flush_requests: mpsc::UnboundedSender<u64>,
+    ) -> Result<Router, StoreError> {
+        let book = address_book(&config);
+        let me = Jid::from(book.component_jid());
+        let first_seq = store.next_seq()?;
+        let gate = match config.store.durability {
+            // Every seq handed out so far is below this and already on
+            // disk as far as this process is concerned (what sled
+            // recovered).
+            Durability::Fsync => Gate::fsync(flush_requests, store.next_seq()?),
+            // Sent at once; sled flushes every flush_interval_ms.
+            Durability::Batched => Gate::batched(),
+        };
+        let rate = RateLimiter::new(config.limits.sender_rate_per_s, config.limits.sender_burst);
+        Ok(Router {
+            config,
+            book,
+            me,
+            store,
+            outbox,
+            out_buf: Vec::new(),
+            burst_accepted: Vec::new(),
+            fresh: Fresh::default(),
+            probe_queue: VecDeque::new(),
+            probe_waiting: Vec::new(),
+            epoch: None,
+            peers: HashMap::new(),
+            timers: DelayQueue::new(),
+            gate,
+            disco_pending: HashMap::new(),
+            stats: Stats::default(),
+            admin: Admin::default(),
+            started: std::time::Instant::now(),
+            link_up_since: None,
+            config_path,
+            instance: Instance::new(now_ms()),
+            twin_timer: None,
+            fatal: None,
+            store_failed: false,
+            rate,
+            expiry_scheduled: false,
+            refused_at: HashMap::new(),
+            contacts: HashMap::new(),
+            contact_asked: HashMap::new(),
+            marker_scans: RateLimiter::new(20, 200),
+            first_seq,
+            once_sent: RecentOnce::default(),
+            grants: HashMap::new(),
+            roster_sets: HashMap::new(),
+        })
+    }
+
+    /// Run until shutdown or until the link is gone; the error says why
+    /// this instance had to stop by itself.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<LinkEvent>,
+        mut durable: mpsc::Receiver<Flushed>,
+        shutdown: CancellationToken,
+    ) -> Result<(), Stop> {
+        while self.fatal.is_none() {
+            // One burst per round: the store gathers its writes in memory
+            // and applies them in one batch at the end (see `store`).
+            self.store.begin();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(f) = durable.recv() => match f {
+                    Flushed::Durable(ticket) => self.on_durable(ticket).await,
+                    Flushed::Failed(e) => {
+                        self.store_failure("fsync", &e);
+                        self.abandon_undurable().await;
+                    }
+                },
+                ev = events.recv() => match ev {
+                    Some(ev) => {
+                        self.on_link_event(ev).await;
+                        // Whatever else has arrived joins the burst.
+                        for _ in 1..BURST {
+                            let Ok(ev) = events.try_recv() else { break };
+                            self.on_link_event(ev).await;
+                        }
+                    }
+                    None => break,
+                },
+                Some(expired) = self.timers.next() => {
+                    let t = expired.into_inner();
+                    self.on_timer(t).await;
+                }
+            }
+            self.end_burst().await;
+        }
+        if let Err(e) = self.store.commit() {
+            error!(error = %e, "store write failed at stop");
+        }
+        info!(
+            accepted = self.stats.accepted_total,
+            confirmed = self.stats.confirmed_total,
+            "router stopped"
+        );
+        match self.fatal.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Queue a stanza for the link; it leaves when the burst ends.
+    async fn send(&mut self, stanza: impl Into<Stanza>) {
+        self.send_after(stanza, Needs::Nothing).await;
+    }
+
+    /// Queue a stanza that may leave only if the burst's writes commit.
+    async fn send_after(&mut self, stanza: impl Into<Stanza>, needs: Needs) {
+        let Some(epoch) = self.epoch else { return };
+        self.out_buf.push((
+            Outbound {
+                epoch,
+                stanza: stanza.into(),
+            },
+            needs,
+        ));
+    }
+
+    /// Commit the burst's store writes, ask for their fsync, then let its
+    /// stanzas go: nothing leaves before the write it depends on is in
+    /// sled (and, in fsync mode, the gate holds what needs the fsync).
+    /// If the commit fails, what depended on it stays here: relays of the
+    /// burst's new messages (their senders are told instead) and receipts
+    /// for its removals (those messages come back after the restart).
+    async fn end_burst(&mut self) {
+        let accepted = std::mem::take(&mut self.burst_accepted);
+        if let Err(e) = self.store.commit() {
+            self.store_failure("commit", &e);
+            let out = std::mem::take(&mut self.out_buf);
+            let held = out.iter().filter(|(_, n)| *n != Needs::Nothing).count();
+            self.out_buf = out
+                .into_iter()
+                .filter(|(_, n)| *n == Needs::Nothing)
+                .collect();
+            if held > 0 {
+                warn!(
+                    stanzas = held,
+                    "not sent: they depended on writes that failed"
+                );
+            }
+            self.abandon_undurable().await;
+            if self.gate.is_batched() {
+                // In fsync mode the gate held these and abandon_undurable
+                // told their senders.
+                self.abandon_unstored(accepted).await;
+            }
+        }
+        self.gate.submit();
+        for (o, _) in std::mem::take(&mut self.out_buf) {
+            // Bounded: when the link is slow the router waits here, which
+            // slows intake from the link in turn.
+            let _ = self.outbox.send(o).await;
+        }
+    }
+
+    /// Handle one link event as a burst of its own (what `run` does with
+    /// each round of events), for drivers other than `run`: the fuzz
+    /// targets.
+    pub async fn handle(&mut self, ev: LinkEvent) {
+        self.store.begin();
+        self.on_link_event(ev).await;
+        self.end_burst().await;
+    }
+}
+
+fn address_book(config: &Config) -> AddressBook {
+    AddressBook::new(
+        &config.component.domain,
+        &config.relay.default_domain,
+        &config.relay.allowed_sender_domains,
+    )
+}
+
+const SPACE_PROBE_EVERY: Duration = Duration::from_secs(5);
+
+/// Whether 256 KiB can be written and synced next to the store.
+fn probe_space(store: &std::path::Path) -> bool {
+    use std::io::Write;
+    let probe = store.join(".space-probe");
+    let ok = std::fs::File::create(&probe)
+        .and_then(|mut f| {
+            f.write_all(&vec![0u8; 256 << 10])?;
+            f.sync_all()
+        })
+        .is_ok();
+    let _ = std::fs::remove_file(&probe);
+    ok
+}
+
+/// The [`content_hash`](crate::store::content_hash) of what a message
+/// says: its bodies, subjects and thread, and its payloads but those that
+/// differ between two submissions of one message (delays, ids, receipt
+/// requests).
+fn content_of(m: &Message) -> u64 {
+    let mut text = String::new();
+    for (lang, body) in &m.bodies {
+        text.push_str(lang);
+        text.push('\0');
+        text.push_str(body);
+        text.push('\0');
+    }
+    for (lang, subject) in &m.subjects {
+        text.push_str(lang);
+        text.push('\0');
+        text.push_str(subject);
+        text.push('\0');
+    }
+    if let Some(thread) = &m.thread {
+        text.push_str(&String::from(&Element::from(thread.clone())));
+    }
+    for p in &m.payloads {
+        if p.is("delay", ns::DELAY)
+            || p.is("origin-id", ns::SID)
+            || p.is("stanza-id", ns::SID)
+            || p.is("request", ns::RECEIPTS)
+        {
+            continue;
+        }
+        text.push_str(&String::from(p));
+    }
+    crate::store::content_hash(text.as_bytes())
+}
+
+/// Whether a bounce's error says the recipient's side will never take
+/// the message (a privacy list, a content filter), as opposed to "not
+/// now". `service-unavailable` stays "not now": Prosody answers it alike
+/// for a user who does not exist and for an offline one with offline
+/// storage off; so does `remote-server-not-found`, which Prosody also
+/// sends (type cancel) while a remote server that exists is down
+/// (docs/architecture.md).
+fn is_final(e: &StanzaError) -> bool {
+    use DefinedCondition as C;
+    e.type_ != ErrorType::Wait
+        && !matches!(
+            e.defined_condition,
+            C::ServiceUnavailable
+                | C::RecipientUnavailable
+                | C::RemoteServerTimeout
+                | C::RemoteServerNotFound
+                | C::ResourceConstraint
+                | C::InternalServerError
+                | C::UndefinedCondition
+        )
+}
+
+#[cfg(test)]
+mod tests;

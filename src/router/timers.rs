@@ -1,0 +1,98 @@
+//! What each timer does when it fires.
+
+use super::*;
+
+impl Router {
+    pub(super) async fn on_timer(&mut self, t: Timer) {
+        match t {
+            Timer::Expire => self.expire_step().await,
+            Timer::DiscoTimeout { id } => {
+                self.disco_pending.remove(&id);
+            }
+            Timer::ContactWait { recipient } => {
+                let Some(peer) = self.peers.get_mut(&recipient) else {
+                    return;
+                };
+                // This timer fired: its key may already name another.
+                peer.contact_timer = None;
+                if peer.phase == Phase::Sending {
+                    self.pump(&recipient).await;
+                }
+            }
+            Timer::ProbeStep => {
+                if self.epoch.is_some() {
+                    self.probe_step().await;
+                }
+            }
+            Timer::SpaceProbe => {
+                if probe_space(&self.config.store.path) {
+                    error!("{}", Stop::ReopenStore);
+                    self.fatal = Some(Stop::ReopenStore);
+                } else {
+                    self.timers.insert(Timer::SpaceProbe, SPACE_PROBE_EVERY);
+                }
+            }
+            Timer::TwinCheck => {
+                self.send_twin_probes().await;
+                self.twin_timer = Some(self.timers.insert(Timer::TwinCheck, twin::INTERVAL));
+            }
+            Timer::Resume { recipient } => {
+                let next = self.store.next_seq().unwrap_or(u64::MAX);
+                let Some(peer) = self.peers.get_mut(&recipient) else {
+                    return;
+                };
+                if !matches!(peer.phase, Phase::Grace | Phase::Backoff) {
+                    // Stale: only grace and backoff arm this timer.
+                    return;
+                }
+                // This timer fired: its key may already name another.
+                peer.timer = None;
+                // Whatever is in flight goes again from the queue's head,
+                // with its receipt timer gone.
+                peer.halt(&mut self.timers);
+                peer.replay_below = next;
+                peer.phase = Phase::Sending;
+                self.pump(&recipient).await;
+            }
+            Timer::Receipt { recipient, seq } => {
+                let next = self.store.next_seq().unwrap_or(u64::MAX);
+                let Some(peer) = self.peers.get_mut(&recipient) else {
+                    return;
+                };
+                let Some(f) = peer.in_flight.remove(&seq) else {
+                    return;
+                };
+                if !f.expect {
+                    // No client it reached is known to answer its sender
+                    // (they say they send no receipts, or never sent one
+                    // to it): no error in time is the best proof there
+                    // will be. A late bounce puts it back.
+                    self.confirm(&recipient, &[seq], true).await;
+                    return;
+                }
+                self.missed_receipt(&recipient, f.to_resource.as_deref());
+                let Some(peer) = self.peers.get_mut(&recipient) else {
+                    return;
+                };
+                // The timeout proves only that what it went to is silent:
+                // the other resources, if any, go on.
+                let silent = peer.silence(f.to_resource.as_deref());
+                if peer.online() {
+                    info!(
+                        to = %recipient,
+                        seq,
+                        ?silent,
+                        "receipt timeout; those resources left out, delivery goes on to the others"
+                    );
+                    peer.halt(&mut self.timers);
+                    peer.replay_below = next;
+                    peer.phase = Phase::Sending;
+                    self.pump(&recipient).await;
+                } else {
+                    info!(to = %recipient, seq, "receipt timeout; recipient marked offline");
+                    self.fail(&recipient, false).await;
+                }
+            }
+        }
+    }
+}
