@@ -16,6 +16,7 @@ pub mod message_kind;
 pub mod privilege;
 pub mod ratelimit;
 pub mod router;
+pub mod stats;
 pub mod store;
 pub mod twin;
 pub mod xep0050;

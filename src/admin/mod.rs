@@ -22,7 +22,7 @@ use tokio_xmpp::parsers::data_forms::{DataForm, DataFormType, Field, FieldType};
 use tokio_xmpp::parsers::jid::Jid;
 use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 
-use crate::router::Stats;
+use crate::stats::Stats;
 use crate::store::{PurgeScope, Store};
 use crate::xep0050::{Action, Actions, Command, CommandError, NoteType, Status};
 
