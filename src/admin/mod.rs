@@ -193,6 +193,34 @@ impl Admin {
         self.sessions.len()
     }
 
+    /// Answer one `<command/>` request as it came: a malformed one gets
+    /// `bad-request` (with `malformed-action` for an unknown action).
+    pub(crate) async fn handle_element<O: Ops>(
+        &mut self,
+        ops: &mut O,
+        from: &Jid,
+        is_admin: bool,
+        timeout: Duration,
+        payload: Element,
+    ) -> Result<Command, StanzaError> {
+        let req = match Command::try_from(payload.clone()) {
+            Ok(c) => c,
+            Err(e) => {
+                let cond = if payload
+                    .attr("action")
+                    .is_some_and(|a| a.parse::<Action>().is_err())
+                {
+                    CommandError::MalformedAction
+                } else {
+                    CommandError::BadPayload
+                };
+                tracing::warn!(%from, error = %e, "malformed command request");
+                return Err(bad_request(cond, "the command element is malformed"));
+            }
+        };
+        self.handle(ops, from, is_admin, timeout, req).await
+    }
+
     /// Answer one `<command/>` request.
     pub(crate) async fn handle<O: Ops>(
         &mut self,

@@ -115,29 +115,13 @@ impl Router {
         payload: Element,
     ) -> Result<Option<Element>, StanzaError> {
         let admin = self.is_admin(Some(from));
-        let req = match Command::try_from(payload.clone()) {
-            Ok(c) => c,
-            Err(e) => {
-                let cond = if payload
-                    .attr("action")
-                    .is_some_and(|a| a.parse::<crate::xep0050::Action>().is_err())
-                {
-                    crate::xep0050::CommandError::MalformedAction
-                } else {
-                    crate::xep0050::CommandError::BadPayload
-                };
-                warn!(%from, error = %e, "malformed command request");
-                return Err(crate::admin::bad_request(
-                    cond,
-                    "the command element is malformed",
-                ));
-            }
-        };
-        let node = req.node.clone();
+        let node = payload.attr("node").unwrap_or_default().to_owned();
         let timeout = Duration::from_secs(self.config.admin.session_timeout_s);
         // The sessions live beside the router, which the commands borrow.
         let mut sessions = std::mem::take(&mut self.admin);
-        let out = sessions.handle(self, from, admin, timeout, req).await;
+        let out = sessions
+            .handle_element(self, from, admin, timeout, payload)
+            .await;
         self.admin = sessions;
         match &out {
             Ok(c) => info!(%from, node, status = ?c.status, "admin command"),

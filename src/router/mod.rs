@@ -56,7 +56,7 @@ use crate::store::{
     Store, StoreError, Subscription, bare_of,
 };
 use crate::twin::{self, AnotherInstance, Instance, Verdict};
-use crate::xep0050::{COMMANDS, Command};
+use crate::xep0050::COMMANDS;
 
 mod bounce;
 mod confirm;
