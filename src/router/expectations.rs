@@ -164,17 +164,12 @@ impl Router {
     /// row without an answer between them and it is forgotten, so that a
     /// client whose user turned receipts off is not shown messages again
     /// at every login (a client that froze once answers at its next
-    /// login and keeps the full guarantee).
+    /// login and keeps the full guarantee). With presence unknown every
+    /// remembered client is charged, since any may have had it: a client
+    /// that answers may be forgotten that way, and is learned again at
+    /// its next receipt, but no client is shown a message more than three
+    /// times.
     pub(super) fn missed_receipt(&mut self, recipient: &str, to: Option<&str>) {
-        // With presence unknown nobody knows which client had it: no
-        // client is charged.
-        if !self
-            .peers
-            .get(recipient)
-            .is_some_and(|p| p.presence_known && !p.resources.is_empty() || to.is_some())
-        {
-            return;
-        }
         let reached = self.reached(recipient, to);
         for r in reached {
             let Some(habits) = self

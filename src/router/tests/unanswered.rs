@@ -278,3 +278,39 @@ async fn a_late_bounce_after_a_store_failure_tells_the_sender() {
         .collect();
     assert!(told.contains(&"m1".to_string()), "{told:?}");
 }
+
+/// With presence unknown (no subscription), a message waits for a
+/// receipt when any remembered client answers; a device that never
+/// answers is then shown it again at each sign of life, but at most three
+/// times: two silent spells in a row and the remembered clients are
+/// forgotten (to be learned again at their next receipt).
+#[tokio::test(start_paused = true)]
+async fn with_presence_unknown_a_message_is_shown_at_most_three_times() {
+    let mut h = harness_with(64, "unanswered_wait_ms = 200\n").await;
+    h.store
+        .set_habit(
+            "bob@x",
+            "phone",
+            Some(Habit {
+                answers: Answers::All,
+                missed: 0,
+                seen_at_ms: now_ms(),
+            }),
+        )
+        .unwrap();
+    h.msg("m1").await;
+    let mut shown = 0;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        shown += ids_of(&h.drain()).iter().filter(|id| **id == "m1").count();
+        // A sign of life: bob writes through the relay from his desktop.
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='bob@x/desktop' to='alice@relay.x' id='s{shown}' type='chat'><body>hi</body></message>"
+        ))
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    shown += ids_of(&h.drain()).iter().filter(|id| **id == "m1").count();
+    assert_eq!(shown, 3, "shown three times, then counted delivered");
+    assert_eq!(h.store.recipient("bob@x").unwrap().pending, 0);
+}
