@@ -1,0 +1,362 @@
+//! The sled mechanics under the store: bursts (writes gathered in an
+//! overlay that every read sees, applied as one batch), opening, the clean-
+//! shutdown marker and schema migrations.
+
+use super::*;
+
+/// Writes not yet applied to sled (see "Bursts" above).
+#[derive(Default)]
+pub(super) struct Overlay {
+    /// Inside a burst: writes wait for [`Store::commit`].
+    pub(super) deferred: bool,
+    /// Key to new value; `None` removes the key.
+    pub(super) writes: BTreeMap<Vec<u8>, Option<IVec>>,
+    /// A commit failed: sled fails (or hangs) on every later write in
+    /// this process, so nothing more is tried; writes stay in memory,
+    /// readable, until the process exits to reopen the store.
+    pub(super) failed: Option<String>,
+}
+
+/// The writes of one operation, applied together.
+#[derive(Default)]
+pub(super) struct Writes(pub(super) Vec<(Vec<u8>, Option<IVec>)>);
+
+impl Writes {
+    pub(super) fn insert(&mut self, k: impl AsRef<[u8]>, v: impl AsRef<[u8]>) {
+        self.0
+            .push((k.as_ref().to_vec(), Some(IVec::from(v.as_ref()))));
+    }
+
+    pub(super) fn remove(&mut self, k: impl AsRef<[u8]>) {
+        self.0.push((k.as_ref().to_vec(), None));
+    }
+}
+
+/// sled's entries in a key range with the overlay's writes laid over
+/// them, in key order.
+pub(super) struct Merged {
+    db: std::iter::Peekable<sled::Iter>,
+    overlay: std::iter::Peekable<std::vec::IntoIter<(Vec<u8>, Option<IVec>)>>,
+}
+
+impl Merged {
+    /// `writes`: the overlay's entries in the same range, in key order
+    /// (copied, so that the overlay's lock is not held while iterating).
+    pub(super) fn new<'a>(
+        db: sled::Iter,
+        writes: impl Iterator<Item = (&'a Vec<u8>, &'a Option<IVec>)>,
+    ) -> Merged {
+        let overlay: Vec<_> = writes.map(|(k, v)| (k.clone(), v.clone())).collect();
+        Merged {
+            db: db.peekable(),
+            overlay: overlay.into_iter().peekable(),
+        }
+    }
+}
+
+impl Iterator for Merged {
+    type Item = Result<(IVec, IVec), StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        use std::cmp::Ordering;
+        loop {
+            let order = match (self.db.peek(), self.overlay.peek()) {
+                (None, None) => return None,
+                (Some(Err(_)), _) | (Some(Ok(_)), None) => Ordering::Greater,
+                (None, Some(_)) => Ordering::Less,
+                (Some(Ok((dk, _))), Some((ok, _))) => ok.as_slice().cmp(dk.as_ref()),
+            };
+            if order == Ordering::Greater {
+                return self.db.next().map(|kv| kv.map_err(StoreError::from));
+            }
+            if order == Ordering::Equal {
+                self.db.next(); // overwritten (or removed) in the overlay
+            }
+            let (k, v) = self.overlay.next()?;
+            if let Some(v) = v {
+                return Some(Ok((IVec::from(k), v)));
+            }
+        }
+    }
+}
+
+/// Written next to sled's files after a clean shutdown's final flush,
+/// removed at the next open after comparing. sled recovers a damaged log
+/// by cutting it at the first bad record, silently; a store damaged while
+/// stopped (disk, copy, backup) then opens with fewer messages than it
+/// was stopped with, which this catches.
+pub(super) const SHUTDOWN_MARKER: &str = "redeliver-clean-shutdown";
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub(super) struct ShutdownMarker {
+    pub(super) totals: Totals,
+    /// Seq of the newest remembered message.
+    pub(super) last_entry: Option<u64>,
+}
+
+impl Store {
+    pub(super) fn overlay(&self) -> std::sync::MutexGuard<'_, Overlay> {
+        // A panic while holding it cannot leave a half-made write behind
+        // (inserts into the map are whole), so a poisoned lock is usable.
+        self.overlay.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Make every later commit fail, as after a write error (tests).
+    #[cfg(test)]
+    pub fn fail_commits(&self) {
+        self.overlay().failed = Some("injected failure".into());
+    }
+
+    /// Start a burst: writes wait in memory until [`Store::commit`].
+    pub fn begin(&self) {
+        self.overlay().deferred = true;
+    }
+
+    /// End a burst: apply its writes to sled as one atomic batch. On
+    /// failure they stay in memory, readable (so that the senders of what
+    /// was not stored can be told), and every later commit fails too.
+    pub fn commit(&self) -> Result<usize, StoreError> {
+        let mut o = self.overlay();
+        o.deferred = false;
+        Self::apply_overlay(&self.db, &mut o)
+    }
+
+    pub(super) fn apply_overlay(db: &sled::Db, o: &mut Overlay) -> Result<usize, StoreError> {
+        if let Some(e) = &o.failed {
+            return Err(StoreError::Failed(e.clone()));
+        }
+        if o.writes.is_empty() {
+            return Ok(0);
+        }
+        let n = o.writes.len();
+        let mut batch = sled::Batch::default();
+        for (k, v) in &o.writes {
+            match v {
+                Some(v) => batch.insert(k.as_slice(), v.clone()),
+                None => batch.remove(k.as_slice()),
+            }
+        }
+        if let Err(e) = db.apply_batch(batch) {
+            o.failed = Some(e.to_string());
+            return Err(e.into());
+        }
+        o.writes.clear();
+        Ok(n)
+    }
+
+    /// Apply one operation's writes (now, or at the burst's commit).
+    pub(super) fn write(&self, w: Writes) -> Result<(), StoreError> {
+        let mut o = self.overlay();
+        o.writes.extend(w.0);
+        if !o.deferred {
+            Self::apply_overlay(&self.db, &mut o)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn read(&self, k: &[u8]) -> Result<Option<IVec>, StoreError> {
+        if let Some(v) = self.overlay().writes.get(k) {
+            return Ok(v.clone());
+        }
+        Ok(self.db.get(k)?)
+    }
+
+    /// Entries whose keys start with `prefix`, in key order.
+    pub(super) fn scan(&self, prefix: &[u8]) -> Merged {
+        let o = self.overlay();
+        let writes = o
+            .writes
+            .range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix));
+        Merged::new(self.db.scan_prefix(prefix), writes)
+    }
+
+    /// Entries with `lo <= key <= hi`, in key order.
+    pub(super) fn scan_range(&self, lo: &[u8], hi: &[u8]) -> Merged {
+        let o = self.overlay();
+        let writes = o
+            .writes
+            .range::<[u8], _>((Bound::Included(lo), Bound::Included(hi)));
+        Merged::new(self.db.range(lo..=hi), writes)
+    }
+
+    /// Open (or create) the store. Blocking: call it off the runtime.
+    pub fn open(
+        path: &Path,
+        durability: Durability,
+        flush_interval_ms: u64,
+        cache_bytes: u64,
+    ) -> Result<Store, StoreError> {
+        let flush_every = match durability {
+            // Every write that matters is flushed explicitly (group commit).
+            Durability::Fsync => None,
+            Durability::Batched => Some(flush_interval_ms),
+        };
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(flush_every)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    StoreError::Locked {
+                        path: path.display().to_string(),
+                    }
+                }
+                sled::Error::Io(io) if io.to_string().contains("lock") => StoreError::Locked {
+                    path: path.display().to_string(),
+                },
+                sled::Error::Corruption { .. } => StoreError::Corrupt(e.to_string()),
+                other => StoreError::Sled(other),
+            })?;
+        let store = Store {
+            db,
+            path: path.to_owned(),
+            overlay: Mutex::default(),
+        };
+        match store.db.get(SCHEMA_KEY)? {
+            None => {
+                store.db.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+                store.db.flush()?;
+            }
+            Some(v) => {
+                let found = u32::from_be_bytes(
+                    v.as_ref()
+                        .try_into()
+                        .map_err(|_| StoreError::Corrupt("schema key".into()))?,
+                );
+                if found > SCHEMA_VERSION {
+                    return Err(StoreError::NewerSchema {
+                        path: path.display().to_string(),
+                        found,
+                    });
+                }
+                if found < 2 {
+                    store.migrate_to_2()?;
+                }
+            }
+        }
+        store.compare_shutdown_marker()?;
+        Ok(store)
+    }
+
+    pub(super) fn marker(&self) -> Result<ShutdownMarker, StoreError> {
+        let last_entry = match self.db.scan_prefix(b"x").next_back() {
+            Some(kv) => Some(decode_seq(&kv?.0[1..])?),
+            None => None,
+        };
+        Ok(ShutdownMarker {
+            totals: self.totals()?,
+            last_entry,
+        })
+    }
+
+    /// After the final flush of a clean shutdown: record what the store
+    /// holds, for the next open to compare.
+    pub fn write_shutdown_marker(&self) -> Result<(), StoreError> {
+        use std::io::Write;
+        let m = self.marker()?;
+        let path = self.path.join(SHUTDOWN_MARKER);
+        let mut f = std::fs::File::create(&path).map_err(sled::Error::Io)?;
+        f.write_all(&encode(&m)).map_err(sled::Error::Io)?;
+        f.sync_all().map_err(sled::Error::Io)?;
+        Ok(())
+    }
+
+    pub(super) fn compare_shutdown_marker(&self) -> Result<(), StoreError> {
+        let path = self.path.join(SHUTDOWN_MARKER);
+        let Ok(bytes) = std::fs::read(&path) else {
+            return Ok(()); // first start, or after a crash
+        };
+        let recorded: ShutdownMarker = decode(&bytes, "shutdown marker")?;
+        let found = self.marker()?;
+        if recorded != found {
+            return Err(StoreError::Corrupt(format!(
+                "{} was stopped cleanly holding {} pending messages (newest entry {:?}) but now \
+                 holds {} (newest {:?}): the store was damaged while stopped and sled cut its \
+                 log. Restore it from a backup or an export; to accept the loss, delete {}",
+                self.path.display(),
+                recorded.totals.pending,
+                recorded.last_entry,
+                found.totals.pending,
+                found.last_entry,
+                path.display()
+            )));
+        }
+        // From now on the store changes; a crash leaves no marker.
+        std::fs::remove_file(&path).map_err(sled::Error::Io)?;
+        Ok(())
+    }
+
+    /// Schema 1 had neither the age index, the expiry entries nor the
+    /// totals: build them from the queues and the id indexes, once. A
+    /// confirmed message's accept time is not known any more: its dedup
+    /// keys count from the migration.
+    pub(super) fn migrate_to_2(&self) -> Result<(), StoreError> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let mut batch = sled::Batch::default();
+        let mut expiries: std::collections::BTreeMap<u64, Expiry> = Default::default();
+        for kv in self.db.scan_prefix(b"q") {
+            let (k, v) = kv?;
+            let seq = seq_of_queue_key(&k)?;
+            let recipient = recipient_of_queue_key(&k)?;
+            batch.insert(&age_key(seq), recipient.as_bytes());
+            let rec: Record = decode(&v, "record")?;
+            expiries.insert(
+                seq,
+                Expiry {
+                    accepted_at_ms: rec.accepted_at_ms,
+                    recipient,
+                    keys: vec![],
+                },
+            );
+        }
+        for prefix in [b"i", b"o"] {
+            for kv in self.db.scan_prefix(prefix) {
+                let (k, v) = kv?;
+                let (seq, _) = decode_index(&v)?;
+                let (recipient, _, _) = split_index_key(&k)?;
+                expiries
+                    .entry(seq)
+                    .or_insert_with(|| Expiry {
+                        accepted_at_ms: now,
+                        recipient,
+                        keys: vec![],
+                    })
+                    .keys
+                    .push(k.to_vec());
+            }
+        }
+        for (seq, e) in &expiries {
+            batch.insert(&expiry_key(*seq), encode(e));
+        }
+        let mut totals = Totals::default();
+        for (_, state) in self.recipients()? {
+            totals.apply(&RecipientState::default(), &state);
+        }
+        batch.insert(TOTALS_KEY, encode(&totals));
+        batch.insert(SCHEMA_KEY, &2u32.to_be_bytes());
+        self.db.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Durably write everything so far. Blocking.
+    pub fn flush(&self) -> Result<usize, StoreError> {
+        Ok(self.db.flush()?)
+    }
+
+    /// A handle for the flusher thread.
+    pub fn db(&self) -> sled::Db {
+        self.db.clone()
+    }
+
+    /// A seq larger than every seq stored so far.
+    pub fn next_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()?)
+    }
+
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
