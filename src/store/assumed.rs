@@ -12,10 +12,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    Record, Store, StoreError, TOTALS_KEY, Writes, age_key, decode, encode, expiry_key, key,
-    queue_key, recipient_key,
-};
+use super::keys::{age_key, decode, encode, expiry_key, key, queue_key, recipient_key};
+use super::sled_io::Writes;
+use super::{Record, Store, StoreError, TOTALS_KEY};
 
 pub(super) const ASSUMED_KEY: &[u8] = b"h";
 

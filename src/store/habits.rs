@@ -7,7 +7,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Store, StoreError, Writes, decode, encode, key};
+use super::keys::{decode, encode, key};
+use super::sled_io::Writes;
+use super::{Store, StoreError};
 
 /// Clients remembered per recipient; past that, the one heard from
 /// longest ago is forgotten.

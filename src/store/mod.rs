@@ -63,8 +63,7 @@ mod queue;
 mod sled_io;
 mod transfer;
 
-use keys::*;
-use sled_io::*;
+pub use sled_io::Store;
 
 pub use assumed::{AssumedTotals, Pruned};
 pub use check::CheckReport;
@@ -249,12 +248,6 @@ pub enum Accepted {
     QueueFull,
     /// The whole store holds `max_store_bytes` of pending stanzas.
     StoreFull,
-}
-
-pub struct Store {
-    db: sled::Db,
-    path: std::path::PathBuf,
-    overlay: Mutex<Overlay>,
 }
 
 /// What tells a resubmission from a different message under a reused

@@ -2,6 +2,8 @@
 //! confirm, forget, purge, the expiry walk, counters, subscription and
 //! contact state.
 
+use super::keys::*;
+use super::sled_io::*;
 use super::*;
 
 impl Store {

@@ -2,7 +2,14 @@
 //! overlay that every read sees, applied as one batch), opening, the clean-
 //! shutdown marker and schema migrations.
 
+use super::keys::*;
 use super::*;
+
+pub struct Store {
+    pub(super) db: sled::Db,
+    pub(super) path: std::path::PathBuf,
+    pub(super) overlay: Mutex<Overlay>,
+}
 
 /// Writes not yet applied to sled (see "Bursts" above).
 #[derive(Default)]
