@@ -12,7 +12,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::keys::{age_key, decode, encode, expiry_key, key, queue_key, recipient_key};
+use super::keys::{
+    age_key, decode, encode, expiry_key, queue_key, recipient_key, recipient_seq_key,
+    seq_of_queue_key,
+};
 use super::sled_io::Writes;
 use super::{Record, Store, StoreError, TOTALS_KEY};
 
@@ -46,10 +49,7 @@ impl AssumedTotals {
 }
 
 fn tomb_key(recipient: &str, seq: u64) -> Vec<u8> {
-    let mut k = key(b't', &[recipient.as_bytes()]);
-    k.push(0);
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
+    recipient_seq_key(b't', recipient, seq)
 }
 
 fn tomb_age_key(at_ms: i64, seq: u64) -> [u8; 17] {
@@ -252,8 +252,13 @@ impl Store {
         for kv in self.db.scan_prefix(b"t") {
             let (k, v) = kv?;
             tombs += 1;
-            let seq =
-                u64::from_be_bytes(k[k.len().saturating_sub(8)..].try_into().unwrap_or([0; 8]));
+            let seq = match seq_of_queue_key(&k) {
+                Ok(seq) => seq,
+                Err(e) => {
+                    problems.push(format!("tombstone key: {e}"));
+                    continue;
+                }
+            };
             let t: Tombstone = match decode(&v, "tombstone") {
                 Ok(t) => t,
                 Err(e) => {
@@ -301,11 +306,7 @@ impl Store {
         let mut out = Vec::new();
         for kv in self.scan_range(&start, &end).take(limit) {
             let (k, v) = kv?;
-            let seq = u64::from_be_bytes(
-                k[k.len() - 8..]
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("short tombstone key".into()))?,
-            );
+            let seq = seq_of_queue_key(&k)?;
             let t: Tombstone = decode(&v, "tombstone")?;
             if super::bare_of(&t.record.sender) == sender_bare {
                 out.push(seq);

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::keys::{decode, encode, key};
+use super::keys::{decode, encode, recipient_prefix};
 use super::sled_io::Writes;
 use super::{Store, StoreError};
 
@@ -40,9 +40,7 @@ pub struct Habit {
 }
 
 fn habit_prefix(recipient: &str) -> Vec<u8> {
-    let mut k = key(b'l', &[recipient.as_bytes()]);
-    k.push(0);
-    k
+    recipient_prefix(b'l', recipient)
 }
 
 fn habit_key(recipient: &str, resource: &str) -> Vec<u8> {

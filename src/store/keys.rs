@@ -14,16 +14,28 @@ pub(super) fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
     k
 }
 
-pub(super) fn queue_prefix(recipient: &str) -> Vec<u8> {
-    let mut k = key(b'q', &[recipient.as_bytes()]);
+/// `prefix` recipient 0x00: where a recipient's keys of one kind start.
+pub(super) fn recipient_prefix(prefix: u8, recipient: &str) -> Vec<u8> {
+    let mut k = key(prefix, &[recipient.as_bytes()]);
     k.push(0);
     k
 }
 
-pub(super) fn queue_key(recipient: &str, seq: u64) -> Vec<u8> {
-    let mut k = queue_prefix(recipient);
+/// `prefix` recipient 0x00 seq (u64 BE): one message of a recipient's
+/// (a queue entry, a tombstone); its seq is read back by
+/// [`seq_of_queue_key`].
+pub(super) fn recipient_seq_key(prefix: u8, recipient: &str, seq: u64) -> Vec<u8> {
+    let mut k = recipient_prefix(prefix, recipient);
     k.extend_from_slice(&seq.to_be_bytes());
     k
+}
+
+pub(super) fn queue_prefix(recipient: &str) -> Vec<u8> {
+    recipient_prefix(b'q', recipient)
+}
+
+pub(super) fn queue_key(recipient: &str, seq: u64) -> Vec<u8> {
+    recipient_seq_key(b'q', recipient, seq)
 }
 
 pub(super) fn id_key(recipient: &str, sender: &str, id: &str) -> Vec<u8> {
