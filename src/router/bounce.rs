@@ -62,9 +62,6 @@ impl Router {
                 return false;
             }
         };
-        if !self.store.is_assumed(recipient, seq).unwrap_or(false) {
-            return false;
-        }
         let rec = match self.store.restore(recipient, seq) {
             Ok(Some(rec)) => rec,
             Ok(None) => return false,

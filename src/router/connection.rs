@@ -108,7 +108,7 @@ impl Router {
         // The server says again what it grants on each connection. Roster
         // sets that got no answer are asked again at the pair's next
         // message (not a day later).
-        self.grants.clear();
+        self.grants = Grants::default();
         for (_, (recipient, sender)) in std::mem::take(&mut self.roster_sets) {
             if let Some(mut c) = self.contact(&recipient, &sender)
                 && c.subscription == Subscription::Requested

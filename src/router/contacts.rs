@@ -71,12 +71,14 @@ impl Router {
             .await;
     }
 
-    /// What the server of `user` granted the component.
+    /// What the server of `user` granted the component: only the
+    /// component's own server grants, for the default domain's users.
     pub(super) fn granted(&self, user: &BareJid) -> Grants {
-        self.grants
-            .get(user.domain().as_str())
-            .copied()
-            .unwrap_or_default()
+        if user.domain().as_str() == self.config.relay.default_domain {
+            self.grants
+        } else {
+            Grants::default()
+        }
     }
 
     /// The answer to a privileged roster set: the contact is in the
@@ -116,9 +118,9 @@ impl Router {
                 | DefinedCondition::NotAllowed
                 | DefinedCondition::FeatureNotImplemented
         );
-        if refused && let Some(g) = self.grants.get_mut(target.domain().as_str()) {
+        if refused && self.granted(&target).roster_set {
             warn!(server = %target.domain(), condition = ?error.defined_condition, "the server refused a privileged roster set; asking recipients instead");
-            g.roster_set = false;
+            self.grants.roster_set = false;
         } else {
             info!(to = %recipient, condition = ?error.defined_condition, "a privileged roster set failed for this recipient; asking instead");
         }

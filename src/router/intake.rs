@@ -43,7 +43,7 @@ impl Router {
                 presence = g.presence,
                 "the server granted privileges (XEP-0356)"
             );
-            self.grants.insert(from.domain().to_string(), g);
+            self.grants = g;
             return;
         }
         let Some(to_node) = to.node() else {

@@ -430,9 +430,9 @@ pub struct Router {
     /// Messages relayed once, recently: who sent them, so that a bounce
     /// reaches its sender.
     once_sent: RecentOnce,
-    /// What each server (by domain) granted the component (XEP-0356), as
-    /// it announced on this connection.
-    grants: HashMap<String, Grants>,
+    /// What the component's own server (the default domain's) granted
+    /// it (XEP-0356), as announced on this connection.
+    grants: Grants,
     /// Privileged roster sets in flight, by iq id: (recipient, sender).
     roster_sets: HashMap<String, (String, String)>,
 }
@@ -577,7 +577,7 @@ impl Router {
             marker_scans: RateLimiter::new(20, 200),
             first_seq,
             once_sent: RecentOnce::default(),
-            grants: HashMap::new(),
+            grants: Grants::default(),
             roster_sets: HashMap::new(),
         })
     }

@@ -89,8 +89,8 @@ impl Router {
             return;
         }
         let recipient = from.to_bare().to_string();
-        let sub = match self.store.recipient(&recipient) {
-            Ok(s) => s.subscription,
+        let state = match self.store.recipient(&recipient) {
+            Ok(s) => s,
             Err(e) => {
                 error!(error = %e, "cannot read recipient state");
                 return;
@@ -103,13 +103,10 @@ impl Router {
         // only. It shows changes since then, so what the relay knows of
         // such a user's resources may be incomplete: a hint, not proof of
         // absence.
+        let sub = state.subscription;
         let granted_presence = self.granted(&from.to_bare()).presence;
-        let managed = granted_presence
-            && (self.peers.contains_key(&recipient)
-                || self
-                    .store
-                    .recipient(&recipient)
-                    .is_ok_and(|s| s.pending > 0));
+        let managed =
+            granted_presence && (self.peers.contains_key(&recipient) || state.pending > 0);
         if sub == Subscription::None && !managed {
             debug!(from = %from, "presence from a JID the relay never asked; ignored");
             return;

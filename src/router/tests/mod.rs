@@ -118,10 +118,7 @@ impl Harness {
     }
 
     async fn receipt(&self, id: &str) {
-        self.feed(&format!(
-            "<message xmlns='{NS}' from='bob@x/r' to='alice@relay.x'><received xmlns='urn:xmpp:receipts' id='{id}'/></message>"
-        ))
-        .await;
+        self.feed(&receipt_from("r", id)).await;
     }
 
     async fn subscribe_and_go_offline(&mut self) {
@@ -149,10 +146,7 @@ impl Harness {
         let id = format!("hello-{resource}");
         self.msg(&id).await;
         tokio::time::sleep(Duration::from_millis(1)).await;
-        self.feed(&format!(
-            "<message xmlns='{NS}' from='bob@x/{resource}' to='alice@relay.x'><received xmlns='urn:xmpp:receipts' id='{id}'/></message>"
-        ))
-        .await;
+        self.feed(&receipt_from(resource, &id)).await;
         tokio::time::sleep(Duration::from_millis(1)).await;
         self.drain_all();
     }

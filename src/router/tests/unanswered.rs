@@ -64,10 +64,7 @@ async fn late_bounces_and_late_receipts_after_an_assumption() {
     h.drain_all();
     assert_eq!(stats(&h), (0, 2));
     // A late receipt for m2 reaches alice and ends its tombstone.
-    h.feed(&format!(
-        "<message xmlns='{NS}' from='bob@x/phone' to='alice@relay.x'><received xmlns='urn:xmpp:receipts' id='m2'/></message>"
-    ))
-    .await;
+    h.feed(&receipt_from("phone", "m2")).await;
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(receipts_to_alice(&h.drain_all()), ["m2"]);
     h.bounce("m2", "cancel", "service-unavailable").await;
@@ -92,10 +89,7 @@ async fn late_bounces_and_late_receipts_after_an_assumption() {
     h.presence("phone").await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(ids_of(&h.drain()), ["m1"], "frozen-client guarantee");
-    h.feed(&format!(
-        "<message xmlns='{NS}' from='bob@x/phone' to='alice@relay.x'><received xmlns='urn:xmpp:receipts' id='m1'/></message>"
-    ))
-    .await;
+    h.feed(&receipt_from("phone", "m1")).await;
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(stats(&h), (0, 0));
 }
@@ -136,10 +130,7 @@ async fn contacts_only_clients_are_waited_for_on_approved_contacts_only() {
         "<presence xmlns='{NS}' from='bob@x' to='alice@relay.x' type='subscribed'/>"
     ))
     .await;
-    h.feed(&format!(
-        "<message xmlns='{NS}' from='bob@x/gajim' to='alice@relay.x'><received xmlns='urn:xmpp:receipts' id='a1'/></message>"
-    ))
-    .await;
+    h.feed(&receipt_from("gajim", "a1")).await;
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(
         h.store.habits("bob@x").unwrap()[0].1.answers,
