@@ -19,14 +19,14 @@ use std::time::{Duration, Instant};
 use common::fake::{Event, FakeServer};
 use common::*;
 use redeliver::config::Durability;
-use redeliver::store::{Accepted, NewMessage, QueueLimits, Record, Store, Subscription};
+use redeliver::store::{Accepted, NewMessage, QueueLimits, Record, SledStore, Subscription};
 
 const BODY: &str =
     "a benchmark message with about a hundred bytes of body text, to look like a short chat line";
 const GRACE_MS: u64 = 100;
 
 fn fill(path: &std::path::Path, messages: usize, recipients: usize) -> u64 {
-    let store = Store::open(path, Durability::Batched, 500, 64 << 20).unwrap();
+    let store = SledStore::open(path, Durability::Batched, 500, 64 << 20).unwrap();
     let limits = QueueLimits {
         max_pending: u64::MAX,
         max_bytes: u64::MAX,
@@ -116,7 +116,7 @@ async fn main() {
     let stanza_bytes = fill(&path, messages, recipients);
     let (apparent, allocated) = disk_usage(&path);
     let logical = {
-        let store = Store::open(&path, Durability::Fsync, 5, cache).unwrap();
+        let store = SledStore::open(&path, Durability::Fsync, 5, cache).unwrap();
         store
             .db()
             .iter()
@@ -126,7 +126,7 @@ async fn main() {
     // sled's own open (log recovery), alone, for comparison with the
     // start-to-ready time below.
     let opened = Instant::now();
-    drop(Store::open(&path, Durability::Fsync, 5, cache).unwrap());
+    drop(SledStore::open(&path, Durability::Fsync, 5, cache).unwrap());
     let sled_open = opened.elapsed();
 
     let mut fake = FakeServer::start().await;

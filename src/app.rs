@@ -12,13 +12,13 @@ use crate::config::Config;
 use crate::gate::run_flusher;
 use crate::link::{CHANNEL_CAPACITY, Link, LinkSettings};
 use crate::router::{Router, Stop};
-use crate::store::Store;
+use crate::store::SledStore;
 
 /// Open the store off the runtime (sled's open blocks).
-pub async fn open_store(config: &Config) -> anyhow::Result<Arc<Store>> {
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<SledStore>> {
     let c = config.store.clone();
     let store = tokio::task::spawn_blocking(move || {
-        Store::open(&c.path, c.durability, c.flush_interval_ms, c.cache_bytes)
+        SledStore::open(&c.path, c.durability, c.flush_interval_ms, c.cache_bytes)
     })
     .await??;
     Ok(Arc::new(store))

@@ -91,7 +91,7 @@ fn store_command(op: StoreOp) -> ExitCode {
         eprintln!("redeliver: no store at {}", s.path.display());
         return ExitCode::FAILURE;
     }
-    let store = match redeliver::store::Store::open(
+    let store = match redeliver::store::SledStore::open(
         &s.path,
         s.durability,
         s.flush_interval_ms,

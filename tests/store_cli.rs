@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use redeliver::config::Durability;
-use redeliver::store::Store;
+use redeliver::store::SledStore;
 
 const BOB: &str = "bob@relay.localhost";
 const CAROL: &str = "carol@relay.localhost";
@@ -114,7 +114,7 @@ async fn store_errors_are_clear_and_exit_non_zero() {
 
     // Written by a newer redeliver.
     {
-        let s = Store::open(&store_dir, Durability::Fsync, 5, 1 << 20).unwrap();
+        let s = SledStore::open(&store_dir, Durability::Fsync, 5, 1 << 20).unwrap();
         s.db().insert("mschema", &99u32.to_be_bytes()).unwrap();
         s.flush().unwrap();
         s.write_shutdown_marker().unwrap();
@@ -123,7 +123,7 @@ async fn store_errors_are_clear_and_exit_non_zero() {
     assert_eq!(st, Some(1), "{out}");
     assert!(out.contains("newer redeliver (schema 99"), "{out}");
     {
-        let s = Store::open(&store_dir, Durability::Fsync, 5, 1 << 20);
+        let s = SledStore::open(&store_dir, Durability::Fsync, 5, 1 << 20);
         assert!(s.is_err());
     }
 
@@ -131,7 +131,7 @@ async fn store_errors_are_clear_and_exit_non_zero() {
     let fresh = relay.dir.path().join("store-2");
     let config2 = config_with_store(&relay, &fresh, "two.toml");
     {
-        let s = Store::open(&fresh, Durability::Fsync, 5, 1 << 20).unwrap();
+        let s = SledStore::open(&fresh, Durability::Fsync, 5, 1 << 20).unwrap();
         // A recipient state claiming two messages that are not there.
         s.db()
             .insert(b"rghost@localhost", postcard_state(2, 100))

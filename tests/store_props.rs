@@ -1,6 +1,6 @@
 //! Property tests of the store: any sequence of accept, confirm, expire,
 //! purge and restart keeps every queue in order, the counters and totals
-//! right, and the id indexes consistent (`Store::check`), and matches a
+//! right, and the id indexes consistent (`SledStore::check`), and matches a
 //! plain in-memory model. An export/import round trip at the end of each
 //! sequence keeps all of it.
 
@@ -9,7 +9,7 @@ use std::path::Path;
 
 use proptest::prelude::*;
 use redeliver::config::Durability;
-use redeliver::store::{Accepted, NewMessage, PurgeScope, QueueLimits, Record, Store};
+use redeliver::store::{Accepted, NewMessage, PurgeScope, QueueLimits, Record, SledStore};
 
 const LIMITS: QueueLimits = QueueLimits {
     max_pending: 1000,
@@ -77,10 +77,10 @@ struct Model {
 /// Open, waiting out the lock of the store just dropped: sled's I/O
 /// threads can hold it for a moment under load (seen once in a full run
 /// of `scripts/test`, as in the store's unit tests before).
-fn open(dir: &Path) -> Store {
+fn open(dir: &Path) -> SledStore {
     let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        match Store::open(dir, Durability::Batched, 5, 1 << 20) {
+        match SledStore::open(dir, Durability::Batched, 5, 1 << 20) {
             Err(redeliver::store::StoreError::Locked { .. }) if std::time::Instant::now() < end => {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
@@ -89,7 +89,7 @@ fn open(dir: &Path) -> Store {
     }
 }
 
-fn verify(store: &Store, model: &Model) {
+fn verify(store: &SledStore, model: &Model) {
     let report = store.check().unwrap();
     assert!(report.ok(), "{:?}", report.problems);
     let mut total = 0;

@@ -23,7 +23,7 @@ use tokio_xmpp::parsers::jid::Jid;
 use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 
 use crate::stats::Stats;
-use crate::store::{PurgeScope, Store};
+use crate::store::{PurgeScope, SledStore};
 use crate::xep0050::{Action, Actions, Command, CommandError, NoteType, Status};
 
 /// Open sessions at most; a new one beyond that is refused.
@@ -44,7 +44,7 @@ pub(crate) struct Snapshot {
 /// What the commands need from the relay.
 pub(crate) trait Ops {
     fn snapshot(&self) -> Snapshot;
-    fn store(&self) -> &Store;
+    fn store(&self) -> &SledStore;
     /// The store key of the recipient an operator named: a bare JID, or
     /// the recipient's relay address.
     fn resolve(&self, jid: &str) -> Result<String, String>;
@@ -554,7 +554,7 @@ mod tests {
     use crate::store::{NewMessage, QueueLimits, Record};
 
     struct Fake {
-        store: Store,
+        store: SledStore,
         replays: Vec<String>,
         _dir: tempfile::TempDir,
     }
@@ -562,7 +562,7 @@ mod tests {
     impl Fake {
         fn new() -> Fake {
             let dir = tempfile::tempdir().unwrap();
-            let store = Store::open(dir.path(), Durability::Batched, 5, 1 << 20).unwrap();
+            let store = SledStore::open(dir.path(), Durability::Batched, 5, 1 << 20).unwrap();
             Fake {
                 store,
                 replays: vec![],
@@ -608,7 +608,7 @@ mod tests {
                 config_path: None,
             }
         }
-        fn store(&self) -> &Store {
+        fn store(&self) -> &SledStore {
             &self.store
         }
         fn resolve(&self, jid: &str) -> Result<String, String> {

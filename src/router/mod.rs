@@ -53,7 +53,7 @@ use crate::ratelimit::RateLimiter;
 use crate::stats::Stats;
 use crate::store::{
     Accepted, Answers, Contact, Habit, NewMessage, PurgeScope, QueueLimits, RecipientState, Record,
-    Store, StoreError, Subscription, bare_of,
+    SledStore, StoreError, Subscription, bare_of,
 };
 use crate::twin::{self, AnotherInstance, Instance, Verdict};
 use crate::xep0050::COMMANDS;
@@ -373,7 +373,7 @@ pub struct Router {
     book: AddressBook,
     /// The component's bare domain as a JID, the `from` of its own stanzas.
     me: Jid,
-    store: Arc<Store>,
+    store: Arc<SledStore>,
     outbox: mpsc::Sender<Outbound>,
     /// Stanzas of the current burst, sent once its writes are committed.
     out_buf: Vec<(Outbound, Needs)>,
@@ -528,7 +528,7 @@ impl Router {
     pub fn new(
         config: Arc<Config>,
         config_path: Option<PathBuf>,
-        store: Arc<Store>,
+        store: Arc<SledStore>,
         outbox: mpsc::Sender<Outbound>,
         flush_requests: mpsc::UnboundedSender<u64>,
     ) -> Result<Router, StoreError> {

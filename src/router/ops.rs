@@ -16,7 +16,7 @@ impl Ops for Router {
         }
     }
 
-    fn store(&self) -> &Store {
+    fn store(&self) -> &SledStore {
         &self.store
     }
 

@@ -17,7 +17,7 @@ use super::keys::{
     seq_of_queue_key,
 };
 use super::sled_io::Writes;
-use super::{Record, Store, StoreError, TOTALS_KEY};
+use super::{Record, SledStore, StoreError, TOTALS_KEY};
 
 pub(super) const ASSUMED_KEY: &[u8] = b"h";
 
@@ -68,7 +68,7 @@ pub struct Pruned {
     pub more: bool,
 }
 
-impl Store {
+impl SledStore {
     /// The tombstones' count and bytes.
     pub fn assumed_totals(&self) -> Result<AssumedTotals, StoreError> {
         match self.read(ASSUMED_KEY)? {
@@ -79,7 +79,7 @@ impl Store {
 
     /// Count pending messages as delivered without a receipt: they leave
     /// the queue (counters included) and a tombstone keeps each until
-    /// [`Store::prune_assumed`] takes it or its time to live ends, in one
+    /// [`SledStore::prune_assumed`] takes it or its time to live ends, in one
     /// batch. Returns what left.
     pub fn assume(
         &self,

@@ -23,7 +23,7 @@ impl CheckReport {
     }
 }
 
-impl Store {
+impl SledStore {
     /// Read the whole store and verify the layout's invariants: counters
     /// match the queues, totals match the counters, every pending message
     /// has its age and expiry entries, every index key points at a

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::keys::{decode, encode, recipient_prefix};
 use super::sled_io::Writes;
-use super::{Store, StoreError};
+use super::{SledStore, StoreError};
 
 /// Clients remembered per recipient; past that, the one heard from
 /// longest ago is forgotten.
@@ -49,7 +49,7 @@ fn habit_key(recipient: &str, resource: &str) -> Vec<u8> {
     k
 }
 
-impl Store {
+impl SledStore {
     /// Every remembered client of `recipient`, by resource.
     pub fn habits(&self, recipient: &str) -> Result<Vec<(String, Habit)>, StoreError> {
         let prefix = habit_prefix(recipient);

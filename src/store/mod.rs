@@ -37,8 +37,8 @@
 //! **Bursts.** sled 0.34 seals and writes its log buffer on every
 //! `apply_batch` (measured: 17 KB written to disk per relayed message,
 //! and the router stalled in sled's thread pool, when every accept and
-//! every confirmation was a batch of its own). So between [`Store::begin`]
-//! and [`Store::commit`] the writes of every operation gather in an
+//! every confirmation was a batch of its own). So between [`SledStore::begin`]
+//! and [`SledStore::commit`] the writes of every operation gather in an
 //! in-memory overlay that every read here sees, and the commit applies
 //! them as one atomic batch. Outside a burst each operation commits at
 //! once. The router wraps each round of events in a burst and sends
@@ -63,7 +63,7 @@ mod queue;
 mod sled_io;
 mod transfer;
 
-pub use sled_io::Store;
+pub use sled_io::SledStore;
 
 pub use assumed::{AssumedTotals, Pruned};
 pub use check::CheckReport;
@@ -156,7 +156,7 @@ impl Totals {
     }
 }
 
-/// One queue in a [`Store::top_queues`] listing.
+/// One queue in a [`SledStore::top_queues`] listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueSummary {
     pub recipient: String,

@@ -6,7 +6,7 @@ use super::keys::*;
 use super::sled_io::*;
 use super::*;
 
-impl Store {
+impl SledStore {
     /// Counters over every queue.
     pub fn totals(&self) -> Result<Totals, StoreError> {
         match self.read(TOTALS_KEY)? {
@@ -396,7 +396,7 @@ impl Store {
         Ok(removed)
     }
 
-    /// The writes that [`Store::remove`] applies, and what they remove;
+    /// The writes that [`SledStore::remove`] applies, and what they remove;
     /// tombstones too if `tombstones`.
     pub(super) fn removal(
         &self,

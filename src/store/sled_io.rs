@@ -5,7 +5,7 @@
 use super::keys::*;
 use super::*;
 
-pub struct Store {
+pub struct SledStore {
     pub(super) db: sled::Db,
     pub(super) path: std::path::PathBuf,
     pub(super) overlay: Mutex<Overlay>,
@@ -14,7 +14,7 @@ pub struct Store {
 /// Writes not yet applied to sled (see "Bursts" above).
 #[derive(Default)]
 pub(super) struct Overlay {
-    /// Inside a burst: writes wait for [`Store::commit`].
+    /// Inside a burst: writes wait for [`SledStore::commit`].
     pub(super) deferred: bool,
     /// Key to new value; `None` removes the key.
     pub(super) writes: BTreeMap<Vec<u8>, Option<IVec>>,
@@ -101,7 +101,7 @@ pub(super) struct ShutdownMarker {
     pub(super) last_entry: Option<u64>,
 }
 
-impl Store {
+impl SledStore {
     pub(super) fn overlay(&self) -> std::sync::MutexGuard<'_, Overlay> {
         // A panic while holding it cannot leave a half-made write behind
         // (inserts into the map are whole), so a poisoned lock is usable.
@@ -114,7 +114,7 @@ impl Store {
         self.overlay().failed = Some("injected failure".into());
     }
 
-    /// Start a burst: writes wait in memory until [`Store::commit`].
+    /// Start a burst: writes wait in memory until [`SledStore::commit`].
     pub fn begin(&self) {
         self.overlay().deferred = true;
     }
@@ -193,7 +193,7 @@ impl Store {
         durability: Durability,
         flush_interval_ms: u64,
         cache_bytes: u64,
-    ) -> Result<Store, StoreError> {
+    ) -> Result<SledStore, StoreError> {
         let flush_every = match durability {
             // Every write that matters is flushed explicitly (group commit).
             Durability::Fsync => None,
@@ -216,7 +216,7 @@ impl Store {
                 sled::Error::Corruption { .. } => StoreError::Corrupt(e.to_string()),
                 other => StoreError::Sled(other),
             })?;
-        let store = Store {
+        let store = SledStore {
             db,
             path: path.to_owned(),
             overlay: Mutex::default(),

@@ -4,10 +4,10 @@ use super::*;
 
 /// Open, waiting out the lock of a store just dropped in this process:
 /// sled's I/O threads can still hold it for a moment under load.
-pub(super) fn open(dir: &Path) -> Store {
+pub(super) fn open(dir: &Path) -> SledStore {
     let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        match Store::open(dir, Durability::Fsync, 5, 1 << 20) {
+        match SledStore::open(dir, Durability::Fsync, 5, 1 << 20) {
             Err(StoreError::Locked { .. }) if std::time::Instant::now() < end => {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
@@ -55,7 +55,7 @@ fn a_burst_is_readable_before_its_commit_and_lands_whole() {
         "dedup sees the burst"
     );
     s.confirm("bob@x", &[first]).unwrap();
-    let ids = |s: &Store| -> Vec<String> {
+    let ids = |s: &SledStore| -> Vec<String> {
         s.pending_from("bob@x", 0, 10)
             .unwrap()
             .into_iter()
@@ -230,7 +230,7 @@ fn confirm_keeps_dedup_and_counters() {
     assert_eq!(upto, [seqs[2]]);
 }
 
-pub(super) fn stored(s: &Store, m: NewMessage<'_>) -> u64 {
+pub(super) fn stored(s: &SledStore, m: NewMessage<'_>) -> u64 {
     match s.accept(m, BIG).unwrap() {
         Accepted::Stored { seq } => seq,
         other => panic!("{other:?}"),
@@ -487,7 +487,7 @@ fn survives_reopen_and_seq_stays_monotonic() {
 fn second_open_is_refused_as_locked() {
     let dir = tempfile::tempdir().unwrap();
     let _s = open(dir.path());
-    let err = Store::open(dir.path(), Durability::Fsync, 5, 1 << 20)
+    let err = SledStore::open(dir.path(), Durability::Fsync, 5, 1 << 20)
         .err()
         .unwrap();
     assert!(matches!(err, StoreError::Locked { .. }), "{err}");

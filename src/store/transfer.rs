@@ -44,7 +44,7 @@ pub enum TransferError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    SledStore(#[from] StoreError),
     #[error("line {line}: {msg}")]
     Format { line: usize, msg: String },
     #[error("the store already holds data; import into a new, empty store directory")]
@@ -101,7 +101,7 @@ fn write_line(w: &mut impl Write, line: &Line) -> Result<(), TransferError> {
     Ok(())
 }
 
-impl Store {
+impl SledStore {
     /// Write the whole store to `w`. Read-only; safe on a store no other
     /// process holds.
     pub fn export(&self, w: &mut impl Write) -> Result<TransferSummary, TransferError> {

@@ -10,7 +10,8 @@ use super::*;
 async fn startup_probes_every_recipient_in_steps() {
     let dir = tempfile::tempdir().unwrap();
     let config = Arc::new(config(dir.path(), 64));
-    let store = Arc::new(Store::open(&config.store.path, Durability::Batched, 5, 1 << 20).unwrap());
+    let store =
+        Arc::new(SledStore::open(&config.store.path, Durability::Batched, 5, 1 << 20).unwrap());
     let n = PROBE_STEP * 3 + 7;
     store.begin();
     for i in 0..n {

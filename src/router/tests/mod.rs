@@ -15,7 +15,7 @@ const NS: &str = "jabber:component:accept";
 struct Harness {
     events: mpsc::Sender<LinkEvent>,
     outbox: mpsc::Receiver<Outbound>,
-    store: Arc<Store>,
+    store: Arc<SledStore>,
     /// The flusher's side, in fsync mode: tickets asked, answers.
     flushes: mpsc::UnboundedReceiver<u64>,
     internal: mpsc::Sender<Flushed>,
@@ -76,7 +76,7 @@ async fn harness_full(window: usize, durability: &str, extra: &str) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let config = Arc::new(config_full(dir.path(), window, durability, extra));
     let store =
-        Arc::new(Store::open(&config.store.path, config.store.durability, 5, 1 << 20).unwrap());
+        Arc::new(SledStore::open(&config.store.path, config.store.durability, 5, 1 << 20).unwrap());
     let (out_tx, out_rx) = mpsc::channel(1024);
     let (ev_tx, ev_rx) = mpsc::channel(1024);
     let (flush_tx, flush_rx) = mpsc::unbounded_channel();

@@ -18,7 +18,7 @@ use redeliver::config::Config;
 use redeliver::depthlimit::Scanner;
 use redeliver::link::{LinkEvent, Outbound};
 use redeliver::router::Router;
-use redeliver::store::Store;
+use redeliver::store::SledStore;
 use redeliver::xmltree;
 use tokio::sync::mpsc;
 use tokio_xmpp::Stanza;
@@ -65,8 +65,9 @@ jids = ["admin@localhost"]
             .enable_all()
             .build()
             .unwrap();
-        let store =
-            Arc::new(Store::open(&config.store.path, config.store.durability, 5, 1 << 20).unwrap());
+        let store = Arc::new(
+            SledStore::open(&config.store.path, config.store.durability, 5, 1 << 20).unwrap(),
+        );
         let (out_tx, outbox) = mpsc::channel(4096);
         let (flush_tx, flush) = mpsc::unbounded_channel();
         let mut router = Router::new(Arc::new(config), None, store, out_tx, flush_tx).unwrap();
