@@ -12,11 +12,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::Writes;
 use super::keys::{
     age_key, decode, encode, expiry_key, queue_key, recipient_key, recipient_seq_key,
     seq_of_queue_key,
 };
-use super::sled_io::Writes;
 use super::{Record, SledStore, StoreError, TOTALS_KEY};
 
 pub(super) const ASSUMED_KEY: &[u8] = b"h";

@@ -7,8 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::Writes;
 use super::keys::{decode, encode, recipient_prefix};
-use super::sled_io::Writes;
 use super::{SledStore, StoreError};
 
 /// Clients remembered per recipient; past that, the one heard from

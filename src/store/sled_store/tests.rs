@@ -1,5 +1,4 @@
 use super::keys::*;
-use super::sled_io::*;
 use super::*;
 
 /// Open, waiting out the lock of a store just dropped in this process:

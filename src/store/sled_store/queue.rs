@@ -3,7 +3,6 @@
 //! contact state.
 
 use super::keys::*;
-use super::sled_io::*;
 use super::*;
 
 impl SledStore {

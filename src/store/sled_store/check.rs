@@ -3,7 +3,6 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::keys::*;
-use super::sled_io::*;
 use super::*;
 
 /// What a check found.

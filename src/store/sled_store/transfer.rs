@@ -33,7 +33,6 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::keys::*;
-use super::sled_io::*;
 use super::*;
 
 pub const FORMAT: &str = "redeliver-store-export";
