@@ -12,10 +12,10 @@ use crate::config::Config;
 use crate::gate::run_flusher;
 use crate::link::{CHANNEL_CAPACITY, Link, LinkSettings};
 use crate::router::{Router, Stop};
-use crate::store::SledStore;
+use crate::store::{QueueStore, SledStore};
 
 /// Open the store off the runtime (sled's open blocks).
-pub async fn open_store(config: &Config) -> anyhow::Result<Arc<SledStore>> {
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn QueueStore>> {
     let c = config.store.clone();
     let store = tokio::task::spawn_blocking(move || {
         SledStore::open(&c.path, c.durability, c.flush_interval_ms, c.cache_bytes)

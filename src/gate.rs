@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio_xmpp::Stanza;
 use tracing::error;
 
-use crate::store::SledStore;
+use crate::store::QueueStore;
 
 /// The flusher's answers.
 #[derive(Debug)]
@@ -182,7 +182,7 @@ impl Gate {
 /// The group-commit flusher: every request is answered by one fsync that
 /// covers it and every request queued with it.
 pub async fn run_flusher(
-    store: Arc<SledStore>,
+    store: Arc<dyn QueueStore>,
     mut requests: mpsc::UnboundedReceiver<u64>,
     done: mpsc::Sender<Flushed>,
 ) {

@@ -23,7 +23,7 @@ use tokio_xmpp::parsers::jid::Jid;
 use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 
 use crate::stats::Stats;
-use crate::store::{PurgeScope, SledStore};
+use crate::store::{PurgeScope, StoreView};
 use crate::xep0050::{Action, Actions, Command, CommandError, NoteType, Status};
 
 /// Open sessions at most; a new one beyond that is refused.
@@ -44,7 +44,7 @@ pub(crate) struct Snapshot {
 /// What the commands need from the relay.
 pub(crate) trait Ops {
     fn snapshot(&self) -> Snapshot;
-    fn store(&self) -> &SledStore;
+    fn store(&self) -> &dyn StoreView;
     /// The store key of the recipient an operator named: a bare JID, or
     /// the recipient's relay address.
     fn resolve(&self, jid: &str) -> Result<String, String>;
@@ -549,6 +549,8 @@ mod tests {
 
     use std::str::FromStr;
 
+    use crate::store::SledStore;
+
     use super::*;
     use crate::config::Durability;
     use crate::store::{NewMessage, QueueLimits, Record};
@@ -608,7 +610,7 @@ mod tests {
                 config_path: None,
             }
         }
-        fn store(&self) -> &SledStore {
+        fn store(&self) -> &dyn StoreView {
             &self.store
         }
         fn resolve(&self, jid: &str) -> Result<String, String> {

@@ -85,7 +85,7 @@ impl Router {
     }
 
     /// Stop: make the store durable. Blocking work runs off the runtime.
-    pub async fn flush_store(store: Arc<SledStore>) {
+    pub async fn flush_store(store: Arc<dyn QueueStore>) {
         match tokio::task::spawn_blocking(move || {
             store.commit()?;
             store.flush()?;

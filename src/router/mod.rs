@@ -52,8 +52,8 @@ use crate::privilege::{self, Grants};
 use crate::ratelimit::RateLimiter;
 use crate::stats::Stats;
 use crate::store::{
-    Accepted, Answers, Contact, Habit, NewMessage, PurgeScope, QueueLimits, RecipientState, Record,
-    SledStore, StoreError, Subscription, bare_of,
+    Accepted, Answers, Contact, Habit, NewMessage, PurgeScope, QueueLimits, QueueStore,
+    RecipientState, Record, StoreError, StoreView, Subscription, bare_of,
 };
 use crate::twin::{self, AnotherInstance, Instance, Verdict};
 use crate::xep0050::COMMANDS;
@@ -373,7 +373,7 @@ pub struct Router {
     book: AddressBook,
     /// The component's bare domain as a JID, the `from` of its own stanzas.
     me: Jid,
-    store: Arc<SledStore>,
+    store: Arc<dyn QueueStore>,
     outbox: mpsc::Sender<Outbound>,
     /// Stanzas of the current burst, sent once its writes are committed.
     out_buf: Vec<(Outbound, Needs)>,
@@ -528,7 +528,7 @@ impl Router {
     pub fn new(
         config: Arc<Config>,
         config_path: Option<PathBuf>,
-        store: Arc<SledStore>,
+        store: Arc<dyn QueueStore>,
         outbox: mpsc::Sender<Outbound>,
         flush_requests: mpsc::UnboundedSender<u64>,
     ) -> Result<Router, StoreError> {
@@ -709,20 +709,6 @@ fn address_book(config: &Config) -> AddressBook {
 }
 
 const SPACE_PROBE_EVERY: Duration = Duration::from_secs(5);
-
-/// Whether 256 KiB can be written and synced next to the store.
-fn probe_space(store: &std::path::Path) -> bool {
-    use std::io::Write;
-    let probe = store.join(".space-probe");
-    let ok = std::fs::File::create(&probe)
-        .and_then(|mut f| {
-            f.write_all(&vec![0u8; 256 << 10])?;
-            f.sync_all()
-        })
-        .is_ok();
-    let _ = std::fs::remove_file(&probe);
-    ok
-}
 
 /// The [`content_hash`](crate::store::content_hash) of what a message
 /// says: its bodies, subjects and thread, and its payloads but those that

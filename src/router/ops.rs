@@ -16,8 +16,8 @@ impl Ops for Router {
         }
     }
 
-    fn store(&self) -> &SledStore {
-        &self.store
+    fn store(&self) -> &dyn StoreView {
+        &*self.store
     }
 
     fn resolve(&self, jid: &str) -> Result<String, String> {

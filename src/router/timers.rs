@@ -25,7 +25,7 @@ impl Router {
                 }
             }
             Timer::SpaceProbe => {
-                if probe_space(&self.config.store.path) {
+                if self.store.writable_again() {
                     error!("{}", Stop::ReopenStore);
                     self.fatal = Some(Stop::ReopenStore);
                 } else {

@@ -4,27 +4,26 @@
 
 use serde::{Deserialize, Serialize};
 
+mod queue_store;
 mod sled_store;
 
-pub use sled_store::CheckReport;
-pub use sled_store::SledStore;
-pub use sled_store::{Answers, Habit, MAX_HABITS};
-pub use sled_store::{AssumedTotals, Pruned};
-pub use sled_store::{TransferError, TransferSummary};
+pub use queue_store::{QueueStore, StoreView};
 
-/// Version of the layout above. Bumped on any incompatible change.
-pub const SCHEMA_VERSION: u32 = 2;
-const SCHEMA_KEY: &[u8] = b"mschema";
-const TOTALS_KEY: &[u8] = b"g";
+pub use sled_store::SledStore;
+pub use sled_store::{TransferError, TransferSummary};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store {path} is in use by another process (sled lock held)")]
     Locked { path: String },
     #[error(
-        "store {path} was written by a newer redeliver (schema {found}, this build reads {SCHEMA_VERSION})"
+        "store {path} was written by a newer redeliver (schema {found}, this build reads {reads})"
     )]
-    NewerSchema { path: String, found: u32 },
+    NewerSchema {
+        path: String,
+        found: u32,
+        reads: u32,
+    },
     #[error("store is corrupted: {0}")]
     Corrupt(String),
     #[error("store error: {0}")]
@@ -190,6 +189,80 @@ pub enum Accepted {
     QueueFull,
     /// The whole store holds `max_store_bytes` of pending stanzas.
     StoreFull,
+}
+
+/// Clients remembered per recipient; past that, the one heard from
+/// longest ago is forgotten.
+pub const MAX_HABITS: usize = 16;
+
+/// To whom a client answers receipt requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Answers {
+    /// Only roster contacts it shares presence with (Gajim,
+    /// Conversations, Monal, Psi): seen answering a relay address the
+    /// recipient had approved.
+    Contacts,
+    /// Everyone (Dino, Profanity, Movim): seen answering a relay address
+    /// the recipient had not approved.
+    All,
+}
+
+/// One client's habit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Habit {
+    pub answers: Answers,
+    /// Receipt timeouts in a row (one per silent spell) since its last
+    /// answer: at two it is forgotten, so that a client that stopped
+    /// answering does not see messages again at every login.
+    pub missed: u8,
+    /// When it last answered.
+    pub seen_at_ms: i64,
+}
+
+/// How many tombstones the store keeps, and their stanza bytes (these
+/// count against `max_store_bytes` with the pending ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct AssumedTotals {
+    pub messages: u64,
+    pub bytes: u64,
+}
+
+impl AssumedTotals {
+    pub(crate) fn add(&mut self, rec: &Record) {
+        self.messages += 1;
+        self.bytes += rec.stanza.len() as u64;
+    }
+
+    pub(crate) fn sub(&mut self, rec: &Record) {
+        self.messages = self.messages.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(rec.stanza.len() as u64);
+    }
+}
+
+/// One pruning step.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Tombstones removed.
+    pub removed: usize,
+    /// Whether the step stopped at its limit with more to do.
+    pub more: bool,
+}
+
+/// What a check found.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    pub recipients: u64,
+    pub messages: u64,
+    pub bytes: u64,
+    /// Expiry entries (accepted messages still remembered for dedup).
+    pub entries: u64,
+    pub problems: Vec<String>,
+}
+
+impl CheckReport {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
 }
 
 /// What tells a resubmission from a different message under a reused

@@ -3,6 +3,7 @@
 //! harness; the tests are in one file per subject.
 
 use super::*;
+use crate::store::SledStore;
 
 mod contacts;
 mod delivery;

@@ -17,7 +17,7 @@ use super::keys::{
     age_key, decode, encode, expiry_key, queue_key, recipient_key, recipient_seq_key,
     seq_of_queue_key,
 };
-use super::{Record, SledStore, StoreError, TOTALS_KEY};
+use super::{AssumedTotals, Pruned, Record, SledStore, StoreError, TOTALS_KEY};
 
 pub(super) const ASSUMED_KEY: &[u8] = b"h";
 
@@ -26,26 +26,6 @@ pub(super) const ASSUMED_KEY: &[u8] = b"h";
 struct Tombstone {
     assumed_at_ms: i64,
     record: Record,
-}
-
-/// How many tombstones the store keeps, and their stanza bytes (these
-/// count against `max_store_bytes` with the pending ones).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct AssumedTotals {
-    pub messages: u64,
-    pub bytes: u64,
-}
-
-impl AssumedTotals {
-    fn add(&mut self, rec: &Record) {
-        self.messages += 1;
-        self.bytes += rec.stanza.len() as u64;
-    }
-
-    fn sub(&mut self, rec: &Record) {
-        self.messages = self.messages.saturating_sub(1);
-        self.bytes = self.bytes.saturating_sub(rec.stanza.len() as u64);
-    }
 }
 
 fn tomb_key(recipient: &str, seq: u64) -> Vec<u8> {
@@ -57,15 +37,6 @@ fn tomb_age_key(at_ms: i64, seq: u64) -> [u8; 17] {
     k[1..9].copy_from_slice(&(at_ms.max(0) as u64).to_be_bytes());
     k[9..].copy_from_slice(&seq.to_be_bytes());
     k
-}
-
-/// One pruning step.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Pruned {
-    /// Tombstones removed.
-    pub removed: usize,
-    /// Whether the step stopped at its limit with more to do.
-    pub more: bool,
 }
 
 impl SledStore {

@@ -5,23 +5,6 @@ use std::collections::{BTreeMap, HashMap};
 use super::keys::*;
 use super::*;
 
-/// What a check found.
-#[derive(Debug, Default)]
-pub struct CheckReport {
-    pub recipients: u64,
-    pub messages: u64,
-    pub bytes: u64,
-    /// Expiry entries (accepted messages still remembered for dedup).
-    pub entries: u64,
-    pub problems: Vec<String>,
-}
-
-impl CheckReport {
-    pub fn ok(&self) -> bool {
-        self.problems.is_empty()
-    }
-}
-
 impl SledStore {
     /// Read the whole store and verify the layout's invariants: counters
     /// match the queues, totals match the counters, every pending message

@@ -5,39 +5,9 @@
 //! sent to that client, so a recipient cannot grow these by sending
 //! receipts for nothing; and at most [`MAX_HABITS`] per recipient.
 
-use serde::{Deserialize, Serialize};
-
 use super::Writes;
 use super::keys::{decode, encode, recipient_prefix};
-use super::{SledStore, StoreError};
-
-/// Clients remembered per recipient; past that, the one heard from
-/// longest ago is forgotten.
-pub const MAX_HABITS: usize = 16;
-
-/// To whom a client answers receipt requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum Answers {
-    /// Only roster contacts it shares presence with (Gajim,
-    /// Conversations, Monal, Psi): seen answering a relay address the
-    /// recipient had approved.
-    Contacts,
-    /// Everyone (Dino, Profanity, Movim): seen answering a relay address
-    /// the recipient had not approved.
-    All,
-}
-
-/// One client's habit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Habit {
-    pub answers: Answers,
-    /// Receipt timeouts in a row (one per silent spell) since its last
-    /// answer: at two it is forgotten, so that a client that stopped
-    /// answering does not see messages again at every login.
-    pub missed: u8,
-    /// When it last answered.
-    pub seen_at_ms: i64,
-}
+use super::{Answers, Habit, MAX_HABITS, SledStore, StoreError};
 
 fn habit_prefix(recipient: &str) -> Vec<u8> {
     recipient_prefix(b'l', recipient)

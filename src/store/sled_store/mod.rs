@@ -57,16 +57,19 @@ use super::*;
 use crate::config::Durability;
 use keys::*;
 
+/// Version of the layout above. Bumped on any incompatible change.
+pub const SCHEMA_VERSION: u32 = 2;
+const SCHEMA_KEY: &[u8] = b"mschema";
+const TOTALS_KEY: &[u8] = b"g";
+
 mod assumed;
 mod check;
 mod habits;
 mod keys;
 mod queue;
+mod traits;
 mod transfer;
 
-pub use assumed::{AssumedTotals, Pruned};
-pub use check::CheckReport;
-pub use habits::{Answers, Habit, MAX_HABITS};
 pub use transfer::{TransferError, TransferSummary};
 
 pub struct SledStore {
@@ -300,6 +303,7 @@ impl SledStore {
                     return Err(StoreError::NewerSchema {
                         path: path.display().to_string(),
                         found,
+                        reads: SCHEMA_VERSION,
                     });
                 }
                 if found < 2 {
