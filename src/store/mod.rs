@@ -4,11 +4,17 @@
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(test)]
+mod contract_tests;
+mod pg_store;
 mod queue_store;
 mod sled_store;
+#[cfg(test)]
+pub mod test_databases;
 
 pub use queue_store::{QueueStore, StoreView};
 
+pub use pg_store::PgStore;
 pub use sled_store::SledStore;
 pub use sled_store::{TransferError, TransferSummary};
 
@@ -28,6 +34,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("store error: {0}")]
     Sled(#[from] sled::Error),
+    #[error("database error: {0}")]
+    Database(String),
     #[error("store error: an earlier write failed ({0}); restart to reopen the store")]
     Failed(String),
 }

@@ -19,8 +19,8 @@
 //! fsync and runs off the async runtime.
 
 use super::{
-    Accepted, AssumedTotals, Contact, Expired, Habit, NewMessage, Pruned, PurgeScope, QueueLimits,
-    QueueSummary, RecipientState, Record, StoreError, Subscription, Totals,
+    Accepted, AssumedTotals, CheckReport, Contact, Expired, Habit, NewMessage, Pruned, PurgeScope,
+    QueueLimits, QueueSummary, RecipientState, Record, StoreError, Subscription, Totals,
 };
 
 /// What the admin commands may read; nothing here writes.
@@ -51,6 +51,8 @@ pub trait StoreView: Send + Sync {
     fn next_seq(&self) -> Result<u64, StoreError>;
     /// Bytes the store takes where it lives.
     fn size_on_disk(&self) -> u64;
+    /// Read the whole store and verify its invariants (`store check`).
+    fn check(&self) -> Result<CheckReport, StoreError>;
 }
 
 /// Everything the router does with its store.

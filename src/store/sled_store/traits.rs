@@ -43,6 +43,9 @@ impl StoreView for SledStore {
     fn size_on_disk(&self) -> u64 {
         SledStore::size_on_disk(self)
     }
+    fn check(&self) -> Result<CheckReport, StoreError> {
+        SledStore::check(self)
+    }
 }
 
 impl QueueStore for SledStore {

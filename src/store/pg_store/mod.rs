@@ -1,0 +1,448 @@
+//! The PostgreSQL store: the same promises as the sled store, in tables
+//! that several instances can share (`schema` has the layout, `ops` the
+//! queue operations).
+//!
+//! **The connection.** tokio-postgres's connection task runs on a thread
+//! of its own, with its own small runtime, so that the store's calls can
+//! be synchronous like sled's (the router waits for its store either way:
+//! nothing leaves before the write it depends on). A call sends its
+//! queries to that task and waits for the answers; the futures that do
+//! so need no runtime, so they run on the caller's thread.
+//!
+//! **Bursts** are transactions: the first call after `begin` opens one,
+//! `commit` commits it. Outside a burst each
+//! call is a transaction of its own. Changes to the whole-store counters
+//! are summed in memory and written by one `UPDATE` just before the
+//! commit, so that the one counters row is locked only for that instant
+//! (reads add the sums not yet written).
+//!
+//! **Durability.** Every session runs with `synchronous_commit = on`, so a
+//! commit returns once the database has the transaction in its WAL on
+//! disk (and, if the server has a synchronous standby, on the standby's
+//! too). Flushing is then nothing to do.
+//!
+//! **Failure.** Any error ends the transaction (rolled back) and leaves
+//! the store failed, as a failed sled write does: every later call fails
+//! until the process opens the store again.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::executor::block_on;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Config, NoTls, Row, Statement};
+use tracing::{error, warn};
+
+use super::StoreError;
+
+mod check;
+mod ops;
+mod schema;
+
+pub use schema::SCHEMA_VERSION;
+
+/// How long opening a connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct PgStore {
+    client: Client,
+    /// Prepared statements, by their text.
+    statements: Mutex<HashMap<&'static str, Statement>>,
+    burst: Mutex<Burst>,
+    /// Ends the connection task.
+    stop: Option<futures::channel::oneshot::Sender<()>>,
+    /// To try a new connection after a failure.
+    config: Config,
+    /// The database, as logs name it (no password).
+    name: String,
+}
+
+/// The open transaction, if any.
+#[derive(Debug, Default)]
+pub(super) struct Burst {
+    /// Between begin and commit.
+    deferred: bool,
+    /// A transaction is open on the connection.
+    open: bool,
+    /// Rows written in it.
+    writes: usize,
+    /// Changes to the whole-store counters, written at its commit.
+    delta: Delta,
+    /// An earlier call failed: nothing more is tried.
+    failed: Option<String>,
+}
+
+/// Changes to `redeliver_totals` not yet written.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Delta {
+    pub pending: i64,
+    pub bytes: i64,
+    pub recipients: i64,
+    pub assumed: i64,
+    pub assumed_bytes: i64,
+}
+
+/// A database error as a store error, with the server's message when
+/// there is one (tokio-postgres's own text is only "db error").
+pub(super) fn db_error(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Database(match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    })
+}
+
+impl PgStore {
+    /// Connect to `url` (with `password`, if one is needed), check the
+    /// schema (creating or migrating it) and the server's settings.
+    /// Blocking; call it off the async runtime.
+    pub fn open(url: &str, password: Option<&str>) -> Result<PgStore, StoreError> {
+        let mut config: Config = url
+            .parse()
+            .map_err(|e| StoreError::Database(format!("store.url: {e}")))?;
+        if let Some(p) = password {
+            config.password(p);
+        }
+        config.connect_timeout(CONNECT_TIMEOUT);
+        config.application_name("redeliver");
+        let name = describe(&config);
+        let (client, stop) = connect(&config)?;
+        let store = PgStore {
+            client,
+            statements: Mutex::default(),
+            burst: Mutex::default(),
+            stop: Some(stop),
+            config,
+            name,
+        };
+        store.prepare_schema()?;
+        Ok(store)
+    }
+
+    /// The database, as logs name it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn burst(&self) -> MutexGuard<'_, Burst> {
+        self.burst.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Run `body` inside the current transaction (opening one if needed;
+    /// outside a burst, committing it after). Any error fails the store.
+    pub(super) fn run<T>(
+        &self,
+        body: impl AsyncFnOnce(&Db<'_>, &mut Delta) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T, StoreError> {
+        let mut guard = self.burst();
+        let b: &mut Burst = &mut guard;
+        if let Some(e) = &b.failed {
+            return Err(StoreError::Failed(e.clone()));
+        }
+        let client = &self.client;
+        let db = Db {
+            client,
+            statements: &self.statements,
+            writes: 0.into(),
+        };
+        let out = block_on(async {
+            if !b.open {
+                client.batch_execute("BEGIN").await?;
+                b.open = true;
+            }
+            let v = body(&db, &mut b.delta).await?;
+            b.writes += db.writes.get();
+            if !b.deferred {
+                finish(client, b).await?;
+            }
+            Ok(v)
+        });
+        out.map_err(|e| self.fail(b, e))
+    }
+
+    /// The store failed: roll back what is open, refuse what follows.
+    fn fail(&self, b: &mut Burst, e: tokio_postgres::Error) -> StoreError {
+        let err = db_error(e);
+        error!(database = %self.name, error = %err, "store failed; rolling back");
+        if b.open {
+            let _ = block_on(self.client.batch_execute("ROLLBACK"));
+            b.open = false;
+        }
+        b.delta = Delta::default();
+        b.writes = 0;
+        b.failed = Some(err.to_string());
+        err
+    }
+
+    /// Create the schema if the database has none, check its version,
+    /// and that the server keeps text as UTF-8 and commits durably.
+    fn prepare_schema(&self) -> Result<(), StoreError> {
+        let c = &self.client;
+        let found: Option<String> = block_on(async {
+            let encoding = c.query_one("SHOW server_encoding", &[]).await?;
+            let encoding: String = encoding.get(0);
+            if encoding != "UTF8" {
+                return Ok(Some(format!("!encoding {encoding}")));
+            }
+            c.batch_execute("SET synchronous_commit = on").await?;
+            c.batch_execute("BEGIN").await?;
+            c.execute(
+                "SELECT pg_advisory_xact_lock($1)",
+                &[&schema::MIGRATION_LOCK],
+            )
+            .await?;
+            c.batch_execute(schema::META).await?;
+            let row = c
+                .query_opt(
+                    "SELECT value FROM redeliver_meta WHERE name = 'schema'",
+                    &[],
+                )
+                .await?;
+            let found = row.map(|r| r.get::<_, String>(0));
+            if found.is_none() {
+                c.batch_execute(schema::V1).await?;
+            }
+            c.batch_execute("COMMIT").await?;
+            Ok(found)
+        })
+        .map_err(db_error)?;
+        match found.as_deref() {
+            None => Ok(()),
+            Some(e) if e.starts_with("!encoding ") => Err(StoreError::Database(format!(
+                "{}: the database's encoding is {}; redeliver needs UTF8 \
+                 (CREATE DATABASE … ENCODING 'UTF8')",
+                self.name,
+                &e["!encoding ".len()..]
+            ))),
+            Some(v) => {
+                let version: u32 = v
+                    .parse()
+                    .map_err(|_| StoreError::Corrupt(format!("schema version {v:?}")))?;
+                if version > SCHEMA_VERSION {
+                    return Err(StoreError::NewerSchema {
+                        path: self.name.clone(),
+                        found: version,
+                        reads: SCHEMA_VERSION,
+                    });
+                }
+                // Version 1 is the first; later versions migrate here.
+                Ok(())
+            }
+        }
+    }
+
+    pub(super) fn begin_burst(&self) {
+        self.burst().deferred = true;
+    }
+
+    pub(super) fn commit_burst(&self) -> Result<usize, StoreError> {
+        let mut guard = self.burst();
+        let b: &mut Burst = &mut guard;
+        b.deferred = false;
+        if let Some(e) = &b.failed {
+            return Err(StoreError::Failed(e.clone()));
+        }
+        if !b.open {
+            return Ok(0);
+        }
+        let n = b.writes;
+        match block_on(finish(&self.client, b)) {
+            Ok(()) => Ok(n),
+            Err(e) => Err(self.fail(b, e)),
+        }
+    }
+
+    #[cfg(test)]
+    pub(super) fn fail_now(&self) {
+        self.burst().failed = Some("injected failure".into());
+    }
+
+    /// Whether a new connection works (after a failure).
+    pub(super) fn reachable(&self) -> bool {
+        match connect(&self.config) {
+            Ok((client, stop)) => {
+                let ok = block_on(client.simple_query("SELECT 1")).is_ok();
+                let _ = stop.send(());
+                ok
+            }
+            Err(e) => {
+                warn!(database = %self.name, error = %e, "database still unreachable");
+                false
+            }
+        }
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The connection as the operations see it: statements are prepared
+/// once and reused, and rows written are counted.
+pub(super) struct Db<'a> {
+    client: &'a Client,
+    statements: &'a Mutex<HashMap<&'static str, Statement>>,
+    writes: std::cell::Cell<usize>,
+}
+
+type Params<'p> = [&'p (dyn ToSql + Sync)];
+
+impl Db<'_> {
+    async fn statement(&self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
+        let cached = self
+            .statements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(sql)
+            .cloned();
+        if let Some(s) = cached {
+            return Ok(s);
+        }
+        let s = self.client.prepare(sql).await?;
+        self.statements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(sql, s.clone());
+        Ok(s)
+    }
+
+    pub(super) async fn query(
+        &self,
+        sql: &'static str,
+        params: &Params<'_>,
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let s = self.statement(sql).await?;
+        self.client.query(&s, params).await
+    }
+
+    pub(super) async fn query_opt(
+        &self,
+        sql: &'static str,
+        params: &Params<'_>,
+    ) -> Result<Option<Row>, tokio_postgres::Error> {
+        let s = self.statement(sql).await?;
+        self.client.query_opt(&s, params).await
+    }
+
+    pub(super) async fn query_one(
+        &self,
+        sql: &'static str,
+        params: &Params<'_>,
+    ) -> Result<Row, tokio_postgres::Error> {
+        let s = self.statement(sql).await?;
+        self.client.query_one(&s, params).await
+    }
+
+    /// A write without `RETURNING`; the rows it changed.
+    pub(super) async fn exec(
+        &self,
+        sql: &'static str,
+        params: &Params<'_>,
+    ) -> Result<u64, tokio_postgres::Error> {
+        let s = self.statement(sql).await?;
+        let n = self.client.execute(&s, params).await?;
+        self.writes.set(self.writes.get() + n as usize);
+        Ok(n)
+    }
+
+    /// A write with `RETURNING`: its rows.
+    pub(super) async fn write(
+        &self,
+        sql: &'static str,
+        params: &Params<'_>,
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let rows = self.query(sql, params).await?;
+        self.writes.set(self.writes.get() + rows.len().max(1));
+        Ok(rows)
+    }
+}
+
+/// Write the counters' changes and commit.
+async fn finish(client: &Client, b: &mut Burst) -> Result<(), tokio_postgres::Error> {
+    let d = std::mem::take(&mut b.delta);
+    if d != Delta::default() {
+        client
+            .execute(
+                "UPDATE redeliver_totals SET pending = pending + $1, bytes = bytes + $2, \
+                 recipients = recipients + $3, assumed = assumed + $4, \
+                 assumed_bytes = assumed_bytes + $5",
+                &[
+                    &d.pending,
+                    &d.bytes,
+                    &d.recipients,
+                    &d.assumed,
+                    &d.assumed_bytes,
+                ],
+            )
+            .await?;
+    }
+    client.batch_execute("COMMIT").await?;
+    b.open = false;
+    b.writes = 0;
+    Ok(())
+}
+
+/// Open a connection; its task runs on a thread of its own until the
+/// returned sender fires (or is dropped).
+fn connect(config: &Config) -> Result<(Client, futures::channel::oneshot::Sender<()>), StoreError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
+    let config = config.clone();
+    let name = describe(&config);
+    std::thread::Builder::new()
+        .name("redeliver-db".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(StoreError::Database(e.to_string())));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                match config.connect(NoTls).await {
+                    Err(e) => {
+                        let _ = tx.send(Err(db_error(e)));
+                    }
+                    Ok((client, connection)) => {
+                        let _ = tx.send(Ok(client));
+                        tokio::select! {
+                            r = connection => if let Err(e) = r {
+                                error!(database = %name, error = %e, "database connection lost");
+                            },
+                            _ = stop_rx => {}
+                        }
+                    }
+                }
+            });
+        })
+        .map_err(|e| StoreError::Database(e.to_string()))?;
+    let client = rx
+        .recv()
+        .map_err(|_| StoreError::Database("the database thread ended".into()))??;
+    Ok((client, stop_tx))
+}
+
+/// `user@host:port/dbname`, for logs.
+fn describe(config: &Config) -> String {
+    use tokio_postgres::config::Host;
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "postgresql://{}@{host}:{port}/{}",
+        config.get_user().unwrap_or(""),
+        config.get_dbname().unwrap_or("")
+    )
+}

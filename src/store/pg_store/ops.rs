@@ -1,0 +1,864 @@
+//! The queue operations in SQL: the same results as the sled store's
+//! (`sled_store/queue.rs`, `assumed.rs`, `habits.rs`) for the same calls.
+//!
+//! Queries that do not depend on each other are sent together (one round
+//! trip: tokio-postgres pipelines futures polled at once).
+
+use std::collections::HashMap;
+
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+use super::{Db, Delta, PgStore};
+use crate::store::{
+    Accepted, Answers, AssumedTotals, CheckReport, Contact, Expired, Habit, MAX_HABITS, NewMessage,
+    Pruned, PurgeScope, QueueLimits, QueueStore, QueueSummary, RecipientState, Record, StoreError,
+    StoreView, Subscription, Totals, bare_of,
+};
+
+type PgResult<T> = Result<T, tokio_postgres::Error>;
+
+/// A seq (or bound) as a bigint: seqs come from a PostgreSQL sequence, so
+/// they fit; a bound past them saturates.
+fn sq(seq: u64) -> i64 {
+    seq.min(i64::MAX as u64) as i64
+}
+
+fn useq(v: i64) -> u64 {
+    v.max(0) as u64
+}
+
+fn sub_code(s: Subscription) -> i16 {
+    match s {
+        Subscription::None => 0,
+        Subscription::Requested => 1,
+        Subscription::Subscribed => 2,
+    }
+}
+
+fn sub_of(code: i16) -> Subscription {
+    match code {
+        1 => Subscription::Requested,
+        2 => Subscription::Subscribed,
+        _ => Subscription::None,
+    }
+}
+
+fn answers_code(a: Answers) -> i16 {
+    match a {
+        Answers::Contacts => 0,
+        Answers::All => 1,
+    }
+}
+
+/// A record from the columns `accepted_at_ms, sender, id, stanza`
+/// starting at `at`.
+fn record(row: &Row, at: usize) -> Record {
+    Record {
+        accepted_at_ms: row.get(at),
+        sender: row.get(at + 1),
+        id: row.get(at + 2),
+        stanza: row.get(at + 3),
+    }
+}
+
+/// `(seq, record)` rows (`seq, accepted_at_ms, sender, id, stanza`) in
+/// the order of `seqs`.
+fn in_order(rows: Vec<Row>, seqs: &[u64]) -> Vec<(u64, Record)> {
+    let mut by_seq: HashMap<u64, Record> = rows
+        .iter()
+        .map(|r| (useq(r.get(0)), record(r, 1)))
+        .collect();
+    seqs.iter()
+        .filter_map(|s| by_seq.remove(s).map(|r| (*s, r)))
+        .collect()
+}
+
+fn stanza_bytes(records: &[(u64, Record)]) -> i64 {
+    records.iter().map(|(_, r)| r.stanza.len() as i64).sum()
+}
+
+/// Change a recipient's counters by `n` messages and `bytes`, and the
+/// number of recipients with pending messages if it crossed zero.
+async fn count(db: &Db<'_>, d: &mut Delta, recipient: &str, n: i64, bytes: i64) -> PgResult<()> {
+    if n == 0 && bytes == 0 {
+        return Ok(());
+    }
+    let row = db
+        .write(
+            "INSERT INTO redeliver_recipients (recipient, pending, bytes) VALUES ($1, $2, $3) \
+             ON CONFLICT (recipient) DO UPDATE SET \
+             pending = GREATEST(redeliver_recipients.pending + $2, 0), \
+             bytes = GREATEST(redeliver_recipients.bytes + $3, 0) \
+             RETURNING pending",
+            &[&recipient, &n, &bytes],
+        )
+        .await?;
+    let after: i64 = row.first().map_or(0, |r| r.get(0));
+    let before = after - n;
+    match (before > 0, after > 0) {
+        (false, true) => d.recipients += 1,
+        (true, false) => d.recipients -= 1,
+        _ => {}
+    }
+    d.pending += n;
+    d.bytes += bytes;
+    Ok(())
+}
+
+/// Remove pending messages (those still there) with their counters; if
+/// `tombstones`, the tombstones of the others too.
+async fn removal(
+    db: &Db<'_>,
+    d: &mut Delta,
+    recipient: &str,
+    seqs: &[u64],
+    tombstones: bool,
+) -> PgResult<Vec<(u64, Record)>> {
+    if seqs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let keys: Vec<i64> = seqs.iter().map(|s| sq(*s)).collect();
+    let rows = db
+        .write(
+            "DELETE FROM redeliver_pending WHERE recipient = $1 AND seq = ANY($2) \
+             RETURNING seq, accepted_at_ms, sender, id, stanza",
+            &[&recipient, &keys],
+        )
+        .await?;
+    let mut removed = in_order(rows, seqs);
+    count(
+        db,
+        d,
+        recipient,
+        -(removed.len() as i64),
+        -stanza_bytes(&removed),
+    )
+    .await?;
+    if tombstones && removed.len() < seqs.len() {
+        let gone: Vec<u64> = seqs
+            .iter()
+            .copied()
+            .filter(|s| !removed.iter().any(|(r, _)| r == s))
+            .collect();
+        let keys: Vec<i64> = gone.iter().map(|s| sq(*s)).collect();
+        let rows = db
+            .write(
+                "DELETE FROM redeliver_tombstones WHERE recipient = $1 AND seq = ANY($2) \
+                 RETURNING seq, accepted_at_ms, sender, id, stanza",
+                &[&recipient, &keys],
+            )
+            .await?;
+        let dropped = in_order(rows, &gone);
+        d.assumed -= dropped.len() as i64;
+        d.assumed_bytes -= stanza_bytes(&dropped);
+        removed.extend(dropped);
+    }
+    Ok(removed)
+}
+
+/// Seqs of `recipient`'s rows in `table` from `sender_bare` up to `upto`.
+fn from_sender(rows: &[Row], sender_bare: &str) -> Vec<u64> {
+    rows.iter()
+        .filter(|r| bare_of(r.get::<_, &str>(1)) == sender_bare)
+        .map(|r| useq(r.get(0)))
+        .collect()
+}
+
+impl StoreView for PgStore {
+    fn totals(&self) -> Result<Totals, StoreError> {
+        self.run(async |db, d| {
+            let r = db
+                .query_one(
+                    "SELECT pending, bytes, recipients FROM redeliver_totals",
+                    &[],
+                )
+                .await?;
+            Ok(Totals {
+                pending: useq(r.get::<_, i64>(0) + d.pending),
+                bytes: useq(r.get::<_, i64>(1) + d.bytes),
+                recipients: useq(r.get::<_, i64>(2) + d.recipients),
+            })
+        })
+    }
+
+    fn assumed_totals(&self) -> Result<AssumedTotals, StoreError> {
+        self.run(async |db, d| {
+            let r = db
+                .query_one("SELECT assumed, assumed_bytes FROM redeliver_totals", &[])
+                .await?;
+            Ok(AssumedTotals {
+                messages: useq(r.get::<_, i64>(0) + d.assumed),
+                bytes: useq(r.get::<_, i64>(1) + d.assumed_bytes),
+            })
+        })
+    }
+
+    fn oldest(&self) -> Result<Option<(String, u64, Record)>, StoreError> {
+        self.run(async |db, _| {
+            let row = db
+                .query_opt(
+                    "SELECT recipient, seq, accepted_at_ms, sender, id, stanza \
+                     FROM redeliver_pending ORDER BY seq LIMIT 1",
+                    &[],
+                )
+                .await?;
+            Ok(row.map(|r| (r.get(0), useq(r.get(1)), record(&r, 2))))
+        })
+    }
+
+    fn top_queues(&self, n: usize) -> Result<Vec<QueueSummary>, StoreError> {
+        let n = n as i64;
+        self.run(async |db, _| {
+            let rows = db
+                .query(
+                    "SELECT r.recipient, r.pending, r.bytes, \
+                     (SELECT p.accepted_at_ms FROM redeliver_pending p \
+                      WHERE p.recipient = r.recipient ORDER BY p.seq LIMIT 1) \
+                     FROM redeliver_recipients r WHERE r.pending > 0 \
+                     ORDER BY r.pending DESC, r.bytes DESC, r.recipient DESC LIMIT $1",
+                    &[&n],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| QueueSummary {
+                    recipient: r.get(0),
+                    pending: useq(r.get(1)),
+                    bytes: useq(r.get(2)),
+                    oldest_ms: r.get(3),
+                })
+                .collect())
+        })
+    }
+
+    fn recipient(&self, recipient: &str) -> Result<RecipientState, StoreError> {
+        self.run(async |db, _| {
+            let row = db
+                .query_opt(
+                    "SELECT subscription, pending, bytes FROM redeliver_recipients \
+                     WHERE recipient = $1",
+                    &[&recipient],
+                )
+                .await?;
+            Ok(
+                row.map_or_else(RecipientState::default, |r| RecipientState {
+                    subscription: sub_of(r.get(0)),
+                    pending: useq(r.get(1)),
+                    bytes: useq(r.get(2)),
+                }),
+            )
+        })
+    }
+
+    fn recipients(&self) -> Result<Vec<(String, RecipientState)>, StoreError> {
+        self.run(async |db, _| {
+            let rows = db
+                .query(
+                    "SELECT recipient, subscription, pending, bytes FROM redeliver_recipients \
+                     ORDER BY recipient",
+                    &[],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    (
+                        r.get(0),
+                        RecipientState {
+                            subscription: sub_of(r.get(1)),
+                            pending: useq(r.get(2)),
+                            bytes: useq(r.get(3)),
+                        },
+                    )
+                })
+                .collect())
+        })
+    }
+
+    fn pending_from(
+        &self,
+        recipient: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Record)>, StoreError> {
+        let (from, limit) = (sq(from), limit as i64);
+        self.run(async |db, _| {
+            let rows = db
+                .query(
+                    "SELECT seq, accepted_at_ms, sender, id, stanza FROM redeliver_pending \
+                     WHERE recipient = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
+                    &[&recipient, &from, &limit],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| (useq(r.get(0)), record(r, 1)))
+                .collect())
+        })
+    }
+
+    fn count_purgeable(&self, recipient: &str, scope: PurgeScope) -> Result<u64, StoreError> {
+        let below = sq(scope.below_seq);
+        self.run(async |db, _| {
+            let r = db
+                .query_one(
+                    "SELECT count(*) FROM redeliver_pending WHERE recipient = $1 AND seq < $2 \
+                     AND ($3::bigint IS NULL OR accepted_at_ms <= $3)",
+                    &[&recipient, &below, &scope.accepted_before_ms],
+                )
+                .await?;
+            Ok(useq(r.get(0)))
+        })
+    }
+
+    fn habit_counts(&self) -> Result<(u64, u64), StoreError> {
+        self.run(async |db, _| {
+            let r = db
+                .query_one(
+                    "SELECT count(*) FILTER (WHERE answers = 1), \
+                     count(*) FILTER (WHERE answers = 0) FROM redeliver_habits",
+                    &[],
+                )
+                .await?;
+            Ok((useq(r.get(0)), useq(r.get(1))))
+        })
+    }
+
+    fn next_seq(&self) -> Result<u64, StoreError> {
+        self.run(async |db, _| {
+            let r = db.query_one("SELECT nextval('redeliver_seq')", &[]).await?;
+            Ok(useq(r.get(0)))
+        })
+    }
+
+    fn size_on_disk(&self) -> u64 {
+        let tables: Vec<&str> = super::schema::TABLES.to_vec();
+        self.run(async |db, _| {
+            let r = db
+                .query_one(
+                    "SELECT COALESCE(sum(pg_total_relation_size(c.oid)), 0)::bigint \
+                     FROM pg_class c WHERE c.relname = ANY($1) AND c.relkind = 'r' \
+                     AND pg_table_is_visible(c.oid)",
+                    &[&tables],
+                )
+                .await?;
+            Ok(useq(r.get(0)))
+        })
+        .unwrap_or(0)
+    }
+
+    fn check(&self) -> Result<CheckReport, StoreError> {
+        self.check_tables()
+    }
+}
+
+impl QueueStore for PgStore {
+    fn begin(&self) {
+        self.begin_burst()
+    }
+
+    fn commit(&self) -> Result<usize, StoreError> {
+        self.commit_burst()
+    }
+
+    #[cfg(test)]
+    fn fail_commits(&self) {
+        self.fail_now()
+    }
+
+    fn flush(&self) -> Result<usize, StoreError> {
+        // Every commit is durable already (synchronous_commit = on).
+        Ok(0)
+    }
+
+    fn write_shutdown_marker(&self) -> Result<(), StoreError> {
+        // The database keeps its own log; nothing to compare at the next
+        // open.
+        Ok(())
+    }
+
+    fn writable_again(&self) -> bool {
+        self.reachable()
+    }
+
+    fn accept(&self, msg: NewMessage<'_>, limits: QueueLimits) -> Result<Accepted, StoreError> {
+        let size = msg.record.stanza.len() as i64;
+        let hash = msg.content_hash as i64;
+        let r = &msg.record;
+        self.run(async |db, d| {
+            let ids: [&(dyn ToSql + Sync); 4] =
+                [&msg.recipient, &msg.sender_bare, &r.id, &msg.origin_id];
+            let who: [&(dyn ToSql + Sync); 1] = [&msg.recipient];
+            let (dedup, state, totals) = futures::try_join!(
+                db.query(
+                    "SELECT d.origin, d.seq, d.hash, \
+                     EXISTS (SELECT 1 FROM redeliver_pending p \
+                             WHERE p.recipient = d.recipient AND p.seq = d.seq) \
+                     OR EXISTS (SELECT 1 FROM redeliver_tombstones t \
+                             WHERE t.recipient = d.recipient AND t.seq = d.seq) \
+                     FROM redeliver_dedup d WHERE d.recipient = $1 AND d.sender = $2 \
+                     AND ((NOT d.origin AND d.key = $3) OR (d.origin AND d.key = $4))",
+                    &ids,
+                ),
+                db.query_opt(
+                    "SELECT pending, bytes FROM redeliver_recipients WHERE recipient = $1",
+                    &who,
+                ),
+                db.query_one("SELECT bytes, assumed_bytes FROM redeliver_totals", &[]),
+            )?;
+            // An origin-id names one message (XEP-0359): a match is a
+            // resubmission whatever it says now.
+            if let Some(o) = dedup.iter().find(|row| row.get::<_, bool>(0)) {
+                return Ok(Accepted::Duplicate {
+                    seq: useq(o.get(1)),
+                });
+            }
+            if let Some(i) = dedup.first() {
+                let seq = useq(i.get(1));
+                let old_hash: Option<i64> = i.get(2);
+                if old_hash.is_none_or(|h| h == hash) {
+                    return Ok(Accepted::Duplicate { seq });
+                }
+                if i.get::<_, bool>(3) {
+                    return Ok(Accepted::IdInUse { seq });
+                }
+                // Confirmed earlier: this message takes the id over.
+            }
+            let (pending, bytes) = state.map_or((0, 0), |s| (s.get(0), s.get(1)));
+            if useq(pending) >= limits.max_pending || useq(bytes + size) > limits.max_bytes {
+                return Ok(Accepted::QueueFull);
+            }
+            let store_bytes = totals.get::<_, i64>(0) + d.bytes + totals.get::<_, i64>(1);
+            if useq(store_bytes + d.assumed_bytes + size) > limits.max_store_bytes {
+                return Ok(Accepted::StoreFull);
+            }
+            let row = db
+                .write(
+                    "WITH s AS (SELECT nextval('redeliver_seq') AS seq), \
+                     p AS (INSERT INTO redeliver_pending \
+                           (recipient, seq, accepted_at_ms, sender, id, stanza) \
+                           SELECT $1, seq, $2, $3, $4, $5 FROM s), \
+                     e AS (INSERT INTO redeliver_entries (seq, recipient, accepted_at_ms) \
+                           SELECT seq, $1, $2 FROM s), \
+                     i AS (INSERT INTO redeliver_dedup (recipient, sender, origin, key, seq, hash) \
+                           SELECT $1, $6, false, $4, seq, $7 FROM s \
+                           ON CONFLICT (recipient, sender, origin, key) \
+                           DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash), \
+                     o AS (INSERT INTO redeliver_dedup (recipient, sender, origin, key, seq, hash) \
+                           SELECT $1, $6, true, $8, seq, $7 FROM s WHERE $8::text IS NOT NULL \
+                           ON CONFLICT (recipient, sender, origin, key) \
+                           DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash) \
+                     SELECT seq FROM s",
+                    &[
+                        &msg.recipient,
+                        &r.accepted_at_ms,
+                        &r.sender,
+                        &r.id,
+                        &r.stanza,
+                        &msg.sender_bare,
+                        &hash,
+                        &msg.origin_id,
+                    ],
+                )
+                .await?;
+            let seq = useq(row[0].get(0));
+            count(db, d, msg.recipient, 1, size).await?;
+            Ok(Accepted::Stored { seq })
+        })
+    }
+
+    fn seq_of(
+        &self,
+        recipient: &str,
+        sender_bare: &str,
+        id: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        self.run(async |db, _| {
+            let row = db
+                .query_opt(
+                    "SELECT seq FROM redeliver_dedup \
+                     WHERE recipient = $1 AND sender = $2 AND NOT origin AND key = $3",
+                    &[&recipient, &sender_bare, &id],
+                )
+                .await?;
+            Ok(row.map(|r| useq(r.get(0))))
+        })
+    }
+
+    fn get(&self, recipient: &str, seq: u64) -> Result<Option<Record>, StoreError> {
+        let seq = sq(seq);
+        self.run(async |db, _| {
+            let row = db
+                .query_opt(
+                    "SELECT accepted_at_ms, sender, id, stanza FROM redeliver_pending \
+                     WHERE recipient = $1 AND seq = $2",
+                    &[&recipient, &seq],
+                )
+                .await?;
+            Ok(row.map(|r| record(&r, 0)))
+        })
+    }
+
+    fn confirm(&self, recipient: &str, seqs: &[u64]) -> Result<Vec<(u64, Record)>, StoreError> {
+        self.run(async |db, d| removal(db, d, recipient, seqs, true).await)
+    }
+
+    fn forget(&self, recipient: &str, seq: u64) -> Result<Option<Record>, StoreError> {
+        let key = sq(seq);
+        self.run(async |db, d| {
+            let removed = removal(db, d, recipient, &[seq], true).await?;
+            let k: [&(dyn ToSql + Sync); 1] = [&key];
+            futures::try_join!(
+                db.exec("DELETE FROM redeliver_dedup WHERE seq = $1", &k),
+                db.exec("DELETE FROM redeliver_entries WHERE seq = $1", &k),
+            )?;
+            Ok(removed.into_iter().next().map(|(_, r)| r))
+        })
+    }
+
+    fn purge(&self, recipient: &str, scope: PurgeScope) -> Result<Vec<u64>, StoreError> {
+        let below = sq(scope.below_seq);
+        self.run(async |db, d| {
+            let rows = db
+                .query(
+                    "SELECT seq FROM redeliver_pending WHERE recipient = $1 AND seq < $2 \
+                     AND ($3::bigint IS NULL OR accepted_at_ms <= $3) ORDER BY seq",
+                    &[&recipient, &below, &scope.accepted_before_ms],
+                )
+                .await?;
+            let seqs: Vec<u64> = rows.iter().map(|r| useq(r.get(0))).collect();
+            let removed = removal(db, d, recipient, &seqs, true).await?;
+            Ok(removed.into_iter().map(|(s, _)| s).collect())
+        })
+    }
+
+    fn expire(&self, cutoff_ms: i64, limit: usize) -> Result<Expired, StoreError> {
+        let fetch = limit as i64 + 1;
+        self.run(async |db, d| {
+            let rows = db
+                .query(
+                    "SELECT seq, accepted_at_ms FROM redeliver_entries ORDER BY seq LIMIT $1",
+                    &[&fetch],
+                )
+                .await?;
+            let mut out = Expired::default();
+            // In seq order, up to the first one accepted after the cutoff.
+            let due: Vec<i64> = rows
+                .iter()
+                .take(limit)
+                .take_while(|r| r.get::<_, i64>(1) <= cutoff_ms)
+                .map(|r| r.get(0))
+                .collect();
+            out.entries = due.len();
+            out.more = due.len() == limit && rows.len() > limit;
+            if due.is_empty() {
+                return Ok(out);
+            }
+            let k: [&(dyn ToSql + Sync); 1] = [&due];
+            let (_, _, pending, kept) = futures::try_join!(
+                db.exec("DELETE FROM redeliver_entries WHERE seq = ANY($1)", &k),
+                db.exec("DELETE FROM redeliver_dedup WHERE seq = ANY($1)", &k),
+                db.write(
+                    "DELETE FROM redeliver_pending WHERE seq = ANY($1) \
+                     RETURNING recipient, seq, accepted_at_ms, sender, id, stanza",
+                    &k,
+                ),
+                db.write(
+                    "DELETE FROM redeliver_tombstones WHERE seq = ANY($1) \
+                     RETURNING octet_length(stanza)",
+                    &k,
+                ),
+            )?;
+            d.assumed -= kept.len() as i64;
+            d.assumed_bytes -= kept
+                .iter()
+                .map(|r| i64::from(r.get::<_, i32>(0)))
+                .sum::<i64>();
+            let mut messages: Vec<(String, u64, Record)> = pending
+                .iter()
+                .map(|r| (r.get(0), useq(r.get(1)), record(r, 2)))
+                .collect();
+            messages.sort_by_key(|(_, seq, _)| *seq);
+            let mut per: HashMap<&str, (i64, i64)> = HashMap::new();
+            for (recipient, _, rec) in &messages {
+                let e = per.entry(recipient.as_str()).or_default();
+                e.0 += 1;
+                e.1 += rec.stanza.len() as i64;
+            }
+            for (recipient, (n, bytes)) in per {
+                count(db, d, recipient, -n, -bytes).await?;
+            }
+            out.messages = messages;
+            Ok(out)
+        })
+    }
+
+    fn pending_from_sender_upto(
+        &self,
+        recipient: &str,
+        sender_bare: &str,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<u64>, StoreError> {
+        let (key, limit) = (sq(upto), limit as i64);
+        self.run(async |db, _| {
+            let scan: [&(dyn ToSql + Sync); 3] = [&recipient, &key, &limit];
+            let one: [&(dyn ToSql + Sync); 2] = [&recipient, &key];
+            let (rows, last) = futures::try_join!(
+                db.query(
+                    "SELECT seq, sender FROM redeliver_pending \
+                     WHERE recipient = $1 AND seq <= $2 ORDER BY seq LIMIT $3",
+                    &scan,
+                ),
+                db.query_opt(
+                    "SELECT 1 FROM redeliver_pending WHERE recipient = $1 AND seq = $2",
+                    &one,
+                ),
+            )?;
+            let mut out = from_sender(&rows, sender_bare);
+            // `upto` itself is always included when pending.
+            if !out.contains(&upto) && last.is_some() {
+                out.push(upto);
+            }
+            Ok(out)
+        })
+    }
+
+    fn contact(&self, recipient: &str, sender_bare: &str) -> Result<Option<Contact>, StoreError> {
+        self.run(async |db, _| {
+            let row = db
+                .query_opt(
+                    "SELECT subscription, asked_at_ms FROM redeliver_contacts \
+                     WHERE recipient = $1 AND sender = $2",
+                    &[&recipient, &sender_bare],
+                )
+                .await?;
+            Ok(row.map(|r| Contact {
+                subscription: sub_of(r.get(0)),
+                asked_at_ms: r.get(1),
+            }))
+        })
+    }
+
+    fn set_contact(
+        &self,
+        recipient: &str,
+        sender_bare: &str,
+        contact: Contact,
+    ) -> Result<(), StoreError> {
+        let sub = sub_code(contact.subscription);
+        self.run(async |db, _| {
+            db.exec(
+                "INSERT INTO redeliver_contacts (recipient, sender, subscription, asked_at_ms) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (recipient, sender) DO UPDATE SET \
+                 subscription = EXCLUDED.subscription, asked_at_ms = EXCLUDED.asked_at_ms",
+                &[&recipient, &sender_bare, &sub, &contact.asked_at_ms],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn set_subscription(&self, recipient: &str, sub: Subscription) -> Result<(), StoreError> {
+        let sub = sub_code(sub);
+        self.run(async |db, _| {
+            db.exec(
+                "INSERT INTO redeliver_recipients (recipient, subscription) VALUES ($1, $2) \
+                 ON CONFLICT (recipient) DO UPDATE SET subscription = EXCLUDED.subscription \
+                 WHERE redeliver_recipients.subscription <> EXCLUDED.subscription",
+                &[&recipient, &sub],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn assume(
+        &self,
+        recipient: &str,
+        seqs: &[u64],
+        now_ms: i64,
+    ) -> Result<Vec<(u64, Record)>, StoreError> {
+        let keys: Vec<i64> = seqs.iter().map(|s| sq(*s)).collect();
+        self.run(async |db, d| {
+            let rows = db
+                .write(
+                    "WITH p AS (DELETE FROM redeliver_pending \
+                                WHERE recipient = $1 AND seq = ANY($2) RETURNING *) \
+                     INSERT INTO redeliver_tombstones \
+                     (recipient, seq, assumed_at_ms, accepted_at_ms, sender, id, stanza) \
+                     SELECT recipient, seq, $3, accepted_at_ms, sender, id, stanza FROM p \
+                     RETURNING seq, accepted_at_ms, sender, id, stanza",
+                    &[&recipient, &keys, &now_ms],
+                )
+                .await?;
+            let moved = in_order(rows, seqs);
+            let bytes = stanza_bytes(&moved);
+            count(db, d, recipient, -(moved.len() as i64), -bytes).await?;
+            d.assumed += moved.len() as i64;
+            d.assumed_bytes += bytes;
+            Ok(moved)
+        })
+    }
+
+    fn restore(&self, recipient: &str, seq: u64) -> Result<Option<Record>, StoreError> {
+        let key = sq(seq);
+        self.run(async |db, d| {
+            let one: [&(dyn ToSql + Sync); 2] = [&recipient, &key];
+            let k: [&(dyn ToSql + Sync); 1] = [&key];
+            let (tomb, entry) = futures::try_join!(
+                db.write(
+                    "DELETE FROM redeliver_tombstones WHERE recipient = $1 AND seq = $2 \
+                     RETURNING accepted_at_ms, sender, id, stanza",
+                    &one,
+                ),
+                db.query_opt("SELECT 1 FROM redeliver_entries WHERE seq = $1", &k),
+            )?;
+            let Some(rec) = tomb.first().map(|r| record(r, 0)) else {
+                return Ok(None);
+            };
+            d.assumed -= 1;
+            d.assumed_bytes -= rec.stanza.len() as i64;
+            if entry.is_none() {
+                // Past its time to live (only a damaged store gets here).
+                return Ok(None);
+            }
+            db.exec(
+                "INSERT INTO redeliver_pending \
+                 (recipient, seq, accepted_at_ms, sender, id, stanza) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &recipient,
+                    &key,
+                    &rec.accepted_at_ms,
+                    &rec.sender,
+                    &rec.id,
+                    &rec.stanza,
+                ],
+            )
+            .await?;
+            count(db, d, recipient, 1, rec.stanza.len() as i64).await?;
+            Ok(Some(rec))
+        })
+    }
+
+    fn prune_assumed(&self, cutoff_ms: i64, limit: usize) -> Result<Pruned, StoreError> {
+        let (cutoff, limit_sql) = (cutoff_ms.max(0), limit as i64);
+        self.run(async |db, d| {
+            let rows = db
+                .write(
+                    "DELETE FROM redeliver_tombstones WHERE seq IN \
+                     (SELECT seq FROM redeliver_tombstones WHERE assumed_at_ms <= $1 \
+                      ORDER BY assumed_at_ms, seq LIMIT $2) \
+                     RETURNING octet_length(stanza)",
+                    &[&cutoff, &limit_sql],
+                )
+                .await?;
+            d.assumed -= rows.len() as i64;
+            d.assumed_bytes -= rows
+                .iter()
+                .map(|r| i64::from(r.get::<_, i32>(0)))
+                .sum::<i64>();
+            Ok(Pruned {
+                removed: rows.len(),
+                more: rows.len() == limit,
+            })
+        })
+    }
+
+    fn assumed_from_sender_upto(
+        &self,
+        recipient: &str,
+        sender_bare: &str,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<u64>, StoreError> {
+        let (key, limit) = (sq(upto), limit as i64);
+        self.run(async |db, _| {
+            let rows = db
+                .query(
+                    "SELECT seq, sender FROM redeliver_tombstones \
+                     WHERE recipient = $1 AND seq <= $2 ORDER BY seq LIMIT $3",
+                    &[&recipient, &key, &limit],
+                )
+                .await?;
+            Ok(from_sender(&rows, sender_bare))
+        })
+    }
+
+    fn habits(&self, recipient: &str) -> Result<Vec<(String, Habit)>, StoreError> {
+        self.run(async |db, _| {
+            let rows = db
+                .query(
+                    "SELECT resource, answers, missed, seen_at_ms FROM redeliver_habits \
+                     WHERE recipient = $1 ORDER BY resource",
+                    &[&recipient],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    (
+                        r.get(0),
+                        Habit {
+                            answers: if r.get::<_, i16>(1) == 1 {
+                                Answers::All
+                            } else {
+                                Answers::Contacts
+                            },
+                            missed: r.get::<_, i16>(2).clamp(0, 255) as u8,
+                            seen_at_ms: r.get(3),
+                        },
+                    )
+                })
+                .collect())
+        })
+    }
+
+    fn set_habit(
+        &self,
+        recipient: &str,
+        resource: &str,
+        habit: Option<Habit>,
+    ) -> Result<(), StoreError> {
+        self.run(async |db, _| {
+            let Some(h) = habit else {
+                db.exec(
+                    "DELETE FROM redeliver_habits WHERE recipient = $1 AND resource = $2",
+                    &[&recipient, &resource],
+                )
+                .await?;
+                return Ok(());
+            };
+            // A new client past MAX_HABITS replaces the one heard from
+            // longest ago.
+            let max = MAX_HABITS as i64 - 1;
+            db.exec(
+                "DELETE FROM redeliver_habits WHERE recipient = $1 AND resource IN \
+                 (SELECT resource FROM redeliver_habits WHERE recipient = $1 \
+                  ORDER BY seen_at_ms, resource LIMIT 1) \
+                 AND NOT EXISTS (SELECT 1 FROM redeliver_habits \
+                                 WHERE recipient = $1 AND resource = $2) \
+                 AND (SELECT count(*) FROM redeliver_habits WHERE recipient = $1) > $3",
+                &[&recipient, &resource, &max],
+            )
+            .await?;
+            db.exec(
+                "INSERT INTO redeliver_habits (recipient, resource, answers, missed, seen_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (recipient, resource) DO UPDATE SET \
+                 answers = EXCLUDED.answers, missed = EXCLUDED.missed, \
+                 seen_at_ms = EXCLUDED.seen_at_ms",
+                &[
+                    &recipient,
+                    &resource,
+                    &answers_code(h.answers),
+                    &i16::from(h.missed),
+                    &h.seen_at_ms,
+                ],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+}

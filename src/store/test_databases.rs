@@ -1,0 +1,67 @@
+//! Fresh stores for tests: a sled store in a temporary directory, or a
+//! new database on the throwaway PostgreSQL cluster that `scripts/test`
+//! starts (`scripts/pg-cluster`), named by `REDELIVER_TEST_PG_URL` and
+//! `REDELIVER_TEST_PG_PASSWORD`.
+
+use std::sync::Arc;
+
+use super::{PgStore, SledStore};
+use crate::config::Durability;
+
+pub const PG_URL_ENV: &str = "REDELIVER_TEST_PG_URL";
+pub const PG_PASSWORD_ENV: &str = "REDELIVER_TEST_PG_PASSWORD";
+
+/// A sled store in a new temporary directory (kept while the guard is).
+pub fn sled() -> (Arc<SledStore>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SledStore::open(dir.path(), Durability::Fsync, 5, 1 << 20).unwrap();
+    (Arc::new(s), dir)
+}
+
+/// The URL and password of a new, empty database on the test cluster.
+pub fn pg_database() -> (String, Option<String>) {
+    let url = std::env::var(PG_URL_ENV).unwrap_or_else(|_| {
+        panic!(
+            "{PG_URL_ENV} is not set: the PostgreSQL tests need the cluster that scripts/test \
+             starts; for a run of your own: eval \"$(bash scripts/pg-cluster start DIR)\" and \
+             export {PG_URL_ENV} {PG_PASSWORD_ENV}"
+        )
+    });
+    let password = std::env::var(PG_PASSWORD_ENV).ok();
+    let name = format!("rd_{:016x}", rand::random::<u64>());
+    let (u, p, n) = (url.clone(), password.clone(), name.clone());
+    // On a thread of its own: a test may already be inside a runtime.
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut config: tokio_postgres::Config = u.parse().unwrap();
+            if let Some(p) = &p {
+                config.password(p.as_str());
+            }
+            let (client, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            client
+                .batch_execute(&format!("CREATE DATABASE {n} ENCODING 'UTF8'"))
+                .await
+                .unwrap();
+        });
+    })
+    .join()
+    .expect("creating a test database");
+    (with_dbname(&url, &name), password)
+}
+
+/// `url` naming database `name` instead.
+fn with_dbname(url: &str, name: &str) -> String {
+    let (base, _) = url.rsplit_once('/').expect("a URL with a database name");
+    format!("{base}/{name}")
+}
+
+/// A PostgreSQL store on a new database.
+pub fn postgres() -> Arc<PgStore> {
+    let (url, password) = pg_database();
+    Arc::new(PgStore::open(&url, password.as_deref()).unwrap())
+}
