@@ -53,7 +53,12 @@ impl Router {
                 Ok(Some(seq)) => seq,
                 Ok(None) => continue,
                 Err(e) => {
-                    error!(error = %e, "id index lookup failed");
+                    // It may confirm a message of ours: relayed only if
+                    // the burst commits (it will not: the store failed),
+                    // so that no sender sees a receipt for a message
+                    // that stays stored and comes again.
+                    self.store_failure("id index lookup", &e);
+                    matched = true;
                     continue;
                 }
             };
@@ -102,7 +107,7 @@ impl Router {
                         .filter(|s| !self.unsent(from_key, *s))
                         .collect(),
                     Err(e) => {
-                        error!(error = %e, "marker scan failed");
+                        self.store_failure("marker scan", &e);
                         continue;
                     }
                 }
