@@ -8,20 +8,45 @@ use tokio_util::sync::CancellationToken;
 use tokio_xmpp::parsers::jid::Jid;
 use tracing::info;
 
-use crate::config::Config;
+use crate::config::{Backend, Config};
 use crate::gate::run_flusher;
 use crate::link::{CHANNEL_CAPACITY, Link, LinkSettings};
 use crate::router::{Router, Stop};
-use crate::store::{QueueStore, SledStore};
+use crate::store::{PgStore, QueueStore, SledStore};
 
-/// Open the store off the runtime (sled's open blocks).
-pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn QueueStore>> {
-    let c = config.store.clone();
-    let store = tokio::task::spawn_blocking(move || {
-        SledStore::open(&c.path, c.durability, c.flush_interval_ms, c.cache_bytes)
+/// Open the store the config names. Blocking: call it off the runtime.
+pub fn open_store_blocking(config: &Config) -> anyhow::Result<Arc<dyn QueueStore>> {
+    let c = &config.store;
+    Ok(match c.backend {
+        Backend::Sled => Arc::new(SledStore::open(
+            &c.path,
+            c.durability,
+            c.flush_interval_ms,
+            c.cache_bytes,
+        )?),
+        Backend::Postgres => {
+            let url = c
+                .url
+                .as_deref()
+                .ok_or_else(|| anyhow::anyhow!("store.url is required with postgres"))?;
+            let password = config.db_password()?;
+            Arc::new(PgStore::open(url, password.as_deref())?)
+        }
     })
-    .await??;
-    Ok(Arc::new(store))
+}
+
+/// Where the store is, for logs: the sled directory or the database.
+pub fn store_name(config: &Config) -> String {
+    match config.store.backend {
+        Backend::Sled => config.store.path.display().to_string(),
+        Backend::Postgres => config.store.url.clone().unwrap_or_default(),
+    }
+}
+
+/// Open the store off the runtime (opening blocks).
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn QueueStore>> {
+    let c = config.clone();
+    tokio::task::spawn_blocking(move || open_store_blocking(&c)).await?
 }
 
 /// Run the component until `shutdown` is cancelled.
@@ -33,7 +58,12 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let store = open_store(&config).await?;
-    info!(path = %config.store.path.display(), durability = config.store.durability.as_str(), "store open");
+    info!(
+        backend = config.store.backend.as_str(),
+        store = %store_name(&config),
+        durability = config.store.durability.as_str(),
+        "store open"
+    );
 
     let (out_tx, out_rx) = mpsc::channel(CHANNEL_CAPACITY);
     let (ev_tx, ev_rx) = mpsc::channel(CHANNEL_CAPACITY);

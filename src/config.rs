@@ -13,6 +13,8 @@ use xmpp_parsers::jid::{BareJid, DomainPart};
 
 /// Environment variable that carries the component's shared secret.
 pub const SECRET_ENV: &str = "REDELIVER_SECRET";
+/// Environment variable that carries the PostgreSQL password.
+pub const DB_PASSWORD_ENV: &str = "REDELIVER_DB_PASSWORD";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -86,6 +88,23 @@ pub enum Durability {
     Batched,
 }
 
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Sled,
+    Postgres,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sled => "sled",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
 impl Durability {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -98,8 +117,21 @@ impl Durability {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// Directory of the sled database.
+    /// Where messages are kept: sled (embedded, one instance) or
+    /// PostgreSQL (shared by several instances).
+    #[serde(default)]
+    pub backend: Backend,
+    /// Directory of the sled database (sled only).
+    #[serde(default)]
     pub path: PathBuf,
+    /// `postgresql://user@host:port/dbname` (PostgreSQL only). No
+    /// password here: it comes from `REDELIVER_DB_PASSWORD` or
+    /// `password_file`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// A file holding the PostgreSQL password (first line, trimmed).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
     #[serde(default = "default_durability")]
     pub durability: Durability,
     #[serde(default = "default_flush_interval_ms")]
@@ -439,6 +471,31 @@ impl Config {
                 );
             }
         }
+        match self.store.backend {
+            Backend::Sled if self.store.path.as_os_str().is_empty() => {
+                return bad("store.path is required with the sled backend".into());
+            }
+            Backend::Sled if self.store.url.is_some() || self.store.password_file.is_some() => {
+                return bad(
+                    "store.url and store.password_file are for backend = \"postgres\"".into(),
+                );
+            }
+            Backend::Postgres => match &self.store.url {
+                None => return bad("store.url is required with the postgres backend".into()),
+                Some(url) => {
+                    let parsed: tokio_postgres::Config = url
+                        .parse()
+                        .map_err(|e| ConfigError::Invalid(format!("store.url: {e}")))?;
+                    if parsed.get_password().is_some() {
+                        return bad(format!(
+                            "store.url must not hold a password: set {DB_PASSWORD_ENV} or \
+                             store.password_file"
+                        ));
+                    }
+                }
+            },
+            Backend::Sled => {}
+        }
         if self.store.durability == Durability::Batched && self.store.flush_interval_ms == 0 {
             return bad("store.flush_interval_ms must be at least 1 in batched mode".into());
         }
@@ -583,6 +640,20 @@ impl Config {
         Duration::from_millis(self.delivery.replay_grace_ms)
     }
 
+    /// The PostgreSQL password, if one is set: `REDELIVER_DB_PASSWORD`
+    /// first, then `store.password_file`.
+    pub fn db_password(&self) -> Result<Option<String>, ConfigError> {
+        if let Ok(s) = std::env::var(DB_PASSWORD_ENV)
+            && !s.is_empty()
+        {
+            return Ok(Some(s));
+        }
+        let Some(path) = &self.store.password_file else {
+            return Ok(None);
+        };
+        first_line(path).map(Some)
+    }
+
     /// The shared secret: `REDELIVER_SECRET` first, then `secret_file`.
     pub fn secret(&self) -> Result<String, ConfigError> {
         if let Ok(s) = std::env::var(SECRET_ENV)
@@ -595,19 +666,24 @@ impl Config {
                 "no secret: set {SECRET_ENV} or component.secret_file"
             )));
         };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        let secret = text.lines().next().unwrap_or("").trim().to_owned();
-        if secret.is_empty() {
-            return Err(ConfigError::Invalid(format!(
-                "secret file {} is empty",
-                path.display()
-            )));
-        }
-        Ok(secret)
+        first_line(path)
     }
+}
+
+/// The first line of a secret's file, trimmed; an empty one is an error.
+fn first_line(path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let secret = text.lines().next().unwrap_or("").trim().to_owned();
+    if secret.is_empty() {
+        return Err(ConfigError::Invalid(format!(
+            "secret file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(secret)
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
-use redeliver::config::Config;
+use redeliver::config::{Backend, Config};
 
 #[derive(Parser)]
 #[command(
@@ -87,23 +87,18 @@ fn store_command(op: StoreOp) -> ExitCode {
         }
     };
     let s = &config.store;
-    if !matches!(op, StoreOp::Import { .. }) && !s.path.exists() {
+    if s.backend == Backend::Sled && !matches!(op, StoreOp::Import { .. }) && !s.path.exists() {
         eprintln!("redeliver: no store at {}", s.path.display());
         return ExitCode::FAILURE;
     }
-    let store = match redeliver::store::SledStore::open(
-        &s.path,
-        s.durability,
-        s.flush_interval_ms,
-        s.cache_bytes,
-    ) {
+    let store = match redeliver::app::open_store_blocking(&config) {
         Ok(st) => st,
         Err(e) => {
             eprintln!("redeliver: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let path = s.path.display();
+    let path = redeliver::app::store_name(&config);
     let status = match op {
         StoreOp::Check { .. } => match store.check() {
             Ok(r) => {
@@ -130,7 +125,7 @@ fn store_command(op: StoreOp) -> ExitCode {
         StoreOp::Export { file, .. } => {
             let result = std::fs::File::create(&file)
                 .map_err(redeliver::store::TransferError::from)
-                .and_then(|f| store.export(&mut std::io::BufWriter::new(f)));
+                .and_then(|f| redeliver::store::export(&*store, &mut std::io::BufWriter::new(f)));
             match result {
                 Ok(sum) => {
                     println!(
@@ -148,7 +143,7 @@ fn store_command(op: StoreOp) -> ExitCode {
                 }
             }
         }
-        StoreOp::Import { file, .. } => match store.import(&file) {
+        StoreOp::Import { file, .. } => match redeliver::store::import(&*store, &file) {
             Ok(sum) => {
                 println!(
                     "imported {} recipients, {} entries, {} pending messages into {path}",

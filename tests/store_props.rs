@@ -225,14 +225,14 @@ fn run(ops: Vec<Op>) {
     }
     // Export, import into a fresh store: the same queues and ids.
     let file = dir.path().join("export.jsonl");
-    let sum = store
-        .export(&mut std::io::BufWriter::new(
-            std::fs::File::create(&file).unwrap(),
-        ))
-        .unwrap();
+    let sum = redeliver::store::export(
+        &store,
+        &mut std::io::BufWriter::new(std::fs::File::create(&file).unwrap()),
+    )
+    .unwrap();
     let other = tempfile::tempdir().unwrap();
     let copy = open(other.path());
-    assert_eq!(copy.import(&file).unwrap(), sum);
+    assert_eq!(redeliver::store::import(&copy, &file).unwrap(), sum);
     let report = copy.check().unwrap();
     assert!(report.ok(), "{:?}", report.problems);
     for (r, q) in &model.queues {
@@ -255,7 +255,7 @@ fn run(ops: Vec<Op>) {
     }
     // Importing into a store with data is refused.
     if sum.entries + sum.recipients > 0 {
-        assert!(copy.import(&file).is_err());
+        assert!(redeliver::store::import(&copy, &file).is_err());
     }
 }
 

@@ -11,12 +11,13 @@ mod queue_store;
 mod sled_store;
 #[cfg(test)]
 pub mod test_databases;
+mod transfer;
 
 pub use queue_store::{QueueStore, StoreView};
 
 pub use pg_store::PgStore;
 pub use sled_store::SledStore;
-pub use sled_store::{TransferError, TransferSummary};
+pub use transfer::{TransferError, TransferSummary, export, import};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -271,6 +272,34 @@ impl CheckReport {
     pub fn ok(&self) -> bool {
         self.problems.is_empty()
     }
+}
+
+/// An accepted message still remembered (pending, or confirmed but
+/// inside its time to live for duplicate detection), as `store export`
+/// writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remembered {
+    pub seq: u64,
+    pub accepted_at_ms: i64,
+    pub recipient: String,
+    /// The (sender, id) keys it holds.
+    pub ids: Vec<IdKey>,
+    /// The (sender, origin-id) keys it holds.
+    pub origins: Vec<IdKey>,
+    /// The message, while it is pending.
+    pub message: Option<Record>,
+}
+
+/// A dedup key a remembered message holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdKey {
+    /// The sender's bare JID.
+    pub sender: String,
+    pub value: String,
+    /// The content hash of the message that holds it; without it a
+    /// reused id counts as a resubmission.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<u64>,
 }
 
 /// What tells a resubmission from a different message under a reused

@@ -20,7 +20,8 @@
 
 use super::{
     Accepted, AssumedTotals, CheckReport, Contact, Expired, Habit, NewMessage, Pruned, PurgeScope,
-    QueueLimits, QueueSummary, RecipientState, Record, StoreError, Subscription, Totals,
+    QueueLimits, QueueSummary, RecipientState, Record, Remembered, StoreError, Subscription,
+    Totals,
 };
 
 /// What the admin commands may read; nothing here writes.
@@ -53,6 +54,10 @@ pub trait StoreView: Send + Sync {
     fn size_on_disk(&self) -> u64;
     /// Read the whole store and verify its invariants (`store check`).
     fn check(&self) -> Result<CheckReport, StoreError>;
+    /// The version of the backend's layout.
+    fn schema_version(&self) -> u32;
+    /// Up to `limit` remembered messages after seq `after`, in seq order.
+    fn remembered(&self, after: Option<u64>, limit: usize) -> Result<Vec<Remembered>, StoreError>;
 }
 
 /// Everything the router does with its store.
@@ -141,5 +146,16 @@ pub trait QueueStore: StoreView {
         recipient: &str,
         resource: &str,
         habit: Option<Habit>,
+    ) -> Result<(), StoreError>;
+
+    /// Whether the store holds nothing (an import needs that).
+    fn is_empty_of_data(&self) -> Result<bool, StoreError>;
+    /// Write exported recipients (each with its subscription, even when
+    /// it has nothing pending) and messages, each message under a new
+    /// seq, in order, with its dedup keys and counters (`store import`).
+    fn import(
+        &self,
+        recipients: &[(String, Subscription)],
+        entries: &[Remembered],
     ) -> Result<(), StoreError>;
 }

@@ -5,11 +5,14 @@
 
 use std::sync::Arc;
 
-use super::{PgStore, SledStore};
+use super::{PgStore, QueueStore, SledStore};
 use crate::config::Durability;
 
 pub const PG_URL_ENV: &str = "REDELIVER_TEST_PG_URL";
 pub const PG_PASSWORD_ENV: &str = "REDELIVER_TEST_PG_PASSWORD";
+/// `postgres` runs the router's tests (and the integration tests) on
+/// PostgreSQL; sled otherwise.
+pub const BACKEND_ENV: &str = "REDELIVER_TEST_BACKEND";
 
 /// A sled store in a new temporary directory (kept while the guard is).
 pub fn sled() -> (Arc<SledStore>, tempfile::TempDir) {
@@ -64,4 +67,13 @@ fn with_dbname(url: &str, name: &str) -> String {
 pub fn postgres() -> Arc<PgStore> {
     let (url, password) = pg_database();
     Arc::new(PgStore::open(&url, password.as_deref()).unwrap())
+}
+
+/// The store the router's tests use: sled in `dir`, or a new PostgreSQL
+/// database when `REDELIVER_TEST_BACKEND=postgres`.
+pub fn from_env(dir: &std::path::Path, durability: Durability) -> Arc<dyn QueueStore> {
+    if std::env::var(BACKEND_ENV).as_deref() == Ok("postgres") {
+        return postgres();
+    }
+    Arc::new(SledStore::open(dir, durability, 5, 1 << 20).unwrap())
 }

@@ -1,8 +1,9 @@
 //! `redeliver store export FILE` and `redeliver store import FILE`.
 //!
-//! sled's on-disk format will change before its 1.0, so a store moves to a
-//! new redeliver (or a new machine) through this export: a versioned,
-//! line-oriented format, one JSON object per line:
+//! A store moves to a new redeliver, a new machine or another backend
+//! (sled to PostgreSQL and back) through this export: a versioned,
+//! line-oriented format, one JSON object per line, the same from every
+//! backend:
 //!
 //! ```text
 //! {"type":"header","format":"redeliver-store-export","version":1,"schema":2,"exported_at":"…"}
@@ -24,15 +25,16 @@
 //!
 //! Import writes into an empty store only, after reading the whole file
 //! once to validate it. Messages get new seqs in the same order.
+//!
+//! The `schema` of the header is the exporting backend's schema version,
+//! for the record only: the lines mean the same from every backend.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::keys::*;
 use super::*;
 
 pub const FORMAT: &str = "redeliver-store-export";
@@ -59,14 +61,6 @@ pub struct TransferSummary {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-struct SenderKey {
-    sender: String,
-    value: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    hash: Option<u64>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 enum Line {
     Header {
@@ -83,8 +77,8 @@ enum Line {
         seq: u64,
         accepted_at_ms: i64,
         recipient: String,
-        ids: Vec<SenderKey>,
-        origins: Vec<SenderKey>,
+        ids: Vec<IdKey>,
+        origins: Vec<IdKey>,
         message: Option<Record>,
     },
     End {
@@ -94,173 +88,122 @@ enum Line {
     },
 }
 
-fn write_line(w: &mut impl Write, line: &Line) -> Result<(), TransferError> {
+fn write_line(w: &mut dyn Write, line: &Line) -> Result<(), TransferError> {
     serde_json::to_writer(&mut *w, line).map_err(std::io::Error::other)?;
     w.write_all(b"\n")?;
     Ok(())
 }
 
-impl SledStore {
-    /// Write the whole store to `w`. Read-only; safe on a store no other
-    /// process holds.
-    pub fn export(&self, w: &mut impl Write) -> Result<TransferSummary, TransferError> {
-        let mut sum = TransferSummary::default();
+/// Entries read per step of an export.
+const PAGE: usize = 1024;
+
+/// Write the whole store to `w`. Read-only; safe on a store no other
+/// process writes to.
+pub fn export(store: &dyn StoreView, w: &mut dyn Write) -> Result<TransferSummary, TransferError> {
+    let mut sum = TransferSummary::default();
+    write_line(
+        w,
+        &Line::Header {
+            format: FORMAT.into(),
+            version: VERSION,
+            schema: store.schema_version(),
+            exported_at: chrono::Utc::now().to_rfc3339(),
+        },
+    )?;
+    for (jid, state) in store.recipients()? {
+        sum.recipients += 1;
         write_line(
             w,
-            &Line::Header {
-                format: FORMAT.into(),
-                version: VERSION,
-                schema: SCHEMA_VERSION,
-                exported_at: chrono::Utc::now().to_rfc3339(),
+            &Line::Recipient {
+                jid,
+                subscription: state.subscription,
             },
         )?;
-        for (jid, state) in self.recipients()? {
-            sum.recipients += 1;
-            write_line(
-                w,
-                &Line::Recipient {
-                    jid,
-                    subscription: state.subscription,
-                },
-            )?;
-        }
-        for kv in self.db.scan_prefix(b"x") {
-            let (k, v) = kv.map_err(StoreError::from)?;
-            let seq = decode_seq(&k[1..])?;
-            let e: Expiry = decode(&v, "expiry entry")?;
-            let (mut ids, mut origins) = (Vec::new(), Vec::new());
-            for key in &e.keys {
-                let (_, sender, value) = split_index_key(key)?;
-                let hash = match self.db.get(key).map_err(StoreError::from)? {
-                    Some(v) => decode_index(&v)?.1,
-                    None => None,
-                };
-                let list = if key.first() == Some(&b'o') {
-                    &mut origins
-                } else {
-                    &mut ids
-                };
-                list.push(SenderKey {
-                    sender,
-                    value,
-                    hash,
-                });
-            }
-            let message = self.get(&e.recipient, seq)?;
+    }
+    let mut after = None;
+    loop {
+        let page = store.remembered(after, PAGE)?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.seq);
+        for e in page {
             sum.entries += 1;
-            sum.messages += u64::from(message.is_some());
+            sum.messages += u64::from(e.message.is_some());
             write_line(
                 w,
                 &Line::Entry {
-                    seq,
+                    seq: e.seq,
                     accepted_at_ms: e.accepted_at_ms,
                     recipient: e.recipient,
-                    ids,
-                    origins,
-                    message,
+                    ids: e.ids,
+                    origins: e.origins,
+                    message: e.message,
                 },
             )?;
         }
-        write_line(
-            w,
-            &Line::End {
-                recipients: sum.recipients,
-                entries: sum.entries,
-                messages: sum.messages,
-            },
-        )?;
-        w.flush()?;
-        Ok(sum)
     }
+    write_line(
+        w,
+        &Line::End {
+            recipients: sum.recipients,
+            entries: sum.entries,
+            messages: sum.messages,
+        },
+    )?;
+    w.flush()?;
+    Ok(sum)
+}
 
-    fn is_empty_of_data(&self) -> Result<bool, StoreError> {
-        for p in [b"q", b"r", b"x", b"i", b"o", b"a", b"c", b"t", b"u", b"l"] {
-            if self.db.scan_prefix(p).next().is_some() {
-                return Ok(false);
-            }
-        }
-        Ok(true)
+/// Read an export into `store`, which must be empty. The file is
+/// validated in a first pass; nothing is written unless all of it is good.
+pub fn import(store: &dyn QueueStore, path: &Path) -> Result<TransferSummary, TransferError> {
+    if !store.is_empty_of_data()? {
+        return Err(TransferError::NotEmpty);
     }
-
-    /// Read an export into this (empty) store. The file is validated in a
-    /// first pass; nothing is written unless all of it is good.
-    pub fn import(&self, path: &Path) -> Result<TransferSummary, TransferError> {
-        if !self.is_empty_of_data()? {
-            return Err(TransferError::NotEmpty);
-        }
-        let expected = validate(path)?;
-        let mut states: HashMap<String, RecipientState> = HashMap::new();
-        let mut sum = TransferSummary::default();
-        for (n, line) in BufReader::new(File::open(path)?).lines().enumerate() {
-            let line: Line = serde_json::from_str(&line?).map_err(|e| TransferError::Format {
-                line: n + 1,
-                msg: e.to_string(),
-            })?;
-            match line {
-                Line::Header { .. } | Line::End { .. } => {}
-                Line::Recipient { jid, subscription } => {
-                    sum.recipients += 1;
-                    states.entry(jid).or_default().subscription = subscription;
+    let expected = validate(path)?;
+    let mut sum = TransferSummary::default();
+    let (mut recipients, mut page) = (Vec::new(), Vec::new());
+    for (n, line) in BufReader::new(File::open(path)?).lines().enumerate() {
+        let line: Line = serde_json::from_str(&line?).map_err(|e| TransferError::Format {
+            line: n + 1,
+            msg: e.to_string(),
+        })?;
+        match line {
+            Line::Header { .. } | Line::End { .. } => {}
+            Line::Recipient { jid, subscription } => {
+                sum.recipients += 1;
+                recipients.push((jid, subscription));
+                if recipients.len() == PAGE {
+                    store.import(&std::mem::take(&mut recipients), &[])?;
                 }
-                Line::Entry {
+            }
+            Line::Entry {
+                seq,
+                accepted_at_ms,
+                recipient,
+                ids,
+                origins,
+                message,
+            } => {
+                sum.entries += 1;
+                sum.messages += u64::from(message.is_some());
+                page.push(Remembered {
+                    seq,
                     accepted_at_ms,
                     recipient,
                     ids,
                     origins,
                     message,
-                    ..
-                } => {
-                    sum.entries += 1;
-                    let seq = self.next_seq()?;
-                    let mut batch = sled::Batch::default();
-                    let mut keys = Vec::new();
-                    let mut values = Vec::new();
-                    for k in &ids {
-                        keys.push(id_key(&recipient, &k.sender, &k.value));
-                        values.push(k.hash);
-                    }
-                    for k in &origins {
-                        keys.push(origin_key(&recipient, &k.sender, &k.value));
-                        values.push(k.hash);
-                    }
-                    for (k, hash) in keys.iter().zip(values) {
-                        match hash {
-                            Some(h) => batch.insert(k.as_slice(), &index_value(seq, h)),
-                            None => batch.insert(k.as_slice(), &seq.to_be_bytes()),
-                        }
-                    }
-                    if let Some(rec) = message {
-                        sum.messages += 1;
-                        let st = states.entry(recipient.clone()).or_default();
-                        st.pending += 1;
-                        st.bytes += rec.stanza.len() as u64;
-                        batch.insert(queue_key(&recipient, seq), encode(&rec));
-                        batch.insert(&age_key(seq), recipient.as_bytes());
-                    }
-                    batch.insert(
-                        &expiry_key(seq),
-                        encode(&Expiry {
-                            accepted_at_ms,
-                            recipient,
-                            keys,
-                        }),
-                    );
-                    self.db.apply_batch(batch).map_err(StoreError::from)?;
+                });
+                if page.len() == PAGE {
+                    store.import(&std::mem::take(&mut recipients), &std::mem::take(&mut page))?;
                 }
             }
         }
-        let mut batch = sled::Batch::default();
-        let mut totals = Totals::default();
-        for (jid, st) in &states {
-            totals.apply(&RecipientState::default(), st);
-            batch.insert(recipient_key(jid), encode(st));
-        }
-        batch.insert(TOTALS_KEY, encode(&totals));
-        self.db.apply_batch(batch).map_err(StoreError::from)?;
-        self.flush()?;
-        debug_assert_eq!(sum, expected);
-        Ok(sum)
     }
+    store.import(&recipients, &page)?;
+    store.flush()?;
+    debug_assert_eq!(sum, expected);
+    Ok(sum)
 }
 
 /// First pass over an export: every line parses, entries come in order,

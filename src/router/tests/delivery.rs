@@ -10,8 +10,7 @@ use super::*;
 async fn startup_probes_every_recipient_in_steps() {
     let dir = tempfile::tempdir().unwrap();
     let config = Arc::new(config(dir.path(), 64));
-    let store =
-        Arc::new(SledStore::open(&config.store.path, Durability::Batched, 5, 1 << 20).unwrap());
+    let store = test_databases::from_env(&config.store.path, Durability::Batched);
     let n = PROBE_STEP * 3 + 7;
     store.begin();
     for i in 0..n {

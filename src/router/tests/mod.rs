@@ -3,7 +3,7 @@
 //! harness; the tests are in one file per subject.
 
 use super::*;
-use crate::store::SledStore;
+use crate::store::test_databases;
 
 mod contacts;
 mod delivery;
@@ -16,7 +16,7 @@ const NS: &str = "jabber:component:accept";
 struct Harness {
     events: mpsc::Sender<LinkEvent>,
     outbox: mpsc::Receiver<Outbound>,
-    store: Arc<SledStore>,
+    store: Arc<dyn QueueStore>,
     /// The flusher's side, in fsync mode: tickets asked, answers.
     flushes: mpsc::UnboundedReceiver<u64>,
     internal: mpsc::Sender<Flushed>,
@@ -76,8 +76,7 @@ async fn harness_with(window: usize, extra: &str) -> Harness {
 async fn harness_full(window: usize, durability: &str, extra: &str) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let config = Arc::new(config_full(dir.path(), window, durability, extra));
-    let store =
-        Arc::new(SledStore::open(&config.store.path, config.store.durability, 5, 1 << 20).unwrap());
+    let store = test_databases::from_env(&config.store.path, config.store.durability);
     let (out_tx, out_rx) = mpsc::channel(1024);
     let (ev_tx, ev_rx) = mpsc::channel(1024);
     let (flush_tx, flush_rx) = mpsc::unbounded_channel();

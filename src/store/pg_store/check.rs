@@ -46,7 +46,7 @@ const PROBLEMS: &[&str] = &[
 
 impl PgStore {
     pub(super) fn check_tables(&self) -> Result<CheckReport, StoreError> {
-        self.run(async |db, _| {
+        self.read(async |db, _| {
             let mut r = CheckReport::default();
             for sql in PROBLEMS {
                 for row in db.query(sql, &[]).await? {

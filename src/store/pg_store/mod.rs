@@ -39,6 +39,7 @@ use super::StoreError;
 mod check;
 mod ops;
 mod schema;
+mod transfer;
 
 pub use schema::SCHEMA_VERSION;
 
@@ -68,9 +69,16 @@ pub(super) struct Burst {
     /// Rows written in it.
     writes: usize,
     /// Changes to the whole-store counters, written at its commit.
-    delta: Delta,
+    pub(super) delta: Delta,
     /// An earlier call failed: nothing more is tried.
     failed: Option<String>,
+    /// Messages written in the open transaction, by (recipient, seq):
+    /// after a failure they stay readable (`get`), so that their senders
+    /// can be told, as the sled store's overlay keeps them.
+    pub(super) written: HashMap<(String, u64), super::Record>,
+    /// Tests: the next commit fails.
+    #[cfg(test)]
+    fail_next_commit: bool,
 }
 
 /// Changes to `redeliver_totals` not yet written.
@@ -132,7 +140,7 @@ impl PgStore {
     /// outside a burst, committing it after). Any error fails the store.
     pub(super) fn run<T>(
         &self,
-        body: impl AsyncFnOnce(&Db<'_>, &mut Delta) -> Result<T, tokio_postgres::Error>,
+        body: impl AsyncFnOnce(&Db<'_>, &mut Burst) -> Result<T, tokio_postgres::Error>,
     ) -> Result<T, StoreError> {
         let mut guard = self.burst();
         let b: &mut Burst = &mut guard;
@@ -150,7 +158,7 @@ impl PgStore {
                 client.batch_execute("BEGIN").await?;
                 b.open = true;
             }
-            let v = body(&db, &mut b.delta).await?;
+            let v = body(&db, b).await?;
             b.writes += db.writes.get();
             if !b.deferred {
                 finish(client, b).await?;
@@ -158,6 +166,29 @@ impl PgStore {
             Ok(v)
         });
         out.map_err(|e| self.fail(b, e))
+    }
+
+    /// A read: as [`PgStore::run`], but after a failure it still reads
+    /// what is committed (outside any transaction), as the sled store
+    /// still reads after a failed write.
+    pub(super) fn read<T>(
+        &self,
+        body: impl AsyncFnOnce(&Db<'_>, &mut Burst) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T, StoreError> {
+        let mut guard = self.burst();
+        if guard.failed.is_none() {
+            drop(guard);
+            return self.run(body);
+        }
+        let db = Db {
+            client: &self.client,
+            statements: &self.statements,
+            writes: 0.into(),
+        };
+        let mut scratch = Burst::default();
+        let out = block_on(body(&db, &mut scratch)).map_err(db_error);
+        guard.written.extend(scratch.written);
+        out
     }
 
     /// The store failed: roll back what is open, refuse what follows.
@@ -172,6 +203,18 @@ impl PgStore {
         b.writes = 0;
         b.failed = Some(err.to_string());
         err
+    }
+
+    /// After a failure: a message the failed transaction wrote.
+    pub(super) fn written(&self, recipient: &str, seq: u64) -> Option<super::Record> {
+        self.burst()
+            .written
+            .get(&(recipient.to_owned(), seq))
+            .cloned()
+    }
+
+    pub(super) fn failed(&self) -> bool {
+        self.burst().failed.is_some()
     }
 
     /// Create the schema if the database has none, check its version,
@@ -246,15 +289,23 @@ impl PgStore {
             return Ok(0);
         }
         let n = b.writes;
+        #[cfg(test)]
+        if std::mem::take(&mut b.fail_next_commit) {
+            let _ = block_on(self.client.batch_execute("ROLLBACK"));
+            b.open = false;
+            b.failed = Some("injected failure".into());
+            return Err(StoreError::Failed("injected failure".into()));
+        }
         match block_on(finish(&self.client, b)) {
             Ok(()) => Ok(n),
             Err(e) => Err(self.fail(b, e)),
         }
     }
 
+    /// Make the next commit fail, as a database gone away would.
     #[cfg(test)]
     pub(super) fn fail_now(&self) {
-        self.burst().failed = Some("injected failure".into());
+        self.burst().fail_next_commit = true;
     }
 
     /// Whether a new connection works (after a failure).
@@ -383,6 +434,7 @@ async fn finish(client: &Client, b: &mut Burst) -> Result<(), tokio_postgres::Er
     client.batch_execute("COMMIT").await?;
     b.open = false;
     b.writes = 0;
+    b.written.clear();
     Ok(())
 }
 

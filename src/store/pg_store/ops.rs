@@ -9,6 +9,8 @@ use std::collections::HashMap;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
+use crate::store::Remembered;
+
 use super::{Db, Delta, PgStore};
 use crate::store::{
     Accepted, Answers, AssumedTotals, CheckReport, Contact, Expired, Habit, MAX_HABITS, NewMessage,
@@ -20,15 +22,15 @@ type PgResult<T> = Result<T, tokio_postgres::Error>;
 
 /// A seq (or bound) as a bigint: seqs come from a PostgreSQL sequence, so
 /// they fit; a bound past them saturates.
-fn sq(seq: u64) -> i64 {
+pub(super) fn sq(seq: u64) -> i64 {
     seq.min(i64::MAX as u64) as i64
 }
 
-fn useq(v: i64) -> u64 {
+pub(super) fn useq(v: i64) -> u64 {
     v.max(0) as u64
 }
 
-fn sub_code(s: Subscription) -> i16 {
+pub(super) fn sub_code(s: Subscription) -> i16 {
     match s {
         Subscription::None => 0,
         Subscription::Requested => 1,
@@ -53,7 +55,7 @@ fn answers_code(a: Answers) -> i16 {
 
 /// A record from the columns `accepted_at_ms, sender, id, stanza`
 /// starting at `at`.
-fn record(row: &Row, at: usize) -> Record {
+pub(super) fn record(row: &Row, at: usize) -> Record {
     Record {
         accepted_at_ms: row.get(at),
         sender: row.get(at + 1),
@@ -80,7 +82,13 @@ fn stanza_bytes(records: &[(u64, Record)]) -> i64 {
 
 /// Change a recipient's counters by `n` messages and `bytes`, and the
 /// number of recipients with pending messages if it crossed zero.
-async fn count(db: &Db<'_>, d: &mut Delta, recipient: &str, n: i64, bytes: i64) -> PgResult<()> {
+pub(super) async fn count(
+    db: &Db<'_>,
+    d: &mut Delta,
+    recipient: &str,
+    n: i64,
+    bytes: i64,
+) -> PgResult<()> {
     if n == 0 && bytes == 0 {
         return Ok(());
     }
@@ -167,7 +175,8 @@ fn from_sender(rows: &[Row], sender_bare: &str) -> Vec<u64> {
 
 impl StoreView for PgStore {
     fn totals(&self) -> Result<Totals, StoreError> {
-        self.run(async |db, d| {
+        self.read(async |db, b| {
+            let d = &mut b.delta;
             let r = db
                 .query_one(
                     "SELECT pending, bytes, recipients FROM redeliver_totals",
@@ -183,7 +192,8 @@ impl StoreView for PgStore {
     }
 
     fn assumed_totals(&self) -> Result<AssumedTotals, StoreError> {
-        self.run(async |db, d| {
+        self.read(async |db, b| {
+            let d = &mut b.delta;
             let r = db
                 .query_one("SELECT assumed, assumed_bytes FROM redeliver_totals", &[])
                 .await?;
@@ -195,7 +205,7 @@ impl StoreView for PgStore {
     }
 
     fn oldest(&self) -> Result<Option<(String, u64, Record)>, StoreError> {
-        self.run(async |db, _| {
+        self.read(async |db, _| {
             let row = db
                 .query_opt(
                     "SELECT recipient, seq, accepted_at_ms, sender, id, stanza \
@@ -209,7 +219,7 @@ impl StoreView for PgStore {
 
     fn top_queues(&self, n: usize) -> Result<Vec<QueueSummary>, StoreError> {
         let n = n as i64;
-        self.run(async |db, _| {
+        self.read(async |db, _| {
             let rows = db
                 .query(
                     "SELECT r.recipient, r.pending, r.bytes, \
@@ -233,7 +243,7 @@ impl StoreView for PgStore {
     }
 
     fn recipient(&self, recipient: &str) -> Result<RecipientState, StoreError> {
-        self.run(async |db, _| {
+        self.read(async |db, _| {
             let row = db
                 .query_opt(
                     "SELECT subscription, pending, bytes FROM redeliver_recipients \
@@ -252,7 +262,7 @@ impl StoreView for PgStore {
     }
 
     fn recipients(&self) -> Result<Vec<(String, RecipientState)>, StoreError> {
-        self.run(async |db, _| {
+        self.read(async |db, _| {
             let rows = db
                 .query(
                     "SELECT recipient, subscription, pending, bytes FROM redeliver_recipients \
@@ -283,7 +293,7 @@ impl StoreView for PgStore {
         limit: usize,
     ) -> Result<Vec<(u64, Record)>, StoreError> {
         let (from, limit) = (sq(from), limit as i64);
-        self.run(async |db, _| {
+        self.read(async |db, _| {
             let rows = db
                 .query(
                     "SELECT seq, accepted_at_ms, sender, id, stanza FROM redeliver_pending \
@@ -300,7 +310,7 @@ impl StoreView for PgStore {
 
     fn count_purgeable(&self, recipient: &str, scope: PurgeScope) -> Result<u64, StoreError> {
         let below = sq(scope.below_seq);
-        self.run(async |db, _| {
+        self.read(async |db, _| {
             let r = db
                 .query_one(
                     "SELECT count(*) FROM redeliver_pending WHERE recipient = $1 AND seq < $2 \
@@ -313,7 +323,7 @@ impl StoreView for PgStore {
     }
 
     fn habit_counts(&self) -> Result<(u64, u64), StoreError> {
-        self.run(async |db, _| {
+        self.read(async |db, _| {
             let r = db
                 .query_one(
                     "SELECT count(*) FILTER (WHERE answers = 1), \
@@ -326,7 +336,7 @@ impl StoreView for PgStore {
     }
 
     fn next_seq(&self) -> Result<u64, StoreError> {
-        self.run(async |db, _| {
+        self.read(async |db, _| {
             let r = db.query_one("SELECT nextval('redeliver_seq')", &[]).await?;
             Ok(useq(r.get(0)))
         })
@@ -334,7 +344,7 @@ impl StoreView for PgStore {
 
     fn size_on_disk(&self) -> u64 {
         let tables: Vec<&str> = super::schema::TABLES.to_vec();
-        self.run(async |db, _| {
+        self.read(async |db, _| {
             let r = db
                 .query_one(
                     "SELECT COALESCE(sum(pg_total_relation_size(c.oid)), 0)::bigint \
@@ -351,9 +361,29 @@ impl StoreView for PgStore {
     fn check(&self) -> Result<CheckReport, StoreError> {
         self.check_tables()
     }
+
+    fn schema_version(&self) -> u32 {
+        super::SCHEMA_VERSION
+    }
+
+    fn remembered(&self, after: Option<u64>, limit: usize) -> Result<Vec<Remembered>, StoreError> {
+        self.remembered_page(after, limit)
+    }
 }
 
 impl QueueStore for PgStore {
+    fn is_empty_of_data(&self) -> Result<bool, StoreError> {
+        self.holds_nothing()
+    }
+
+    fn import(
+        &self,
+        recipients: &[(String, Subscription)],
+        entries: &[Remembered],
+    ) -> Result<(), StoreError> {
+        self.import_page(recipients, entries)
+    }
+
     fn begin(&self) {
         self.begin_burst()
     }
@@ -386,7 +416,8 @@ impl QueueStore for PgStore {
         let size = msg.record.stanza.len() as i64;
         let hash = msg.content_hash as i64;
         let r = &msg.record;
-        self.run(async |db, d| {
+        self.run(async |db, b| {
+            let d = &mut b.delta;
             let ids: [&(dyn ToSql + Sync); 4] =
                 [&msg.recipient, &msg.sender_bare, &r.id, &msg.origin_id];
             let who: [&(dyn ToSql + Sync); 1] = [&msg.recipient];
@@ -464,6 +495,8 @@ impl QueueStore for PgStore {
                 .await?;
             let seq = useq(row[0].get(0));
             count(db, d, msg.recipient, 1, size).await?;
+            b.written
+                .insert((msg.recipient.to_owned(), seq), msg.record.clone());
             Ok(Accepted::Stored { seq })
         })
     }
@@ -474,7 +507,7 @@ impl QueueStore for PgStore {
         sender_bare: &str,
         id: &str,
     ) -> Result<Option<u64>, StoreError> {
-        self.run(async |db, _| {
+        self.read(async |db, _| {
             let row = db
                 .query_opt(
                     "SELECT seq FROM redeliver_dedup \
@@ -487,8 +520,13 @@ impl QueueStore for PgStore {
     }
 
     fn get(&self, recipient: &str, seq: u64) -> Result<Option<Record>, StoreError> {
+        if self.failed()
+            && let Some(rec) = self.written(recipient, seq)
+        {
+            return Ok(Some(rec));
+        }
         let seq = sq(seq);
-        self.run(async |db, _| {
+        self.read(async |db, _| {
             let row = db
                 .query_opt(
                     "SELECT accepted_at_ms, sender, id, stanza FROM redeliver_pending \
@@ -501,12 +539,13 @@ impl QueueStore for PgStore {
     }
 
     fn confirm(&self, recipient: &str, seqs: &[u64]) -> Result<Vec<(u64, Record)>, StoreError> {
-        self.run(async |db, d| removal(db, d, recipient, seqs, true).await)
+        self.run(async |db, b| removal(db, &mut b.delta, recipient, seqs, true).await)
     }
 
     fn forget(&self, recipient: &str, seq: u64) -> Result<Option<Record>, StoreError> {
         let key = sq(seq);
-        self.run(async |db, d| {
+        self.run(async |db, b| {
+            let d = &mut b.delta;
             let removed = removal(db, d, recipient, &[seq], true).await?;
             let k: [&(dyn ToSql + Sync); 1] = [&key];
             futures::try_join!(
@@ -519,7 +558,8 @@ impl QueueStore for PgStore {
 
     fn purge(&self, recipient: &str, scope: PurgeScope) -> Result<Vec<u64>, StoreError> {
         let below = sq(scope.below_seq);
-        self.run(async |db, d| {
+        self.run(async |db, b| {
+            let d = &mut b.delta;
             let rows = db
                 .query(
                     "SELECT seq FROM redeliver_pending WHERE recipient = $1 AND seq < $2 \
@@ -535,7 +575,8 @@ impl QueueStore for PgStore {
 
     fn expire(&self, cutoff_ms: i64, limit: usize) -> Result<Expired, StoreError> {
         let fetch = limit as i64 + 1;
-        self.run(async |db, d| {
+        self.run(async |db, b| {
+            let d = &mut b.delta;
             let rows = db
                 .query(
                     "SELECT seq, accepted_at_ms FROM redeliver_entries ORDER BY seq LIMIT $1",
@@ -602,7 +643,7 @@ impl QueueStore for PgStore {
         limit: usize,
     ) -> Result<Vec<u64>, StoreError> {
         let (key, limit) = (sq(upto), limit as i64);
-        self.run(async |db, _| {
+        self.read(async |db, _| {
             let scan: [&(dyn ToSql + Sync); 3] = [&recipient, &key, &limit];
             let one: [&(dyn ToSql + Sync); 2] = [&recipient, &key];
             let (rows, last) = futures::try_join!(
@@ -626,7 +667,7 @@ impl QueueStore for PgStore {
     }
 
     fn contact(&self, recipient: &str, sender_bare: &str) -> Result<Option<Contact>, StoreError> {
-        self.run(async |db, _| {
+        self.read(async |db, _| {
             let row = db
                 .query_opt(
                     "SELECT subscription, asked_at_ms FROM redeliver_contacts \
@@ -681,7 +722,8 @@ impl QueueStore for PgStore {
         now_ms: i64,
     ) -> Result<Vec<(u64, Record)>, StoreError> {
         let keys: Vec<i64> = seqs.iter().map(|s| sq(*s)).collect();
-        self.run(async |db, d| {
+        self.run(async |db, b| {
+            let d = &mut b.delta;
             let rows = db
                 .write(
                     "WITH p AS (DELETE FROM redeliver_pending \
@@ -704,7 +746,26 @@ impl QueueStore for PgStore {
 
     fn restore(&self, recipient: &str, seq: u64) -> Result<Option<Record>, StoreError> {
         let key = sq(seq);
-        self.run(async |db, d| {
+        if self.failed() {
+            // Back in memory only, as the sled store's overlay would hold
+            // it: readable, so that its sender can be told.
+            return self.read(async |db, b| {
+                let row = db
+                    .query_opt(
+                        "SELECT accepted_at_ms, sender, id, stanza FROM redeliver_tombstones \
+                         WHERE recipient = $1 AND seq = $2",
+                        &[&recipient, &key],
+                    )
+                    .await?;
+                let rec = row.map(|r| record(&r, 0));
+                if let Some(rec) = &rec {
+                    b.written.insert((recipient.to_owned(), seq), rec.clone());
+                }
+                Ok(rec)
+            });
+        }
+        self.run(async |db, b| {
+            let d = &mut b.delta;
             let one: [&(dyn ToSql + Sync); 2] = [&recipient, &key];
             let k: [&(dyn ToSql + Sync); 1] = [&key];
             let (tomb, entry) = futures::try_join!(
@@ -739,13 +800,15 @@ impl QueueStore for PgStore {
             )
             .await?;
             count(db, d, recipient, 1, rec.stanza.len() as i64).await?;
+            b.written.insert((recipient.to_owned(), seq), rec.clone());
             Ok(Some(rec))
         })
     }
 
     fn prune_assumed(&self, cutoff_ms: i64, limit: usize) -> Result<Pruned, StoreError> {
         let (cutoff, limit_sql) = (cutoff_ms.max(0), limit as i64);
-        self.run(async |db, d| {
+        self.run(async |db, b| {
+            let d = &mut b.delta;
             let rows = db
                 .write(
                     "DELETE FROM redeliver_tombstones WHERE seq IN \
@@ -775,7 +838,7 @@ impl QueueStore for PgStore {
         limit: usize,
     ) -> Result<Vec<u64>, StoreError> {
         let (key, limit) = (sq(upto), limit as i64);
-        self.run(async |db, _| {
+        self.read(async |db, _| {
             let rows = db
                 .query(
                     "SELECT seq, sender FROM redeliver_tombstones \
@@ -788,7 +851,7 @@ impl QueueStore for PgStore {
     }
 
     fn habits(&self, recipient: &str) -> Result<Vec<(String, Habit)>, StoreError> {
-        self.run(async |db, _| {
+        self.read(async |db, _| {
             let rows = db
                 .query(
                     "SELECT resource, answers, missed, seen_at_ms FROM redeliver_habits \

@@ -70,8 +70,6 @@ mod queue;
 mod traits;
 mod transfer;
 
-pub use transfer::{TransferError, TransferSummary};
-
 pub struct SledStore {
     pub(super) db: sled::Db,
     pub(super) path: std::path::PathBuf,

@@ -46,6 +46,12 @@ impl StoreView for SledStore {
     fn check(&self) -> Result<CheckReport, StoreError> {
         SledStore::check(self)
     }
+    fn schema_version(&self) -> u32 {
+        SCHEMA_VERSION
+    }
+    fn remembered(&self, after: Option<u64>, limit: usize) -> Result<Vec<Remembered>, StoreError> {
+        SledStore::remembered(self, after, limit)
+    }
 }
 
 impl QueueStore for SledStore {
@@ -150,6 +156,16 @@ impl QueueStore for SledStore {
         habit: Option<Habit>,
     ) -> Result<(), StoreError> {
         SledStore::set_habit(self, recipient, resource, habit)
+    }
+    fn is_empty_of_data(&self) -> Result<bool, StoreError> {
+        SledStore::is_empty_of_data(self)
+    }
+    fn import(
+        &self,
+        recipients: &[(String, Subscription)],
+        entries: &[Remembered],
+    ) -> Result<(), StoreError> {
+        SledStore::import(self, recipients, entries)
     }
 }
 
