@@ -9,6 +9,7 @@
 
 pub mod fake;
 pub mod operator;
+pub mod pg;
 pub mod profanity;
 
 use std::borrow::Cow;
@@ -527,6 +528,7 @@ pub fn redeliver(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
     let mut child = Command::new(redeliver_bin())
         .args(args)
         .env("REDELIVER_SECRET", SECRET)
+        .envs(pg::password().map(|p| ("REDELIVER_DB_PASSWORD", p)))
         .stdout(file.try_clone().unwrap())
         .stderr(file)
         .spawn()
@@ -565,11 +567,7 @@ reconnect_max_ms = 1000
 [relay]
 default_domain = "localhost"
 allowed_sender_domains = ["localhost"]
-[store]
-path = "{store}"
-durability = "{durability}"
-cache_bytes = {cache}
-[delivery]
+{store_section}[delivery]
 receipt_timeout_ms = {rt}
 replay_grace_ms = {grace}
 window = {window}
@@ -588,12 +586,19 @@ jids = ["admin@localhost"]
 session_timeout_s = {sess}
 "#,
             port = component_port,
-            store = opts
-                .store_path
-                .clone()
-                .unwrap_or_else(|| dir.path().join("store"))
-                .display(),
-            durability = opts.durability,
+            store_section = match &opts.store_path {
+                None if pg::relays_use_postgres() => {
+                    pg::store_section(opts.durability, opts.cache_bytes)
+                }
+                path => format!(
+                    "[store]\npath = \"{}\"\ndurability = \"{}\"\ncache_bytes = {}\n",
+                    path.clone()
+                        .unwrap_or_else(|| dir.path().join("store"))
+                        .display(),
+                    opts.durability,
+                    opts.cache_bytes
+                ),
+            },
             rt = opts.receipt_timeout_ms,
             grace = opts.replay_grace_ms,
             maxp = opts.max_pending,
@@ -605,7 +610,6 @@ session_timeout_s = {sess}
             burst = opts.sender_burst,
             window = opts.window,
             contact_wait = opts.contact_wait_ms,
-            cache = opts.cache_bytes,
         );
         std::fs::write(&config, text).unwrap();
         let log = dir.path().join("redeliver.log");
@@ -630,6 +634,7 @@ session_timeout_s = {sess}
             .args(["run", "--config"])
             .arg(&self.config)
             .env("REDELIVER_SECRET", SECRET)
+            .envs(pg::password().map(|p| ("REDELIVER_DB_PASSWORD", p)))
             .env("RUST_LOG", relay_log_filter())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -707,14 +712,19 @@ session_timeout_s = {sess}
         let mut config = self.config.clone();
         if own_store {
             let text = std::fs::read_to_string(&self.config).unwrap();
-            let store = self.dir.path().join("store");
-            let second = self.dir.path().join("store-second");
+            let text = if pg::relays_use_postgres() {
+                let (start, end) = (
+                    text.find("url = \"").unwrap() + 7,
+                    text.find("\"\ndurability").unwrap(),
+                );
+                format!("{}{}{}", &text[..start], pg::new_database(), &text[end..])
+            } else {
+                let store = self.dir.path().join("store");
+                let second = self.dir.path().join("store-second");
+                text.replace(&store.display().to_string(), &second.display().to_string())
+            };
             config = self.dir.path().join("second.toml");
-            std::fs::write(
-                &config,
-                text.replace(&store.display().to_string(), &second.display().to_string()),
-            )
-            .unwrap();
+            std::fs::write(&config, text).unwrap();
         }
         let log_path = self.dir.path().join("second.log");
         let log = std::fs::File::create(&log_path).unwrap();
@@ -722,6 +732,7 @@ session_timeout_s = {sess}
             .args(["run", "--config"])
             .arg(&config)
             .env("REDELIVER_SECRET", SECRET)
+            .envs(pg::password().map(|p| ("REDELIVER_DB_PASSWORD", p)))
             .env("RUST_LOG", "redeliver=debug,info")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
