@@ -88,6 +88,7 @@ on_every_backend!(
     a_marker_finds_the_tombstones_of_its_sender,
     habits_are_per_client_and_bounded,
     contacts_and_subscriptions_are_kept,
+    long_ids_jids_and_resources_are_kept,
     a_failed_commit_fails_every_later_one,
 );
 
@@ -154,6 +155,39 @@ fn contacts_and_subscriptions_are_kept(s: &dyn QueueStore) {
         problems.iter().all(|p| p.contains("does not parse")),
         "{problems:?}"
     );
+}
+
+/// Ids, origin-ids and resources come from senders and clients: long
+/// ones (past PostgreSQL's 2704-byte index entry) are stored and found.
+fn long_ids_jids_and_resources_are_kept(s: &dyn QueueStore) {
+    // Random text does not compress.
+    let long = |n: usize| -> String {
+        (0..n)
+            .map(|_| char::from(b'a' + rand::random::<u8>() % 26))
+            .collect()
+    };
+    let (id, origin) = (long(5000), long(5000));
+    let recipient = format!("{}@x", long(1000));
+    let m = || {
+        let mut m = msg(&recipient, "alice@x", &id, Some(&origin));
+        m.record.stanza = "<message/>".into();
+        m
+    };
+    let seq = stored(s, m());
+    assert_eq!(s.accept(m(), BIG).unwrap(), Accepted::Duplicate { seq });
+    assert_eq!(s.seq_of(&recipient, "alice@x", &id).unwrap(), Some(seq));
+    let sender = format!("{}@x", long(1000));
+    let c = Contact {
+        subscription: Subscription::Subscribed,
+        asked_at_ms: 1,
+    };
+    s.set_contact(&recipient, &sender, c).unwrap();
+    assert_eq!(s.contact(&recipient, &sender).unwrap(), Some(c));
+    let resource = long(1000);
+    s.set_habit(&recipient, &resource, habit(Answers::All, 5))
+        .unwrap();
+    assert_eq!(s.habits(&recipient).unwrap()[0].0, resource);
+    assert_eq!(s.confirm(&recipient, &[seq]).unwrap().len(), 1);
 }
 
 fn a_failed_commit_fails_every_later_one(s: &dyn QueueStore) {

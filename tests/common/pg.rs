@@ -52,10 +52,9 @@ pub fn new_database() -> String {
     format!("{base}/{name}")
 }
 
-/// The `[store]` lines naming a new database.
-pub fn store_section(durability: &str, cache_bytes: u64) -> String {
+/// The `[store]` lines naming database `url`.
+pub fn store_section_for(url: &str, durability: &str, cache_bytes: u64) -> String {
     format!(
-        "[store]\nbackend = \"postgres\"\nurl = \"{}\"\ndurability = \"{durability}\"\ncache_bytes = {cache_bytes}\n",
-        new_database()
+        "[store]\nbackend = \"postgres\"\nurl = \"{url}\"\ndurability = \"{durability}\"\ncache_bytes = {cache_bytes}\n"
     )
 }

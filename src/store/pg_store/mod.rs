@@ -91,6 +91,18 @@ pub(super) struct Delta {
     pub assumed_bytes: i64,
 }
 
+/// The unique key of a row whose key parts a sender may make long:
+/// SHA-256 over the parts, each preceded by its length.
+pub(super) fn key_digest(parts: &[&str]) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p.as_bytes());
+    }
+    h.finalize().to_vec()
+}
+
 /// A database error as a store error, with the server's message when
 /// there is one (tokio-postgres's own text is only "db error").
 pub(super) fn db_error(e: tokio_postgres::Error) -> StoreError {
@@ -112,6 +124,11 @@ impl PgStore {
             config.password(p);
         }
         config.connect_timeout(CONNECT_TIMEOUT);
+        // A database that stops answering (a dead host, a cut link) fails
+        // the store within seconds instead of holding the router forever.
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(10));
+        config.tcp_user_timeout(Duration::from_secs(20));
         config.application_name("redeliver");
         let name = describe(&config);
         let (client, stop) = connect(&config)?;
@@ -285,17 +302,19 @@ impl PgStore {
         if let Some(e) = &b.failed {
             return Err(StoreError::Failed(e.clone()));
         }
-        if !b.open {
-            return Ok(0);
-        }
-        let n = b.writes;
         #[cfg(test)]
         if std::mem::take(&mut b.fail_next_commit) {
-            let _ = block_on(self.client.batch_execute("ROLLBACK"));
+            if b.open {
+                let _ = block_on(self.client.batch_execute("ROLLBACK"));
+            }
             b.open = false;
             b.failed = Some("injected failure".into());
             return Err(StoreError::Failed("injected failure".into()));
         }
+        if !b.open {
+            return Ok(0);
+        }
+        let n = b.writes;
         match block_on(finish(&self.client, b)) {
             Ok(()) => Ok(n),
             Err(e) => Err(self.fail(b, e)),
@@ -310,7 +329,9 @@ impl PgStore {
 
     /// Whether a new connection works (after a failure).
     pub(super) fn reachable(&self) -> bool {
-        match connect(&self.config) {
+        let mut config = self.config.clone();
+        config.connect_timeout(Duration::from_secs(2));
+        match connect(&config) {
             Ok((client, stop)) => {
                 let ok = block_on(client.simple_query("SELECT 1")).is_ok();
                 let _ = stop.send(());
@@ -407,7 +428,7 @@ impl Db<'_> {
         params: &Params<'_>,
     ) -> Result<Vec<Row>, tokio_postgres::Error> {
         let rows = self.query(sql, params).await?;
-        self.writes.set(self.writes.get() + rows.len().max(1));
+        self.writes.set(self.writes.get() + rows.len());
         Ok(rows)
     }
 }

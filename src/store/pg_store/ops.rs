@@ -11,7 +11,7 @@ use tokio_postgres::types::ToSql;
 
 use crate::store::Remembered;
 
-use super::{Db, Delta, PgStore};
+use super::{Db, Delta, PgStore, key_digest};
 use crate::store::{
     Accepted, Answers, AssumedTotals, CheckReport, Contact, Expired, Habit, MAX_HABITS, NewMessage,
     Pruned, PurgeScope, QueueLimits, QueueStore, QueueSummary, RecipientState, Record, StoreError,
@@ -416,10 +416,13 @@ impl QueueStore for PgStore {
         let size = msg.record.stanza.len() as i64;
         let hash = msg.content_hash as i64;
         let r = &msg.record;
+        let ik = key_digest(&[msg.recipient, msg.sender_bare, "i", &r.id]);
+        let ok = msg
+            .origin_id
+            .map(|o| key_digest(&[msg.recipient, msg.sender_bare, "o", o]));
         self.run(async |db, b| {
             let d = &mut b.delta;
-            let ids: [&(dyn ToSql + Sync); 4] =
-                [&msg.recipient, &msg.sender_bare, &r.id, &msg.origin_id];
+            let ids: [&(dyn ToSql + Sync); 2] = [&ik, &ok];
             let who: [&(dyn ToSql + Sync); 1] = [&msg.recipient];
             let (dedup, state, totals) = futures::try_join!(
                 db.query(
@@ -428,8 +431,7 @@ impl QueueStore for PgStore {
                              WHERE p.recipient = d.recipient AND p.seq = d.seq) \
                      OR EXISTS (SELECT 1 FROM redeliver_tombstones t \
                              WHERE t.recipient = d.recipient AND t.seq = d.seq) \
-                     FROM redeliver_dedup d WHERE d.recipient = $1 AND d.sender = $2 \
-                     AND ((NOT d.origin AND d.key = $3) OR (d.origin AND d.key = $4))",
+                     FROM redeliver_dedup d WHERE d.k = $1 OR d.k = $2",
                     &ids,
                 ),
                 db.query_opt(
@@ -472,14 +474,14 @@ impl QueueStore for PgStore {
                            SELECT $1, seq, $2, $3, $4, $5 FROM s), \
                      e AS (INSERT INTO redeliver_entries (seq, recipient, accepted_at_ms) \
                            SELECT seq, $1, $2 FROM s), \
-                     i AS (INSERT INTO redeliver_dedup (recipient, sender, origin, key, seq, hash) \
-                           SELECT $1, $6, false, $4, seq, $7 FROM s \
-                           ON CONFLICT (recipient, sender, origin, key) \
-                           DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash), \
-                     o AS (INSERT INTO redeliver_dedup (recipient, sender, origin, key, seq, hash) \
-                           SELECT $1, $6, true, $8, seq, $7 FROM s WHERE $8::text IS NOT NULL \
-                           ON CONFLICT (recipient, sender, origin, key) \
-                           DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash) \
+                     i AS (INSERT INTO redeliver_dedup \
+                           (k, recipient, sender, origin, key, seq, hash) \
+                           SELECT $9, $1, $6, false, $4, seq, $7 FROM s \
+                           ON CONFLICT (k) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash), \
+                     o AS (INSERT INTO redeliver_dedup \
+                           (k, recipient, sender, origin, key, seq, hash) \
+                           SELECT $10, $1, $6, true, $8, seq, $7 FROM s WHERE $10::bytea IS NOT NULL \
+                           ON CONFLICT (k) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash) \
                      SELECT seq FROM s",
                     &[
                         &msg.recipient,
@@ -490,6 +492,8 @@ impl QueueStore for PgStore {
                         &msg.sender_bare,
                         &hash,
                         &msg.origin_id,
+                        &ik,
+                        &ok,
                     ],
                 )
                 .await?;
@@ -507,13 +511,10 @@ impl QueueStore for PgStore {
         sender_bare: &str,
         id: &str,
     ) -> Result<Option<u64>, StoreError> {
+        let k = key_digest(&[recipient, sender_bare, "i", id]);
         self.read(async |db, _| {
             let row = db
-                .query_opt(
-                    "SELECT seq FROM redeliver_dedup \
-                     WHERE recipient = $1 AND sender = $2 AND NOT origin AND key = $3",
-                    &[&recipient, &sender_bare, &id],
-                )
+                .query_opt("SELECT seq FROM redeliver_dedup WHERE k = $1", &[&k])
                 .await?;
             Ok(row.map(|r| useq(r.get(0))))
         })
@@ -621,7 +622,9 @@ impl QueueStore for PgStore {
                 .map(|r| (r.get(0), useq(r.get(1)), record(r, 2)))
                 .collect();
             messages.sort_by_key(|(_, seq, _)| *seq);
-            let mut per: HashMap<&str, (i64, i64)> = HashMap::new();
+            // In name order: two instances lock recipients' rows in the
+            // same order.
+            let mut per: std::collections::BTreeMap<&str, (i64, i64)> = Default::default();
             for (recipient, _, rec) in &messages {
                 let e = per.entry(recipient.as_str()).or_default();
                 e.0 += 1;
@@ -667,12 +670,12 @@ impl QueueStore for PgStore {
     }
 
     fn contact(&self, recipient: &str, sender_bare: &str) -> Result<Option<Contact>, StoreError> {
+        let k = key_digest(&[recipient, sender_bare]);
         self.read(async |db, _| {
             let row = db
                 .query_opt(
-                    "SELECT subscription, asked_at_ms FROM redeliver_contacts \
-                     WHERE recipient = $1 AND sender = $2",
-                    &[&recipient, &sender_bare],
+                    "SELECT subscription, asked_at_ms FROM redeliver_contacts WHERE k = $1",
+                    &[&k],
                 )
                 .await?;
             Ok(row.map(|r| Contact {
@@ -689,12 +692,13 @@ impl QueueStore for PgStore {
         contact: Contact,
     ) -> Result<(), StoreError> {
         let sub = sub_code(contact.subscription);
+        let k = key_digest(&[recipient, sender_bare]);
         self.run(async |db, _| {
             db.exec(
-                "INSERT INTO redeliver_contacts (recipient, sender, subscription, asked_at_ms) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (recipient, sender) DO UPDATE SET \
+                "INSERT INTO redeliver_contacts (k, recipient, sender, subscription, asked_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (k) DO UPDATE SET \
                  subscription = EXCLUDED.subscription, asked_at_ms = EXCLUDED.asked_at_ms",
-                &[&recipient, &sender_bare, &sub, &contact.asked_at_ms],
+                &[&k, &recipient, &sender_bare, &sub, &contact.asked_at_ms],
             )
             .await?;
             Ok(())
@@ -704,13 +708,26 @@ impl QueueStore for PgStore {
     fn set_subscription(&self, recipient: &str, sub: Subscription) -> Result<(), StoreError> {
         let sub = sub_code(sub);
         self.run(async |db, _| {
-            db.exec(
-                "INSERT INTO redeliver_recipients (recipient, subscription) VALUES ($1, $2) \
-                 ON CONFLICT (recipient) DO UPDATE SET subscription = EXCLUDED.subscription \
-                 WHERE redeliver_recipients.subscription <> EXCLUDED.subscription",
-                &[&recipient, &sub],
-            )
-            .await?;
+            // As in sled: no row for a recipient with nothing to keep.
+            let row = db
+                .query_opt(
+                    "SELECT subscription FROM redeliver_recipients WHERE recipient = $1",
+                    &[&recipient],
+                )
+                .await?;
+            match row.map(|r| r.get::<_, i16>(0)) {
+                Some(now) if now == sub => {}
+                None if sub == 0 => {}
+                _ => {
+                    db.exec(
+                        "INSERT INTO redeliver_recipients (recipient, subscription) \
+                         VALUES ($1, $2) ON CONFLICT (recipient) \
+                         DO UPDATE SET subscription = EXCLUDED.subscription",
+                        &[&recipient, &sub],
+                    )
+                    .await?;
+                }
+            }
             Ok(())
         })
     }
@@ -747,6 +764,9 @@ impl QueueStore for PgStore {
     fn restore(&self, recipient: &str, seq: u64) -> Result<Option<Record>, StoreError> {
         let key = sq(seq);
         if self.failed() {
+            if self.written(recipient, seq).is_some() {
+                return Ok(None); // restored already, in memory
+            }
             // Back in memory only, as the sled store's overlay would hold
             // it: readable, so that its sender can be told.
             return self.read(async |db, b| {
@@ -823,9 +843,16 @@ impl QueueStore for PgStore {
                 .iter()
                 .map(|r| i64::from(r.get::<_, i32>(0)))
                 .sum::<i64>();
+            // As in sled: more when the step stopped at its limit and a
+            // tombstone is left to look at.
+            let more = rows.len() == limit
+                && db
+                    .query_one("SELECT EXISTS (SELECT 1 FROM redeliver_tombstones)", &[])
+                    .await?
+                    .get::<_, bool>(0);
             Ok(Pruned {
                 removed: rows.len(),
-                more: rows.len() == limit,
+                more,
             })
         })
     }
@@ -885,31 +912,28 @@ impl QueueStore for PgStore {
         resource: &str,
         habit: Option<Habit>,
     ) -> Result<(), StoreError> {
+        let k = key_digest(&[recipient, resource]);
         self.run(async |db, _| {
             let Some(h) = habit else {
-                db.exec(
-                    "DELETE FROM redeliver_habits WHERE recipient = $1 AND resource = $2",
-                    &[&recipient, &resource],
-                )
-                .await?;
+                db.exec("DELETE FROM redeliver_habits WHERE k = $1", &[&k])
+                    .await?;
                 return Ok(());
             };
             // A new client past MAX_HABITS replaces the one heard from
             // longest ago.
             let max = MAX_HABITS as i64 - 1;
             db.exec(
-                "DELETE FROM redeliver_habits WHERE recipient = $1 AND resource IN \
-                 (SELECT resource FROM redeliver_habits WHERE recipient = $1 \
+                "DELETE FROM redeliver_habits WHERE k IN \
+                 (SELECT k FROM redeliver_habits WHERE recipient = $1 \
                   ORDER BY seen_at_ms, resource LIMIT 1) \
-                 AND NOT EXISTS (SELECT 1 FROM redeliver_habits \
-                                 WHERE recipient = $1 AND resource = $2) \
+                 AND NOT EXISTS (SELECT 1 FROM redeliver_habits WHERE k = $2) \
                  AND (SELECT count(*) FROM redeliver_habits WHERE recipient = $1) > $3",
-                &[&recipient, &resource, &max],
+                &[&recipient, &k, &max],
             )
             .await?;
             db.exec(
-                "INSERT INTO redeliver_habits (recipient, resource, answers, missed, seen_at_ms) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (recipient, resource) DO UPDATE SET \
+                "INSERT INTO redeliver_habits (k, recipient, resource, answers, missed, seen_at_ms) \
+                 VALUES ($6, $1, $2, $3, $4, $5) ON CONFLICT (k) DO UPDATE SET \
                  answers = EXCLUDED.answers, missed = EXCLUDED.missed, \
                  seen_at_ms = EXCLUDED.seen_at_ms",
                 &[
@@ -918,6 +942,7 @@ impl QueueStore for PgStore {
                     &answers_code(h.answers),
                     &i16::from(h.missed),
                     &h.seen_at_ms,
+                    &k,
                 ],
             )
             .await?;

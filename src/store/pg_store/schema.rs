@@ -2,7 +2,10 @@
 //!
 //! Every table is named `redeliver_*`, so the store may share a database
 //! with the XMPP server's own tables. Text keys use the "C" collation, so
-//! that they sort by bytes as sled's keys do. The version is in
+//! that they sort by bytes as sled's keys do. Keys made of parts a sender
+//! chooses (a message id, a resource) are unique by their SHA-256
+//! (`k`, see `key_digest`): a B-tree entry holds at most 2704 bytes, and
+//! an id may be longer. The version is in
 //! `redeliver_meta`; a newer one than this build reads is refused, an
 //! older one is migrated in one transaction, under an advisory lock so
 //! that instances starting together do not migrate twice.
@@ -48,13 +51,13 @@ CREATE TABLE redeliver_pending (
 );
 CREATE UNIQUE INDEX redeliver_pending_seq ON redeliver_pending (seq);
 CREATE TABLE redeliver_dedup (
+    k bytea PRIMARY KEY,
     recipient text COLLATE \"C\" NOT NULL,
     sender text COLLATE \"C\" NOT NULL,
     origin boolean NOT NULL,
     key text COLLATE \"C\" NOT NULL,
     seq bigint NOT NULL,
-    hash bigint,
-    PRIMARY KEY (recipient, sender, origin, key)
+    hash bigint
 );
 CREATE INDEX redeliver_dedup_seq ON redeliver_dedup (seq);
 CREATE TABLE redeliver_recipients (
@@ -85,20 +88,21 @@ CREATE TABLE redeliver_tombstones (
 CREATE UNIQUE INDEX redeliver_tombstones_seq ON redeliver_tombstones (seq);
 CREATE INDEX redeliver_tombstones_age ON redeliver_tombstones (assumed_at_ms, seq);
 CREATE TABLE redeliver_contacts (
+    k bytea PRIMARY KEY,
     recipient text COLLATE \"C\" NOT NULL,
     sender text COLLATE \"C\" NOT NULL,
     subscription smallint NOT NULL,
-    asked_at_ms bigint NOT NULL,
-    PRIMARY KEY (recipient, sender)
+    asked_at_ms bigint NOT NULL
 );
 CREATE TABLE redeliver_habits (
+    k bytea PRIMARY KEY,
     recipient text COLLATE \"C\" NOT NULL,
     resource text COLLATE \"C\" NOT NULL,
     answers smallint NOT NULL,
     missed smallint NOT NULL,
-    seen_at_ms bigint NOT NULL,
-    PRIMARY KEY (recipient, resource)
+    seen_at_ms bigint NOT NULL
 );
+CREATE INDEX redeliver_habits_recipient ON redeliver_habits (recipient);
 INSERT INTO redeliver_meta VALUES ('schema', '1');
 ";
 

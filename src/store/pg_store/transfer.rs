@@ -2,8 +2,8 @@
 
 use std::collections::HashMap;
 
-use super::PgStore;
 use super::ops::{count, record, sq, sub_code, useq};
+use super::{PgStore, key_digest};
 use crate::store::{IdKey, Remembered, StoreError, Subscription};
 
 impl PgStore {
@@ -109,10 +109,12 @@ impl PgStore {
                 let keys = e.ids.iter().map(|k| (false, k));
                 for (origin, k) in keys.chain(e.origins.iter().map(|k| (true, k))) {
                     let hash = k.hash.map(|h| h as i64);
+                    let kind = if origin { "o" } else { "i" };
+                    let digest = key_digest(&[&e.recipient, &k.sender, kind, &k.value]);
                     db.exec(
-                        "INSERT INTO redeliver_dedup (recipient, sender, origin, key, seq, hash) \
-                         VALUES ($1, $2, $3, $4, $5, $6)",
-                        &[&e.recipient, &k.sender, &origin, &k.value, &seq, &hash],
+                        "INSERT INTO redeliver_dedup (k, recipient, sender, origin, key, seq, hash) \
+                         VALUES ($7, $1, $2, $3, $4, $5, $6)",
+                        &[&e.recipient, &k.sender, &origin, &k.value, &seq, &hash, &digest],
                     )
                     .await?;
                 }
