@@ -453,6 +453,11 @@ pub struct RelayOpts {
     pub contact_wait_ms: u64,
     /// sled's page cache, bytes.
     pub cache_bytes: u64,
+    /// Keep the store in this PostgreSQL database (shared by every relay
+    /// given the same URL).
+    pub postgres_url: Option<String>,
+    /// Wait for the link to come up at start (not for a standby).
+    pub wait_ready: bool,
 }
 
 impl Default for RelayOpts {
@@ -472,6 +477,8 @@ impl Default for RelayOpts {
             window: 64,
             contact_wait_ms: 0,
             cache_bytes: 32 << 20,
+            postgres_url: None,
+            wait_ready: true,
         }
     }
 }
@@ -587,9 +594,13 @@ session_timeout_s = {sess}
 "#,
             port = component_port,
             store_section = match &opts.store_path {
-                None if pg::relays_use_postgres() => {
-                    pg::store_section(opts.durability, opts.cache_bytes)
-                }
+                None if opts.postgres_url.is_some() => pg::store_section_for(
+                    opts.postgres_url.as_deref().unwrap_or_default(),
+                    opts.durability,
+                    opts.cache_bytes
+                ),
+                None if pg::relays_use_postgres() =>
+                    pg::store_section_for(&pg::new_database(), opts.durability, opts.cache_bytes),
                 path => format!(
                     "[store]\npath = \"{}\"\ndurability = \"{}\"\ncache_bytes = {}\n",
                     path.clone()
@@ -620,11 +631,21 @@ session_timeout_s = {sess}
             child: None,
             starts: 0,
         };
-        r.launch();
+        if opts.wait_ready {
+            r.launch();
+        } else {
+            r.spawn();
+        }
         r
     }
 
     fn launch(&mut self) {
+        self.spawn();
+        self.wait_ready(self.starts_seen() + 1);
+    }
+
+    /// Start the process; do not wait for its link.
+    pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -642,7 +663,6 @@ session_timeout_s = {sess}
             .expect("start redeliver");
         self.child = Some(child);
         self.starts += 1;
-        self.wait_ready(self.starts_seen() + 1);
     }
 
     pub fn log_text(&self) -> String {

@@ -1,0 +1,193 @@
+//! Two redeliver instances on one PostgreSQL store behind Prosody: the
+//! second is refused (`conflict`) and keeps retrying, the standby. Under
+//! a steady load the active one is SIGKILLed ten times, each time the
+//! other takes over from the shared store and the killed one comes back
+//! as the new standby. Prints the figures the closing notes quote.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BOB: &str = "bob@relay.localhost";
+const KILLS: usize = 10;
+/// One message every this long.
+const PACE: Duration = Duration::from_millis(40);
+
+#[derive(Default)]
+struct Tally {
+    /// When each id was sent, in order.
+    sent: Vec<(String, Instant)>,
+    /// Arrivals at bob, in order: (id, when).
+    arrivals: Vec<(String, Instant)>,
+    /// When alice saw the receipt, by id.
+    receipts: HashMap<String, Instant>,
+    /// Errors alice got, by id (refused while no instance was connected).
+    errors: HashMap<String, String>,
+}
+
+impl Tally {
+    fn take(&mut self, alice: &mut Client, bob: &mut Client) {
+        let now = Instant::now();
+        while let Ok(el) = alice.inbox.try_recv() {
+            if let Some(r) = el.get_child("received", "urn:xmpp:receipts") {
+                self.receipts
+                    .entry(r.attr("id").unwrap_or("").to_owned())
+                    .or_insert(now);
+            } else if el.attr("type") == Some("error") {
+                self.errors
+                    .insert(el.attr("id").unwrap_or("").to_owned(), format!("{el:?}"));
+            }
+        }
+        while let Ok(el) = bob.inbox.try_recv() {
+            if el.get_child("body", CLIENT_NS).is_some() {
+                self.arrivals
+                    .push((el.attr("id").unwrap_or("").to_owned(), now));
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prosody_standby_takes_over_after_sigkill() {
+    let server = Server::start(Kind::Prosody, ServerOpts::default());
+    let url = pg::new_database();
+    let opts = |wait_ready| RelayOpts {
+        postgres_url: Some(url.clone()),
+        wait_ready,
+        ..Default::default()
+    };
+    let mut relays = [
+        Relay::start(&server, opts(true)),
+        Relay::start(&server, opts(false)),
+    ];
+    let mut active = 0;
+    let mut bob = Client::connect(server.c2s_port, "bob", ClientOpts::default()).await;
+    let mut alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
+    let mut t = Tally::default();
+    let mut kills: Vec<(Instant, usize)> = Vec::new();
+    let mut n = 0usize;
+    let start = Instant::now();
+    let mut next_kill = start + Duration::from_secs(4);
+    while kills.len() < KILLS || Instant::now() < next_kill {
+        let id = format!("f{n:05}");
+        alice.message(BOB, &id, &format!("body of {id}"));
+        t.sent.push((id, Instant::now()));
+        n += 1;
+        tokio::time::sleep(PACE).await;
+        t.take(&mut alice, &mut bob);
+        if kills.len() < KILLS && Instant::now() >= next_kill {
+            relays[active].sigkill();
+            kills.push((Instant::now(), n));
+            // The killed one comes back as the standby.
+            relays[active].spawn();
+            active = 1 - active;
+            next_kill = Instant::now() + Duration::from_secs(4);
+        }
+    }
+    // Let everything pending arrive.
+    let end = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        t.take(&mut alice, &mut bob);
+        let delivered: std::collections::HashSet<&str> =
+            t.arrivals.iter().map(|(id, _)| id.as_str()).collect();
+        if t.sent
+            .iter()
+            .all(|(id, _)| delivered.contains(id.as_str()) || t.errors.contains_key(id))
+            && t.receipts.len() + t.errors.len() >= t.sent.len()
+        {
+            break;
+        }
+    }
+
+    // Figures.
+    let mut first_seen: HashMap<&str, Instant> = HashMap::new();
+    let mut copies: HashMap<&str, usize> = HashMap::new();
+    let mut resent_after_receipt = 0;
+    for (id, at) in &t.arrivals {
+        *copies.entry(id).or_default() += 1;
+        first_seen.entry(id).or_insert(*at);
+        if copies[id.as_str()] > 1 && t.receipts.get(id).is_some_and(|r| r < at) {
+            resent_after_receipt += 1;
+        }
+    }
+    let index: HashMap<&str, usize> = t
+        .sent
+        .iter()
+        .enumerate()
+        .map(|(i, (id, _))| (id.as_str(), i))
+        .collect();
+    let mut order_violations = 0;
+    let mut highest = None;
+    let mut seen = std::collections::HashSet::new();
+    for (id, _) in &t.arrivals {
+        if !seen.insert(id.as_str()) {
+            continue;
+        }
+        let i = index.get(id.as_str()).copied();
+        if let (Some(i), Some(h)) = (i, highest)
+            && i < h
+        {
+            order_violations += 1;
+        }
+        highest = highest.max(i);
+    }
+    let refused = t
+        .sent
+        .iter()
+        .filter(|(id, _)| t.errors.contains_key(id) && !first_seen.contains_key(id.as_str()))
+        .count();
+    let lost: Vec<&str> = t
+        .sent
+        .iter()
+        .map(|(id, _)| id.as_str())
+        .filter(|id| !first_seen.contains_key(id) && !t.errors.contains_key(*id))
+        .collect();
+    let twice = copies.values().filter(|c| **c > 1).count();
+    // Time from each kill to the first arrival of a message sent after it.
+    let mut resume: Vec<Duration> = kills
+        .iter()
+        .filter_map(|(at, sent_before)| {
+            t.arrivals
+                .iter()
+                .filter(|(id, _)| index.get(id.as_str()).is_some_and(|i| i >= sent_before))
+                .map(|(_, when)| when.saturating_duration_since(*at))
+                .min()
+        })
+        .collect();
+    resume.sort();
+    let ms = |d: Option<&Duration>| d.map_or(-1, |d| d.as_millis() as i64);
+    println!(
+        "failover: kills {}, sent {}, delivered {}, refused with an error {}, lost {}, \
+         shown twice {}, re-sent after the receipt {}, order violations {}, \
+         resume median {} ms, worst {} ms",
+        kills.len(),
+        t.sent.len(),
+        first_seen.len(),
+        refused,
+        lost.len(),
+        twice,
+        resent_after_receipt,
+        order_violations,
+        ms(resume.get(resume.len() / 2)),
+        ms(resume.last()),
+    );
+    assert_eq!(kills.len(), KILLS);
+    assert!(lost.is_empty(), "lost: {lost:?}");
+    assert_eq!(resent_after_receipt, 0);
+    assert_eq!(order_violations, 0);
+    assert_eq!(resume.len(), KILLS, "delivery resumed after every kill");
+    // Every delivered message was confirmed to alice, once stored.
+    let unconfirmed: Vec<&str> = first_seen
+        .keys()
+        .copied()
+        .filter(|id| !t.receipts.contains_key(*id))
+        .collect();
+    assert!(unconfirmed.is_empty(), "no receipt for {unconfirmed:?}");
+    for r in &mut relays {
+        r.sigkill();
+    }
+}
