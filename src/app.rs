@@ -49,6 +49,39 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn QueueStore>> 
     tokio::task::spawn_blocking(move || open_store_blocking(&c)).await?
 }
 
+/// Wait until this instance leads its domain among those sharing the
+/// store (at once with sled). False if `shutdown` came first.
+async fn wait_for_lead(
+    store: &Arc<dyn QueueStore>,
+    domain: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<bool> {
+    let mut waited = false;
+    loop {
+        let (s, d) = (store.clone(), domain.to_owned());
+        if tokio::task::spawn_blocking(move || s.lead(&d)).await?? {
+            if waited {
+                info!(domain, "took the lead: the instance that led is gone");
+            }
+            return Ok(true);
+        }
+        if !waited {
+            info!(
+                domain,
+                "standby: another instance on this store leads; taking over when it goes"
+            );
+            waited = true;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(LEAD_POLL) => {}
+        }
+    }
+}
+
+/// How often a standby tries to take the lead.
+const LEAD_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Run the component until `shutdown` is cancelled.
 pub async fn run(
     config: Config,
@@ -64,6 +97,10 @@ pub async fn run(
         durability = config.store.durability.as_str(),
         "store open"
     );
+    if !wait_for_lead(&store, &config.component.domain, &shutdown).await? {
+        info!("stopped while standing by");
+        return Ok(());
+    }
 
     let (out_tx, out_rx) = mpsc::channel(CHANNEL_CAPACITY);
     let (ev_tx, ev_rx) = mpsc::channel(CHANNEL_CAPACITY);

@@ -353,33 +353,30 @@ async fn unparseable_stanza_is_answered_without_reconnect(kind: Kind) {
 /// store stops at once (sled's lock). One with its own store is refused
 /// by Prosody (`conflict`) and keeps retrying; ejabberd accepts it, and
 /// the later instance notices the earlier one and stops with status 3.
-/// On PostgreSQL a second process on the same database fares as one
-/// with its own store (on Prosody it is the standby). The first keeps
-/// relaying either way.
+/// On PostgreSQL a second process on the same database stands by without
+/// connecting until the first is gone (tests/failover.rs). The first
+/// keeps relaying either way.
 async fn second_instance_is_refused(kind: Kind) {
     let server = Server::start(kind, ServerOpts::default());
     let relay = Relay::start(&server, RelayOpts::default());
 
-    let shared = common::pg::relays_use_postgres();
-    let (status, log) = relay.run_second(false, SECS(10));
-    if !shared {
+    let (status, log) = relay.run_second(false, SECS(6));
+    if common::pg::relays_use_postgres() {
+        assert_eq!(status, None, "stands by: {log}");
+        assert!(log.contains("standby"), "{log}");
+        assert!(!log.contains(READY), "{log}");
+    } else {
         assert_eq!(status, Some(1), "{log}");
         assert!(log.contains("is in use by another process"), "{log}");
     }
-    let (own_status, own_log) = relay.run_second(true, SECS(8));
-    for (status, log) in [(status, log)]
-        .into_iter()
-        .filter(|_| shared)
-        .chain([(own_status, own_log)])
-    {
-        second_is_refused(kind, &relay, status, &log).await;
-    }
+    let (status, log) = relay.run_second(true, SECS(8));
+    second_is_refused(kind, &relay, status, &log).await;
     let mut bob = Client::connect(server.c2s_port, "bob", ClientOpts::default()).await;
     send_all(&server, BOB, &ids("one", 3)).await;
     expect_exactly(&mut bob, &ids("one", 3)).await;
 }
 
-/// How a second instance with a store of its own (or a shared one) ends.
+/// How a second instance with a store of its own ends.
 async fn second_is_refused(kind: Kind, relay: &Relay, status: Option<i32>, log: &str) {
     match kind {
         Kind::Prosody => {

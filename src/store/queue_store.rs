@@ -77,6 +77,12 @@ pub trait QueueStore: StoreView {
     /// After a failed commit: whether opening the store again would
     /// likely work (space on the disk, the database reachable).
     fn writable_again(&self) -> bool;
+    /// Try to take the lead of `domain` among the instances that share
+    /// this store: only the leader connects to the server; the others
+    /// wait as standbys. Held until this process (or, for PostgreSQL,
+    /// its database session) ends. A store only one process can open
+    /// (sled) always leads.
+    fn lead(&self, domain: &str) -> Result<bool, StoreError>;
 
     /// Store a message unless it is a duplicate, its id is in use, or a
     /// limit is reached: dedup, limits and the write are one atomic step.

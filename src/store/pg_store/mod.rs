@@ -245,6 +245,13 @@ impl PgStore {
                 return Ok(Some(format!("!encoding {encoding}")));
             }
             c.batch_execute("SET synchronous_commit = on").await?;
+            // The leader's advisory lock goes with its session: a dead
+            // host's session must end within seconds, not hours.
+            c.batch_execute(
+                "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; \
+                 SET tcp_keepalives_count = 3; SET tcp_user_timeout = 20000",
+            )
+            .await?;
             c.batch_execute("BEGIN").await?;
             c.execute(
                 "SELECT pg_advisory_xact_lock($1)",

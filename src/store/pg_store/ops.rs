@@ -412,6 +412,17 @@ impl QueueStore for PgStore {
         self.reachable()
     }
 
+    fn lead(&self, domain: &str) -> Result<bool, StoreError> {
+        let digest = key_digest(&["redeliver lead", domain]);
+        let key = i64::from_be_bytes(digest[..8].try_into().expect("32 bytes"));
+        self.run(async |db, _| {
+            let r = db
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+                .await?;
+            Ok(r.get::<_, bool>(0))
+        })
+    }
+
     fn accept(&self, msg: NewMessage<'_>, limits: QueueLimits) -> Result<Accepted, StoreError> {
         let size = msg.record.stanza.len() as i64;
         let hash = msg.content_hash as i64;

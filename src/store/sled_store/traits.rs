@@ -74,6 +74,9 @@ impl QueueStore for SledStore {
     fn writable_again(&self) -> bool {
         probe_space(&self.path)
     }
+    fn lead(&self, _domain: &str) -> Result<bool, StoreError> {
+        Ok(true) // sled's lock already keeps a second process out
+    }
     fn accept(&self, msg: NewMessage<'_>, limits: QueueLimits) -> Result<Accepted, StoreError> {
         SledStore::accept(self, msg, limits)
     }
