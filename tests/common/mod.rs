@@ -458,6 +458,8 @@ pub struct RelayOpts {
     pub postgres_url: Option<String>,
     /// Wait for the link to come up at start (not for a standby).
     pub wait_ready: bool,
+    /// The database password, when not the test cluster's.
+    pub db_password: Option<String>,
 }
 
 impl Default for RelayOpts {
@@ -479,6 +481,7 @@ impl Default for RelayOpts {
             cache_bytes: 32 << 20,
             postgres_url: None,
             wait_ready: true,
+            db_password: None,
         }
     }
 }
@@ -551,6 +554,7 @@ pub struct Relay {
     pub log: PathBuf,
     child: Option<Child>,
     starts: usize,
+    db_password: Option<String>,
 }
 
 pub const READY: &str = "redeliver ready: component link established";
@@ -630,6 +634,7 @@ session_timeout_s = {sess}
             log,
             child: None,
             starts: 0,
+            db_password: opts.db_password.clone().or_else(pg::password),
         };
         if opts.wait_ready {
             r.launch();
@@ -655,7 +660,11 @@ session_timeout_s = {sess}
             .args(["run", "--config"])
             .arg(&self.config)
             .env("REDELIVER_SECRET", SECRET)
-            .envs(pg::password().map(|p| ("REDELIVER_DB_PASSWORD", p)))
+            .envs(
+                self.db_password
+                    .clone()
+                    .map(|p| ("REDELIVER_DB_PASSWORD", p)),
+            )
             .env("RUST_LOG", relay_log_filter())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

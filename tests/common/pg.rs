@@ -17,7 +17,7 @@ pub fn password() -> Option<String> {
     std::env::var(PASSWORD_ENV).ok()
 }
 
-/// The URL of a new, empty database.
+/// The URL of a new, empty database on the test cluster.
 pub fn new_database() -> String {
     let url = std::env::var(URL_ENV).unwrap_or_else(|_| {
         panic!(
@@ -25,6 +25,12 @@ pub fn new_database() -> String {
              starts (eval \"$(bash scripts/pg-cluster start DIR)\" for a run of your own)"
         )
     });
+    new_database_on(&url, password())
+}
+
+/// The URL of a new, empty database on the cluster at `url`.
+pub fn new_database_on(url: &str, password: Option<String>) -> String {
+    let url = url.to_owned();
     let name = format!("rd_{:016x}", rand::random::<u64>());
     let (u, n) = (url.clone(), name.clone());
     // On a thread of its own: the caller may be inside a runtime.
@@ -35,7 +41,7 @@ pub fn new_database() -> String {
             .unwrap();
         rt.block_on(async {
             let mut config: tokio_postgres::Config = u.parse().unwrap();
-            if let Some(p) = password() {
+            if let Some(p) = password {
                 config.password(p);
             }
             let (client, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
@@ -50,6 +56,64 @@ pub fn new_database() -> String {
     .expect("creating a test database");
     let (base, _) = url.rsplit_once('/').expect("a URL with a database name");
     format!("{base}/{name}")
+}
+
+/// A cluster of a test's own (`scripts/pg-cluster`), for a test that
+/// stops and starts it; stopped and removed on drop.
+pub struct OwnCluster {
+    dir: tempfile::TempDir,
+    pub url: String,
+    pub password: String,
+}
+
+fn pg_cluster(op: &str, dir: &std::path::Path) -> String {
+    let out = std::process::Command::new("bash")
+        .arg(super::root().join("scripts/pg-cluster"))
+        .arg(op)
+        .arg(dir)
+        .output()
+        .expect("run scripts/pg-cluster");
+    assert!(
+        out.status.success(),
+        "pg-cluster {op}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl OwnCluster {
+    pub fn start() -> OwnCluster {
+        let dir = tempfile::tempdir().unwrap();
+        // The cluster runs as the postgres user when the tests run as root.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let out = pg_cluster("start", &dir.path().join("pg"));
+        let value = |key: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}=")))
+                .unwrap_or_else(|| panic!("no {key} in {out}"))
+                .to_owned()
+        };
+        OwnCluster {
+            url: value(URL_ENV),
+            password: value(PASSWORD_ENV),
+            dir,
+        }
+    }
+
+    pub fn stop(&self) {
+        pg_cluster("stop", &self.dir.path().join("pg"));
+    }
+
+    pub fn resume(&self) {
+        pg_cluster("resume", &self.dir.path().join("pg"));
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// The `[store]` lines naming database `url`.
