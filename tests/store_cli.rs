@@ -91,6 +91,77 @@ async fn export_import_and_delivery_resumes_on_the_new_store() {
     expect_exactly(&mut bob, &sent).await;
 }
 
+/// A copy of `relay`'s (sled) config with the store in PostgreSQL at
+/// `url` instead.
+fn config_with_database(relay: &Relay, url: &str, name: &str) -> PathBuf {
+    let text = std::fs::read_to_string(&relay.config).unwrap();
+    let old = format!("path = \"{}\"", relay.dir.path().join("store").display());
+    assert!(text.contains(&old), "{text}");
+    let path = relay.dir.path().join(name);
+    let new = format!("backend = \"postgres\"\nurl = \"{url}\"");
+    std::fs::write(&path, text.replace(&old, &new)).unwrap();
+    path
+}
+
+/// A store moves from sled to PostgreSQL with `store export` and
+/// `store import`, delivers from there, and moves back.
+#[tokio::test]
+async fn a_store_moves_from_sled_to_postgres_and_back() {
+    let server = Server::start(Kind::Prosody, ServerOpts::default());
+    let mut relay = Relay::start(&server, RelayOpts::default());
+    let sent = ids("pg", 4);
+    send_all(&server, BOB, &sent).await;
+    assert_eq!(relay.terminate(), Some(0));
+    let file = relay.dir.path().join("from-sled.jsonl");
+    let (st, out) = store_cmd("export", &relay.config, Some(&file));
+    assert_eq!(st, Some(0), "{out}");
+
+    let url = pg::new_database();
+    let on_pg = config_with_database(&relay, &url, "pg.toml");
+    let (st, out) = store_cmd("import", &on_pg, Some(&file));
+    assert_eq!(st, Some(0), "{out}");
+    assert!(out.contains("4 pending messages"), "{out}");
+    let (st, out) = store_cmd("check", &on_pg, None);
+    assert_eq!(st, Some(0), "{out}");
+    assert!(
+        out.contains("4 pending messages") && out.contains("consistent"),
+        "{out}"
+    );
+    let (st, out) = store_cmd("import", &on_pg, Some(&file));
+    assert_eq!(st, Some(1), "not twice: {out}");
+    assert!(out.contains("already holds data"), "{out}");
+
+    // Back to a new sled store, through an export of the database.
+    let back = relay.dir.path().join("from-pg.jsonl");
+    let (st, out) = store_cmd("export", &on_pg, Some(&back));
+    assert_eq!(st, Some(0), "{out}");
+    let entries = |f: &Path| -> Vec<String> {
+        std::fs::read_to_string(f)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("\"type\":\"entry\""))
+            .map(|l| l.split_once(",\"accepted_at_ms\"").unwrap().1.to_owned())
+            .collect()
+    };
+    assert_eq!(entries(&file), entries(&back), "the same entries, new seqs");
+    let sled_again = config_with_store(&relay, &relay.dir.path().join("store-back"), "back.toml");
+    let (st, out) = store_cmd("import", &sled_again, Some(&back));
+    assert_eq!(st, Some(0), "{out}");
+    let (st, out) = store_cmd("check", &sled_again, None);
+    assert_eq!(st, Some(0), "{out}");
+
+    // The database delivers what sled held, once, in order.
+    let _moved = Relay::start(
+        &server,
+        RelayOpts {
+            postgres_url: Some(url),
+            ..Default::default()
+        },
+    );
+    let mut bob = Client::connect(server.c2s_port, "bob", ClientOpts::default()).await;
+    expect_exactly(&mut bob, &sent).await;
+}
+
 #[tokio::test]
 async fn store_errors_are_clear_and_exit_non_zero() {
     let server = Server::start(Kind::Prosody, ServerOpts::default());
