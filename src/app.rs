@@ -124,7 +124,7 @@ pub async fn run(
     let flusher = tokio::spawn(run_flusher(store.clone(), flush_rx, done_tx));
     let link = tokio::spawn(link.run());
     let outcome = router.run(ev_rx, done_rx, shutdown.clone()).await;
-    if let Err(stop @ Stop::ReopenStore) = &outcome {
+    if let Err(stop @ (Stop::ReopenStore | Stop::LostLead(_))) = &outcome {
         // sled does not recover from a failed write within the process,
         // and its drop would try to flush again (and can hang doing so):
         // leave at once. What reached the disk is what the next start

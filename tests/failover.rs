@@ -72,22 +72,36 @@ async fn standby_takes_over_after_sigkill(kind: Kind) {
     let mut t = Tally::default();
     let mut kills: Vec<(Instant, usize)> = Vec::new();
     let mut n = 0usize;
-    let start = Instant::now();
-    let mut next_kill = start + Duration::from_secs(4);
-    while kills.len() < KILLS || Instant::now() < next_kill {
+    // 3 to 5 s apart, so that kills fall anywhere in the standby's
+    // 500 ms retry period.
+    let jitter = || Duration::from_millis(3000 + rand::random::<u64>() % 2000);
+    let mut next_kill = Instant::now() + jitter();
+    // The killed instance is started again only once the other one took
+    // over (its link came up), so that each kill hits the leader.
+    let mut respawn: Option<(usize, usize)> = None;
+    while kills.len() < KILLS || respawn.is_some() || Instant::now() < next_kill {
         let id = format!("f{n:05}");
         alice.message(BOB, &id, &format!("body of {id}"));
         t.sent.push((id, Instant::now()));
         n += 1;
-        tokio::time::sleep(PACE).await;
-        t.take(&mut alice, &mut bob);
-        if kills.len() < KILLS && Instant::now() >= next_kill {
+        // Drained every 5 ms: arrival and receipt times are that fine.
+        for _ in 0..PACE.as_millis() / 5 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            t.take(&mut alice, &mut bob);
+        }
+        if let Some((killed, ready)) = respawn {
+            let other = &relays[1 - killed];
+            if other.log_text().matches(READY).count() >= ready {
+                relays[killed].spawn();
+                respawn = None;
+                next_kill = Instant::now() + jitter();
+            }
+        } else if kills.len() < KILLS && Instant::now() >= next_kill {
+            let ready = relays[1 - active].log_text().matches(READY).count() + 1;
             relays[active].sigkill();
             kills.push((Instant::now(), n));
-            // The killed one comes back as the standby.
-            relays[active].spawn();
+            respawn = Some((active, ready));
             active = 1 - active;
-            next_kill = Instant::now() + Duration::from_secs(4);
         }
     }
     // Let everything pending arrive.
@@ -150,13 +164,20 @@ async fn standby_takes_over_after_sigkill(kind: Kind) {
         .filter(|id| !first_seen.contains_key(id) && !t.errors.contains_key(*id))
         .collect();
     let twice = copies.values().filter(|c| **c > 1).count();
-    // Time from each kill to the first arrival of a message sent after it.
+    // Time from each kill to the first arrival of a message sent after it
+    // (and before the next kill).
     let mut resume: Vec<Duration> = kills
         .iter()
-        .filter_map(|(at, sent_before)| {
+        .enumerate()
+        .filter_map(|(k, (at, sent_before))| {
+            let until = kills.get(k + 1).map_or(usize::MAX, |(_, n)| *n);
             t.arrivals
                 .iter()
-                .filter(|(id, _)| index.get(id.as_str()).is_some_and(|i| i >= sent_before))
+                .filter(|(id, _)| {
+                    index
+                        .get(id.as_str())
+                        .is_some_and(|i| (*sent_before..until).contains(i))
+                })
                 .map(|(_, when)| when.saturating_duration_since(*at))
                 .min()
         })
@@ -184,6 +205,10 @@ async fn standby_takes_over_after_sigkill(kind: Kind) {
     // died (both servers do, now and then; Prosody mostly bounces it
     // with an error). What an instance accepted must never be lost.
     let logs: String = relays.iter().map(Relay::log_text).collect();
+    assert!(
+        logs.matches("accepted to=bob@localhost").count() > t.sent.len() / 2,
+        "the accept lines this check reads are logged"
+    );
     let (accepted_lost, dropped): (Vec<&str>, Vec<&str>) = lost.iter().partition(|id| {
         logs.contains(&format!(
             "accepted to=bob@localhost from=alice@localhost/test id={id} "
@@ -217,4 +242,29 @@ async fn standby_takes_over_after_sigkill(kind: Kind) {
     for r in &mut relays {
         r.sigkill();
     }
+}
+
+/// The leader's database session ends (the database restarted, failed
+/// over, or an administrator ended it): the leader exits with status 75
+/// within seconds, for its supervisor to restart it as a standby, and
+/// the standby takes the lead and connects.
+#[tokio::test]
+async fn a_leader_whose_session_ends_steps_down() {
+    let server = Server::start(Kind::Prosody, ServerOpts::default());
+    let url = pg::new_database();
+    let opts = |wait_ready| RelayOpts {
+        postgres_url: Some(url.clone()),
+        wait_ready,
+        ..Default::default()
+    };
+    let mut leader = Relay::start(&server, opts(true));
+    let standby = Relay::start(&server, opts(false));
+    wait_log(&standby, "standby").await;
+    // End the session that holds the lead (the standby's stays).
+    assert_eq!(pg::end_lock_holders(&url), 1, "one session held the lead");
+    let status = leader.wait_exit(SECS(15));
+    let log = leader.log_text();
+    assert_eq!(status, Some(75), "{log}");
+    assert!(log.contains("no longer leads"), "{log}");
+    standby.wait_ready(1);
 }

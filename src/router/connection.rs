@@ -104,6 +104,9 @@ impl Router {
     }
 
     pub(super) async fn on_link_up(&mut self, epoch: u64) {
+        if let Some(k) = self.link_down_timer.take() {
+            self.timers.try_remove(&k);
+        }
         self.epoch = Some(epoch);
         // The server says again what it grants on each connection. Roster
         // sets that got no answer are asked again at the pair's next
@@ -210,6 +213,9 @@ impl Router {
 
     pub(super) fn on_link_down(&mut self) {
         self.epoch = None;
+        if self.store.shared() && self.link_down_timer.is_none() {
+            self.link_down_timer = Some(self.timers.insert(Timer::LinkDown, LINK_DOWN_LEAD_LIMIT));
+        }
         self.probe_queue.clear();
         self.probe_waiting.clear();
         self.link_up_since = None;

@@ -333,6 +333,10 @@ enum Timer {
     TwinCheck,
     /// Time for the next step of the expiry walk.
     Expire,
+    /// Time to check that this instance still leads (a shared store).
+    LeadCheck,
+    /// The link has been down too long for a leader of a shared store.
+    LinkDown,
     /// After a store failure: is there space again?
     SpaceProbe,
     /// A disco#info query went unanswered: forget it.
@@ -355,6 +359,11 @@ pub enum Stop {
          (a supervisor restarts it; pending messages are replayed)"
     )]
     ReopenStore,
+    #[error(
+        "this instance no longer leads on the shared store ({0}); exiting so that another \
+         instance serves the domain (a supervisor restarts this one as a standby)"
+    )]
+    LostLead(String),
 }
 
 impl Stop {
@@ -363,7 +372,7 @@ impl Stop {
         match self {
             Stop::AnotherInstance(_) => twin::EXIT_STATUS,
             // EX_TEMPFAIL: restart me.
-            Stop::ReopenStore => 75,
+            Stop::ReopenStore | Stop::LostLead(_) => 75,
         }
     }
 }
@@ -407,6 +416,8 @@ pub struct Router {
     twin_timer: Option<delay_queue::Key>,
     /// Set when this instance must stop by itself.
     fatal: Option<Stop>,
+    /// Armed while the link is down, on a shared store.
+    link_down_timer: Option<delay_queue::Key>,
     /// A store write failed (disk full, I/O error): sled does not recover
     /// from that within the process, so new messages are refused until
     /// there is space again, and then the process exits to reopen it.
@@ -568,6 +579,7 @@ impl Router {
             instance: Instance::new(now_ms()),
             twin_timer: None,
             fatal: None,
+            link_down_timer: None,
             store_failed: false,
             rate,
             expiry_scheduled: false,
@@ -590,6 +602,7 @@ impl Router {
         mut durable: mpsc::Receiver<Flushed>,
         shutdown: CancellationToken,
     ) -> Result<(), Stop> {
+        self.timers.insert(Timer::LeadCheck, LEAD_CHECK_EVERY);
         while self.fatal.is_none() {
             // One burst per round: the store gathers its writes in memory
             // and applies them in one batch at the end (see `store`).
@@ -709,6 +722,11 @@ fn address_book(config: &Config) -> AddressBook {
 }
 
 const SPACE_PROBE_EVERY: Duration = Duration::from_secs(5);
+/// How often a leader checks that it still leads.
+const LEAD_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How long a leader of a shared store may stay without a link before it
+/// gives the lead to a standby that may reach the server.
+const LINK_DOWN_LEAD_LIMIT: Duration = Duration::from_secs(30);
 
 /// The [`content_hash`](crate::store::content_hash) of what a message
 /// says: its bodies, subjects and thread, and its payloads but those that

@@ -6,6 +6,23 @@ impl Router {
     pub(super) async fn on_timer(&mut self, t: Timer) {
         match t {
             Timer::Expire => self.expire_step().await,
+            Timer::LeadCheck => {
+                let domain = self.config.component.domain.clone();
+                match self.store.still_leads(&domain) {
+                    Ok(true) => {
+                        self.timers.insert(Timer::LeadCheck, LEAD_CHECK_EVERY);
+                    }
+                    Ok(false) => self.lose_lead("its database session ended".into()),
+                    Err(e) => self.lose_lead(e.to_string()),
+                }
+            }
+            Timer::LinkDown => {
+                self.link_down_timer = None;
+                self.lose_lead(format!(
+                    "no link to the server for {} s",
+                    LINK_DOWN_LEAD_LIMIT.as_secs()
+                ));
+            }
             Timer::DiscoTimeout { id } => {
                 self.disco_pending.remove(&id);
             }
@@ -94,5 +111,13 @@ impl Router {
                 }
             }
         }
+    }
+
+    /// Leave the domain to a standby: exit for the supervisor to restart
+    /// this process, which then waits as a standby if another leads.
+    fn lose_lead(&mut self, why: String) {
+        let stop = Stop::LostLead(why);
+        error!("{stop}");
+        self.fatal = Some(stop);
     }
 }

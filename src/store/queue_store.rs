@@ -83,6 +83,11 @@ pub trait QueueStore: StoreView {
     /// its database session) ends. A store only one process can open
     /// (sled) always leads.
     fn lead(&self, domain: &str) -> Result<bool, StoreError>;
+    /// Whether this process still holds the lead it took (false once its
+    /// database session ended, when another instance may lead).
+    fn still_leads(&self, domain: &str) -> Result<bool, StoreError>;
+    /// Whether other instances may share this store (and stand by).
+    fn shared(&self) -> bool;
 
     /// Store a message unless it is a duplicate, its id is in use, or a
     /// limit is reached: dedup, limits and the write are one atomic step.

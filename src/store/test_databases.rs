@@ -70,10 +70,17 @@ pub fn postgres() -> Arc<PgStore> {
 }
 
 /// The store the router's tests use: sled in `dir`, or a new PostgreSQL
-/// database when `REDELIVER_TEST_BACKEND=postgres`.
-pub fn from_env(dir: &std::path::Path, durability: Durability) -> Arc<dyn QueueStore> {
+/// database when `REDELIVER_TEST_BACKEND=postgres`, led for `domain` (as
+/// the app takes the lead before the router starts).
+pub fn from_env(
+    dir: &std::path::Path,
+    durability: Durability,
+    domain: &str,
+) -> Arc<dyn QueueStore> {
     if std::env::var(BACKEND_ENV).as_deref() == Ok("postgres") {
-        return postgres();
+        let s = postgres();
+        assert!(s.lead(domain).unwrap(), "a new database has no leader");
+        return s;
     }
     Arc::new(SledStore::open(dir, durability, 5, 1 << 20).unwrap())
 }

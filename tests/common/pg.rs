@@ -58,6 +58,39 @@ pub fn new_database_on(url: &str, password: Option<String>) -> String {
     format!("{base}/{name}")
 }
 
+/// End the database sessions that hold an advisory lock in the database
+/// at `url` (the leader's); how many.
+pub fn end_lock_holders(url: &str) -> u64 {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut config: tokio_postgres::Config = url.parse().unwrap();
+            if let Some(p) = password() {
+                config.password(p);
+            }
+            let (client, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            let rows = client
+                .query(
+                    "SELECT pg_terminate_backend(l.pid) FROM pg_locks l \
+                     JOIN pg_database d ON d.oid = l.database \
+                     WHERE l.locktype = 'advisory' AND l.granted \
+                     AND d.datname = current_database()",
+                    &[],
+                )
+                .await
+                .unwrap();
+            rows.iter().filter(|r| r.get::<_, bool>(0)).count() as u64
+        })
+    })
+    .join()
+    .unwrap()
+}
+
 /// A cluster of a test's own (`scripts/pg-cluster`), for a test that
 /// stops and starts it; stopped and removed on drop.
 pub struct OwnCluster {

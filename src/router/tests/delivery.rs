@@ -10,7 +10,11 @@ use super::*;
 async fn startup_probes_every_recipient_in_steps() {
     let dir = tempfile::tempdir().unwrap();
     let config = Arc::new(config(dir.path(), 64));
-    let store = test_databases::from_env(&config.store.path, Durability::Batched);
+    let store = test_databases::from_env(
+        &config.store.path,
+        Durability::Batched,
+        &config.component.domain,
+    );
     let n = PROBE_STEP * 3 + 7;
     store.begin();
     for i in 0..n {

@@ -76,7 +76,11 @@ async fn harness_with(window: usize, extra: &str) -> Harness {
 async fn harness_full(window: usize, durability: &str, extra: &str) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let config = Arc::new(config_full(dir.path(), window, durability, extra));
-    let store = test_databases::from_env(&config.store.path, config.store.durability);
+    let store = test_databases::from_env(
+        &config.store.path,
+        config.store.durability,
+        &config.component.domain,
+    );
     let (out_tx, out_rx) = mpsc::channel(1024);
     let (ev_tx, ev_rx) = mpsc::channel(1024);
     let (flush_tx, flush_rx) = mpsc::unbounded_channel();

@@ -1,6 +1,7 @@
 //! The PostgreSQL store: the same promises as the sled store, in tables
-//! that several instances can share (`schema` has the layout, `ops` the
-//! queue operations).
+//! that several instances share, one leading at a time (`schema` has the
+//! layout, `ops` the operations, `rows` what they share, `check` and
+//! `transfer` the `store` subcommands).
 //!
 //! **The connection.** tokio-postgres's connection task runs on a thread
 //! of its own, with its own small runtime, so that the store's calls can
@@ -38,6 +39,7 @@ use super::StoreError;
 
 mod check;
 mod ops;
+mod rows;
 mod schema;
 mod transfer;
 
@@ -234,8 +236,10 @@ impl PgStore {
         self.burst().failed.is_some()
     }
 
-    /// Create the schema if the database has none, check its version,
-    /// and that the server keeps text as UTF-8 and commits durably.
+    /// Create the schema if the database has none, check its version and
+    /// that the server keeps text as UTF-8; set the session to commit
+    /// durably (`synchronous_commit`; the server's own `fsync` is the
+    /// operator's).
     fn prepare_schema(&self) -> Result<(), StoreError> {
         let c = &self.client;
         let found: Option<String> = block_on(async {
@@ -249,7 +253,8 @@ impl PgStore {
             // host's session must end within seconds, not hours.
             c.batch_execute(
                 "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; \
-                 SET tcp_keepalives_count = 3; SET tcp_user_timeout = 20000",
+                 SET tcp_keepalives_count = 3; SET tcp_user_timeout = 20000; \
+                 SET statement_timeout = 60000",
             )
             .await?;
             c.batch_execute("BEGIN").await?;

@@ -4,115 +4,18 @@
 //! Queries that do not depend on each other are sent together (one round
 //! trip: tokio-postgres pipelines futures polled at once).
 
-use std::collections::HashMap;
-
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use crate::store::Remembered;
 
+use super::rows::*;
 use super::{Db, Delta, PgStore, key_digest};
 use crate::store::{
     Accepted, Answers, AssumedTotals, CheckReport, Contact, Expired, Habit, MAX_HABITS, NewMessage,
     Pruned, PurgeScope, QueueLimits, QueueStore, QueueSummary, RecipientState, Record, StoreError,
     StoreView, Subscription, Totals, bare_of,
 };
-
-type PgResult<T> = Result<T, tokio_postgres::Error>;
-
-/// A seq (or bound) as a bigint: seqs come from a PostgreSQL sequence, so
-/// they fit; a bound past them saturates.
-pub(super) fn sq(seq: u64) -> i64 {
-    seq.min(i64::MAX as u64) as i64
-}
-
-pub(super) fn useq(v: i64) -> u64 {
-    v.max(0) as u64
-}
-
-pub(super) fn sub_code(s: Subscription) -> i16 {
-    match s {
-        Subscription::None => 0,
-        Subscription::Requested => 1,
-        Subscription::Subscribed => 2,
-    }
-}
-
-fn sub_of(code: i16) -> Subscription {
-    match code {
-        1 => Subscription::Requested,
-        2 => Subscription::Subscribed,
-        _ => Subscription::None,
-    }
-}
-
-fn answers_code(a: Answers) -> i16 {
-    match a {
-        Answers::Contacts => 0,
-        Answers::All => 1,
-    }
-}
-
-/// A record from the columns `accepted_at_ms, sender, id, stanza`
-/// starting at `at`.
-pub(super) fn record(row: &Row, at: usize) -> Record {
-    Record {
-        accepted_at_ms: row.get(at),
-        sender: row.get(at + 1),
-        id: row.get(at + 2),
-        stanza: row.get(at + 3),
-    }
-}
-
-/// `(seq, record)` rows (`seq, accepted_at_ms, sender, id, stanza`) in
-/// the order of `seqs`.
-fn in_order(rows: Vec<Row>, seqs: &[u64]) -> Vec<(u64, Record)> {
-    let mut by_seq: HashMap<u64, Record> = rows
-        .iter()
-        .map(|r| (useq(r.get(0)), record(r, 1)))
-        .collect();
-    seqs.iter()
-        .filter_map(|s| by_seq.remove(s).map(|r| (*s, r)))
-        .collect()
-}
-
-fn stanza_bytes(records: &[(u64, Record)]) -> i64 {
-    records.iter().map(|(_, r)| r.stanza.len() as i64).sum()
-}
-
-/// Change a recipient's counters by `n` messages and `bytes`, and the
-/// number of recipients with pending messages if it crossed zero.
-pub(super) async fn count(
-    db: &Db<'_>,
-    d: &mut Delta,
-    recipient: &str,
-    n: i64,
-    bytes: i64,
-) -> PgResult<()> {
-    if n == 0 && bytes == 0 {
-        return Ok(());
-    }
-    let row = db
-        .write(
-            "INSERT INTO redeliver_recipients (recipient, pending, bytes) VALUES ($1, $2, $3) \
-             ON CONFLICT (recipient) DO UPDATE SET \
-             pending = GREATEST(redeliver_recipients.pending + $2, 0), \
-             bytes = GREATEST(redeliver_recipients.bytes + $3, 0) \
-             RETURNING pending",
-            &[&recipient, &n, &bytes],
-        )
-        .await?;
-    let after: i64 = row.first().map_or(0, |r| r.get(0));
-    let before = after - n;
-    match (before > 0, after > 0) {
-        (false, true) => d.recipients += 1,
-        (true, false) => d.recipients -= 1,
-        _ => {}
-    }
-    d.pending += n;
-    d.bytes += bytes;
-    Ok(())
-}
 
 /// Remove pending messages (those still there) with their counters; if
 /// `tombstones`, the tombstones of the others too.
@@ -171,6 +74,12 @@ fn from_sender(rows: &[Row], sender_bare: &str) -> Vec<u64> {
         .filter(|r| bare_of(r.get::<_, &str>(1)) == sender_bare)
         .map(|r| useq(r.get(0)))
         .collect()
+}
+
+/// The advisory lock that names the leader of `domain`.
+fn lead_key(domain: &str) -> i64 {
+    let digest = key_digest(&["redeliver lead", domain]);
+    i64::from_be_bytes(digest[..8].try_into().expect("32 bytes"))
 }
 
 impl StoreView for PgStore {
@@ -413,14 +322,57 @@ impl QueueStore for PgStore {
     }
 
     fn lead(&self, domain: &str) -> Result<bool, StoreError> {
-        let digest = key_digest(&["redeliver lead", domain]);
-        let key = i64::from_be_bytes(digest[..8].try_into().expect("32 bytes"));
-        self.run(async |db, _| {
+        let key = lead_key(domain);
+        let found = self.run(async |db, _| {
             let r = db
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
                 .await?;
+            if !r.get::<_, bool>(0) {
+                return Ok(None);
+            }
+            // One database holds one component domain's store: the
+            // tables are not divided by domain.
+            db.exec(
+                "INSERT INTO redeliver_meta VALUES ('domain', $1) ON CONFLICT DO NOTHING",
+                &[&domain],
+            )
+            .await?;
+            let r = db
+                .query_one(
+                    "SELECT value FROM redeliver_meta WHERE name = 'domain'",
+                    &[],
+                )
+                .await?;
+            Ok(Some(r.get::<_, String>(0)))
+        })?;
+        match found {
+            None => Ok(false),
+            Some(d) if d == domain => Ok(true),
+            Some(d) => Err(StoreError::Database(format!(
+                "{} holds the store of {d}, not of {domain}: give each component domain a \
+                 database of its own",
+                self.name()
+            ))),
+        }
+    }
+
+    fn still_leads(&self, domain: &str) -> Result<bool, StoreError> {
+        let key = lead_key(domain);
+        self.read(async |db, _| {
+            let r = db
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
+                     AND pid = pg_backend_pid() AND granted AND objsubid = 1 \
+                     AND ((classid::bigint << 32) | objid::bigint) = $1)",
+                    &[&key],
+                )
+                .await?;
             Ok(r.get::<_, bool>(0))
         })
+    }
+
+    fn shared(&self) -> bool {
+        true
     }
 
     fn accept(&self, msg: NewMessage<'_>, limits: QueueLimits) -> Result<Accepted, StoreError> {
@@ -959,5 +911,33 @@ impl QueueStore for PgStore {
             .await?;
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_databases::pg_database;
+
+    /// Instances on one database lead one at a time; the lead passes when
+    /// the leader's session ends; another component domain is refused.
+    #[test]
+    fn one_leader_per_database_and_one_domain() {
+        let (url, password) = pg_database();
+        let open = || PgStore::open(&url, password.as_deref()).unwrap();
+        let (first, second) = (open(), open());
+        assert!(first.lead("relay.a").unwrap());
+        assert!(first.still_leads("relay.a").unwrap());
+        assert!(!second.lead("relay.a").unwrap(), "held by the first");
+        assert!(!second.still_leads("relay.a").unwrap());
+        let e = second.lead("relay.b").unwrap_err().to_string();
+        assert!(e.contains("not of relay.b"), "{e}");
+        drop(first);
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !second.lead("relay.a").unwrap() {
+            assert!(std::time::Instant::now() < end, "the lead never passed");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(second.still_leads("relay.a").unwrap());
     }
 }

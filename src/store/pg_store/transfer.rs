@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use super::ops::{count, record, sq, sub_code, useq};
+use super::rows::{count, record, sq, sub_code, useq};
 use super::{PgStore, key_digest};
 use crate::store::{IdKey, Remembered, StoreError, Subscription};
 

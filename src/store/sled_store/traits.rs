@@ -77,6 +77,12 @@ impl QueueStore for SledStore {
     fn lead(&self, _domain: &str) -> Result<bool, StoreError> {
         Ok(true) // sled's lock already keeps a second process out
     }
+    fn still_leads(&self, _domain: &str) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+    fn shared(&self) -> bool {
+        false
+    }
     fn accept(&self, msg: NewMessage<'_>, limits: QueueLimits) -> Result<Accepted, StoreError> {
         SledStore::accept(self, msg, limits)
     }
