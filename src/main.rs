@@ -98,6 +98,23 @@ fn store_command(op: StoreOp) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // On a shared store nothing enforces "not running" but the lead: a
+    // command that cannot take it would race a running instance.
+    match store.lead(&config.component.domain) {
+        Ok(true) => {}
+        Ok(false) => {
+            eprintln!(
+                "redeliver: an instance is running on this database (it leads {}); stop every \
+                 instance first",
+                config.component.domain
+            );
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("redeliver: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let path = redeliver::app::store_name(&config);
     let status = match op {
         StoreOp::Check { .. } => match store.check() {

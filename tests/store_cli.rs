@@ -160,6 +160,14 @@ async fn a_store_moves_from_sled_to_postgres_and_back() {
     );
     let mut bob = Client::connect(server.c2s_port, "bob", ClientOpts::default()).await;
     expect_exactly(&mut bob, &sent).await;
+    // Nothing but the lead keeps a command off a running instance's
+    // database, and the command does not get it.
+    let (st, out) = store_cmd("check", &on_pg, None);
+    assert_eq!(st, Some(1), "{out}");
+    assert!(
+        out.contains("an instance is running on this database"),
+        "{out}"
+    );
 }
 
 #[tokio::test]

@@ -160,6 +160,9 @@ pub fn import(store: &dyn QueueStore, path: &Path) -> Result<TransferSummary, Tr
         return Err(TransferError::NotEmpty);
     }
     let expected = validate(path)?;
+    // One burst: on PostgreSQL one transaction, so that a failure part
+    // way leaves the database empty as it was.
+    store.begin();
     let mut sum = TransferSummary::default();
     let (mut recipients, mut page) = (Vec::new(), Vec::new());
     for (n, line) in BufReader::new(File::open(path)?).lines().enumerate() {
@@ -201,6 +204,7 @@ pub fn import(store: &dyn QueueStore, path: &Path) -> Result<TransferSummary, Tr
         }
     }
     store.import(&recipients, &page)?;
+    store.commit()?;
     store.flush()?;
     debug_assert_eq!(sum, expected);
     Ok(sum)
@@ -255,8 +259,25 @@ fn validate(path: &Path) -> Result<TransferSummary, TransferError> {
                 seq,
                 recipient,
                 message,
+                ids,
+                origins,
                 ..
             } => {
+                // No NUL anywhere: XML cannot carry one, and PostgreSQL's
+                // text refuses it (an import would fail part way).
+                let has_nul = ids
+                    .iter()
+                    .chain(&origins)
+                    .flat_map(|k| [k.sender.as_str(), k.value.as_str()])
+                    .chain(
+                        message
+                            .iter()
+                            .flat_map(|m| [m.sender.as_str(), m.id.as_str(), m.stanza.as_str()]),
+                    )
+                    .any(|t| t.contains('\0'));
+                if has_nul {
+                    return Err(bad(n, "a NUL character".into()));
+                }
                 if last_seq.is_some_and(|l| seq <= l) {
                     return Err(bad(n, "entries out of order".into()));
                 }
@@ -292,5 +313,40 @@ fn validate(path: &Path) -> Result<TransferSummary, TransferError> {
             format!("the end line counts {end:?} but the file holds {sum:?}"),
         )),
         None => Err(bad(0, "no end line: the file is truncated".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_databases;
+
+    /// A NUL in an export is refused before anything is written: XML
+    /// cannot carry one, and PostgreSQL's text refuses it.
+    #[test]
+    fn an_export_with_a_nul_is_refused_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("nul.jsonl");
+        let entry = |seq: u64, stanza: &str| {
+            serde_json::json!({"type": "entry", "seq": seq, "accepted_at_ms": 1,
+                "recipient": "bob@x", "ids": [], "origins": [],
+                "message": {"accepted_at_ms": 1, "sender": "alice@x/r", "id": "m",
+                    "stanza": stanza}})
+            .to_string()
+        };
+        let lines = [
+            serde_json::json!({"type": "header", "format": FORMAT, "version": 1,
+                "schema": 2, "exported_at": "now"})
+            .to_string(),
+            entry(1, "<message xmlns='jabber:client'/>"),
+            entry(2, "<message xmlns='jabber:client'>\u{0}</message>"),
+            serde_json::json!({"type": "end", "recipients": 0, "entries": 2, "messages": 2})
+                .to_string(),
+        ];
+        std::fs::write(&file, lines.join("\n")).unwrap();
+        let (s, _guard) = test_databases::sled();
+        let e = import(&*s, &file).unwrap_err().to_string();
+        assert!(e.contains("line 3") && e.contains("NUL"), "{e}");
+        assert!(s.is_empty_of_data().unwrap());
     }
 }
