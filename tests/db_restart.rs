@@ -1,6 +1,6 @@
 //! PostgreSQL stops while redeliver relays, and comes back: new messages
 //! are refused with `resource-constraint` meanwhile (the sender told),
-//! receipts still flow, nothing accepted before is lost, and once the
+//! nothing accepted before is lost, and once the
 //! database answers again redeliver exits with status 75 for its
 //! supervisor to restart it, then delivers everything it had accepted.
 //! On a cluster of the test's own, since it is stopped.
