@@ -1,7 +1,8 @@
 //! The PostgreSQL store: the same promises as the sled store, in tables
 //! that several instances share, one leading at a time (`schema` has the
-//! layout, `ops` the operations, `rows` what they share, `check` and
-//! `transfer` the `store` subcommands).
+//! layout, `view` the reads the admin commands use, `ops` the router's
+//! operations, `rows` what they share, `check` and `transfer` the `store`
+//! subcommands).
 //!
 //! **The connection.** tokio-postgres's connection task runs on a thread
 //! of its own, with its own small runtime, so that the store's calls can
@@ -42,6 +43,7 @@ mod ops;
 mod rows;
 mod schema;
 mod transfer;
+mod view;
 
 pub use schema::SCHEMA_VERSION;
 
