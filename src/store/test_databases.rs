@@ -8,6 +8,9 @@ use std::sync::Arc;
 use super::{PgStore, QueueStore, SledStore};
 use crate::config::Durability;
 
+#[path = "../../tests/common/pg_admin.rs"]
+mod pg_admin;
+
 pub const PG_URL_ENV: &str = "REDELIVER_TEST_PG_URL";
 pub const PG_PASSWORD_ENV: &str = "REDELIVER_TEST_PG_PASSWORD";
 /// `postgres` runs the router's tests (and the integration tests) on
@@ -31,36 +34,7 @@ pub fn pg_database() -> (String, Option<String>) {
         )
     });
     let password = std::env::var(PG_PASSWORD_ENV).ok();
-    let name = format!("rd_{:016x}", rand::random::<u64>());
-    let (u, p, n) = (url.clone(), password.clone(), name.clone());
-    // On a thread of its own: a test may already be inside a runtime.
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let mut config: tokio_postgres::Config = u.parse().unwrap();
-            if let Some(p) = &p {
-                config.password(p.as_str());
-            }
-            let (client, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
-            tokio::spawn(conn);
-            client
-                .batch_execute(&format!("CREATE DATABASE {n} ENCODING 'UTF8'"))
-                .await
-                .unwrap();
-        });
-    })
-    .join()
-    .expect("creating a test database");
-    (with_dbname(&url, &name), password)
-}
-
-/// `url` naming database `name` instead.
-fn with_dbname(url: &str, name: &str) -> String {
-    let (base, _) = url.rsplit_once('/').expect("a URL with a database name");
-    format!("{base}/{name}")
+    (pg_admin::new_database_on(&url, password.clone()), password)
 }
 
 /// A PostgreSQL store on a new database.

@@ -10,6 +10,7 @@
 pub mod fake;
 pub mod operator;
 pub mod pg;
+pub mod pg_admin;
 pub mod profanity;
 
 use std::borrow::Cow;

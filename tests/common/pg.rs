@@ -28,67 +28,20 @@ pub fn new_database() -> String {
     new_database_on(&url, password())
 }
 
-/// The URL of a new, empty database on the cluster at `url`.
-pub fn new_database_on(url: &str, password: Option<String>) -> String {
-    let url = url.to_owned();
-    let name = format!("rd_{:016x}", rand::random::<u64>());
-    let (u, n) = (url.clone(), name.clone());
-    // On a thread of its own: the caller may be inside a runtime.
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let mut config: tokio_postgres::Config = u.parse().unwrap();
-            if let Some(p) = password {
-                config.password(p);
-            }
-            let (client, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
-            tokio::spawn(conn);
-            client
-                .batch_execute(&format!("CREATE DATABASE {n} ENCODING 'UTF8'"))
-                .await
-                .unwrap();
-        });
-    })
-    .join()
-    .expect("creating a test database");
-    let (base, _) = url.rsplit_once('/').expect("a URL with a database name");
-    format!("{base}/{name}")
-}
+pub use super::pg_admin::new_database_on;
 
 /// End the database sessions that hold an advisory lock in the database
 /// at `url` (the leader's); how many.
 pub fn end_lock_holders(url: &str) -> u64 {
-    let url = url.to_owned();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let mut config: tokio_postgres::Config = url.parse().unwrap();
-            if let Some(p) = password() {
-                config.password(p);
-            }
-            let (client, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
-            tokio::spawn(conn);
-            let rows = client
-                .query(
-                    "SELECT pg_terminate_backend(l.pid) FROM pg_locks l \
-                     JOIN pg_database d ON d.oid = l.database \
-                     WHERE l.locktype = 'advisory' AND l.granted \
-                     AND d.datname = current_database()",
-                    &[],
-                )
-                .await
-                .unwrap();
-            rows.iter().filter(|r| r.get::<_, bool>(0)).count() as u64
-        })
-    })
-    .join()
-    .unwrap()
+    let ended = super::pg_admin::query_first_column(
+        url,
+        password(),
+        "SELECT pg_terminate_backend(l.pid) FROM pg_locks l \
+         JOIN pg_database d ON d.oid = l.database \
+         WHERE l.locktype = 'advisory' AND l.granted AND d.datname = current_database()"
+            .into(),
+    );
+    ended.iter().filter(|t| *t == "t").count() as u64
 }
 
 /// A cluster of a test's own (`scripts/pg-cluster`), for a test that

@@ -157,6 +157,15 @@ impl PgStore {
         self.burst.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The connection as the operations see it.
+    fn db(&self) -> Db<'_> {
+        Db {
+            client: &self.client,
+            statements: &self.statements,
+            writes: 0.into(),
+        }
+    }
+
     /// Run `body` inside the current transaction (opening one if needed;
     /// outside a burst, committing it after). Any error fails the store.
     pub(super) fn run<T>(
@@ -169,11 +178,7 @@ impl PgStore {
             return Err(StoreError::Failed(e.clone()));
         }
         let client = &self.client;
-        let db = Db {
-            client,
-            statements: &self.statements,
-            writes: 0.into(),
-        };
+        let db = self.db();
         let out = block_on(async {
             if !b.open {
                 client.batch_execute("BEGIN").await?;
@@ -201,11 +206,7 @@ impl PgStore {
             drop(guard);
             return self.run(body);
         }
-        let db = Db {
-            client: &self.client,
-            statements: &self.statements,
-            writes: 0.into(),
-        };
+        let db = self.db();
         let mut scratch = Burst::default();
         let out = block_on(body(&db, &mut scratch)).map_err(db_error);
         guard.written.extend(scratch.written);
