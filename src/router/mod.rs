@@ -602,7 +602,10 @@ impl Router {
         mut durable: mpsc::Receiver<Flushed>,
         shutdown: CancellationToken,
     ) -> Result<(), Stop> {
-        self.timers.insert(Timer::LeadCheck, LEAD_CHECK_EVERY);
+        if self.store.shared() {
+            // Only a shared store has a lead to lose.
+            self.timers.insert(Timer::LeadCheck, LEAD_CHECK_EVERY);
+        }
         while self.fatal.is_none() {
             // One burst per round: the store gathers its writes in memory
             // and applies them in one batch at the end (see `store`).
