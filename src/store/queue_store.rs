@@ -89,6 +89,18 @@ pub trait QueueStore: StoreView {
     /// Whether other instances may share this store (and stand by).
     fn shared(&self) -> bool;
 
+    /// Instances connected at once: hand a stanza this instance received
+    /// (it does not lead) to the leader, in the current burst. Durable
+    /// once the burst commits; the leader is woken then. Only a shared
+    /// store can.
+    fn forward(&self, stanza: &str) -> Result<(), StoreError>;
+    /// The leader: take up to `max` forwarded stanzas, oldest first, in
+    /// the current burst (if it fails, they stay for the next leader).
+    fn take_forwarded(&self, max: usize) -> Result<Vec<String>, StoreError>;
+    /// Fires when a stanza was forwarded (only on a shared store; the
+    /// first call starts listening).
+    fn forwarded_wakeup(&self) -> Option<std::sync::Arc<tokio::sync::Notify>>;
+
     /// Store a message unless it is a duplicate, its id is in use, or a
     /// limit is reached: dedup, limits and the write are one atomic step.
     fn accept(&self, msg: NewMessage<'_>, limits: QueueLimits) -> Result<Accepted, StoreError>;

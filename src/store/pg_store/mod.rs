@@ -39,6 +39,7 @@ use tracing::{error, warn};
 use super::StoreError;
 
 mod check;
+mod inbox;
 mod ops;
 mod rows;
 mod schema;
@@ -61,6 +62,8 @@ pub struct PgStore {
     config: Config,
     /// The database, as logs name it (no password).
     name: String,
+    /// Wakes the leader when a stanza was forwarded (`inbox`).
+    wakeup: std::sync::OnceLock<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 /// The open transaction, if any.
@@ -143,6 +146,7 @@ impl PgStore {
             stop: Some(stop),
             config,
             name,
+            wakeup: Default::default(),
         };
         store.prepare_schema()?;
         Ok(store)
@@ -277,6 +281,9 @@ impl PgStore {
             if found.is_none() {
                 c.batch_execute(schema::V1).await?;
             }
+            if matches!(found.as_deref(), None | Some("1")) {
+                c.batch_execute(schema::V2).await?;
+            }
             c.batch_execute("COMMIT").await?;
             Ok(found)
         })
@@ -300,7 +307,8 @@ impl PgStore {
                         reads: SCHEMA_VERSION,
                     });
                 }
-                // Version 1 is the first; later versions migrate here.
+                // Older versions were migrated above, in the transaction
+                // that read the version.
                 Ok(())
             }
         }

@@ -176,6 +176,18 @@ impl QueueStore for PgStore {
         true
     }
 
+    fn forward(&self, stanza: &str) -> Result<(), StoreError> {
+        self.forward_stanza(stanza)
+    }
+
+    fn take_forwarded(&self, max: usize) -> Result<Vec<String>, StoreError> {
+        self.take_from_inbox(max)
+    }
+
+    fn forwarded_wakeup(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        Some(self.inbox_wakeup())
+    }
+
     fn accept(&self, msg: NewMessage<'_>, limits: QueueLimits) -> Result<Accepted, StoreError> {
         let size = msg.record.stanza.len() as i64;
         let hash = msg.content_hash as i64;

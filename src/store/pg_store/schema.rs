@@ -20,9 +20,10 @@
 //! | `redeliver_tombstones` | message counted delivered without a receipt |
 //! | `redeliver_contacts` | relay contact (recipient, sender) |
 //! | `redeliver_habits` | client (recipient, resource): what it does with receipts |
+//! | `redeliver_inbox` | stanza an instance that does not lead handed to the leader |
 
 /// Version of the schema below.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Key of the advisory lock held while the schema is created or migrated.
 pub const MIGRATION_LOCK: i64 = 0x7265_6465_6c69_7672; // "redelivr"
@@ -106,6 +107,19 @@ CREATE INDEX redeliver_habits_recipient ON redeliver_habits (recipient);
 INSERT INTO redeliver_meta VALUES ('schema', '1');
 ";
 
+/// Version 2: stanzas handed from the instances that do not lead to the
+/// one that does, when every instance is connected (`store.instances =
+/// "all-active"`). A row lives from the forwarding commit to the leader's
+/// commit of the burst that handled it.
+pub const V2: &str = "
+CREATE TABLE redeliver_inbox (
+    id bigserial PRIMARY KEY,
+    forwarded_at_ms bigint NOT NULL,
+    stanza text NOT NULL
+);
+UPDATE redeliver_meta SET value = '2' WHERE name = 'schema';
+";
+
 /// The tables, for sizes and for `store check`.
 pub const TABLES: &[&str] = &[
     "redeliver_meta",
@@ -117,4 +131,5 @@ pub const TABLES: &[&str] = &[
     "redeliver_tombstones",
     "redeliver_contacts",
     "redeliver_habits",
+    "redeliver_inbox",
 ];

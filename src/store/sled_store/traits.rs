@@ -83,6 +83,18 @@ impl QueueStore for SledStore {
     fn shared(&self) -> bool {
         false
     }
+    fn forward(&self, _stanza: &str) -> Result<(), StoreError> {
+        // Config validation keeps all-active instances off sled.
+        Err(StoreError::Database(
+            "a sled store is one instance's: there is no leader to hand stanzas to".into(),
+        ))
+    }
+    fn take_forwarded(&self, _max: usize) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
+    fn forwarded_wakeup(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
     fn accept(&self, msg: NewMessage<'_>, limits: QueueLimits) -> Result<Accepted, StoreError> {
         SledStore::accept(self, msg, limits)
     }
