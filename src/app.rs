@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_xmpp::parsers::jid::Jid;
 use tracing::info;
 
-use crate::config::{Backend, Config};
+use crate::config::{Backend, Config, Instances};
 use crate::gate::run_flusher;
 use crate::link::{CHANNEL_CAPACITY, Link, LinkSettings};
 use crate::router::{Router, Stop};
@@ -97,9 +97,19 @@ pub async fn run(
         durability = config.store.durability.as_str(),
         "store open"
     );
-    if !wait_for_lead(&store, &config.component.domain, &shutdown).await? {
-        info!("stopped while standing by");
-        return Ok(());
+    match config.store.instances {
+        Instances::OneActive => {
+            if !wait_for_lead(&store, &config.component.domain, &shutdown).await? {
+                info!("stopped while standing by");
+                return Ok(());
+            }
+        }
+        // Connected at once; the router takes the lead when it is free.
+        Instances::AllActive => info!(
+            domain = %config.component.domain,
+            "all-active: connecting; the instance that leads delivers, the others hand it \
+             what they receive"
+        ),
     }
 
     let (out_tx, out_rx) = mpsc::channel(CHANNEL_CAPACITY);

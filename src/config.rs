@@ -139,6 +139,33 @@ pub struct StoreConfig {
     /// sled's page cache, in bytes.
     #[serde(default = "default_cache_bytes")]
     pub cache_bytes: u64,
+    /// How instances sharing a PostgreSQL store run: one connected at a
+    /// time (the others stand by), or all connected at once (ejabberd).
+    #[serde(default)]
+    pub instances: Instances,
+}
+
+/// How the instances that share a store run.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Instances {
+    /// One instance leads and is connected; the others wait, unconnected,
+    /// to take over (any server).
+    #[default]
+    OneActive,
+    /// Every instance is connected, the server spreading stanzas over
+    /// them (ejabberd); the leader delivers, the others hand what they
+    /// receive to it through the database.
+    AllActive,
+}
+
+impl Instances {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Instances::OneActive => "one-active",
+            Instances::AllActive => "all-active",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -496,6 +523,13 @@ impl Config {
             },
             Backend::Sled => {}
         }
+        if self.store.instances == Instances::AllActive && self.store.backend != Backend::Postgres {
+            return bad(
+                "store.instances = \"all-active\" needs backend = \"postgres\": instances \
+                 connected at once share their store"
+                    .into(),
+            );
+        }
         if self.store.durability == Durability::Batched && self.store.flush_interval_ms == 0 {
             return bad("store.flush_interval_ms must be at least 1 in batched mode".into());
         }
@@ -708,6 +742,23 @@ path = "/tmp/x"
         assert_eq!(c.store.durability, Durability::Fsync);
         assert_eq!(c.delivery.window, 64);
         assert_eq!(c.limits.max_stanza_bytes, 262_144);
+    }
+
+    #[test]
+    fn all_active_instances_need_a_shared_store() {
+        let text = format!("{MINIMAL}instances = \"all-active\"\n");
+        let c: Config = toml::from_str(&text).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("needs backend = \"postgres\""), "{err}");
+        let text = text.replace(
+            "path = \"/tmp/x\"",
+            "backend = \"postgres\"\nurl = \"postgresql://redeliver@127.0.0.1:5432/relay\"",
+        );
+        let c: Config = toml::from_str(&text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.store.instances, Instances::AllActive);
+        let c: Config = toml::from_str(MINIMAL).unwrap();
+        assert_eq!(c.store.instances, Instances::OneActive, "the default");
     }
 
     #[test]

@@ -25,6 +25,17 @@ pub struct Grants {
     pub presence: bool,
 }
 
+/// The grants a message announces: from a server (a bare domain) to the
+/// component's own domain, with a `<privilege/>`. Which server may grant
+/// is the caller's to check.
+pub fn announced(m: &tokio_xmpp::parsers::message::Message) -> Option<Grants> {
+    let (from, to) = (m.from.as_ref()?, m.to.as_ref()?);
+    if to.node().is_some() || from.node().is_some() || from.resource().is_some() {
+        return None;
+    }
+    m.payloads.iter().find_map(grants)
+}
+
 /// The grants a `<privilege/>` element announces, or `None` when `el` is
 /// not one. Permissions not understood grant nothing.
 pub fn grants(el: &Element) -> Option<Grants> {

@@ -21,4 +21,6 @@ pub struct Stats {
     pub assumed_total: u64,
     /// Of those, put back in their queue by a late bounce.
     pub late_bounces_total: u64,
+    /// Stanzas this instance handed to the leader (all-active instances).
+    pub forwarded_total: u64,
 }

@@ -45,6 +45,7 @@ impl Router {
         match ev {
             LinkEvent::Up { epoch } => self.on_link_up(epoch).await,
             LinkEvent::Down => self.on_link_down(),
+            LinkEvent::Stanza(st) if !self.leading => self.forward(*st).await,
             LinkEvent::Stanza(st) => match *st {
                 Stanza::Message(m) => self.on_message(m).await,
                 Stanza::Presence(p) => self.on_presence(p).await,
@@ -108,10 +109,24 @@ impl Router {
             self.timers.try_remove(&k);
         }
         self.epoch = Some(epoch);
-        // The server says again what it grants on each connection. Roster
-        // sets that got no answer are asked again at the pair's next
-        // message (not a day later).
+        // The server says again what it grants on each connection.
         self.grants = Grants::default();
+        self.link_up_since = Some(chrono::Utc::now());
+        if !self.leading {
+            info!(
+                epoch,
+                "link up; handing what arrives to the instance that leads (all-active)"
+            );
+            return;
+        }
+        self.serve(epoch).await;
+    }
+
+    /// Start serving on the link `epoch`: at link up, or when an
+    /// all-active instance takes the lead.
+    pub(super) async fn serve(&mut self, epoch: u64) {
+        // Roster sets that got no answer are asked again at the pair's
+        // next message (not a day later).
         for (_, (recipient, sender)) in std::mem::take(&mut self.roster_sets) {
             if let Some(mut c) = self.contact(&recipient, &sender)
                 && c.subscription == Subscription::Requested
@@ -122,7 +137,6 @@ impl Router {
                 }
             }
         }
-        self.link_up_since = Some(chrono::Utc::now());
         let recipients = match self.store.recipients() {
             Ok(r) => r,
             Err(e) => {
@@ -213,7 +227,14 @@ impl Router {
 
     pub(super) fn on_link_down(&mut self) {
         self.epoch = None;
-        if self.store.shared() && self.link_down_timer.is_none() {
+        if self.leading && self.config.store.instances == Instances::AllActive {
+            // The others are connected: one of them serves at once.
+            self.lose_lead(
+                "its link to the server is down and other instances may be \
+                            connected"
+                    .into(),
+            );
+        } else if self.leading && self.store.shared() && self.link_down_timer.is_none() {
             self.link_down_timer = Some(self.timers.insert(Timer::LinkDown, LINK_DOWN_LEAD_LIMIT));
         }
         self.probe_queue.clear();

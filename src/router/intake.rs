@@ -25,11 +25,7 @@ impl Router {
                 .await;
             return;
         }
-        if to.node().is_none()
-            && from.node().is_none()
-            && from.resource().is_none()
-            && let Some(g) = m.payloads.iter().find_map(privilege::grants)
-        {
+        if let Some(g) = privilege::announced(&m) {
             if from.domain().as_str() != self.config.relay.default_domain {
                 // Only the component's own server may grant (XEP-0356):
                 // that is the default domain's. ejabberd announces for

@@ -44,7 +44,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::address::{AddressBook, AddressError, with_relay_resource};
 use crate::admin::{Admin, Node, Ops, Snapshot};
-use crate::config::{Config, Durability};
+use crate::config::{Config, Durability, Instances};
 use crate::gate::{Flushed, Gate};
 use crate::link::{LinkEvent, Outbound};
 use crate::message_kind::{self, Kind};
@@ -57,6 +57,7 @@ use crate::store::{
 };
 use crate::twin::{self, AnotherInstance, Instance, Verdict};
 use crate::xep0050::COMMANDS;
+use forwarding::TAKE_FORWARDED_EVERY;
 
 mod bounce;
 mod confirm;
@@ -66,6 +67,7 @@ mod delivery;
 mod durability;
 mod expectations;
 mod expiry;
+mod forwarding;
 mod intake;
 mod iq;
 mod ops;
@@ -333,8 +335,11 @@ enum Timer {
     TwinCheck,
     /// Time for the next step of the expiry walk.
     Expire,
-    /// Time to check that this instance still leads (a shared store).
+    /// Time to check that this instance still leads (a shared store), or
+    /// to try to take the lead (all-active instances).
     LeadCheck,
+    /// Time for the leader to look for forwarded stanzas.
+    TakeForwarded,
     /// The link has been down too long for a leader of a shared store.
     LinkDown,
     /// After a store failure: is there space again?
@@ -446,6 +451,14 @@ pub struct Router {
     grants: Grants,
     /// Privileged roster sets in flight, by iq id: (recipient, sender).
     roster_sets: HashMap<String, (String, String)>,
+    /// Whether this instance leads: always, but for all-active instances
+    /// that do not (they forward what they receive, see `forwarding`).
+    leading: bool,
+    /// Wakes the leader when another instance forwarded a stanza.
+    forwarded_wakeup: Option<Arc<tokio::sync::Notify>>,
+    /// Messages forwarded in the current burst: their senders are told if
+    /// its commit fails.
+    burst_forwarded: Vec<Message>,
 }
 
 /// The most recently accepted messages, by seq, until relayed: at most
@@ -556,7 +569,6 @@ impl Router {
         };
         let rate = RateLimiter::new(config.limits.sender_rate_per_s, config.limits.sender_burst);
         Ok(Router {
-            config,
             book,
             me,
             store,
@@ -591,6 +603,11 @@ impl Router {
             once_sent: RecentOnce::default(),
             grants: Grants::default(),
             roster_sets: HashMap::new(),
+            // One-active instances run once they lead (see `app`).
+            leading: config.store.instances == Instances::OneActive,
+            forwarded_wakeup: None,
+            burst_forwarded: Vec::new(),
+            config,
         })
     }
 
@@ -603,9 +620,22 @@ impl Router {
         shutdown: CancellationToken,
     ) -> Result<(), Stop> {
         if self.store.shared() {
-            // Only a shared store has a lead to lose.
-            self.timers.insert(Timer::LeadCheck, LEAD_CHECK_EVERY);
+            // Only a shared store has a lead to lose (or to take).
+            let first = if self.leading {
+                LEAD_CHECK_EVERY
+            } else {
+                Duration::ZERO
+            };
+            self.timers.insert(Timer::LeadCheck, first);
         }
+        if self.config.store.instances == Instances::AllActive {
+            self.forwarded_wakeup = self.store.forwarded_wakeup();
+            if self.leading {
+                self.timers
+                    .insert(Timer::TakeForwarded, TAKE_FORWARDED_EVERY);
+            }
+        }
+        let wakeup = self.forwarded_wakeup.clone();
         while self.fatal.is_none() {
             // One burst per round: the store gathers its writes in memory
             // and applies them in one batch at the end (see `store`).
@@ -622,6 +652,7 @@ impl Router {
                 },
                 ev = events.recv() => match ev {
                     Some(ev) => {
+                        self.take_forwarded_first().await;
                         self.on_link_event(ev).await;
                         // Whatever else has arrived joins the burst.
                         for _ in 1..BURST {
@@ -634,6 +665,9 @@ impl Router {
                 Some(expired) = self.timers.next() => {
                     let t = expired.into_inner();
                     self.on_timer(t).await;
+                }
+                _ = forwarded(&wakeup), if self.leading => {
+                    self.take_forwarded().await;
                 }
             }
             self.end_burst().await;
@@ -677,8 +711,12 @@ impl Router {
     /// for its removals (those messages come back after the restart).
     async fn end_burst(&mut self) {
         let accepted = std::mem::take(&mut self.burst_accepted);
+        let forwarded = std::mem::take(&mut self.burst_forwarded);
         if let Err(e) = self.store.commit() {
             self.store_failure("commit", &e);
+            for m in &forwarded {
+                self.refuse_unstorable(m).await;
+            }
             let out = std::mem::take(&mut self.out_buf);
             let held = out.iter().filter(|(_, n)| *n != Needs::Nothing).count();
             self.out_buf = out
@@ -713,6 +751,15 @@ impl Router {
         self.store.begin();
         self.on_link_event(ev).await;
         self.end_burst().await;
+    }
+}
+
+/// Resolves when another instance forwarded a stanza; never without a
+/// wakeup.
+async fn forwarded(wakeup: &Option<Arc<tokio::sync::Notify>>) {
+    match wakeup {
+        Some(w) => w.notified().await,
+        None => std::future::pending().await,
     }
 }
 

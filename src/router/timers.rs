@@ -6,6 +6,12 @@ impl Router {
     pub(super) async fn on_timer(&mut self, t: Timer) {
         match t {
             Timer::Expire => self.expire_step().await,
+            Timer::LeadCheck if !self.leading => self.try_lead().await,
+            Timer::TakeForwarded => {
+                self.take_forwarded().await;
+                self.timers
+                    .insert(Timer::TakeForwarded, TAKE_FORWARDED_EVERY);
+            }
             Timer::LeadCheck => {
                 let domain = self.config.component.domain.clone();
                 match self.store.still_leads(&domain) {
@@ -115,7 +121,7 @@ impl Router {
 
     /// Leave the domain to a standby: exit for the supervisor to restart
     /// this process, which then waits as a standby if another leads.
-    fn lose_lead(&mut self, why: String) {
+    pub(super) fn lose_lead(&mut self, why: String) {
         let stop = Stop::LostLead(why);
         error!("{stop}");
         self.fatal = Some(stop);

@@ -461,6 +461,8 @@ pub struct RelayOpts {
     pub wait_ready: bool,
     /// The database password, when not the test cluster's.
     pub db_password: Option<String>,
+    /// `store.instances = "all-active"` (with `postgres_url`).
+    pub all_active: bool,
 }
 
 impl Default for RelayOpts {
@@ -481,6 +483,7 @@ impl Default for RelayOpts {
             contact_wait_ms: 0,
             cache_bytes: 32 << 20,
             postgres_url: None,
+            all_active: false,
             wait_ready: true,
             db_password: None,
         }
@@ -599,11 +602,16 @@ session_timeout_s = {sess}
 "#,
             port = component_port,
             store_section = match &opts.store_path {
-                None if opts.postgres_url.is_some() => pg::store_section_for(
-                    opts.postgres_url.as_deref().unwrap_or_default(),
-                    opts.durability,
-                    opts.cache_bytes
-                ),
+                None if opts.postgres_url.is_some() =>
+                    pg::store_section_for(
+                        opts.postgres_url.as_deref().unwrap_or_default(),
+                        opts.durability,
+                        opts.cache_bytes
+                    ) + if opts.all_active {
+                        "instances = \"all-active\"\n"
+                    } else {
+                        ""
+                    },
                 None if pg::relays_use_postgres() =>
                     pg::store_section_for(&pg::new_database(), opts.durability, opts.cache_bytes),
                 path => format!(

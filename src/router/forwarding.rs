@@ -1,0 +1,154 @@
+//! Instances connected at once (`store.instances = "all-active"`, for
+//! ejabberd, which spreads a component's stanzas over its connections):
+//! one instance leads and does everything a lone instance does; the
+//! others hand every stanza they receive to it through the store
+//! (`QueueStore::forward`), and each tries to take the lead while it has
+//! a link, so that one of them carries on when the leader is gone.
+//!
+//! A forwarded stanza is durable once the forwarding burst commits; the
+//! leader takes it in a burst of its own (`take_forwarded`), and handles
+//! it exactly as if it had come on its own link.
+
+use super::*;
+
+impl Router {
+    /// Not leading: hand a stanza from the link to the leader.
+    pub(super) async fn forward(&mut self, st: Stanza) {
+        if let Stanza::Message(m) = &st
+            && m.type_ != MessageType::Error
+            && privilege::announced(m).is_some()
+        {
+            // The server says what it grants on each connection: this
+            // one's, kept for when this instance leads.
+            self.on_message(m.clone()).await;
+            return;
+        }
+        // Messages a leader would store: their senders are told if the
+        // forwarding fails.
+        let told = match &st {
+            Stanza::Message(m)
+                if m.type_ != MessageType::Error
+                    && m.type_ != MessageType::Groupchat
+                    && message_kind::kind(m) == Kind::Reliable
+                    && !message_kind::only_bookkeeping(m) =>
+            {
+                Some(m.clone())
+            }
+            _ => None,
+        };
+        if self.store_failed {
+            if let Some(m) = told {
+                self.refuse_unstorable(&m).await;
+            }
+            return;
+        }
+        let xml = String::from(&Element::from(st));
+        match self.store.forward(&xml) {
+            Ok(()) => {
+                debug!(stanza = %kind_of(&xml), "handed to the leader");
+                self.stats.forwarded_total += 1;
+                self.burst_forwarded.extend(told);
+            }
+            Err(e) => {
+                self.store_failure("forward", &e);
+                error!(error = %e, "could not hand a stanza to the leader");
+                if let Some(m) = told {
+                    self.refuse_unstorable(&m).await;
+                }
+            }
+        }
+    }
+
+    /// Leading: handle up to a burst of what the others forwarded; how
+    /// many there were.
+    pub(super) async fn take_forwarded(&mut self) -> usize {
+        if self.store_failed {
+            return 0;
+        }
+        let stanzas = match self.store.take_forwarded(BURST) {
+            Ok(s) => s,
+            Err(e) => {
+                self.store_failure("take forwarded", &e);
+                return 0;
+            }
+        };
+        let taken = stanzas.len();
+        if stanzas.len() == BURST
+            && let Some(w) = &self.forwarded_wakeup
+        {
+            // More wait: the next round takes them.
+            w.notify_one();
+        }
+        if !stanzas.is_empty() {
+            debug!(stanzas = stanzas.len(), "handling forwarded stanzas");
+        }
+        for xml in stanzas {
+            let parsed = Element::from_str(&xml)
+                .ok()
+                .and_then(|el| Stanza::try_from(el).ok());
+            match parsed {
+                Some(st) => self.on_link_event(LinkEvent::Stanza(Box::new(st))).await,
+                // It parsed where it arrived; a build that cannot read
+                // it is told in the log.
+                None => warn!(stanza = %xml, "a forwarded stanza did not parse; dropped"),
+            }
+        }
+        taken
+    }
+
+    /// Leading, before stanzas from the link: what was forwarded before
+    /// they arrived goes first (all-active instances).
+    pub(super) async fn take_forwarded_first(&mut self) {
+        if self.config.store.instances == Instances::AllActive && self.leading {
+            self.take_forwarded().await;
+        }
+    }
+
+    /// Not leading: take the lead if this instance is connected and the
+    /// lead is free (its holder is gone).
+    pub(super) async fn try_lead(&mut self) {
+        let Some(epoch) = self.epoch else {
+            // Only a connected instance may lead: on a server that takes
+            // one connection (Prosody), the connected one must.
+            self.timers.insert(Timer::LeadCheck, LEAD_POLL);
+            return;
+        };
+        let domain = self.config.component.domain.clone();
+        match self.store.lead(&domain) {
+            Ok(true) => {
+                info!(
+                    domain,
+                    "took the lead: this instance delivers now; the others hand it what they \
+                     receive"
+                );
+                self.leading = true;
+                self.timers.insert(Timer::LeadCheck, LEAD_CHECK_EVERY);
+                self.timers
+                    .insert(Timer::TakeForwarded, TAKE_FORWARDED_EVERY);
+                self.serve(epoch).await;
+                // Everything forwarded while nobody led goes before what
+                // arrives from now on, one burst at a time.
+                while self.take_forwarded().await == BURST && !self.store_failed {
+                    self.end_burst().await;
+                    self.store.begin();
+                }
+            }
+            Ok(false) => {
+                self.timers.insert(Timer::LeadCheck, LEAD_POLL);
+            }
+            Err(e) => self.lose_lead(format!("cannot take the lead: {e}")),
+        }
+    }
+}
+
+/// A stanza's start tag (its first 200 characters at most), for logs.
+fn kind_of(xml: &str) -> String {
+    let tag = xml.find('>').map_or(xml, |i| &xml[..=i]);
+    tag.chars().take(200).collect()
+}
+
+/// How often an instance that does not lead tries to take the lead.
+pub(super) const LEAD_POLL: Duration = Duration::from_millis(500);
+/// How often the leader looks for forwarded stanzas without a wakeup (a
+/// notification lost while its listening connection was down).
+pub(super) const TAKE_FORWARDED_EVERY: Duration = Duration::from_secs(1);
