@@ -58,6 +58,11 @@ pub trait StoreView: Send + Sync {
     fn schema_version(&self) -> u32;
     /// Up to `limit` remembered messages after seq `after`, in seq order.
     fn remembered(&self, after: Option<u64>, limit: usize) -> Result<Vec<Remembered>, StoreError>;
+    /// Stanzas all-active instances handed over that no leader has
+    /// taken yet (none where instances cannot share the store).
+    fn handed_over(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
 }
 
 /// Everything the router does with its store.

@@ -50,6 +50,11 @@ pub enum TransferError {
     Format { line: usize, msg: String },
     #[error("the store already holds data; import into a new, empty store directory")]
     NotEmpty,
+    #[error(
+        "{0} stanzas handed over by all-active instances wait for a leader: start an instance \
+         to handle them, stop every instance, then export"
+    )]
+    HandedOver(u64),
 }
 
 /// Counts of an export or import.
@@ -100,6 +105,11 @@ const PAGE: usize = 1024;
 /// Write the whole store to `w`. Read-only; safe on a store no other
 /// process writes to.
 pub fn export(store: &dyn StoreView, w: &mut dyn Write) -> Result<TransferSummary, TransferError> {
+    // They are not part of the format: they would be lost.
+    let waiting = store.handed_over()?;
+    if waiting > 0 {
+        return Err(TransferError::HandedOver(waiting));
+    }
     let mut sum = TransferSummary::default();
     write_line(
         w,

@@ -39,6 +39,11 @@ const PROBLEMS: &[&str] = &[
        d.recipient, d.key, d.sender, d.seq) \
      FROM redeliver_dedup d LEFT JOIN redeliver_entries e ON e.seq = d.seq \
      WHERE e.seq IS NULL",
+    // Nothing handed over waits without a leader to take it (the store
+    // is not at rest).
+    "SELECT format('%s stanzas handed over by all-active instances wait in redeliver_inbox \
+     for a leader: start an instance to handle them', count(*)) \
+     FROM redeliver_inbox HAVING count(*) > 0",
     // No seq beyond the sequence (an import or a restore gone wrong).
     "SELECT format('seq %s is past the sequence (%s)', e.seq, s.last_value) \
      FROM redeliver_entries e, redeliver_seq s WHERE e.seq > s.last_value",

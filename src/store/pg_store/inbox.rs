@@ -157,8 +157,8 @@ async fn listen_once(config: &Config, wake: &Weak<Notify>) -> Result<(), String>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::QueueStore;
     use crate::store::test_databases::pg_database;
+    use crate::store::{QueueStore, StoreView};
 
     /// What one instance forwards, another takes, oldest first, once; a
     /// take whose burst fails leaves the stanzas for the next leader; the
@@ -195,6 +195,21 @@ mod tests {
             "not committed yet"
         );
         forwarder.commit().unwrap();
+        // Not at rest: an export would leave them behind, check says so,
+        // and an import refuses the database.
+        let mut out = Vec::new();
+        let e = crate::store::transfer::export(&forwarder, &mut out).unwrap_err();
+        assert!(e.to_string().contains("3 stanzas handed over"), "{e}");
+        let report = forwarder.check().unwrap();
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.contains("3 stanzas handed over")),
+            "{:?}",
+            report.problems
+        );
+        assert!(!forwarder.is_empty_of_data().unwrap());
         rt.block_on(async {
             tokio::time::timeout(Duration::from_secs(10), wakeup.notified())
                 .await

@@ -74,7 +74,8 @@ impl PgStore {
                      AND NOT EXISTS (SELECT 1 FROM redeliver_dedup) \
                      AND NOT EXISTS (SELECT 1 FROM redeliver_contacts) \
                      AND NOT EXISTS (SELECT 1 FROM redeliver_tombstones) \
-                     AND NOT EXISTS (SELECT 1 FROM redeliver_habits)",
+                     AND NOT EXISTS (SELECT 1 FROM redeliver_habits) \
+                     AND NOT EXISTS (SELECT 1 FROM redeliver_inbox)",
                     &[],
                 )
                 .await?;

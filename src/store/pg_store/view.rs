@@ -203,4 +203,13 @@ impl StoreView for PgStore {
     fn remembered(&self, after: Option<u64>, limit: usize) -> Result<Vec<Remembered>, StoreError> {
         self.remembered_page(after, limit)
     }
+
+    fn handed_over(&self) -> Result<u64, StoreError> {
+        self.read(async |db, _| {
+            let r = db
+                .query_one("SELECT count(*) FROM redeliver_inbox", &[])
+                .await?;
+            Ok(r.get::<_, i64>(0) as u64)
+        })
+    }
 }
