@@ -17,6 +17,11 @@ impl Router {
 
     /// Tell the sender of message `seq` that it was not stored.
     pub(super) async fn tell_unstored(&mut self, recipient: &str, seq: u64) {
+        if self.taken_seqs.contains(&seq) {
+            // Its stanza stays handed over: the next leader accepts it.
+            warn!(to = %recipient, seq, "not stored; it stays handed over for the next leader");
+            return;
+        }
         match self.store.get(recipient, seq) {
             Ok(Some(rec)) => {
                 warn!(to = %recipient, id = %rec.id, seq, "not stored durably; sender told");

@@ -82,18 +82,53 @@ impl Router {
         if !stanzas.is_empty() {
             debug!(stanzas = stanzas.len(), "handling forwarded stanzas");
         }
+        self.handling_taken = true;
         for xml in stanzas {
             let parsed = Element::from_str(&xml)
                 .ok()
                 .and_then(|el| Stanza::try_from(el).ok());
             match parsed {
+                Some(st) if self.is_twin_probe(&st) => {
+                    // Sent by an instance that led this store before (it
+                    // may be gone, and may have started before this one),
+                    // or by one under our name elsewhere, whose probes
+                    // also reach this instance directly: judged only
+                    // when they come on the link.
+                    debug!("a forwarded twin probe ignored");
+                }
                 Some(st) => self.on_link_event(LinkEvent::Stanza(Box::new(st))).await,
                 // It parsed where it arrived; a build that cannot read
                 // it is told in the log.
                 None => warn!(stanza = %xml, "a forwarded stanza did not parse; dropped"),
             }
         }
+        self.handling_taken = false;
         taken
+    }
+
+    /// A ping from our domain to our domain, naming an instance.
+    fn is_twin_probe(&self, st: &Stanza) -> bool {
+        let Stanza::Iq(Iq::Get {
+            from: Some(from),
+            id,
+            payload,
+            ..
+        }) = st
+        else {
+            return false;
+        };
+        from.domain().as_str() == self.book.component().as_str()
+            && payload.is("ping", ns::PING)
+            && self.instance.judge(id).is_some()
+    }
+
+    /// Leading on a shared store: take what other instances hand over.
+    /// Whatever this instance's own mode, an all-active one may hand over
+    /// (a mixed or changing deployment).
+    pub(super) fn start_taking(&mut self) {
+        self.forwarded_wakeup = self.store.forwarded_wakeup();
+        self.timers
+            .insert(Timer::TakeForwarded, TAKE_FORWARDED_EVERY);
     }
 
     /// Leading, before stanzas from the link: what was forwarded before
@@ -123,12 +158,14 @@ impl Router {
                 );
                 self.leading = true;
                 self.timers.insert(Timer::LeadCheck, LEAD_CHECK_EVERY);
-                self.timers
-                    .insert(Timer::TakeForwarded, TAKE_FORWARDED_EVERY);
+                self.start_taking();
                 self.serve(epoch).await;
                 // Everything forwarded while nobody led goes before what
                 // arrives from now on, one burst at a time.
-                while self.take_forwarded().await == BURST && !self.store_failed {
+                while self.take_forwarded().await == BURST
+                    && !self.store_failed
+                    && self.fatal.is_none()
+                {
                     self.end_burst().await;
                     self.store.begin();
                 }

@@ -301,6 +301,9 @@ impl Router {
         size: usize,
     ) {
         self.burst_accepted.push((seq, recipient.to_owned()));
+        if self.handling_taken {
+            self.taken_seqs.insert(seq);
+        }
         self.fresh.put(seq, m, size);
         self.gate.accepted(seq, recipient);
         self.ensure_subscribed(recipient, target).await;

@@ -98,6 +98,9 @@ enum Needs {
     Accept,
     /// It relays receipts or markers: the removals they caused.
     Removals,
+    /// It answers a stanza taken from the inbox in this burst: if the
+    /// burst fails, the stanza stays for the next leader, who answers.
+    Taken,
 }
 
 /// disco#info queries in flight at most; past that, new resources are
@@ -459,6 +462,11 @@ pub struct Router {
     /// Messages forwarded in the current burst: their senders are told if
     /// its commit fails.
     burst_forwarded: Vec<Message>,
+    /// Handling stanzas taken from the inbox (see `forwarding`).
+    handling_taken: bool,
+    /// Messages of the current burst accepted from the inbox: if it fails
+    /// they stay handed over, and their senders are not told.
+    taken_seqs: std::collections::HashSet<u64>,
 }
 
 /// The most recently accepted messages, by seq, until relayed: at most
@@ -607,6 +615,8 @@ impl Router {
             leading: config.store.instances == Instances::OneActive,
             forwarded_wakeup: None,
             burst_forwarded: Vec::new(),
+            handling_taken: false,
+            taken_seqs: Default::default(),
             config,
         })
     }
@@ -628,15 +638,11 @@ impl Router {
             };
             self.timers.insert(Timer::LeadCheck, first);
         }
-        if self.config.store.instances == Instances::AllActive {
-            self.forwarded_wakeup = self.store.forwarded_wakeup();
-            if self.leading {
-                self.timers
-                    .insert(Timer::TakeForwarded, TAKE_FORWARDED_EVERY);
-            }
+        if self.store.shared() && self.leading {
+            self.start_taking();
         }
-        let wakeup = self.forwarded_wakeup.clone();
         while self.fatal.is_none() {
+            let wakeup = self.forwarded_wakeup.clone();
             // One burst per round: the store gathers its writes in memory
             // and applies them in one batch at the end (see `store`).
             self.store.begin();
@@ -694,6 +700,10 @@ impl Router {
     /// Queue a stanza that may leave only if the burst's writes commit.
     async fn send_after(&mut self, stanza: impl Into<Stanza>, needs: Needs) {
         let Some(epoch) = self.epoch else { return };
+        let needs = match needs {
+            Needs::Nothing if self.handling_taken => Needs::Taken,
+            n => n,
+        };
         self.out_buf.push((
             Outbound {
                 epoch,
@@ -736,6 +746,7 @@ impl Router {
                 self.abandon_unstored(accepted).await;
             }
         }
+        self.taken_seqs.clear();
         self.gate.submit();
         for (o, _) in std::mem::take(&mut self.out_buf) {
             // Bounded: when the link is slow the router waits here, which

@@ -7,6 +7,7 @@ use crate::store::test_databases;
 
 mod contacts;
 mod delivery;
+mod forwarded;
 mod hostile;
 mod refusals;
 mod unanswered;
@@ -75,12 +76,18 @@ async fn harness_with(window: usize, extra: &str) -> Harness {
 
 async fn harness_full(window: usize, durability: &str, extra: &str) -> Harness {
     let dir = tempfile::tempdir().unwrap();
-    let config = Arc::new(config_full(dir.path(), window, durability, extra));
+    let config = config_full(dir.path(), window, durability, extra);
     let store = test_databases::from_env(
         &config.store.path,
         config.store.durability,
         &config.component.domain,
     );
+    harness_on(store, config, dir).await
+}
+
+/// The router on `store` (already led, if shared).
+async fn harness_on(store: Arc<dyn QueueStore>, config: Config, dir: tempfile::TempDir) -> Harness {
+    let config = Arc::new(config);
     let (out_tx, out_rx) = mpsc::channel(1024);
     let (ev_tx, ev_rx) = mpsc::channel(1024);
     let (flush_tx, flush_rx) = mpsc::unbounded_channel();
