@@ -34,6 +34,11 @@ use crate::xmltree;
 /// Stable readiness line: scripts and tests wait for it.
 pub const READY_LINE: &str = "redeliver ready: component link established";
 
+/// Now, in µs since the Unix epoch.
+pub fn now_us() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
 /// Outbox and event channel capacity.
 pub const CHANNEL_CAPACITY: usize = 1024;
 
@@ -50,12 +55,12 @@ pub struct Outbound {
 #[derive(Debug)]
 pub enum LinkEvent {
     /// Handshake done; stanzas for this connection carry `epoch`.
-    Up {
-        epoch: u64,
-    },
+    Up { epoch: u64 },
     /// The connection is gone; everything sent on it is in doubt.
     Down,
-    Stanza(Box<Stanza>),
+    /// A stanza, and when it was read (µs since the epoch): all-active
+    /// instances order handed-over stanzas among direct ones by it.
+    Stanza(Box<Stanza>, i64),
     /// A stanza that did not parse; the router answers it if it can.
     Invalid {
         kind: &'static str,
@@ -297,7 +302,7 @@ impl Link {
                             pending = Some(if xmltree::too_deep(&st) {
                                 refuse_deep(st)
                             } else {
-                                LinkEvent::Stanza(Box::new(st))
+                                LinkEvent::Stanza(Box::new(st), now_us())
                             });
                         }
                         Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::StreamError(e)))) => {

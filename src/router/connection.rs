@@ -45,8 +45,10 @@ impl Router {
         match ev {
             LinkEvent::Up { epoch } => self.on_link_up(epoch).await,
             LinkEvent::Down => self.on_link_down(),
-            LinkEvent::Stanza(st) if !self.leading => self.forward(*st).await,
-            LinkEvent::Stanza(st) => match *st {
+            LinkEvent::Stanza(st, arrived_us) if !self.leading => {
+                self.forward(*st, arrived_us).await
+            }
+            LinkEvent::Stanza(st, _) => match *st {
                 Stanza::Message(m) => self.on_message(m).await,
                 Stanza::Presence(p) => self.on_presence(p).await,
                 Stanza::Iq(iq) => self.on_iq(iq).await,

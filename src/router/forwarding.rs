@@ -13,7 +13,7 @@ use super::*;
 
 impl Router {
     /// Not leading: hand a stanza from the link to the leader.
-    pub(super) async fn forward(&mut self, st: Stanza) {
+    pub(super) async fn forward(&mut self, st: Stanza, arrived_us: i64) {
         if let Stanza::Message(m) = &st
             && m.type_ != MessageType::Error
             && privilege::announced(m).is_some()
@@ -43,7 +43,7 @@ impl Router {
             return;
         }
         let xml = String::from(&Element::from(st));
-        match self.store.forward(&xml) {
+        match self.store.forward(&xml, arrived_us) {
             Ok(()) => {
                 debug!(stanza = %kind_of(&xml), "handed to the leader");
                 self.stats.forwarded_total += 1;
@@ -62,48 +62,90 @@ impl Router {
     /// Leading: handle up to a burst of what the others forwarded; how
     /// many there were.
     pub(super) async fn take_forwarded(&mut self) -> usize {
-        if self.store_failed {
-            return 0;
+        let rows = self.fetch_forwarded();
+        let taken = rows.len();
+        for (_, xml) in rows {
+            self.handle_forwarded(xml).await;
         }
-        let stanzas = match self.store.take_forwarded(BURST) {
-            Ok(s) => s,
+        taken
+    }
+
+    /// A batch of link events. An all-active leader takes what was
+    /// handed over too, and handles both in the order the stanzas
+    /// arrived (at this instance, or at the one that handed it over):
+    /// a handed-over stanza is a commit late, and this instance's own
+    /// queue may be behind.
+    pub(super) async fn on_link_batch(&mut self, batch: Vec<LinkEvent>) {
+        if !(self.leading && self.config.store.instances == Instances::AllActive) {
+            for ev in batch {
+                self.on_link_event(ev).await;
+            }
+            return;
+        }
+        let mut rows = self.fetch_forwarded().into_iter().peekable();
+        let mut last = i64::MIN;
+        for ev in batch {
+            if let LinkEvent::Stanza(_, at) = &ev {
+                last = last.max(*at);
+            }
+            while let Some((_, xml)) = rows.next_if(|(at, _)| *at <= last) {
+                self.handle_forwarded(xml).await;
+            }
+            self.on_link_event(ev).await;
+        }
+        for (_, xml) in rows {
+            self.handle_forwarded(xml).await;
+        }
+    }
+
+    /// Take up to a burst of handed-over stanzas, in the order they
+    /// arrived.
+    fn fetch_forwarded(&mut self) -> Vec<(i64, String)> {
+        if self.store_failed {
+            return Vec::new();
+        }
+        let rows = match self.store.take_forwarded(BURST) {
+            Ok(r) => r,
             Err(e) => {
                 self.store_failure("take forwarded", &e);
-                return 0;
+                return Vec::new();
             }
         };
-        let taken = stanzas.len();
-        if stanzas.len() == BURST
+        if rows.len() == BURST
             && let Some(w) = &self.forwarded_wakeup
         {
             // More wait: the next round takes them.
             w.notify_one();
         }
-        if !stanzas.is_empty() {
-            debug!(stanzas = stanzas.len(), "handling forwarded stanzas");
+        if !rows.is_empty() {
+            debug!(stanzas = rows.len(), "handling forwarded stanzas");
+        }
+        rows
+    }
+
+    /// One handed-over stanza, as if it had come on the link; what it
+    /// causes to be sent waits for the commit that removes it.
+    async fn handle_forwarded(&mut self, xml: String) {
+        let parsed = Element::from_str(&xml)
+            .ok()
+            .and_then(|el| Stanza::try_from(el).ok());
+        let Some(st) = parsed else {
+            // It parsed where it arrived; a build that cannot read it is
+            // told in the log.
+            warn!(stanza = %xml, "a forwarded stanza did not parse; dropped");
+            return;
+        };
+        if self.is_twin_probe(&st) {
+            // Sent by an instance that led this store before (it may be
+            // gone, and may have started before this one), or by one
+            // under our name elsewhere, whose probes also reach this
+            // instance directly: judged only when they come on the link.
+            debug!("a forwarded twin probe ignored");
+            return;
         }
         self.handling_taken = true;
-        for xml in stanzas {
-            let parsed = Element::from_str(&xml)
-                .ok()
-                .and_then(|el| Stanza::try_from(el).ok());
-            match parsed {
-                Some(st) if self.is_twin_probe(&st) => {
-                    // Sent by an instance that led this store before (it
-                    // may be gone, and may have started before this one),
-                    // or by one under our name elsewhere, whose probes
-                    // also reach this instance directly: judged only
-                    // when they come on the link.
-                    debug!("a forwarded twin probe ignored");
-                }
-                Some(st) => self.on_link_event(LinkEvent::Stanza(Box::new(st))).await,
-                // It parsed where it arrived; a build that cannot read
-                // it is told in the log.
-                None => warn!(stanza = %xml, "a forwarded stanza did not parse; dropped"),
-            }
-        }
+        self.on_link_event(LinkEvent::Stanza(Box::new(st), 0)).await;
         self.handling_taken = false;
-        taken
     }
 
     /// A ping from our domain to our domain, naming an instance.
@@ -129,14 +171,6 @@ impl Router {
         self.forwarded_wakeup = self.store.forwarded_wakeup();
         self.timers
             .insert(Timer::TakeForwarded, TAKE_FORWARDED_EVERY);
-    }
-
-    /// Leading, before stanzas from the link: what was forwarded before
-    /// they arrived goes first (all-active instances).
-    pub(super) async fn take_forwarded_first(&mut self) {
-        if self.config.store.instances == Instances::AllActive && self.leading {
-            self.take_forwarded().await;
-        }
     }
 
     /// Not leading: take the lead if this instance is connected and the

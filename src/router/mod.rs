@@ -658,13 +658,13 @@ impl Router {
                 },
                 ev = events.recv() => match ev {
                     Some(ev) => {
-                        self.take_forwarded_first().await;
-                        self.on_link_event(ev).await;
                         // Whatever else has arrived joins the burst.
-                        for _ in 1..BURST {
+                        let mut batch = vec![ev];
+                        while batch.len() < BURST {
                             let Ok(ev) = events.try_recv() else { break };
-                            self.on_link_event(ev).await;
+                            batch.push(ev);
                         }
+                        self.on_link_batch(batch).await;
                     }
                     None => break,
                 },

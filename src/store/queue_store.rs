@@ -95,13 +95,14 @@ pub trait QueueStore: StoreView {
     fn shared(&self) -> bool;
 
     /// Instances connected at once: hand a stanza this instance received
-    /// (it does not lead) to the leader, in the current burst. Durable
-    /// once the burst commits; the leader is woken then. Only a shared
-    /// store can.
-    fn forward(&self, stanza: &str) -> Result<(), StoreError>;
-    /// The leader: take up to `max` forwarded stanzas, oldest first, in
-    /// the current burst (if it fails, they stay for the next leader).
-    fn take_forwarded(&self, max: usize) -> Result<Vec<String>, StoreError>;
+    /// at `arrived_us` (µs since the epoch) to the leader, in the current
+    /// burst. Durable once the burst commits; the leader is woken then.
+    /// Only a shared store can.
+    fn forward(&self, stanza: &str, arrived_us: i64) -> Result<(), StoreError>;
+    /// The leader: take up to `max` forwarded stanzas, in the order they
+    /// arrived, each with its arrival, in the current burst (if it
+    /// fails, they stay for the next leader).
+    fn take_forwarded(&self, max: usize) -> Result<Vec<(i64, String)>, StoreError>;
     /// Fires when a stanza was forwarded (only on a shared store; the
     /// first call starts listening).
     fn forwarded_wakeup(&self) -> Option<std::sync::Arc<tokio::sync::Notify>>;

@@ -64,9 +64,10 @@ async fn startup_probes_every_recipient_in_steps() {
     ))
     .unwrap();
     ev_tx
-        .send(LinkEvent::Stanza(Box::new(Stanza::Presence(
-            Presence::try_from(el).unwrap(),
-        ))))
+        .send(LinkEvent::Stanza(
+            Box::new(Stanza::Presence(Presence::try_from(el).unwrap())),
+            crate::link::now_us(),
+        ))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(310)).await;

@@ -18,7 +18,7 @@ async fn leader_and_other() -> (Harness, PgStore) {
 
 fn hand_over(other: &PgStore, xml: &str) {
     other.begin();
-    other.forward(xml).unwrap();
+    other.forward(xml, crate::link::now_us()).unwrap();
     other.commit().unwrap();
 }
 

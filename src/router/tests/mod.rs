@@ -116,7 +116,7 @@ impl Harness {
             _ => Stanza::Presence(Presence::try_from(el).unwrap()),
         };
         self.events
-            .send(LinkEvent::Stanza(Box::new(st)))
+            .send(LinkEvent::Stanza(Box::new(st), crate::link::now_us()))
             .await
             .unwrap();
     }

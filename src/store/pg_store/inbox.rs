@@ -28,37 +28,41 @@ const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 const IDLE_CHECK: Duration = Duration::from_secs(5);
 
 impl PgStore {
-    pub(super) fn forward_stanza(&self, stanza: &str) -> Result<(), StoreError> {
-        let now = chrono::Utc::now().timestamp_millis();
+    pub(super) fn forward_stanza(&self, stanza: &str, arrived_us: i64) -> Result<(), StoreError> {
         self.run(async |db, _| {
             // One round trip; the notification leaves at the commit (and
             // once per transaction, however many rows it wrote).
             db.write(
-                "WITH i AS (INSERT INTO redeliver_inbox (forwarded_at_ms, stanza) \
+                "WITH i AS (INSERT INTO redeliver_inbox (arrived_us, stanza) \
                  VALUES ($1, $2) RETURNING id) \
                  SELECT pg_notify('redeliver_inbox', '') FROM i",
-                &[&now, &stanza],
+                &[&arrived_us, &stanza],
             )
             .await?;
             Ok(())
         })
     }
 
-    pub(super) fn take_from_inbox(&self, max: usize) -> Result<Vec<String>, StoreError> {
+    /// The oldest rows (by commit order), in the order their stanzas
+    /// arrived (instances hand over at once; their clocks agree).
+    pub(super) fn take_from_inbox(&self, max: usize) -> Result<Vec<(i64, String)>, StoreError> {
         let max = i64::try_from(max).unwrap_or(i64::MAX);
-        let mut rows: Vec<(i64, String)> = self.run(async |db, _| {
+        let mut rows: Vec<(i64, i64, String)> = self.run(async |db, _| {
             let rows = db
                 .write(
                     "DELETE FROM redeliver_inbox WHERE id IN \
                      (SELECT id FROM redeliver_inbox ORDER BY id LIMIT $1) \
-                     RETURNING id, stanza",
+                     RETURNING arrived_us, id, stanza",
                     &[&max],
                 )
                 .await?;
-            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+            Ok(rows
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect())
         })?;
-        rows.sort_unstable_by_key(|(id, _)| *id);
-        Ok(rows.into_iter().map(|(_, s)| s).collect())
+        rows.sort_unstable_by_key(|(at, id, _)| (*at, *id));
+        Ok(rows.into_iter().map(|(at, _, s)| (at, s)).collect())
     }
 
     /// The leader's wakeup, listening from the first call on.
@@ -182,7 +186,9 @@ mod tests {
 
         forwarder.begin();
         for i in 0..3 {
-            forwarder.forward(&format!("<message id='{i}'/>")).unwrap();
+            forwarder
+                .forward(&format!("<message id='{i}'/>"), 100 - i)
+                .unwrap();
         }
         let woken = rt.block_on(async {
             tokio::time::timeout(Duration::from_millis(300), wakeup.notified())
@@ -224,12 +230,19 @@ mod tests {
         assert!(failing.commit().is_err());
 
         leader.begin();
+        // Oldest by commit, then by arrival.
         assert_eq!(
             leader.take_forwarded(2).unwrap(),
-            ["<message id='0'/>", "<message id='1'/>"]
+            [
+                (99, "<message id='1'/>".into()),
+                (100, "<message id='0'/>".into())
+            ]
         );
         leader.commit().unwrap();
-        assert_eq!(leader.take_forwarded(10).unwrap(), ["<message id='2'/>"]);
+        assert_eq!(
+            leader.take_forwarded(10).unwrap(),
+            [(98, "<message id='2'/>".to_string())]
+        );
         assert!(leader.take_forwarded(10).unwrap().is_empty());
     }
 }

@@ -176,11 +176,11 @@ impl QueueStore for PgStore {
         true
     }
 
-    fn forward(&self, stanza: &str) -> Result<(), StoreError> {
-        self.forward_stanza(stanza)
+    fn forward(&self, stanza: &str, arrived_us: i64) -> Result<(), StoreError> {
+        self.forward_stanza(stanza, arrived_us)
     }
 
-    fn take_forwarded(&self, max: usize) -> Result<Vec<String>, StoreError> {
+    fn take_forwarded(&self, max: usize) -> Result<Vec<(i64, String)>, StoreError> {
         self.take_from_inbox(max)
     }
 

@@ -114,7 +114,7 @@ INSERT INTO redeliver_meta VALUES ('schema', '1');
 pub const V2: &str = "
 CREATE TABLE redeliver_inbox (
     id bigserial PRIMARY KEY,
-    forwarded_at_ms bigint NOT NULL,
+    arrived_us bigint NOT NULL,
     stanza text NOT NULL
 );
 UPDATE redeliver_meta SET value = '2' WHERE name = 'schema';

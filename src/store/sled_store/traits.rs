@@ -83,13 +83,13 @@ impl QueueStore for SledStore {
     fn shared(&self) -> bool {
         false
     }
-    fn forward(&self, _stanza: &str) -> Result<(), StoreError> {
+    fn forward(&self, _stanza: &str, _arrived_us: i64) -> Result<(), StoreError> {
         // Config validation keeps all-active instances off sled.
         Err(StoreError::Database(
             "a sled store is one instance's: there is no leader to hand stanzas to".into(),
         ))
     }
-    fn take_forwarded(&self, _max: usize) -> Result<Vec<String>, StoreError> {
+    fn take_forwarded(&self, _max: usize) -> Result<Vec<(i64, String)>, StoreError> {
         Ok(Vec::new())
     }
     fn forwarded_wakeup(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {

@@ -109,7 +109,7 @@ jids = ["admin@localhost"]
                     xmltree::dismantle_stanza(st);
                     continue;
                 }
-                Ok(st) => LinkEvent::Stanza(Box::new(st)),
+                Ok(st) => LinkEvent::Stanza(Box::new(st), 0),
                 Err(e) => LinkEvent::Invalid {
                     kind: match el.name() {
                         "message" => "message",
