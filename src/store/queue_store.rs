@@ -93,16 +93,35 @@ pub trait QueueStore: StoreView {
     fn still_leads(&self, domain: &str) -> Result<bool, StoreError>;
     /// Whether other instances may share this store (and stand by).
     fn shared(&self) -> bool;
+    /// Refuse a store that holds another component domain's queues (a
+    /// shared store records the domain at its first lead).
+    fn check_domain(&self, _domain: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     /// Instances connected at once: hand a stanza this instance received
     /// at `arrived_us` (µs since the epoch) to the leader, in the current
     /// burst. Durable once the burst commits; the leader is woken then.
     /// Only a shared store can.
     fn forward(&self, stanza: &str, arrived_us: i64) -> Result<(), StoreError>;
-    /// The leader: take up to `max` forwarded stanzas, in the order they
+    /// The leader: take up to `max` forwarded stanzas (only those that
+    /// arrived at or before `upto_us`, if given), in the order they
     /// arrived, each with its arrival, in the current burst (if it
     /// fails, they stay for the next leader).
-    fn take_forwarded(&self, max: usize) -> Result<Vec<(i64, String)>, StoreError>;
+    fn take_forwarded(
+        &self,
+        max: usize,
+        upto_us: Option<i64>,
+    ) -> Result<Vec<(i64, String)>, StoreError>;
+    /// Remember that the instance `name` (its twin probes' name) led this
+    /// store, for as long as the store lives.
+    fn remember_leader(&self, _name: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Whether the instance `name` led this store at some time.
+    fn led_here(&self, _name: &str) -> Result<bool, StoreError> {
+        Ok(false)
+    }
     /// Fires when a stanza was forwarded (only on a shared store; the
     /// first call starts listening).
     fn forwarded_wakeup(&self) -> Option<std::sync::Arc<tokio::sync::Notify>>;

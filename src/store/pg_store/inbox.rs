@@ -45,15 +45,21 @@ impl PgStore {
 
     /// The oldest rows (by commit order), in the order their stanzas
     /// arrived (instances hand over at once; their clocks agree).
-    pub(super) fn take_from_inbox(&self, max: usize) -> Result<Vec<(i64, String)>, StoreError> {
+    pub(super) fn take_from_inbox(
+        &self,
+        max: usize,
+        upto_us: Option<i64>,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
         let max = i64::try_from(max).unwrap_or(i64::MAX);
+        let upto = upto_us.unwrap_or(i64::MAX);
         let mut rows: Vec<(i64, i64, String)> = self.run(async |db, _| {
             let rows = db
                 .write(
                     "DELETE FROM redeliver_inbox WHERE id IN \
-                     (SELECT id FROM redeliver_inbox ORDER BY id LIMIT $1) \
+                     (SELECT id FROM redeliver_inbox WHERE arrived_us <= $2 \
+                      ORDER BY id LIMIT $1) \
                      RETURNING arrived_us, id, stanza",
-                    &[&max],
+                    &[&max, &upto],
                 )
                 .await?;
             Ok(rows
@@ -63,6 +69,33 @@ impl PgStore {
         })?;
         rows.sort_unstable_by_key(|(at, id, _)| (*at, *id));
         Ok(rows.into_iter().map(|(at, _, s)| (at, s)).collect())
+    }
+
+    /// Instances that led this store, by their twin probes' name: kept in
+    /// `redeliver_meta` as `leader <name>`.
+    pub(super) fn remember_instance(&self, name: &str) -> Result<(), StoreError> {
+        let key = format!("leader {name}");
+        self.run(async |db, _| {
+            db.exec(
+                "INSERT INTO redeliver_meta VALUES ($1, '') ON CONFLICT DO NOTHING",
+                &[&key],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    pub(super) fn knows_instance(&self, name: &str) -> Result<bool, StoreError> {
+        let key = format!("leader {name}");
+        self.read(async |db, _| {
+            let r = db
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM redeliver_meta WHERE name = $1)",
+                    &[&key],
+                )
+                .await?;
+            Ok(r.get::<_, bool>(0))
+        })
     }
 
     /// The leader's wakeup, listening from the first call on.
@@ -197,7 +230,7 @@ mod tests {
         });
         assert!(!woken, "woken before the forwarding commit");
         assert!(
-            leader.take_forwarded(10).unwrap().is_empty(),
+            leader.take_forwarded(10, None).unwrap().is_empty(),
             "not committed yet"
         );
         forwarder.commit().unwrap();
@@ -225,14 +258,14 @@ mod tests {
         // A leader whose burst fails takes nothing away.
         let failing = open();
         failing.begin();
-        assert_eq!(failing.take_forwarded(10).unwrap().len(), 3);
+        assert_eq!(failing.take_forwarded(10, None).unwrap().len(), 3);
         failing.fail_commits();
         assert!(failing.commit().is_err());
 
         leader.begin();
         // Oldest by commit, then by arrival.
         assert_eq!(
-            leader.take_forwarded(2).unwrap(),
+            leader.take_forwarded(2, None).unwrap(),
             [
                 (99, "<message id='1'/>".into()),
                 (100, "<message id='0'/>".into())
@@ -240,9 +273,18 @@ mod tests {
         );
         leader.commit().unwrap();
         assert_eq!(
-            leader.take_forwarded(10).unwrap(),
+            leader.take_forwarded(10, None).unwrap(),
             [(98, "<message id='2'/>".to_string())]
         );
-        assert!(leader.take_forwarded(10).unwrap().is_empty());
+        assert!(leader.take_forwarded(10, None).unwrap().is_empty());
+
+        // A bound on arrival leaves the later ones.
+        forwarder.forward("<message id='late'/>", 500).unwrap();
+        forwarder.forward("<message id='early'/>", 5).unwrap();
+        assert_eq!(
+            leader.take_forwarded(10, Some(100)).unwrap(),
+            [(5, "<message id='early'/>".to_string())]
+        );
+        assert_eq!(leader.handed_over().unwrap(), 1);
     }
 }

@@ -75,6 +75,17 @@ fn from_sender(rows: &[Row], sender_bare: &str) -> Vec<u64> {
         .collect()
 }
 
+impl PgStore {
+    /// The database holds the store of `found`, not of `domain`.
+    fn another_domain(&self, found: &str, domain: &str) -> StoreError {
+        StoreError::Database(format!(
+            "{} holds the store of {found}, not of {domain}: give each component domain a \
+             database of its own",
+            self.name()
+        ))
+    }
+}
+
 /// The advisory lock that names the leader of `domain`.
 fn lead_key(domain: &str) -> i64 {
     let digest = key_digest(&["redeliver lead", domain]);
@@ -149,11 +160,23 @@ impl QueueStore for PgStore {
         match found {
             None => Ok(false),
             Some(d) if d == domain => Ok(true),
-            Some(d) => Err(StoreError::Database(format!(
-                "{} holds the store of {d}, not of {domain}: give each component domain a \
-                 database of its own",
-                self.name()
-            ))),
+            Some(d) => Err(self.another_domain(&d, domain)),
+        }
+    }
+
+    fn check_domain(&self, domain: &str) -> Result<(), StoreError> {
+        let found = self.read(async |db, _| {
+            let r = db
+                .query_opt(
+                    "SELECT value FROM redeliver_meta WHERE name = 'domain'",
+                    &[],
+                )
+                .await?;
+            Ok(r.map(|r| r.get::<_, String>(0)))
+        })?;
+        match found {
+            Some(d) if d != domain => Err(self.another_domain(&d, domain)),
+            _ => Ok(()),
         }
     }
 
@@ -180,8 +203,20 @@ impl QueueStore for PgStore {
         self.forward_stanza(stanza, arrived_us)
     }
 
-    fn take_forwarded(&self, max: usize) -> Result<Vec<(i64, String)>, StoreError> {
-        self.take_from_inbox(max)
+    fn take_forwarded(
+        &self,
+        max: usize,
+        upto_us: Option<i64>,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        self.take_from_inbox(max, upto_us)
+    }
+
+    fn remember_leader(&self, name: &str) -> Result<(), StoreError> {
+        self.remember_instance(name)
+    }
+
+    fn led_here(&self, name: &str) -> Result<bool, StoreError> {
+        self.knows_instance(name)
     }
 
     fn forwarded_wakeup(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
@@ -733,7 +768,8 @@ mod tests {
     use crate::store::test_databases::pg_database;
 
     /// Instances on one database lead one at a time; the lead passes when
-    /// the leader's session ends; another component domain is refused.
+    /// the leader's session ends; another component domain is refused,
+    /// at the lead and by the check all-active instances make first.
     #[test]
     fn one_leader_per_database_and_one_domain() {
         let (url, password) = pg_database();
@@ -745,6 +781,11 @@ mod tests {
         assert!(!second.still_leads("relay.a").unwrap());
         let e = second.lead("relay.b").unwrap_err().to_string();
         assert!(e.contains("not of relay.b"), "{e}");
+        // All-active instances look before they connect.
+        let e = second.check_domain("relay.b").unwrap_err().to_string();
+        assert!(e.contains("not of relay.b"), "{e}");
+        second.check_domain("relay.a").unwrap();
+        open().check_domain("relay.b").unwrap_err();
         drop(first);
         let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while !second.lead("relay.a").unwrap() {

@@ -89,7 +89,11 @@ impl QueueStore for SledStore {
             "a sled store is one instance's: there is no leader to hand stanzas to".into(),
         ))
     }
-    fn take_forwarded(&self, _max: usize) -> Result<Vec<(i64, String)>, StoreError> {
+    fn take_forwarded(
+        &self,
+        _max: usize,
+        _upto_us: Option<i64>,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
         Ok(Vec::new())
     }
     fn forwarded_wakeup(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
