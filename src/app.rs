@@ -105,11 +105,17 @@ pub async fn run(
             }
         }
         // Connected at once; the router takes the lead when it is free.
-        Instances::AllActive => info!(
-            domain = %config.component.domain,
-            "all-active: connecting; the instance that leads delivers, the others hand it \
-             what they receive"
-        ),
+        // Not before the store is known to be this domain's: what this
+        // instance hands over would reach another domain's leader.
+        Instances::AllActive => {
+            let (s, d) = (store.clone(), config.component.domain.clone());
+            tokio::task::spawn_blocking(move || s.check_domain(&d)).await??;
+            info!(
+                domain = %config.component.domain,
+                "all-active: connecting; the instance that leads delivers, the others hand \
+                 it what they receive"
+            );
+        }
     }
 
     let (out_tx, out_rx) = mpsc::channel(CHANNEL_CAPACITY);

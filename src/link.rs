@@ -34,9 +34,20 @@ use crate::xmltree;
 /// Stable readiness line: scripts and tests wait for it.
 pub const READY_LINE: &str = "redeliver ready: component link established";
 
-/// Now, in µs since the Unix epoch.
+/// Now, in µs since the Unix epoch, and later than every earlier call
+/// (a clock stepped back does not reorder what this process read).
 pub fn now_us() -> i64 {
-    chrono::Utc::now().timestamp_micros()
+    use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
+    static LAST: AtomicI64 = AtomicI64::new(0);
+    let now = chrono::Utc::now().timestamp_micros();
+    let mut prev = LAST.load(Relaxed);
+    loop {
+        let next = now.max(prev.saturating_add(1));
+        match LAST.compare_exchange_weak(prev, next, Relaxed, Relaxed) {
+            Ok(_) => return next,
+            Err(p) => prev = p,
+        }
+    }
 }
 
 /// Outbox and event channel capacity.

@@ -72,6 +72,11 @@ impl Instance {
         format!("{PREFIX}{}-{:016x}-{n}", self.started_ms, self.nonce)
     }
 
+    /// Its name, as its probes carry it.
+    pub fn name(&self) -> String {
+        format!("{}-{:016x}", self.started_ms, self.nonce)
+    }
+
     /// The local part of the JID that sends probe `n`.
     pub fn probe_node(n: usize) -> String {
         format!("twin-check-{n}")

@@ -127,6 +127,12 @@ impl Router {
     /// Start serving on the link `epoch`: at link up, or when an
     /// all-active instance takes the lead.
     pub(super) async fn serve(&mut self, epoch: u64) {
+        if self.store.shared()
+            && let Err(e) = self.store.remember_leader(&self.instance.name())
+        {
+            // Only a later leader's twin check needs it; the store failed.
+            self.store_failure("remember the leader", &e);
+        }
         // Roster sets that got no answer are asked again at the pair's
         // next message (not a day later).
         for (_, (recipient, sender)) in std::mem::take(&mut self.roster_sets) {

@@ -45,7 +45,8 @@ impl Router {
         let xml = String::from(&Element::from(st));
         match self.store.forward(&xml, arrived_us) {
             Ok(()) => {
-                debug!(stanza = %kind_of(&xml), "handed to the leader");
+                // Logged once committed (`end_burst`).
+                self.burst_handed.push(kind_of(&xml));
                 self.stats.forwarded_total += 1;
                 self.burst_forwarded.extend(told);
             }
@@ -62,7 +63,7 @@ impl Router {
     /// Leading: handle up to a burst of what the others forwarded; how
     /// many there were.
     pub(super) async fn take_forwarded(&mut self) -> usize {
-        let rows = self.fetch_forwarded();
+        let rows = self.fetch_forwarded(None);
         let taken = rows.len();
         for (_, xml) in rows {
             self.handle_forwarded(xml).await;
@@ -82,7 +83,27 @@ impl Router {
             }
             return;
         }
-        let mut rows = self.fetch_forwarded().into_iter().peekable();
+        // Not while the link is down or goes down in this batch: the
+        // answers would be lost with the rows (and the leader is leaving).
+        let rows = if batch.iter().any(|e| matches!(e, LinkEvent::Down)) {
+            Vec::new()
+        } else {
+            // A full batch may leave direct stanzas in the channel: take
+            // no row that arrived after the last one here.
+            let upto = (batch.len() == BURST)
+                .then(|| {
+                    batch
+                        .iter()
+                        .filter_map(|e| match e {
+                            LinkEvent::Stanza(_, at) => Some(*at),
+                            _ => None,
+                        })
+                        .max()
+                })
+                .flatten();
+            self.fetch_forwarded(upto)
+        };
+        let mut rows = rows.into_iter().peekable();
         let mut last = i64::MIN;
         for ev in batch {
             if let LinkEvent::Stanza(_, at) = &ev {
@@ -98,13 +119,14 @@ impl Router {
         }
     }
 
-    /// Take up to a burst of handed-over stanzas, in the order they
-    /// arrived.
-    fn fetch_forwarded(&mut self) -> Vec<(i64, String)> {
-        if self.store_failed {
+    /// Take up to a burst of handed-over stanzas (those that arrived by
+    /// `upto_us`, if given), in the order they arrived. None without a
+    /// link: what they would answer could not leave.
+    fn fetch_forwarded(&mut self, upto_us: Option<i64>) -> Vec<(i64, String)> {
+        if self.store_failed || self.epoch.is_none() {
             return Vec::new();
         }
-        let rows = match self.store.take_forwarded(BURST) {
+        let rows = match self.store.take_forwarded(BURST, upto_us) {
             Ok(r) => r,
             Err(e) => {
                 self.store_failure("take forwarded", &e);
@@ -135,21 +157,30 @@ impl Router {
             warn!(stanza = %xml, "a forwarded stanza did not parse; dropped");
             return;
         };
-        if self.is_twin_probe(&st) {
-            // Sent by an instance that led this store before (it may be
-            // gone, and may have started before this one), or by one
-            // under our name elsewhere, whose probes also reach this
-            // instance directly: judged only when they come on the link.
-            debug!("a forwarded twin probe ignored");
-            return;
+        if let Some(other) = self.twin_probe_from(&st) {
+            // An instance that led this store before may have probed just
+            // before it died (and may have started before this one): not
+            // a twin. One of another store under our name is judged.
+            match self.store.led_here(&other.name()) {
+                Ok(true) => {
+                    debug!(instance = %other.name(), "a handed-over probe of an earlier leader");
+                    return;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(error = %e, "cannot tell whose twin probe this is; ignored");
+                    return;
+                }
+            }
         }
         self.handling_taken = true;
         self.on_link_event(LinkEvent::Stanza(Box::new(st), 0)).await;
         self.handling_taken = false;
     }
 
-    /// A ping from our domain to our domain, naming an instance.
-    fn is_twin_probe(&self, st: &Stanza) -> bool {
+    /// The other instance a ping from our domain to our domain names, if
+    /// it is a twin probe of another instance.
+    fn twin_probe_from(&self, st: &Stanza) -> Option<Instance> {
         let Stanza::Iq(Iq::Get {
             from: Some(from),
             id,
@@ -157,11 +188,16 @@ impl Router {
             ..
         }) = st
         else {
-            return false;
+            return None;
         };
-        from.domain().as_str() == self.book.component().as_str()
-            && payload.is("ping", ns::PING)
-            && self.instance.judge(id).is_some()
+        if from.domain().as_str() != self.book.component().as_str() || !payload.is("ping", ns::PING)
+        {
+            return None;
+        }
+        match self.instance.judge(id)? {
+            Verdict::Mine => None,
+            Verdict::Earlier(other) | Verdict::Later(other) => Some(other),
+        }
     }
 
     /// Leading on a shared store: take what other instances hand over.

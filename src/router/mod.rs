@@ -464,6 +464,9 @@ pub struct Router {
     burst_forwarded: Vec<Message>,
     /// Handling stanzas taken from the inbox (see `forwarding`).
     handling_taken: bool,
+    /// Stanzas handed to the leader in the current burst, for the log
+    /// once committed.
+    burst_handed: Vec<String>,
     /// Messages of the current burst accepted from the inbox: if it fails
     /// they stay handed over, and their senders are not told.
     taken_seqs: std::collections::HashSet<u64>,
@@ -616,6 +619,7 @@ impl Router {
             forwarded_wakeup: None,
             burst_forwarded: Vec::new(),
             handling_taken: false,
+            burst_handed: Vec::new(),
             taken_seqs: Default::default(),
             config,
         })
@@ -722,7 +726,14 @@ impl Router {
     async fn end_burst(&mut self) {
         let accepted = std::mem::take(&mut self.burst_accepted);
         let forwarded = std::mem::take(&mut self.burst_forwarded);
-        if let Err(e) = self.store.commit() {
+        let handed = std::mem::take(&mut self.burst_handed);
+        let committed = self.store.commit();
+        if committed.is_ok() {
+            for stanza in handed {
+                debug!(%stanza, "handed to the leader");
+            }
+        }
+        if let Err(e) = committed {
             self.store_failure("commit", &e);
             for m in &forwarded {
                 self.refuse_unstorable(m).await;
