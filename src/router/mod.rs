@@ -5,15 +5,16 @@
 //! markers, and replayed when presence says the recipient is back. See the
 //! lifecycle in docs/architecture.md.
 //!
-//! This file holds the state (the router, each recipient's peer, timers)
-//! and the round loop; each job's methods are in a file of their own:
+//! This file holds the router's state (timers, caches) and the round
+//! loop; `peer` holds each recipient's delivery state, and each job's
+//! methods are in a file of their own:
 //! `intake` (messages from senders), `delivery` (sending a queue in
 //! order), `confirm` (receipts and markers), `expectations` (which
 //! clients answer receipts), `bounce` (error bounces, late ones
 //! included), `presence`, `contacts` (relay contacts), `connection` (the
 //! link coming and going), `iq`, `timers`, `expiry` (and sender notices),
-//! `durability` (what is on disk decides what may leave), and `ops` (the
-//! admin commands' view).
+//! `durability` (what is on disk decides what may leave), `ops` (the
+//! admin commands' view), and `forwarding` (all-active instances).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -58,6 +59,8 @@ use crate::store::{
 use crate::twin::{self, AnotherInstance, Instance, Verdict};
 use crate::xep0050::COMMANDS;
 use forwarding::TAKE_FORWARDED_EVERY;
+pub use peer::Phase;
+use peer::{InFlight, Peer, Resource, peer_entry};
 
 mod bounce;
 mod confirm;
@@ -71,6 +74,7 @@ mod forwarding;
 mod intake;
 mod iq;
 mod ops;
+mod peer;
 mod presence;
 mod timers;
 
@@ -114,212 +118,6 @@ struct DiscoQuery {
     recipient: String,
     resource: String,
     to: Jid,
-}
-
-/// Delivery phase of one recipient.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Nothing sent and nothing scheduled.
-    Idle,
-    /// Sending pending messages in order, up to the window.
-    Sending,
-    /// Back online; replay starts when the grace timer fires.
-    Grace,
-    /// Known to be offline: wait for presence (or any stanza from it).
-    Offline,
-    /// Presence unknown after a failure: retry when the timer fires.
-    Backoff,
-}
-
-/// One message on the wire, waiting for its receipt.
-#[derive(Debug)]
-struct InFlight {
-    id: String,
-    sender_bare: String,
-    timer: delay_queue::Key,
-    /// The resource it was addressed to, when not the bare JID.
-    to_resource: Option<String>,
-    /// Whether a client it went to is known to answer its sender: if
-    /// not, it counts delivered when no error came back within
-    /// `unanswered_wait_ms` (see [`Router::expects_receipt`]).
-    expect: bool,
-}
-
-/// An available resource of a recipient.
-#[derive(Debug, Clone, Copy)]
-struct Resource {
-    priority: i8,
-    /// From disco#info: `Some(false)` when the client says it cannot send
-    /// receipts.
-    receipts: Option<bool>,
-    /// Missed a receipt: left out until it shows life again (a presence
-    /// or any stanza from it), while the others are written to directly.
-    silent: bool,
-}
-
-/// The delivery state of `recipient`, created on first use. A free
-/// function so that the caller may still borrow the router's timers.
-fn peer_entry<'a>(
-    peers: &'a mut HashMap<String, Peer>,
-    recipient: &str,
-    initial_backoff: Duration,
-) -> &'a mut Peer {
-    peers
-        .entry(recipient.to_owned())
-        .or_insert_with(|| Peer::new(initial_backoff))
-}
-
-/// Runtime (not stored) delivery state of one recipient.
-#[derive(Debug)]
-struct Peer {
-    phase: Phase,
-    /// Available resources, from presence addressed to our bare domain.
-    resources: HashMap<String, Resource>,
-    /// Whether the resources map reflects real presence information.
-    presence_known: bool,
-    in_flight: BTreeMap<u64, InFlight>,
-    /// Next seq to consider sending while `Sending`.
-    cursor: u64,
-    /// Grace or backoff timer.
-    timer: Option<delay_queue::Key>,
-    /// Next backoff delay.
-    backoff: Duration,
-    /// Send attempts per pending seq since start (not stored).
-    attempts: HashMap<u64, u32>,
-    /// Messages below this seq were accepted before the current sending
-    /// phase began: they go out as replays, with `<delay/>`.
-    replay_below: u64,
-    /// Confirmed while the store could not record it: never sent again
-    /// by this process.
-    unsaved_confirms: std::collections::HashSet<u64>,
-    /// An administrator asked for a replay: the full window, whatever
-    /// presence says, until the next failure.
-    forced: bool,
-    /// Armed while messages wait for a relay contact's answer.
-    contact_timer: Option<delay_queue::Key>,
-    /// What each client does with receipt requests, by resource: the
-    /// store's, read at first use.
-    habits: Option<HashMap<String, Habit>>,
-}
-
-impl Peer {
-    fn new(initial_backoff: Duration) -> Peer {
-        Peer {
-            phase: Phase::Idle,
-            resources: HashMap::new(),
-            presence_known: false,
-            in_flight: BTreeMap::new(),
-            cursor: 0,
-            timer: None,
-            backoff: initial_backoff,
-            attempts: HashMap::new(),
-            replay_below: 0,
-            unsaved_confirms: Default::default(),
-            forced: false,
-            contact_timer: None,
-            habits: None,
-        }
-    }
-
-    /// Some resource takes messages and has not missed a receipt.
-    fn online(&self) -> bool {
-        self.resources
-            .values()
-            .any(|r| r.priority >= 0 && !r.silent)
-    }
-
-    /// Where messages go: the bare JID (the server picks the resources),
-    /// or, once a resource went silent, the best of the others by name,
-    /// since the server would still pick the silent one.
-    fn target(&self) -> Option<String> {
-        if !self.resources.values().any(|r| r.silent) {
-            return None;
-        }
-        self.resources
-            .iter()
-            .filter(|(_, r)| r.priority >= 0 && !r.silent)
-            .max_by_key(|(name, r)| (r.priority, std::cmp::Reverse(name.as_str())))
-            .map(|(name, _)| name.clone())
-    }
-
-    /// The resources a message sent to `to` (a resource, or the bare JID)
-    /// reaches: that one, or those the server routes a bare-JID message
-    /// to (the highest priority, silent or not: the server does not know
-    /// what the relay thinks of them). Empty when presence is unknown.
-    fn reached_by(&self, to: Option<&str>) -> Vec<String> {
-        if let Some(t) = to {
-            return vec![t.to_owned()];
-        }
-        let top = self
-            .resources
-            .values()
-            .filter(|r| r.priority >= 0)
-            .map(|r| r.priority)
-            .max();
-        self.resources
-            .iter()
-            .filter(|(_, r)| Some(r.priority) == top)
-            .map(|(name, _)| name.clone())
-            .collect()
-    }
-
-    /// A receipt timed out for a message sent to `to` (a resource, or the
-    /// bare JID): mark silent what that proves silent, the resource, or
-    /// those the server routes a bare-JID message to (the highest
-    /// priority). Returns their names.
-    fn silence(&mut self, to: Option<&str>) -> Vec<String> {
-        let top = self
-            .resources
-            .values()
-            .filter(|r| r.priority >= 0 && !r.silent)
-            .map(|r| r.priority)
-            .max();
-        let mut out = Vec::new();
-        for (name, r) in &mut self.resources {
-            let hit = match to {
-                Some(t) => t == name,
-                None => !r.silent && Some(r.priority) == top,
-            };
-            if hit {
-                r.silent = true;
-                out.push(name.clone());
-            }
-        }
-        out
-    }
-
-    /// Message `seq` left the store (confirmed, refused, expired,
-    /// purged): nothing of it stays in flight or counted.
-    fn removed(&mut self, seq: u64, timers: &mut DelayQueue<Timer>) {
-        if let Some(f) = self.in_flight.remove(&seq) {
-            timers.try_remove(&f.timer);
-        }
-        self.attempts.remove(&seq);
-    }
-
-    /// Message `seq` stays in the store (a write failed) but this
-    /// process must never send it again.
-    fn never_again(&mut self, seq: u64, timers: &mut DelayQueue<Timer>) {
-        if let Some(f) = self.in_flight.remove(&seq) {
-            timers.try_remove(&f.timer);
-        }
-        self.unsaved_confirms.insert(seq);
-    }
-
-    /// Stop sending: whatever is in flight stays pending (it will be
-    /// replayed from the start of the queue) and no timer stays armed.
-    fn halt(&mut self, timers: &mut DelayQueue<Timer>) {
-        for (_, f) in std::mem::take(&mut self.in_flight) {
-            timers.try_remove(&f.timer);
-        }
-        if let Some(k) = self.timer.take() {
-            timers.try_remove(&k);
-        }
-        if let Some(k) = self.contact_timer.take() {
-            timers.try_remove(&k);
-        }
-        self.cursor = 0;
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
