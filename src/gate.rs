@@ -86,6 +86,13 @@ impl Gate {
         }
     }
 
+    /// Every seq below `next` was written and committed by another
+    /// process (an instance that led the shared store before this one
+    /// took the lead): it counts as on disk.
+    pub fn committed_elsewhere_below(&mut self, next: u64) {
+        self.durable_seq = self.durable_seq.max(next);
+    }
+
     pub fn durable_seq(&self) -> u64 {
         self.durable_seq
     }

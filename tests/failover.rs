@@ -58,7 +58,10 @@ impl Tally {
     }
 }
 
-on_both_servers!(standby_takes_over_after_sigkill);
+on_both_servers!(
+    standby_takes_over_after_sigkill,
+    a_new_leader_delivers_what_the_old_one_stored
+);
 
 async fn standby_takes_over_after_sigkill(kind: Kind) {
     kill_again_and_again(kind, false).await;
@@ -412,4 +415,46 @@ async fn a_leader_whose_session_ends_steps_down() {
     assert_eq!(status, Some(75), "{log}");
     assert!(log.contains("no longer leads"), "{log}");
     standby.wait_ready(1);
+}
+
+/// All-active: what the leader stored for an offline recipient, the
+/// instance that takes over delivers when the recipient comes (its
+/// durability gate must count the old leader's commits as on disk). On
+/// Prosody, which takes one connection per component, the second
+/// instance is refused (`conflict`) and keeps trying on its link's
+/// backoff until the first dies (docs/operating.md: it works, but
+/// one-active takes over sooner there); on ejabberd both are connected.
+async fn a_new_leader_delivers_what_the_old_one_stored(kind: Kind) {
+    let server = Server::start(kind, ServerOpts::default());
+    let url = pg::new_database();
+    let opts = |wait_ready| RelayOpts {
+        postgres_url: Some(url.clone()),
+        wait_ready,
+        all_active: true,
+        ..Default::default()
+    };
+    let mut first = Relay::start(&server, opts(true));
+    wait_log(&first, TOOK_LEAD).await;
+    let second = Relay::start(&server, opts(kind == Kind::Ejabberd));
+    if kind == Kind::Prosody {
+        wait_log(&second, "cannot establish component link").await;
+        assert!(!second.log_text().contains(READY), "Prosody took one only");
+    }
+    // bob is offline: the message waits in the store.
+    let alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
+    alice.message(BOB, "p1", "stored by the first");
+    wait_log_line(&first, &["accepted", "id=p1"]).await;
+    first.sigkill();
+    let started = Instant::now();
+    wait_log(&second, TOOK_LEAD).await;
+    println!(
+        "all-active on {kind:?}: the second took the lead {} ms after the kill",
+        started.elapsed().as_millis()
+    );
+    let mut bob = Client::connect(server.c2s_port, "bob", ClientOpts::default()).await;
+    let m = bob
+        .next_body_message(SECS(20))
+        .await
+        .unwrap_or_else(|| panic!("not delivered; the second's log:\n{}", second.log_text()));
+    assert_eq!(m.attr("id"), Some("p1"));
 }

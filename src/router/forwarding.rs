@@ -227,6 +227,12 @@ impl Router {
                      receive"
                 );
                 self.leading = true;
+                // What the instance that led before accepted since this
+                // one started is in the database, committed.
+                match self.store.next_seq() {
+                    Ok(next) => self.gate.committed_elsewhere_below(next),
+                    Err(e) => self.store_failure("read the sequence", &e),
+                }
                 self.timers.insert(Timer::LeadCheck, LEAD_CHECK_EVERY);
                 self.start_taking();
                 self.serve(epoch).await;
