@@ -451,10 +451,69 @@ async fn a_new_leader_delivers_what_the_old_one_stored(kind: Kind) {
         "all-active on {kind:?}: the second took the lead {} ms after the kill",
         started.elapsed().as_millis()
     );
-    let mut bob = Client::connect(server.c2s_port, "bob", ClientOpts::default()).await;
+    let mut bob = Client::connect(
+        server.c2s_port,
+        "bob",
+        ClientOpts {
+            // Answered by hand below.
+            receipts: false,
+            ..Default::default()
+        },
+    )
+    .await;
     let m = bob
         .next_body_message(SECS(20))
         .await
         .unwrap_or_else(|| panic!("not delivered; the second's log:\n{}", second.log_text()));
     assert_eq!(m.attr("id"), Some("p1"));
+
+    // A message the new leader's predecessor sent, confirmed after the
+    // takeover, is confirmed: p2 goes out from the first instance again
+    // (restarted; the second now stands by or forwards), bob's receipt
+    // reaches whichever instance leads.
+    first.spawn();
+    // Started (and, on ejabberd, connected) before p2 is accepted.
+    let end = Instant::now() + SECS(15);
+    while !first.log_text().contains("all-active: connecting")
+        || kind == Kind::Ejabberd && first.log_text().matches(READY).count() < 2
+    {
+        assert!(Instant::now() < end, "{}", first.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    alice.message(BOB, "p2", "sent by the leader");
+    let p2 = bob.next_body_message(SECS(20)).await.expect("p2 delivered");
+    assert_eq!(p2.attr("id"), Some("p2"));
+    let mut second = second;
+    second.sigkill();
+    // Its second run takes the lead (the log keeps the first run's too).
+    let end = Instant::now() + SECS(15);
+    while first.log_text().matches(TOOK_LEAD).count() < 2 {
+        assert!(Instant::now() < end, "{}", first.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut alice = alice;
+    while alice.inbox.try_recv().is_ok() {}
+    for id in ["p1", "p2"] {
+        bob.send(xml(&format!(
+            "<message xmlns='jabber:client' to='alice@relay.localhost' id='r-{id}'>\
+             <received xmlns='urn:xmpp:receipts' id='{id}'/></message>"
+        )));
+    }
+    let mut confirmed = Vec::new();
+    let end = Instant::now() + SECS(15);
+    while confirmed.len() < 2 && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while let Ok(el) = alice.inbox.try_recv() {
+            if let Some(r) = el.get_child("received", "urn:xmpp:receipts") {
+                confirmed.push(r.attr("id").unwrap_or("").to_owned());
+            }
+        }
+    }
+    confirmed.sort();
+    assert_eq!(
+        confirmed,
+        ["p1", "p2"],
+        "receipts for what the old leaders sent; the first's log:\n{}",
+        first.log_text()
+    );
 }

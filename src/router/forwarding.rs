@@ -228,9 +228,13 @@ impl Router {
                 );
                 self.leading = true;
                 // What the instance that led before accepted since this
-                // one started is in the database, committed.
+                // one started is in the database, committed, and may have
+                // been sent: this process hands out seqs from here on.
                 match self.store.next_seq() {
-                    Ok(next) => self.gate.committed_elsewhere_below(next),
+                    Ok(next) => {
+                        self.gate.committed_elsewhere_below(next);
+                        self.first_seq = next;
+                    }
                     Err(e) => self.store_failure("read the sequence", &e),
                 }
                 self.timers.insert(Timer::LeadCheck, LEAD_CHECK_EVERY);
