@@ -517,3 +517,66 @@ async fn a_new_leader_delivers_what_the_old_one_stored(kind: Kind) {
         first.log_text()
     );
 }
+
+/// `reload-config` reaches only the leader; the instance that takes over
+/// reads the config file as it is then (here the operator lowered a
+/// limit in every instance's file and reloaded the leader).
+async fn the_new_leader_reads_the_config_file_as_it_is_now(kind: Kind, all_active: bool) {
+    let server = Server::start(kind, ServerOpts::default());
+    let url = pg::new_database();
+    let opts = |wait_ready| RelayOpts {
+        postgres_url: Some(url.clone()),
+        wait_ready,
+        all_active,
+        ..Default::default()
+    };
+    let mut first = Relay::start(&server, opts(true));
+    if all_active {
+        wait_log(&first, TOOK_LEAD).await;
+    }
+    let second = Relay::start(&server, opts(all_active));
+    if !all_active {
+        // It has read its config and waits.
+        wait_log(&second, "standby").await;
+    }
+    let original = std::fs::read_to_string(&second.config).unwrap();
+    let limited = original.replace(
+        "max_pending_per_recipient = 10000",
+        "max_pending_per_recipient = 1",
+    );
+    assert_ne!(limited, original);
+    std::fs::write(&second.config, &limited).unwrap();
+    first.sigkill();
+    if all_active {
+        wait_log(&second, TOOK_LEAD).await;
+    } else {
+        second.wait_ready(1);
+    }
+    // carol is offline: one fits, the second is refused.
+    let mut alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
+    alice.message("carol@relay.localhost", "c1", "one");
+    alice.message("carol@relay.localhost", "c2", "two");
+    let mut refused = None;
+    let end = Instant::now() + SECS(10);
+    while refused.is_none() && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while let Ok(el) = alice.inbox.try_recv() {
+            if el.attr("type") == Some("error") {
+                refused = Some((el.attr("id").unwrap_or("").to_owned(), format!("{el:?}")));
+            }
+        }
+    }
+    let (id, error) = refused.unwrap_or_else(|| panic!("nothing refused:\n{}", second.log_text()));
+    assert_eq!(id, "c2");
+    assert!(error.contains("resource-constraint"), "{error}");
+}
+
+#[tokio::test]
+async fn a_standby_takes_over_with_the_config_file_as_it_is_now() {
+    the_new_leader_reads_the_config_file_as_it_is_now(Kind::Prosody, false).await;
+}
+
+#[tokio::test]
+async fn an_all_active_instance_takes_over_with_the_config_file_as_it_is_now() {
+    the_new_leader_reads_the_config_file_as_it_is_now(Kind::Ejabberd, true).await;
+}

@@ -19,6 +19,24 @@ impl Router {
     }
 
     pub(super) async fn on_twin_probe(&mut self, verdict: Verdict) {
+        if let Verdict::Earlier(other) | Verdict::Later(other) = verdict
+            && self.store.shared()
+        {
+            // An instance that led this store (it may have probed just
+            // before it died or lost its session, and may have started
+            // before this one) is not a twin: it served the same store.
+            match self.store.led_here(&other.name()) {
+                Ok(true) => {
+                    debug!(instance = %other.name(), "a probe of an earlier leader of this store");
+                    return;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(error = %e, "cannot tell whose twin probe this is; ignored");
+                    return;
+                }
+            }
+        }
         match verdict {
             Verdict::Mine => {}
             Verdict::Earlier(other) => {

@@ -157,47 +157,9 @@ impl Router {
             warn!(stanza = %xml, "a forwarded stanza did not parse; dropped");
             return;
         };
-        if let Some(other) = self.twin_probe_from(&st) {
-            // An instance that led this store before may have probed just
-            // before it died (and may have started before this one): not
-            // a twin. One of another store under our name is judged.
-            match self.store.led_here(&other.name()) {
-                Ok(true) => {
-                    debug!(instance = %other.name(), "a handed-over probe of an earlier leader");
-                    return;
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    warn!(error = %e, "cannot tell whose twin probe this is; ignored");
-                    return;
-                }
-            }
-        }
         self.handling_taken = true;
         self.on_link_event(LinkEvent::Stanza(Box::new(st), 0)).await;
         self.handling_taken = false;
-    }
-
-    /// The other instance a ping from our domain to our domain names, if
-    /// it is a twin probe of another instance.
-    fn twin_probe_from(&self, st: &Stanza) -> Option<Instance> {
-        let Stanza::Iq(Iq::Get {
-            from: Some(from),
-            id,
-            payload,
-            ..
-        }) = st
-        else {
-            return None;
-        };
-        if from.domain().as_str() != self.book.component().as_str() || !payload.is("ping", ns::PING)
-        {
-            return None;
-        }
-        match self.instance.judge(id)? {
-            Verdict::Mine => None,
-            Verdict::Earlier(other) | Verdict::Later(other) => Some(other),
-        }
     }
 
     /// Leading on a shared store: take what other instances hand over.
@@ -237,6 +199,7 @@ impl Router {
                     }
                     Err(e) => self.store_failure("read the sequence", &e),
                 }
+                self.reread_config();
                 self.timers.insert(Timer::LeadCheck, LEAD_CHECK_EVERY);
                 self.start_taking();
                 self.serve(epoch).await;
@@ -262,6 +225,27 @@ impl Router {
 fn kind_of(xml: &str) -> String {
     let tag = xml.find('>').map_or(xml, |i| &xml[..=i]);
     tag.chars().take(200).collect()
+}
+
+impl Router {
+    /// On taking the lead of a shared store: the config file as it is
+    /// now. The instance that led before may have been told to reload it
+    /// (`reload-config` reaches only the leader); settings that need a
+    /// restart keep this process's values.
+    pub(super) fn reread_config(&mut self) {
+        if self.config_path.is_none() {
+            return;
+        }
+        match crate::admin::Ops::reload(self) {
+            Ok(changes) if changes.is_empty() => {}
+            Ok(changes) => info!(?changes, "took the lead with the config file as it is now"),
+            Err(e) => warn!(
+                error = %e,
+                "the config file changed since this instance started; it keeps the settings \
+                 it started with until it restarts"
+            ),
+        }
+    }
 }
 
 /// How often an instance that does not lead tries to take the lead.

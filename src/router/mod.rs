@@ -441,6 +441,9 @@ impl Router {
             self.timers.insert(Timer::LeadCheck, first);
         }
         if self.store.shared() && self.leading {
+            // Led since the start (one-active): the lead was taken just
+            // now, perhaps after a wait as a standby.
+            self.reread_config();
             self.start_taking();
         }
         while self.fatal.is_none() {
