@@ -11,7 +11,7 @@ use tracing::info;
 use crate::config::{Backend, Config, Instances};
 use crate::gate::run_flusher;
 use crate::link::{CHANNEL_CAPACITY, Link, LinkSettings};
-use crate::router::{Router, Stop};
+use crate::router::{LEAD_POLL, Router, Stop};
 use crate::store::{PgStore, QueueStore, SledStore};
 
 /// Open the store the config names. Blocking: call it off the runtime.
@@ -78,9 +78,6 @@ async fn wait_for_lead(
         }
     }
 }
-
-/// How often a standby tries to take the lead.
-const LEAD_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Run the component until `shutdown` is cancelled.
 pub async fn run(

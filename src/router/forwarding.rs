@@ -46,7 +46,7 @@ impl Router {
         match self.store.forward(&xml, arrived_us) {
             Ok(()) => {
                 // Logged once committed (`end_burst`).
-                self.burst_handed.push(kind_of(&xml));
+                self.burst_handed.push(start_tag(&xml));
                 self.stats.forwarded_total += 1;
                 self.burst_forwarded.extend(told);
             }
@@ -222,7 +222,7 @@ impl Router {
 }
 
 /// A stanza's start tag (its first 200 characters at most), for logs.
-fn kind_of(xml: &str) -> String {
+fn start_tag(xml: &str) -> String {
     let tag = xml.find('>').map_or(xml, |i| &xml[..=i]);
     tag.chars().take(200).collect()
 }
@@ -248,8 +248,9 @@ impl Router {
     }
 }
 
-/// How often an instance that does not lead tries to take the lead.
-pub(super) const LEAD_POLL: Duration = Duration::from_millis(500);
+/// How often an instance that does not lead tries to take the lead (a
+/// standby waiting in `app`, or an all-active instance).
+pub const LEAD_POLL: Duration = Duration::from_millis(500);
 /// How often the leader looks for forwarded stanzas without a wakeup (a
 /// notification lost while its listening connection was down).
 pub(super) const TAKE_FORWARDED_EVERY: Duration = Duration::from_secs(1);

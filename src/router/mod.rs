@@ -58,6 +58,7 @@ use crate::store::{
 };
 use crate::twin::{self, AnotherInstance, Instance, Verdict};
 use crate::xep0050::COMMANDS;
+pub use forwarding::LEAD_POLL;
 use forwarding::TAKE_FORWARDED_EVERY;
 pub use peer::Phase;
 use peer::{InFlight, Peer, Resource, peer_entry};
