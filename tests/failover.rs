@@ -93,15 +93,20 @@ impl Runs {
 
 const TOOK_LEAD: &str = "took the lead";
 
-async fn kill_again_and_again(kind: Kind, all_active: bool) {
-    let server = Server::start(kind, ServerOpts::default());
-    let url = pg::new_database();
-    let opts = |wait_ready| RelayOpts {
-        postgres_url: Some(url.clone()),
+/// A relay on the PostgreSQL database `url`, shared with the others.
+fn shared_store(url: &str, wait_ready: bool, all_active: bool) -> RelayOpts {
+    RelayOpts {
+        postgres_url: Some(url.to_owned()),
         wait_ready,
         all_active,
         ..Default::default()
-    };
+    }
+}
+
+async fn kill_again_and_again(kind: Kind, all_active: bool) {
+    let server = Server::start(kind, ServerOpts::default());
+    let url = pg::new_database();
+    let opts = |wait_ready| shared_store(&url, wait_ready, all_active);
     let mut relays = [
         Relay::start(&server, opts(true)),
         Relay::start(&server, opts(all_active)),
@@ -413,11 +418,7 @@ async fn kill_again_and_again(kind: Kind, all_active: bool) {
 async fn a_leader_whose_session_ends_steps_down() {
     let server = Server::start(Kind::Prosody, ServerOpts::default());
     let url = pg::new_database();
-    let opts = |wait_ready| RelayOpts {
-        postgres_url: Some(url.clone()),
-        wait_ready,
-        ..Default::default()
-    };
+    let opts = |wait_ready| shared_store(&url, wait_ready, false);
     let mut leader = Relay::start(&server, opts(true));
     let standby = Relay::start(&server, opts(false));
     wait_log(&standby, "standby").await;
@@ -440,12 +441,7 @@ async fn a_leader_whose_session_ends_steps_down() {
 async fn a_new_leader_delivers_what_the_old_one_stored(kind: Kind) {
     let server = Server::start(kind, ServerOpts::default());
     let url = pg::new_database();
-    let opts = |wait_ready| RelayOpts {
-        postgres_url: Some(url.clone()),
-        wait_ready,
-        all_active: true,
-        ..Default::default()
-    };
+    let opts = |wait_ready| shared_store(&url, wait_ready, true);
     let mut first = Relay::start(&server, opts(true));
     wait_log(&first, TOOK_LEAD).await;
     let second = Relay::start(&server, opts(kind == Kind::Ejabberd));
@@ -537,12 +533,7 @@ async fn a_new_leader_delivers_what_the_old_one_stored(kind: Kind) {
 async fn the_new_leader_reads_the_config_file_as_it_is_now(kind: Kind, all_active: bool) {
     let server = Server::start(kind, ServerOpts::default());
     let url = pg::new_database();
-    let opts = |wait_ready| RelayOpts {
-        postgres_url: Some(url.clone()),
-        wait_ready,
-        all_active,
-        ..Default::default()
-    };
+    let opts = |wait_ready| shared_store(&url, wait_ready, all_active);
     let mut first = Relay::start(&server, opts(true));
     if all_active {
         wait_log(&first, TOOK_LEAD).await;
