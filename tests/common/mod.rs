@@ -364,7 +364,8 @@ impl Server {
         self.child = Some(child);
         let ready = match self.kind {
             Kind::Prosody => true,
-            Kind::Ejabberd => wait_for(Duration::from_secs(30), || {
+            // Generous: a loaded machine starts the BEAM slowly.
+            Kind::Ejabberd => wait_for(Duration::from_secs(90), || {
                 std::fs::read_to_string(&out).is_ok_and(|t| t.contains(EJABBERD_READY))
             }),
         };
