@@ -452,7 +452,7 @@ async fn a_new_leader_delivers_what_the_old_one_stored(kind: Kind) {
     // bob is offline: the message waits in the store.
     let alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
     alice.message(BOB, "p1", "stored by the first");
-    wait_log_line(&first, &["accepted", "id=p1"]).await;
+    wait_stored(&first, &["p1"]).await;
     first.sigkill();
     let started = Instant::now();
     wait_log(&second, TOOK_LEAD).await;

@@ -50,7 +50,7 @@ async fn expiry_tells_the_sender_and_survives_a_restart(kind: Kind) {
 
     // Accepted, then the process dies and the TTL passes while it is down.
     alice.message(BOB, "e3", "expires while the relay is down");
-    wait_log(&relay, "id=e3").await;
+    wait_stored(&relay, &["e3"]).await;
     relay.sigkill();
     tokio::time::sleep(SECS(4)).await;
     relay.restart();

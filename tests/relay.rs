@@ -197,6 +197,7 @@ async fn component_sigkill_and_restart_keeps_pending(kind: Kind) {
     subscribe_bob(&server, &relay).await;
     let sent = ids("kill", 5);
     send_all(&server, BOB, &sent).await;
+    wait_stored(&relay, &sent.iter().map(String::as_str).collect::<Vec<_>>()).await;
     relay.sigkill();
     relay.restart();
     let mut bob = Client::connect(server.c2s_port, "bob", ClientOpts::default()).await;

@@ -41,6 +41,9 @@ impl Router {
 
     pub(super) async fn on_durable(&mut self, ticket: u64) {
         let (released, recipients) = self.gate.durable(ticket);
+        if !recipients.is_empty() {
+            debug!(upto_seq = self.gate.durable_seq(), "messages on disk");
+        }
         for stanza in released {
             self.send(stanza).await;
         }

@@ -1327,6 +1327,43 @@ pub async fn wait_log_line(relay: &Relay, needles: &[&str]) {
     panic!("no log line said all of {needles:?}");
 }
 
+/// Wait until the messages with these ids are on the relay's disk (fsync
+/// mode): an "accepted" line for each, and after it a "messages on disk"
+/// line that covers its seq. Before that, a SIGKILL may lose a message its
+/// sender was never told about (the link's gap, not the store's).
+pub async fn wait_stored(relay: &Relay, ids: &[&str]) {
+    fn field(line: &str, name: &str) -> Option<u64> {
+        let at = line.find(&format!(" {name}="))? + name.len() + 2;
+        let digits: String = line[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    }
+    let stored = |log: &str, id: &str| {
+        let needle = format!(" id={id} ");
+        let lines: Vec<&str> = log.lines().collect();
+        let Some((at, seq)) = lines.iter().enumerate().rev().find_map(|(i, l)| {
+            (l.contains("accepted") && l.contains(&needle))
+                .then(|| field(l, "seq").map(|s| (i, s)))
+                .flatten()
+        }) else {
+            return false;
+        };
+        lines[at..].iter().any(|l| {
+            l.contains("messages on disk") && field(l, "upto_seq").is_some_and(|u| u >= seq)
+        })
+    };
+    for _ in 0..200 {
+        let log = relay.log_text();
+        if ids.iter().all(|id| stored(&log, id)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("not all of {ids:?} on disk:\n{}", relay.log_text());
+}
+
 /// Alice sends `sent` (ids) to `to`, then logs out.
 pub async fn send_all(server: &Server, to: &str, sent: &[String]) {
     let alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
