@@ -87,6 +87,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let config = Arc::new(config);
+    if let Some(listen) = config.metrics_addr() {
+        crate::prometheus::serve(listen)?;
+        crate::stats::start_counters_at_zero();
+        info!(%listen, "serving Prometheus metrics over HTTP");
+    }
     let store = open_store(&config).await?;
     info!(
         backend = config.store.backend.as_str(),

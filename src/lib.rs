@@ -14,6 +14,7 @@ pub mod gate;
 pub mod link;
 pub mod message_kind;
 pub mod privilege;
+pub mod prometheus;
 pub mod ratelimit;
 pub mod router;
 pub mod stats;

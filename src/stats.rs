@@ -1,5 +1,40 @@
-//! The relay's counters since start, kept by the router and read by the
-//! admin commands (its own module, so that neither imports the other).
+//! The relay's counters since start, kept by the router, read by the admin
+//! commands (its own module, so that neither imports the other) and
+//! exported to Prometheus when a metrics listener is configured.
+
+use std::time::Duration;
+
+use metrics::{counter, histogram};
+
+use crate::prometheus as m;
+
+/// How a message came to be removed as delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confirmation {
+    /// An XEP-0184 receipt.
+    Receipt,
+    /// An XEP-0333 chat marker.
+    Marker,
+    /// Sent to a client not known to answer receipts, and no error came
+    /// back in time: counted delivered, kept for a late bounce.
+    NoReceipt,
+}
+
+impl Confirmation {
+    const ALL: [Confirmation; 3] = [
+        Confirmation::Receipt,
+        Confirmation::Marker,
+        Confirmation::NoReceipt,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Confirmation::Receipt => "receipt",
+            Confirmation::Marker => "marker",
+            Confirmation::NoReceipt => "no_receipt",
+        }
+    }
+}
 
 /// Counters for logs and the admin commands.
 #[derive(Debug, Default, Clone)]
@@ -23,4 +58,113 @@ pub struct Stats {
     pub late_bounces_total: u64,
     /// Stanzas this instance handed to the leader (all-active instances).
     pub forwarded_total: u64,
+}
+
+/// Every counter series without a label that depends on traffic, at
+/// zero: a dashboard's `rate()` then sees the first increment.
+pub fn start_counters_at_zero() {
+    for name in [
+        m::ACCEPTED,
+        m::RELAYED,
+        m::REPLAYED,
+        m::EXPIRED,
+        m::BOUNCED,
+        m::REJECTED,
+        m::PURGED,
+        m::LATE_BOUNCES,
+        m::NOTICES,
+        m::HANDED_OVER,
+    ] {
+        counter!(name).increment(0);
+    }
+    for how in Confirmation::ALL {
+        counter!(m::CONFIRMED, "how" => how.as_str()).increment(0);
+    }
+}
+
+/// Milliseconds as the seconds a latency histogram takes (0 for a clock
+/// that went back).
+fn seconds(ms: i64) -> f64 {
+    Duration::from_millis(u64::try_from(ms).unwrap_or(0)).as_secs_f64()
+}
+
+impl Stats {
+    pub fn accepted(&mut self) {
+        self.accepted_total += 1;
+        counter!(m::ACCEPTED).increment(1);
+    }
+
+    /// A stored message sent: for the first time (`waited_ms` since it was
+    /// accepted), or again.
+    pub fn sent(&mut self, replay: bool, waited_ms: i64) {
+        if replay {
+            self.replays_total += 1;
+            counter!(m::REPLAYED).increment(1);
+        } else {
+            counter!(m::RELAYED).increment(1);
+            histogram!(m::ACCEPT_TO_RELAY).record(seconds(waited_ms));
+        }
+    }
+
+    /// Messages removed as delivered, each `waited_ms` after its
+    /// acceptance.
+    pub fn confirmed(&mut self, how: Confirmation, waited_ms: impl IntoIterator<Item = i64>) {
+        let mut n = 0;
+        for ms in waited_ms {
+            n += 1;
+            histogram!(m::ACCEPT_TO_CONFIRM).record(seconds(ms));
+        }
+        match how {
+            Confirmation::NoReceipt => self.assumed_total += n,
+            _ => self.confirmed_total += n,
+        }
+        counter!(m::CONFIRMED, "how" => how.as_str()).increment(n);
+    }
+
+    /// A message refused with `condition` (a stanza error condition's
+    /// element name).
+    pub fn refused(&mut self, condition: String) {
+        self.refused_total += 1;
+        counter!(m::REFUSED, "condition" => condition).increment(1);
+    }
+
+    pub fn expired(&mut self) {
+        self.expired_total += 1;
+        counter!(m::EXPIRED).increment(1);
+    }
+
+    pub fn bounced(&mut self) {
+        self.bounces_total += 1;
+        counter!(m::BOUNCED).increment(1);
+    }
+
+    pub fn rejected(&mut self) {
+        self.rejected_total += 1;
+        counter!(m::REJECTED).increment(1);
+    }
+
+    pub fn purged(&mut self, n: u64) {
+        self.purged_total += n;
+        counter!(m::PURGED).increment(n);
+    }
+
+    pub fn late_bounce(&mut self) {
+        self.late_bounces_total += 1;
+        counter!(m::LATE_BOUNCES).increment(1);
+    }
+
+    pub fn notice(&mut self) {
+        self.notices_total += 1;
+        counter!(m::NOTICES).increment(1);
+    }
+
+    pub fn handed_over(&mut self) {
+        self.forwarded_total += 1;
+        counter!(m::HANDED_OVER).increment(1);
+    }
+
+    /// A store operation (`what`: commit, confirm, fsync, …) failed.
+    pub fn store_failed(&mut self, what: &'static str) {
+        counter!(m::STORE_FAILURES, "operation" => what).increment(1);
+    }
 }

@@ -45,6 +45,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
 }
 
 /// How to reach the server and under which name.
@@ -254,6 +256,15 @@ impl Default for AdminConfig {
     }
 }
 
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A literal `ip:port` to serve metrics on over HTTP; off when unset.
+    #[serde(default)]
+    pub listen: Option<String>,
+}
+
 fn default_session_timeout_s() -> u64 {
     600
 }
@@ -363,10 +374,13 @@ pub struct Change {
 }
 
 impl Change {
-    /// The link and the store are set up once at start: their settings
+    /// The link, the store and the metrics listener are set up once at
+    /// start: their settings
     /// only change with a restart.
     pub fn needs_restart(&self) -> bool {
-        self.key.starts_with("component.") || self.key.starts_with("store.")
+        ["component.", "store.", "metrics."]
+            .iter()
+            .any(|p| self.key.starts_with(p))
     }
 }
 
@@ -459,6 +473,13 @@ impl Config {
             return bad(format!(
                 "component.server {:?} must be a literal ip:port, e.g. \"127.0.0.1:5347\"",
                 self.component.server
+            ));
+        }
+        if let Some(listen) = &self.metrics.listen
+            && listen.parse::<SocketAddr>().is_err()
+        {
+            return bad(format!(
+                "metrics.listen {listen:?} must be a literal ip:port, e.g. \"127.0.0.1:9464\""
             ));
         }
         if DomainPart::new(&self.relay.default_domain).is_err() {
@@ -634,6 +655,12 @@ impl Config {
             .server
             .parse()
             .expect("validated component.server")
+    }
+
+    /// Where to serve metrics, if anywhere.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        // validate() guarantees this parses.
+        self.metrics.listen.as_ref().and_then(|l| l.parse().ok())
     }
 
     pub fn receipt_timeout(&self) -> Duration {

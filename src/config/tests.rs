@@ -40,6 +40,27 @@ fn all_active_instances_need_a_shared_store() {
 }
 
 #[test]
+fn metrics_listen_is_off_by_default_and_a_literal_address() {
+    let c: Config = toml::from_str(MINIMAL).unwrap();
+    assert_eq!(c.metrics_addr(), None);
+    let c: Config = toml::from_str(&format!(
+        "{MINIMAL}[metrics]\nlisten = \"127.0.0.1:9464\"\n"
+    ))
+    .unwrap();
+    c.validate().unwrap();
+    assert_eq!(c.metrics_addr(), Some("127.0.0.1:9464".parse().unwrap()));
+    let c: Config = toml::from_str(&format!(
+        "{MINIMAL}[metrics]\nlisten = \"localhost:9464\"\n"
+    ))
+    .unwrap();
+    let err = c.validate().unwrap_err().to_string();
+    assert!(err.contains("metrics.listen"), "{err}");
+    let mut d = c.clone();
+    d.metrics.listen = Some("127.0.0.1:9465".into());
+    assert!(c.changes(&d).iter().all(Change::needs_restart));
+}
+
+#[test]
 fn unknown_keys_rejected() {
     let text = format!("{MINIMAL}\n[limits]\nmax_pending = 3\n");
     let err = toml::from_str::<Config>(&text).unwrap_err().to_string();

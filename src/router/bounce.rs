@@ -37,7 +37,7 @@ impl Router {
         if let Some(e) = error.as_ref().filter(|e| is_final(e)) {
             self.reject(&recipient, seq, e).await;
         } else {
-            self.stats.bounces_total += 1;
+            self.stats.bounced();
             info!(to = %recipient, id, "bounced; recipient marked offline");
             self.fail(&recipient, true).await;
         }
@@ -70,7 +70,7 @@ impl Router {
                 return true;
             }
         };
-        self.stats.late_bounces_total += 1;
+        self.stats.late_bounce();
         self.gate.removed();
         warn!(
             to = recipient,
@@ -163,7 +163,7 @@ impl Router {
             .map(|t| format!(": {}", t.chars().take(200).collect::<String>()))
             .unwrap_or_default();
         if let Some((seq, rec)) = removed {
-            self.stats.rejected_total += 1;
+            self.stats.rejected();
             warn!(
                 to = recipient,
                 id = %rec.id,

@@ -117,7 +117,12 @@ impl Router {
                 }
                 vec![seq]
             };
-            self.confirm(from_key, &seqs, false).await;
+            let how = if marker {
+                Confirmation::Marker
+            } else {
+                Confirmation::Receipt
+            };
+            self.confirm(from_key, &seqs, how).await;
         }
         if !edits.is_empty() {
             let mut payloads = std::mem::take(&mut m.payloads);
@@ -150,7 +155,8 @@ impl Router {
     /// Remove confirmed messages, or (`assumed`) messages counted
     /// delivered without a receipt, which the store keeps aside for the
     /// late bounce window.
-    pub(super) async fn confirm(&mut self, recipient: &str, seqs: &[u64], assumed: bool) {
+    pub(super) async fn confirm(&mut self, recipient: &str, seqs: &[u64], how: Confirmation) {
+        let assumed = how == Confirmation::NoReceipt;
         let outcome = if assumed {
             self.store.assume(recipient, seqs, now_ms())
         } else {
@@ -193,8 +199,14 @@ impl Router {
         }
         // The recipient's own receipt or marker is relayed to the sender
         // as it came (see on_message), so nothing is sent here.
+        let now = now_ms();
+        self.stats.confirmed(
+            how,
+            removed
+                .iter()
+                .map(|(_, rec)| now.saturating_sub(rec.accepted_at_ms)),
+        );
         if assumed {
-            self.stats.assumed_total += removed.len() as u64;
             let keep_s = self.config.late_bounce_window().as_secs();
             for (seq, rec) in removed {
                 info!(
@@ -207,7 +219,6 @@ impl Router {
                 );
             }
         } else {
-            self.stats.confirmed_total += removed.len() as u64;
             for (seq, rec) in removed {
                 info!(to = recipient, id = %rec.id, seq, "confirmed");
             }

@@ -132,6 +132,7 @@ impl Router {
         // The server says again what it grants on each connection.
         self.grants = Grants::default();
         self.link_up_since = Some(chrono::Utc::now());
+        self.gauge_link();
         if !self.leading {
             info!(
                 epoch,
@@ -266,6 +267,7 @@ impl Router {
         self.probe_queue.clear();
         self.probe_waiting.clear();
         self.link_up_since = None;
+        self.gauge_link();
         // What was on the wire is in doubt: it stays pending and is
         // replayed once presence is known again.
         for peer in self.peers.values_mut() {

@@ -156,9 +156,8 @@ impl Router {
             } else {
                 Needs::Nothing
             };
-            if replay {
-                self.stats.replays_total += 1;
-            }
+            self.stats
+                .sent(replay, now_ms().saturating_sub(rec.accepted_at_ms));
             let fresh = self.fresh.take(seq);
             match self.outgoing(seq, &rec, replay, fresh) {
                 Some(mut m) => {

@@ -60,7 +60,8 @@ impl Router {
         }
     }
 
-    pub(super) fn store_failure(&mut self, what: &str, e: &dyn std::fmt::Display) {
+    pub(super) fn store_failure(&mut self, what: &'static str, e: &dyn std::fmt::Display) {
+        self.stats.store_failed(what);
         if self.store_failed {
             return;
         }

@@ -52,7 +52,7 @@ impl Router {
         let notice = self.config.limits.expiry_notice;
         let ttl_s = self.config.limits.message_ttl_s;
         for (recipient, seq, rec) in step.messages {
-            self.stats.expired_total += 1;
+            self.stats.expired();
             info!(to = %recipient, id = %rec.id, seq, "expired undelivered");
             if let Some(peer) = self.peers.get_mut(&recipient) {
                 peer.removed(seq, &mut self.timers);
@@ -174,7 +174,7 @@ impl Router {
         );
         match outcome {
             Ok(Accepted::Stored { seq }) => {
-                self.stats.notices_total += 1;
+                self.stats.notice();
                 info!(to = %queue, id, about = %rec.id, seq, "notice kept for the sender");
                 // From the recipient's relay address: a relay contact of
                 // the sender's, so that contacts-only clients answer it.

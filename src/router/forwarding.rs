@@ -47,7 +47,7 @@ impl Router {
             Ok(()) => {
                 // Logged once committed (`end_burst`).
                 self.burst_handed.push(start_tag(&xml));
-                self.stats.forwarded_total += 1;
+                self.stats.handed_over();
                 self.burst_forwarded.extend(told);
             }
             Err(e) => {
@@ -189,6 +189,7 @@ impl Router {
                      receive"
                 );
                 self.leading = true;
+                self.gauge_link();
                 // What the instance that led before accepted since this
                 // one started is in the database, committed, and may have
                 // been sent: this process hands out seqs from here on.

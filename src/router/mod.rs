@@ -14,7 +14,8 @@
 //! included), `presence`, `contacts` (relay contacts), `connection` (the
 //! link coming and going), `iq`, `timers`, `expiry` (and sender notices),
 //! `durability` (what is on disk decides what may leave), `ops` (the
-//! admin commands' view), and `forwarding` (all-active instances).
+//! admin commands' view), `forwarding` (all-active instances) and
+//! `gauges` (what a metrics scrape reads).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -51,7 +52,7 @@ use crate::link::{LinkEvent, Outbound};
 use crate::message_kind::{self, Kind};
 use crate::privilege::{self, Grants};
 use crate::ratelimit::RateLimiter;
-use crate::stats::Stats;
+use crate::stats::{Confirmation, Stats};
 use crate::store::{
     Accepted, Answers, Contact, Habit, NewMessage, PurgeScope, QueueLimits, QueueStore,
     RecipientState, Record, StoreError, StoreView, Subscription, bare_of,
@@ -72,6 +73,7 @@ mod durability;
 mod expectations;
 mod expiry;
 mod forwarding;
+mod gauges;
 mod intake;
 mod iq;
 mod ops;
@@ -144,6 +146,8 @@ enum Timer {
     TakeForwarded,
     /// The link has been down too long for a leader of a shared store.
     LinkDown,
+    /// Time to read the metrics' gauges again.
+    Gauges,
     /// After a store failure: is there space again?
     SpaceProbe,
     /// A disco#info query went unanswered: forget it.
@@ -440,6 +444,9 @@ impl Router {
                 Duration::ZERO
             };
             self.timers.insert(Timer::LeadCheck, first);
+        }
+        if self.config.metrics_addr().is_some() {
+            self.update_gauges();
         }
         if self.store.shared() && self.leading {
             // Led since the start (one-active): the lead was taken just

@@ -89,7 +89,7 @@ impl Ops for Router {
                 peer.removed(*seq, &mut self.timers);
             }
         }
-        self.stats.purged_total += seqs.len() as u64;
+        self.stats.purged(seqs.len() as u64);
         info!(
             to = recipient,
             purged = seqs.len(),

@@ -188,7 +188,8 @@ impl Router {
                         peer.phase = Phase::Offline;
                     }
                     if !unanswered.is_empty() {
-                        self.confirm(&recipient, &unanswered, true).await;
+                        self.confirm(&recipient, &unanswered, Confirmation::NoReceipt)
+                            .await;
                     }
                     if managed_only
                         && self

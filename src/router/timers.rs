@@ -6,6 +6,7 @@ impl Router {
     pub(super) async fn on_timer(&mut self, t: Timer) {
         match t {
             Timer::Expire => self.expire_step().await,
+            Timer::Gauges => self.update_gauges(),
             Timer::LeadCheck if !self.leading => self.try_lead().await,
             Timer::TakeForwarded => {
                 self.take_forwarded().await;
@@ -90,7 +91,8 @@ impl Router {
                     // (they say they send no receipts, or never sent one
                     // to it): no error in time is the best proof there
                     // will be. A late bounce puts it back.
-                    self.confirm(&recipient, &[seq], true).await;
+                    self.confirm(&recipient, &[seq], Confirmation::NoReceipt)
+                        .await;
                     return;
                 }
                 self.missed_receipt(&recipient, f.to_resource.as_deref());

@@ -464,6 +464,8 @@ pub struct RelayOpts {
     pub db_password: Option<String>,
     /// `store.instances = "all-active"` (with `postgres_url`).
     pub all_active: bool,
+    /// Serve Prometheus metrics on this loopback port.
+    pub metrics_port: Option<u16>,
 }
 
 impl Default for RelayOpts {
@@ -487,6 +489,7 @@ impl Default for RelayOpts {
             all_active: false,
             wait_ready: true,
             db_password: None,
+            metrics_port: None,
         }
     }
 }
@@ -600,7 +603,7 @@ sender_burst = {burst}
 [admin]
 jids = ["admin@localhost"]
 session_timeout_s = {sess}
-"#,
+{metrics_section}"#,
             port = component_port,
             store_section = match &opts.store_path {
                 None if opts.postgres_url.is_some() =>
@@ -635,6 +638,10 @@ session_timeout_s = {sess}
             burst = opts.sender_burst,
             window = opts.window,
             contact_wait = opts.contact_wait_ms,
+            metrics_section = opts
+                .metrics_port
+                .map(|p| format!("[metrics]\nlisten = \"127.0.0.1:{p}\"\n"))
+                .unwrap_or_default(),
         );
         std::fs::write(&config, text).unwrap();
         let log = dir.path().join("redeliver.log");

@@ -1,0 +1,272 @@
+//! The Prometheus endpoint (`[metrics] listen`), scraped over HTTP as
+//! Prometheus does and parsed by a Prometheus text-format parser, after
+//! known traffic through a real server.
+
+#[macro_use]
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use prometheus_parse::{Scrape, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BOB: &str = "bob@relay.localhost";
+const CAROL: &str = "carol@relay.localhost";
+const DAVE: &str = "dave@relay.localhost";
+
+/// One scrape of `port`: the HTTP status line, the Content-Type and the
+/// parsed body.
+async fn scrape(port: u16) -> (String, String, Scrape) {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the metrics listener");
+    // HTTP/1.0: the body ends with the connection, never chunked.
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(SECS(10), s.read_to_end(&mut raw))
+        .await
+        .expect("the scrape answers within 10 s")
+        .unwrap();
+    let text = String::from_utf8(raw).expect("UTF-8");
+    let (head, body) = text.split_once("\r\n\r\n").expect("headers end");
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-type")
+                .then(|| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let lines = body.lines().map(|l| Ok(l.to_owned()));
+    let parsed = Scrape::parse(lines).expect("Prometheus text format");
+    (status, content_type, parsed)
+}
+
+/// The value of the sample `name` with exactly these labels (among
+/// others it may have none), if the scrape has it.
+fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    s.samples
+        .iter()
+        .filter(|x| x.metric == name)
+        .filter(|x| labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .find_map(|x| match &x.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(*v),
+            _ => None,
+        })
+}
+
+/// The number of observations of the histogram `name`.
+fn observations(s: &Scrape, name: &str) -> Option<u64> {
+    s.samples
+        .iter()
+        .filter(|x| x.metric == name)
+        .find_map(|x| match &x.value {
+            Value::Histogram(buckets) => buckets
+                .iter()
+                .find(|b| b.less_than == f64::INFINITY)
+                .map(|b| b.count as u64),
+            _ => None,
+        })
+        .or_else(|| value(s, &format!("{name}_count"), &[]).map(|v| v as u64))
+}
+
+/// Scrape until `ok` holds (gauges are read every few seconds), at most
+/// 30 s; the last scrape either way.
+async fn scrape_until(port: u16, ok: impl Fn(&Scrape) -> bool) -> Scrape {
+    let end = tokio::time::Instant::now() + SECS(30);
+    loop {
+        let (_, _, s) = scrape(port).await;
+        if ok(&s) || tokio::time::Instant::now() >= end {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Known traffic, then a scrape: messages accepted, confirmed by receipt
+/// and by marker, refused, pending for an offline recipient, the link up,
+/// and latencies observed once per confirmed message.
+async fn a_scrape_says_what_the_relay_did(kind: Kind) {
+    let server = Server::start(kind, ServerOpts::default());
+    let port = free_port();
+    let relay = Relay::start(
+        &server,
+        RelayOpts {
+            metrics_port: Some(port),
+            ..Default::default()
+        },
+    );
+    let (status, content_type, s) = scrape(port).await;
+    assert!(status.contains(" 200"), "{status}");
+    assert!(content_type.starts_with("text/plain"), "{content_type}");
+    // Every counter is there from the start, at zero.
+    assert_eq!(
+        value(&s, "redeliver_messages_accepted_total", &[]),
+        Some(0.0)
+    );
+    for how in ["receipt", "marker", "no_receipt"] {
+        assert_eq!(
+            value(&s, "redeliver_messages_confirmed_total", &[("how", how)]),
+            Some(0.0),
+            "{how}"
+        );
+    }
+    for name in [
+        "redeliver_messages_accepted_total",
+        "redeliver_messages_confirmed_total",
+        "redeliver_link_up",
+    ] {
+        assert!(s.docs.contains_key(name), "no HELP for {name}");
+    }
+    let s = scrape_until(port, |s| value(s, "redeliver_link_up", &[]) == Some(1.0)).await;
+    assert_eq!(value(&s, "redeliver_link_up", &[]), Some(1.0));
+    assert_eq!(value(&s, "redeliver_leader", &[]), Some(1.0));
+
+    // Three messages to bob, confirmed by his client's receipts.
+    let mut bob = Client::connect(server.c2s_port, "bob", ClientOpts::default()).await;
+    let mut alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
+    let sent = ids("m", 3);
+    for id in &sent {
+        alice.message(BOB, id, "hello");
+    }
+    assert_eq!(bob.body_ids(3, SECS(10)).await, sent);
+    assert_eq!(alice.receipt_ids(3, SECS(10)).await, sent);
+
+    // One to carol, whose client sends markers and no receipts.
+    let mut carol = Client::connect(
+        server.c2s_port,
+        "carol",
+        ClientOpts {
+            receipts: false,
+            ..Default::default()
+        },
+    )
+    .await;
+    alice.message(CAROL, "c1", "read me");
+    assert_eq!(carol.body_ids(1, SECS(10)).await, ["c1"]);
+    carol.send(xml(
+        "<message xmlns='jabber:client' to='alice@relay.localhost' id='mk1'>\
+         <displayed xmlns='urn:xmpp:chat-markers:0' id='c1'/></message>",
+    ));
+    wait_log_line(&relay, &[" confirmed", "id=c1 "]).await;
+
+    // Two to dave, who never logs in: they stay pending.
+    alice.message(DAVE, "d1", "later");
+    alice.message(DAVE, "d2", "later still");
+    wait_stored(&relay, &["d1", "d2"]).await;
+
+    // One too large: refused with policy-violation.
+    alice.message(BOB, "big", &"x".repeat(9000));
+    assert_eq!(
+        alice.next_error(SECS(10)).await,
+        Some(("big".to_owned(), "policy-violation".to_owned()))
+    );
+
+    let s = scrape_until(port, |s| {
+        value(s, "redeliver_pending_messages", &[]) == Some(2.0)
+    })
+    .await;
+    assert_eq!(
+        value(&s, "redeliver_messages_accepted_total", &[]),
+        Some(6.0)
+    );
+    assert_eq!(
+        value(
+            &s,
+            "redeliver_messages_confirmed_total",
+            &[("how", "receipt")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        value(
+            &s,
+            "redeliver_messages_confirmed_total",
+            &[("how", "marker")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &s,
+            "redeliver_messages_confirmed_total",
+            &[("how", "no_receipt")]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(
+            &s,
+            "redeliver_messages_refused_total",
+            &[("condition", "policy-violation")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(value(&s, "redeliver_pending_messages", &[]), Some(2.0));
+    assert_eq!(value(&s, "redeliver_pending_recipients", &[]), Some(1.0));
+    assert!(value(&s, "redeliver_pending_bytes", &[]).is_some_and(|b| b > 0.0));
+    // Relayed at least once each: bob's three, carol's, and dave's first
+    // attempts (which bounce).
+    assert!(
+        value(&s, "redeliver_messages_relayed_total", &[]).is_some_and(|v| v >= 4.0),
+        "{:?}",
+        value(&s, "redeliver_messages_relayed_total", &[])
+    );
+    assert_eq!(
+        observations(&s, "redeliver_accept_to_confirm_seconds"),
+        Some(4),
+        "one observation per confirmed message"
+    );
+    assert!(observations(&s, "redeliver_accept_to_relay_seconds").is_some_and(|n| n >= 4));
+    drop(relay);
+}
+
+on_both_servers!(a_scrape_says_what_the_relay_did);
+
+/// Every metric the shipped Grafana dashboard queries is one redeliver
+/// exports (src/prometheus.rs names them all).
+#[test]
+fn the_dashboard_queries_only_exported_metrics() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let names = std::fs::read_to_string(root.join("src/prometheus.rs")).unwrap();
+    let exported: Vec<&str> = names
+        .split('"')
+        .filter(|s| s.starts_with("redeliver_"))
+        .collect();
+    assert!(exported.len() >= 20, "{exported:?}");
+    let text =
+        std::fs::read_to_string(root.join("component-config/grafana-dashboard.json")).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let mut queried = 0;
+    for panel in dash["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if !word.starts_with("redeliver_") {
+                    continue;
+                }
+                let base = word.strip_suffix("_bucket").unwrap_or(word);
+                assert!(
+                    exported.contains(&base),
+                    "panel {:?} queries {word}, which redeliver does not export",
+                    panel["title"]
+                );
+                queried += 1;
+            }
+        }
+    }
+    assert!(queried >= 20, "{queried}");
+    // The four names the operators' alerts are built on.
+    for name in [
+        "redeliver_messages_accepted_total",
+        "redeliver_messages_confirmed_total",
+        "redeliver_pending_messages",
+        "redeliver_link_up",
+    ] {
+        assert!(text.contains(name), "the dashboard shows {name}");
+    }
+}
