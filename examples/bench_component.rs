@@ -10,6 +10,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "floor/mod.rs"]
+mod floor;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -18,6 +20,8 @@ use common::fake::{Event, FakeServer};
 use common::*;
 
 struct Run {
+    /// redeliver's CPU (all threads) per message while relaying, µs.
+    cpu_us: f64,
     seconds: f64,
     per_second: f64,
     p50_ms: f64,
@@ -68,6 +72,7 @@ async fn run(durability: &'static str, n: usize, recipients: usize, rate: u64) -
         }
     }
     let sent_at: std::sync::Arc<std::sync::Mutex<HashMap<usize, Instant>>> = Default::default();
+    let cpu0 = floor::cpu_s(relay.pid());
     let start = Instant::now();
     let sender = {
         let users = users.clone();
@@ -123,11 +128,13 @@ async fn run(durability: &'static str, n: usize, recipients: usize, rate: u64) -
         }
         receipt(&users, &el);
     }
+    let cpu = floor::cpu_s(relay.pid()) - cpu0;
     sender.await.unwrap();
     drop(relay);
     latencies.sort();
     let seconds = last.duration_since(start).as_secs_f64();
     Run {
+        cpu_us: cpu * 1e6 / n as f64,
         seconds,
         per_second: n as f64 / seconds,
         p50_ms: percentile(&latencies, 0.50),
@@ -149,11 +156,15 @@ async fn main() {
     let n: usize = env_or("BENCH_MESSAGES", 100_000);
     let recipients: usize = env_or("BENCH_RECIPIENTS", 1_000);
     let reps: usize = env_or("BENCH_REPS", 3);
+    let f = floor::Floor::measure();
+    println!("{}", f.describe());
     println!(
         "component alone: {n} messages across {recipients} recipients, receipts at once, median of {reps} (min..max)"
     );
-    println!("| mode | load | msg/s | seconds | p50 ms | p99 ms |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| mode | load | msg/s | ÷ sled accept+removal | seconds | p50 ms | p99 ms | redeliver CPU µs/msg | ÷ floor |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     for durability in ["batched", "fsync"] {
         for (label, rate) in [("as fast as it takes", 0u64), ("paced 2,000/s", 2_000)] {
@@ -170,8 +181,16 @@ async fn main() {
             let med = &runs[runs.len() / 2];
             let (lo, hi) = (&runs[0], &runs[runs.len() - 1]);
             println!(
-                "| {durability} | {label} | {:.0} ({:.0}..{:.0}) | {:.2} | {:.2} | {:.2} |",
-                med.per_second, lo.per_second, hi.per_second, med.seconds, med.p50_ms, med.p99_ms
+                "| {durability} | {label} | {:.0} ({:.0}..{:.0}) | {:.0}% | {:.2} | {:.2} | {:.2} | {:.0} | {:.1}× |",
+                med.per_second,
+                lo.per_second,
+                hi.per_second,
+                100.0 * med.per_second / f.sled_life_rate,
+                med.seconds,
+                med.p50_ms,
+                med.p99_ms,
+                med.cpu_us,
+                med.cpu_us / f.per_message_us()
             );
         }
     }

@@ -24,6 +24,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "floor/mod.rs"]
+mod floor;
 
 use std::time::{Duration, Instant};
 
@@ -67,20 +69,6 @@ async fn receive(bob: &mut Client, n: usize) -> Instant {
         }
     }
     last
-}
-
-/// CPU seconds (user + system, all threads) a process has used so far.
-fn cpu_s(pid: Option<u32>) -> f64 {
-    let Some(pid) = pid else { return 0.0 };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<f64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0.0))
-        .collect();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
-    (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
 }
 
 /// What one case measured.
@@ -127,11 +115,11 @@ async fn native(kind: Kind, n: usize) -> Case {
     }
     ping(&mut alice, "localhost", "after").await;
     let stored = t0.elapsed().as_secs_f64();
-    let cpu0 = cpu_s(server.pid());
+    let cpu0 = floor::cpu_s(server.pid());
     let mut bob = Client::connect(server.c2s_port, "bob", offline_bob()).await;
     let presence = Instant::now();
     let last = receive(&mut bob, n).await;
-    let server_cpu = cpu_s(server.pid()) - cpu0;
+    let server_cpu = floor::cpu_s(server.pid()) - cpu0;
     bob.close().await;
     alice.close().await;
     Case {
@@ -172,11 +160,14 @@ async fn relayed(kind: Kind, n: usize, window: usize) -> Case {
     }
     ping(&mut alice, "relay.localhost", "after").await;
     let stored = t0.elapsed().as_secs_f64();
-    let (cpu0, rcpu0) = (cpu_s(server.pid()), cpu_s(relay.pid()));
+    let (cpu0, rcpu0) = (floor::cpu_s(server.pid()), floor::cpu_s(relay.pid()));
     let mut bob = Client::connect(server.c2s_port, "bob", offline_bob()).await;
     let presence = Instant::now();
     let last = receive(&mut bob, n).await;
-    let (server_cpu, relay_cpu) = (cpu_s(server.pid()) - cpu0, cpu_s(relay.pid()) - rcpu0);
+    let (server_cpu, relay_cpu) = (
+        floor::cpu_s(server.pid()) - cpu0,
+        floor::cpu_s(relay.pid()) - rcpu0,
+    );
     bob.close().await;
     alice.close().await;
     drop(relay);
@@ -253,11 +244,11 @@ async fn ceiling(kind: Kind, n: usize) -> Case {
         let mut buf = vec![0u8; 65536];
         while rd.read(&mut buf).await.is_ok_and(|k| k > 0) {}
     });
-    let cpu0 = cpu_s(server.pid());
+    let cpu0 = floor::cpu_s(server.pid());
     let t0 = Instant::now();
     wr.write_all(&wire).await.unwrap();
     let last = receive(&mut bob, n).await;
-    let server_cpu = cpu_s(server.pid()) - cpu0;
+    let server_cpu = floor::cpu_s(server.pid()) - cpu0;
     drain.abort();
     bob.close().await;
     Case {
@@ -296,6 +287,8 @@ async fn main() {
         .map(|s| s.parse().expect("BENCH_N: numbers"))
         .collect();
     let cases = env_list("BENCH_CASES", "native,redeliver,ceiling");
+    let f = floor::Floor::measure();
+    println!("{}", f.describe());
     let kinds: Vec<Kind> = env_list("BENCH_SERVERS", "prosody")
         .iter()
         .map(|s| match s.as_str() {
@@ -351,11 +344,15 @@ async fn main() {
             let per_msg = |v: &[Case], f: fn(&Case) -> f64| {
                 stat(v.iter().map(f).collect()).median * 1e6 / n as f64
             };
-            cpu_rows.push(format!(
-                "| {kind:?} | {n} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            let (native_cpu, via_cpu) = (
                 per_msg(&nat, |c| c.server_cpu),
                 per_msg(&rel, |c| c.server_cpu),
-                per_msg(&rel, |c| c.relay_cpu),
+            );
+            let relay_cpu = per_msg(&rel, |c| c.relay_cpu);
+            cpu_rows.push(format!(
+                "| {kind:?} | {n} | {native_cpu:.0} | {via_cpu:.0} | {:.2} | {relay_cpu:.0} | {:.1}× | {:.0} |",
+                via_cpu / native_cpu,
+                relay_cpu / f.per_message_us(),
                 per_msg(&cei, |c| c.server_cpu),
             ));
         }
@@ -363,9 +360,9 @@ async fn main() {
     println!();
     println!("CPU per delivered message while delivering, µs (median):");
     println!(
-        "| server | N | server, native | server, via redeliver | redeliver | server, ceiling |"
+        "| server | N | server, native | server, via redeliver | via ÷ native | redeliver | redeliver ÷ floor | server, ceiling |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for row in cpu_rows {
         println!("{row}");
     }
