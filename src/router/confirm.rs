@@ -158,7 +158,12 @@ impl Router {
     pub(super) async fn confirm(&mut self, recipient: &str, seqs: &[u64], how: Confirmation) {
         let assumed = how == Confirmation::NoReceipt;
         let outcome = if assumed {
-            self.store.assume(recipient, seqs, now_ms())
+            self.store
+                .assume(recipient, seqs, now_ms())
+                .map(|pending| Confirmed {
+                    pending,
+                    counted: Vec::new(),
+                })
         } else {
             self.store.confirm(recipient, seqs)
         };
@@ -184,7 +189,7 @@ impl Router {
         self.gate.removed();
         let initial = self.config.retry_initial();
         if let Some(peer) = self.peers.get_mut(recipient) {
-            for (seq, _) in &removed {
+            for (seq, _) in removed.all() {
                 if assumed {
                     // Its send count stays: a late bounce may put it back,
                     // and then a receipt for it still counts.
@@ -199,16 +204,19 @@ impl Router {
         }
         // The recipient's own receipt or marker is relayed to the sender
         // as it came (see on_message), so nothing is sent here.
+        // Each message counts once, when it leaves the queue: those
+        // counted delivered earlier (`counted`) were counted then.
         let now = now_ms();
         self.stats.confirmed(
             how,
             removed
+                .pending
                 .iter()
                 .map(|(_, rec)| now.saturating_sub(rec.accepted_at_ms)),
         );
         if assumed {
             let keep_s = self.config.late_bounce_window().as_secs();
-            for (seq, rec) in removed {
+            for (seq, rec) in removed.pending {
                 info!(
                     to = recipient,
                     id = %rec.id,
@@ -219,8 +227,16 @@ impl Router {
                 );
             }
         } else {
-            for (seq, rec) in removed {
+            for (seq, rec) in removed.pending {
                 info!(to = recipient, id = %rec.id, seq, "confirmed");
+            }
+            for (seq, rec) in removed.counted {
+                info!(
+                    to = recipient,
+                    id = %rec.id,
+                    seq,
+                    "confirmed; it had been counted delivered without a receipt"
+                );
             }
         }
         self.refill(recipient).await;

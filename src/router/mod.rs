@@ -54,7 +54,7 @@ use crate::privilege::{self, Grants};
 use crate::ratelimit::RateLimiter;
 use crate::stats::{Confirmation, Stats};
 use crate::store::{
-    Accepted, Answers, Contact, Habit, NewMessage, PurgeScope, QueueLimits, QueueStore,
+    Accepted, Answers, Confirmed, Contact, Habit, NewMessage, PurgeScope, QueueLimits, QueueStore,
     RecipientState, Record, StoreError, StoreView, Subscription, bare_of,
 };
 use crate::twin::{self, AnotherInstance, Instance, Verdict};

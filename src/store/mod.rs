@@ -128,6 +128,30 @@ pub struct Expiry {
     keys: Vec<Vec<u8>>,
 }
 
+/// What a confirmation removed: messages still pending, and messages
+/// counted delivered earlier without a receipt (their tombstones), which
+/// the confirmation now settles for good.
+#[derive(Debug, Default)]
+pub struct Confirmed {
+    pub pending: Vec<(u64, Record)>,
+    pub counted: Vec<(u64, Record)>,
+}
+
+impl Confirmed {
+    pub fn len(&self) -> usize {
+        self.pending.len() + self.counted.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every removed message, the pending ones first.
+    pub fn all(&self) -> impl Iterator<Item = &(u64, Record)> {
+        self.pending.iter().chain(&self.counted)
+    }
+}
+
 /// One step of the expiry walk.
 #[derive(Debug, Default)]
 pub struct Expired {

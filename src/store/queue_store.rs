@@ -19,9 +19,9 @@
 //! fsync and runs off the async runtime.
 
 use super::{
-    Accepted, AssumedTotals, CheckReport, Contact, Expired, Habit, NewMessage, Pruned, PurgeScope,
-    QueueLimits, QueueSummary, RecipientState, Record, Remembered, StoreError, Subscription,
-    Totals,
+    Accepted, AssumedTotals, CheckReport, Confirmed, Contact, Expired, Habit, NewMessage, Pruned,
+    PurgeScope, QueueLimits, QueueSummary, RecipientState, Record, Remembered, StoreError,
+    Subscription, Totals,
 };
 
 /// What the admin commands may read; nothing here writes.
@@ -139,7 +139,7 @@ pub trait QueueStore: StoreView {
     fn get(&self, recipient: &str, seq: u64) -> Result<Option<Record>, StoreError>;
     /// Remove confirmed messages (and the tombstones of those counted
     /// delivered earlier); their ids stay remembered for dedup.
-    fn confirm(&self, recipient: &str, seqs: &[u64]) -> Result<Vec<(u64, Record)>, StoreError>;
+    fn confirm(&self, recipient: &str, seqs: &[u64]) -> Result<Confirmed, StoreError>;
     /// Remove a message refused for good, and forget its ids.
     fn forget(&self, recipient: &str, seq: u64) -> Result<Option<Record>, StoreError>;
     /// Remove what `scope` takes from a queue; the seqs removed.

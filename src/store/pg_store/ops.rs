@@ -12,8 +12,8 @@ use crate::store::Remembered;
 use super::rows::*;
 use super::{Db, Delta, PgStore, key_digest};
 use crate::store::{
-    Accepted, Answers, Contact, Expired, Habit, MAX_HABITS, NewMessage, Pruned, PurgeScope,
-    QueueLimits, QueueStore, Record, StoreError, Subscription, bare_of,
+    Accepted, Answers, Confirmed, Contact, Expired, Habit, MAX_HABITS, NewMessage, Pruned,
+    PurgeScope, QueueLimits, QueueStore, Record, StoreError, Subscription, bare_of,
 };
 
 /// Remove pending messages (those still there) with their counters; if
@@ -24,9 +24,9 @@ async fn removal(
     recipient: &str,
     seqs: &[u64],
     tombstones: bool,
-) -> PgResult<Vec<(u64, Record)>> {
+) -> PgResult<Confirmed> {
     if seqs.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Confirmed::default());
     }
     let keys: Vec<i64> = seqs.iter().map(|s| sq(*s)).collect();
     let rows = db
@@ -36,7 +36,8 @@ async fn removal(
             &[&recipient, &keys],
         )
         .await?;
-    let mut removed = in_order(rows, seqs);
+    let removed = in_order(rows, seqs);
+    let mut counted = Vec::new();
     count(
         db,
         d,
@@ -62,9 +63,12 @@ async fn removal(
         let dropped = in_order(rows, &gone);
         d.assumed -= dropped.len() as i64;
         d.assumed_bytes -= stanza_bytes(&dropped);
-        removed.extend(dropped);
+        counted = dropped;
     }
-    Ok(removed)
+    Ok(Confirmed {
+        pending: removed,
+        counted,
+    })
 }
 
 /// Seqs of `recipient`'s rows in `table` from `sender_bare` up to `upto`.
@@ -350,7 +354,7 @@ impl QueueStore for PgStore {
         })
     }
 
-    fn confirm(&self, recipient: &str, seqs: &[u64]) -> Result<Vec<(u64, Record)>, StoreError> {
+    fn confirm(&self, recipient: &str, seqs: &[u64]) -> Result<Confirmed, StoreError> {
         self.run(async |db, b| removal(db, &mut b.delta, recipient, seqs, true).await)
     }
 
@@ -359,6 +363,7 @@ impl QueueStore for PgStore {
         self.run(async |db, b| {
             let d = &mut b.delta;
             let removed = removal(db, d, recipient, &[seq], true).await?;
+            let removed: Vec<_> = removed.all().cloned().collect();
             let k: [&(dyn ToSql + Sync); 1] = [&key];
             futures::try_join!(
                 db.exec("DELETE FROM redeliver_dedup WHERE seq = $1", &k),
@@ -381,7 +386,7 @@ impl QueueStore for PgStore {
                 .await?;
             let seqs: Vec<u64> = rows.iter().map(|r| useq(r.get(0))).collect();
             let removed = removal(db, d, recipient, &seqs, true).await?;
-            Ok(removed.into_iter().map(|(s, _)| s).collect())
+            Ok(removed.all().map(|(s, _)| *s).collect())
         })
     }
 

@@ -59,6 +59,7 @@ impl SledStore {
         now_ms: i64,
     ) -> Result<Vec<(u64, Record)>, StoreError> {
         let (mut batch, removed) = self.removal(recipient, seqs, false)?;
+        let removed = removed.pending;
         let mut kept = self.assumed_totals()?;
         for (seq, record) in &removed {
             kept.add(record);

@@ -358,8 +358,12 @@ impl SledStore {
 
     /// Remove confirmed messages; their id index entries stay so that a
     /// resubmission is still recognised. Returns the removed records.
-    pub fn confirm(&self, recipient: &str, seqs: &[u64]) -> Result<Vec<(u64, Record)>, StoreError> {
-        self.remove(recipient, seqs)
+    pub fn confirm(&self, recipient: &str, seqs: &[u64]) -> Result<Confirmed, StoreError> {
+        let (batch, removed) = self.removal(recipient, seqs, true)?;
+        if !batch.0.is_empty() {
+            self.write(batch)?;
+        }
+        Ok(removed)
     }
 
     /// Remove a message the recipient's side refused for good, and forget
@@ -392,7 +396,7 @@ impl SledStore {
         if !batch.0.is_empty() {
             self.write(batch)?;
         }
-        Ok(removed)
+        Ok(removed.all().cloned().collect())
     }
 
     /// The writes that [`SledStore::remove`] applies, and what they remove;
@@ -402,7 +406,7 @@ impl SledStore {
         recipient: &str,
         seqs: &[u64],
         tombstones: bool,
-    ) -> Result<(Writes, Vec<(u64, Record)>), StoreError> {
+    ) -> Result<(Writes, Confirmed), StoreError> {
         let before = self.recipient(recipient)?;
         let mut state = before;
         let mut batch = Writes::default();
@@ -423,9 +427,14 @@ impl SledStore {
         }
         // Counted delivered earlier, confirmed (or purged) now: a late
         // bounce no longer puts them back.
-        if tombstones {
-            removed.extend(self.drop_tombstones(recipient, &gone, &mut batch)?);
-        }
+        let removed = Confirmed {
+            pending: removed,
+            counted: if tombstones {
+                self.drop_tombstones(recipient, &gone, &mut batch)?
+            } else {
+                Vec::new()
+            },
+        };
         if !removed.is_empty() {
             let mut totals = self.totals()?;
             totals.apply(&before, &state);

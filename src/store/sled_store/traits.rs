@@ -113,7 +113,7 @@ impl QueueStore for SledStore {
     fn get(&self, recipient: &str, seq: u64) -> Result<Option<Record>, StoreError> {
         SledStore::get(self, recipient, seq)
     }
-    fn confirm(&self, recipient: &str, seqs: &[u64]) -> Result<Vec<(u64, Record)>, StoreError> {
+    fn confirm(&self, recipient: &str, seqs: &[u64]) -> Result<Confirmed, StoreError> {
         SledStore::confirm(self, recipient, seqs)
     }
     fn forget(&self, recipient: &str, seq: u64) -> Result<Option<Record>, StoreError> {
