@@ -27,6 +27,8 @@ pub const STORE_FAILURES: &str = "redeliver_store_failures_total";
 pub const PENDING_MESSAGES: &str = "redeliver_pending_messages";
 pub const PENDING_BYTES: &str = "redeliver_pending_bytes";
 pub const PENDING_RECIPIENTS: &str = "redeliver_pending_recipients";
+pub const KEPT_MESSAGES: &str = "redeliver_kept_messages";
+pub const KEPT_BYTES: &str = "redeliver_kept_bytes";
 pub const OLDEST_PENDING_AGE: &str = "redeliver_oldest_pending_age_seconds";
 pub const RECIPIENTS_ONLINE: &str = "redeliver_recipients_online";
 pub const IN_FLIGHT: &str = "redeliver_in_flight_messages";
@@ -36,11 +38,12 @@ pub const LEADER: &str = "redeliver_leader";
 pub const ACCEPT_TO_RELAY: &str = "redeliver_accept_to_relay_seconds";
 pub const ACCEPT_TO_CONFIRM: &str = "redeliver_accept_to_confirm_seconds";
 
-/// From a millisecond to a day: a message may wait for days for an
-/// offline recipient, or be relayed within the millisecond.
-const LATENCY_BUCKETS: [f64; 16] = [
+/// From a millisecond to 30 days: a message may wait for days for an
+/// offline recipient (the default TTL is 7), or be relayed within the
+/// millisecond.
+const LATENCY_BUCKETS: [f64; 19] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0, 1800.0, 7200.0,
-    86400.0,
+    86400.0, 259200.0, 604800.0, 2592000.0,
 ];
 
 /// Serve the metrics on `listen` (HTTP, any path) from now on. Call it
@@ -128,6 +131,17 @@ fn describe() {
             PENDING_RECIPIENTS,
             Unit::Count,
             "Recipients with at least one pending message.",
+        ),
+        (
+            KEPT_MESSAGES,
+            Unit::Count,
+            "Messages counted delivered without a receipt, kept for a late bounce.",
+        ),
+        (
+            KEPT_BYTES,
+            Unit::Bytes,
+            "Bytes of those kept messages; limits.max_store_bytes applies to pending and kept \
+             bytes together.",
         ),
         (
             OLDEST_PENDING_AGE,

@@ -60,6 +60,18 @@ pub struct Stats {
     pub forwarded_total: u64,
 }
 
+/// The stanza error conditions redeliver refuses messages with.
+const REFUSALS: [&str; 8] = [
+    "bad-request",
+    "conflict",
+    "jid-malformed",
+    "not-acceptable",
+    "not-allowed",
+    "policy-violation",
+    "resource-constraint",
+    "service-unavailable",
+];
+
 /// Every counter series without a label that depends on traffic, at
 /// zero: a dashboard's `rate()` then sees the first increment.
 pub fn start_counters_at_zero() {
@@ -74,8 +86,14 @@ pub fn start_counters_at_zero() {
         m::LATE_BOUNCES,
         m::NOTICES,
         m::HANDED_OVER,
+        m::STORE_FAILURES,
     ] {
         counter!(name).increment(0);
+    }
+    // The conditions a message can be refused with, so that the first
+    // refusal of each is an increase too.
+    for condition in REFUSALS {
+        counter!(m::REFUSED, "condition" => condition).increment(0);
     }
     for how in Confirmation::ALL {
         counter!(m::CONFIRMED, "how" => how.as_str()).increment(0);
@@ -94,15 +112,15 @@ impl Stats {
         counter!(m::ACCEPTED).increment(1);
     }
 
-    /// A stored message sent: for the first time (`waited_ms` since it was
-    /// accepted), or again.
-    pub fn sent(&mut self, replay: bool, waited_ms: i64) {
-        if replay {
-            self.replays_total += 1;
-            counter!(m::REPLAYED).increment(1);
-        } else {
+    /// A stored message sent: by this process for the `first` time
+    /// (`waited_ms` since it was accepted), or again.
+    pub fn sent(&mut self, first: bool, waited_ms: i64) {
+        if first {
             counter!(m::RELAYED).increment(1);
             histogram!(m::ACCEPT_TO_RELAY).record(seconds(waited_ms));
+        } else {
+            self.replays_total += 1;
+            counter!(m::REPLAYED).increment(1);
         }
     }
 
@@ -163,8 +181,9 @@ impl Stats {
         counter!(m::HANDED_OVER).increment(1);
     }
 
-    /// A store operation (`what`: commit, confirm, fsync, …) failed.
-    pub fn store_failed(&mut self, what: &'static str) {
-        counter!(m::STORE_FAILURES, "operation" => what).increment(1);
+    /// A store operation (`what`: commit, confirm, fsync, …; the log
+    /// names it) failed.
+    pub fn store_failed(&mut self, _what: &'static str) {
+        counter!(m::STORE_FAILURES).increment(1);
     }
 }

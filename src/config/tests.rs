@@ -55,9 +55,18 @@ fn metrics_listen_is_off_by_default_and_a_literal_address() {
     .unwrap();
     let err = c.validate().unwrap_err().to_string();
     assert!(err.contains("metrics.listen"), "{err}");
-    let mut d = c.clone();
-    d.metrics.listen = Some("127.0.0.1:9465".into());
-    assert!(c.changes(&d).iter().all(Change::needs_restart));
+    // Turning it on, or moving it, needs a restart.
+    let off: Config = toml::from_str(MINIMAL).unwrap();
+    let mut on = off.clone();
+    on.metrics.listen = Some("127.0.0.1:9465".into());
+    let ch = off.changes(&on);
+    assert_eq!(ch.len(), 1, "{ch:?}");
+    assert!(ch[0].needs_restart(), "{ch:?}");
+    let mut moved = on.clone();
+    moved.metrics.listen = Some("127.0.0.1:9466".into());
+    let ch = on.changes(&moved);
+    assert_eq!(ch.len(), 1, "{ch:?}");
+    assert!(ch[0].needs_restart(), "{ch:?}");
 }
 
 #[test]

@@ -117,6 +117,9 @@ impl Router {
                 .with_to(from);
             self.send(iq).await;
         } else {
+            if kind == "message" {
+                self.stats.refused("bad-request".into());
+            }
             let mut m = Message::error(Some(from)).with_payload(err);
             m.from = Some(to);
             m.id = id.map(Id);

@@ -156,11 +156,16 @@ impl Router {
             } else {
                 Needs::Nothing
             };
-            self.stats
-                .sent(replay, now_ms().saturating_sub(rec.accepted_at_ms));
             let fresh = self.fresh.take(seq);
             match self.outgoing(seq, &rec, replay, fresh) {
                 Some(mut m) => {
+                    let first = self
+                        .peers
+                        .get(recipient)
+                        .and_then(|p| p.attempts.get(&seq))
+                        .is_none_or(|a| *a <= 1);
+                    self.stats
+                        .sent(first, now_ms().saturating_sub(rec.accepted_at_ms));
                     if let Some(full) = target
                         .as_ref()
                         .and_then(|r| Jid::from_str(&format!("{recipient}/{r}")).ok())

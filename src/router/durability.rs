@@ -25,6 +25,8 @@ impl Router {
         match self.store.get(recipient, seq) {
             Ok(Some(rec)) => {
                 warn!(to = %recipient, id = %rec.id, seq, "not stored durably; sender told");
+                // Counted accepted before its commit failed.
+                self.stats.refused("resource-constraint".into());
                 self.notify_sender(
                     recipient,
                     &rec,

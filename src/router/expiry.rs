@@ -174,6 +174,9 @@ impl Router {
         );
         match outcome {
             Ok(Accepted::Stored { seq }) => {
+                // A stored message like any other: accepted, relayed and
+                // confirmed, so that confirmed never outgrows accepted.
+                self.stats.accepted();
                 self.stats.notice();
                 info!(to = %queue, id, about = %rec.id, seq, "notice kept for the sender");
                 // From the recipient's relay address: a relay contact of

@@ -43,6 +43,13 @@ impl Router {
             }
             Err(e) => warn!(error = %e, "cannot read the store's totals for the metrics"),
         }
+        match self.store.assumed_totals() {
+            Ok(k) => {
+                gauge!(m::KEPT_MESSAGES).set(k.messages as f64);
+                gauge!(m::KEPT_BYTES).set(k.bytes as f64);
+            }
+            Err(e) => warn!(error = %e, "cannot read the kept messages' totals for the metrics"),
+        }
         match self.store.oldest() {
             Ok(oldest) => {
                 let age_ms = oldest
