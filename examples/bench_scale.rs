@@ -148,6 +148,9 @@ async fn main() {
     let ready = started.elapsed();
     fake.connected(SECS(5)).await.expect("connected");
     let pid = relay.pid().expect("running");
+    // Memory with the store open and the link up, before the recipients'
+    // state is built (probing has only begun).
+    let rss_ready = status_kib(pid, "VmRSS:");
     // Startup: every recipient is probed (and answers "unavailable").
     let probing = Instant::now();
     while fake.auto_answered() < recipients as u64 {
@@ -160,6 +163,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let probed = probing.elapsed();
+    let rss_probed = status_kib(pid, "VmRSS:");
     // Then quiet, and anything it sent meanwhile counted.
     let mut stray = 0usize;
     while let Some(ev) = fake.next(Duration::from_millis(500)).await {
@@ -225,6 +229,12 @@ async fn main() {
         "| peak RSS / RSS after the replay | {:.1} MiB / {:.1} MiB |",
         rss_peak as f64 / 1024.0,
         rss_now as f64 / 1024.0
+    );
+    println!(
+        "| RSS at link up (store open: sled's page table and cache) / after every recipient was probed | {:.1} MiB / {:.1} MiB ({:.0} bytes per recipient) |",
+        rss_ready as f64 / 1024.0,
+        rss_probed as f64 / 1024.0,
+        (rss_probed.saturating_sub(rss_ready) * 1024) as f64 / recipients as f64
     );
     println!(
         "| presence to {per_recipient}th message, less replay_grace_ms ({GRACE_MS} ms) | {:.1} ms |",
