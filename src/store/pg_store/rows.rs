@@ -92,7 +92,13 @@ pub(super) async fn count(
             &[&recipient, &n, &bytes],
         )
         .await?;
-    let after: i64 = row.first().map_or(0, |r| r.get(0));
+    counted(d, row.first().map_or(0, |r| r.get(0)), n, bytes);
+    Ok(())
+}
+
+/// A recipient's counters moved by `n` messages and `bytes` to `after`
+/// pending: the burst's delta of the totals follows.
+pub(super) fn counted(d: &mut Delta, after: i64, n: i64, bytes: i64) {
     let before = after - n;
     match (before > 0, after > 0) {
         (false, true) => d.recipients += 1,
@@ -101,5 +107,4 @@ pub(super) async fn count(
     }
     d.pending += n;
     d.bytes += bytes;
-    Ok(())
 }
