@@ -10,66 +10,11 @@ use tokio_postgres::types::ToSql;
 use crate::store::Remembered;
 
 use super::rows::*;
-use super::{Db, Delta, PgStore, key_digest};
+use super::{PgStore, key_digest};
 use crate::store::{
     Accepted, Answers, Confirmed, Contact, Expired, Habit, MAX_HABITS, NewMessage, Pruned,
     PurgeScope, QueueLimits, QueueStore, Record, StoreError, Subscription, bare_of,
 };
-
-/// Remove pending messages (those still there) with their counters; if
-/// `tombstones`, the tombstones of the others too.
-async fn removal(
-    db: &Db<'_>,
-    d: &mut Delta,
-    recipient: &str,
-    seqs: &[u64],
-    tombstones: bool,
-) -> PgResult<Confirmed> {
-    if seqs.is_empty() {
-        return Ok(Confirmed::default());
-    }
-    let keys: Vec<i64> = seqs.iter().map(|s| sq(*s)).collect();
-    let rows = db
-        .write(
-            "DELETE FROM redeliver_pending WHERE recipient = $1 AND seq = ANY($2) \
-             RETURNING seq, accepted_at_ms, sender, id, stanza",
-            &[&recipient, &keys],
-        )
-        .await?;
-    let removed = in_order(rows, seqs);
-    let mut counted = Vec::new();
-    count(
-        db,
-        d,
-        recipient,
-        -(removed.len() as i64),
-        -stanza_bytes(&removed),
-    )
-    .await?;
-    if tombstones && removed.len() < seqs.len() {
-        let gone: Vec<u64> = seqs
-            .iter()
-            .copied()
-            .filter(|s| !removed.iter().any(|(r, _)| r == s))
-            .collect();
-        let keys: Vec<i64> = gone.iter().map(|s| sq(*s)).collect();
-        let rows = db
-            .write(
-                "DELETE FROM redeliver_tombstones WHERE recipient = $1 AND seq = ANY($2) \
-                 RETURNING seq, accepted_at_ms, sender, id, stanza",
-                &[&recipient, &keys],
-            )
-            .await?;
-        let dropped = in_order(rows, &gone);
-        d.assumed -= dropped.len() as i64;
-        d.assumed_bytes -= stanza_bytes(&dropped);
-        counted = dropped;
-    }
-    Ok(Confirmed {
-        pending: removed,
-        counted,
-    })
-}
 
 /// Seqs of `recipient`'s rows in `table` from `sender_bare` up to `upto`.
 fn from_sender(rows: &[Row], sender_bare: &str) -> Vec<u64> {

@@ -1,12 +1,13 @@
 //! What the PostgreSQL operations share: rows to the store's types and
-//! back, and the per-recipient counters every write keeps.
+//! back, the per-recipient counters every write keeps, and removing
+//! messages with their counters.
 
 use std::collections::HashMap;
 
 use tokio_postgres::Row;
 
 use super::{Db, Delta};
-use crate::store::{Answers, Record, Subscription};
+use crate::store::{Answers, Confirmed, Record, Subscription};
 
 pub(super) type PgResult<T> = Result<T, tokio_postgres::Error>;
 
@@ -107,4 +108,59 @@ pub(super) fn counted(d: &mut Delta, after: i64, n: i64, bytes: i64) {
     }
     d.pending += n;
     d.bytes += bytes;
+}
+
+/// Remove pending messages (those still there) with their counters; if
+/// `tombstones`, the tombstones of the others too.
+pub(super) async fn removal(
+    db: &Db<'_>,
+    d: &mut Delta,
+    recipient: &str,
+    seqs: &[u64],
+    tombstones: bool,
+) -> PgResult<Confirmed> {
+    if seqs.is_empty() {
+        return Ok(Confirmed::default());
+    }
+    let keys: Vec<i64> = seqs.iter().map(|s| sq(*s)).collect();
+    let rows = db
+        .write(
+            "DELETE FROM redeliver_pending WHERE recipient = $1 AND seq = ANY($2) \
+             RETURNING seq, accepted_at_ms, sender, id, stanza",
+            &[&recipient, &keys],
+        )
+        .await?;
+    let removed = in_order(rows, seqs);
+    let mut counted = Vec::new();
+    count(
+        db,
+        d,
+        recipient,
+        -(removed.len() as i64),
+        -stanza_bytes(&removed),
+    )
+    .await?;
+    if tombstones && removed.len() < seqs.len() {
+        let gone: Vec<u64> = seqs
+            .iter()
+            .copied()
+            .filter(|s| !removed.iter().any(|(r, _)| r == s))
+            .collect();
+        let keys: Vec<i64> = gone.iter().map(|s| sq(*s)).collect();
+        let rows = db
+            .write(
+                "DELETE FROM redeliver_tombstones WHERE recipient = $1 AND seq = ANY($2) \
+                 RETURNING seq, accepted_at_ms, sender, id, stanza",
+                &[&recipient, &keys],
+            )
+            .await?;
+        let dropped = in_order(rows, &gone);
+        d.assumed -= dropped.len() as i64;
+        d.assumed_bytes -= stanza_bytes(&dropped);
+        counted = dropped;
+    }
+    Ok(Confirmed {
+        pending: removed,
+        counted,
+    })
 }
