@@ -68,16 +68,17 @@ fn describe() {
         (ACCEPTED, "Messages accepted and stored."),
         (
             RELAYED,
-            "Stored messages sent to their recipient for the first time.",
+            "Stored messages sent to their recipient for the first time by this process.",
         ),
         (
             REPLAYED,
-            "Sends of a stored message after its first (after a bounce, a timeout or a restart).",
+            "Sends of a stored message after its first (after a bounce or a receipt timeout).",
         ),
         (
             CONFIRMED,
-            "Messages removed as delivered, by how: receipt, marker (chat marker), or no_receipt \
-             (sent to a client not known to answer, and no error came back).",
+            "Messages removed from their queue as delivered, by how: receipt, marker (chat \
+             marker), or no_receipt (sent to a client not known to answer, and no error came \
+             back). A message put back by a late bounce counts again when it leaves again.",
         ),
         (
             REFUSED,
@@ -110,7 +111,7 @@ fn describe() {
         ),
         (
             STORE_FAILURES,
-            "Store writes, reads or flushes that failed, by operation.",
+            "Store writes, reads or flushes that failed (the log names the operation).",
         ),
     ];
     for (name, help) in counters {

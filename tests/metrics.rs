@@ -262,6 +262,52 @@ async fn a_scrape_says_what_the_relay_did(kind: Kind) {
         observations(&s, "redeliver_accept_to_confirm_seconds"),
         Some(7)
     );
+
+    // A late bounce puts a message counted delivered back in its queue:
+    // it goes again (a replay, not a first send), and counts once more
+    // when its marker takes it out; confirmed less late bounces stays
+    // within accepted.
+    alice.message(CAROL, "c3", "bounced late");
+    assert_eq!(carol.body_ids(1, SECS(10)).await, ["c3"]);
+    wait_log_line(&relay, &["counted delivered", "id=c3 "]).await;
+    carol.send(xml(
+        "<message xmlns='jabber:client' type='error' to='alice@relay.localhost' id='c3'>\
+         <error type='wait'><recipient-unavailable \
+         xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>",
+    ));
+    assert_eq!(carol.body_ids(1, SECS(10)).await, ["c3"], "sent again");
+    carol.send(xml(
+        "<message xmlns='jabber:client' to='alice@relay.localhost' id='mk3'>\
+         <displayed xmlns='urn:xmpp:chat-markers:0' id='c3'/></message>",
+    ));
+    let s = scrape_until(port, |s| {
+        value(
+            s,
+            "redeliver_messages_confirmed_total",
+            &[("how", "marker")],
+        ) == Some(2.0)
+    })
+    .await;
+    assert_eq!(value(&s, "redeliver_late_bounces_total", &[]), Some(1.0));
+    assert_eq!(
+        value(&s, "redeliver_messages_accepted_total", &[]),
+        Some(8.0)
+    );
+    assert_eq!(
+        value(&s, "redeliver_messages_relayed_total", &[]),
+        Some(8.0),
+        "the resend is no first send"
+    );
+    assert!(value(&s, "redeliver_messages_replayed_total", &[]).is_some_and(|v| v >= 1.0));
+    let confirmed: f64 = ["receipt", "marker", "no_receipt"]
+        .iter()
+        .filter_map(|how| value(&s, "redeliver_messages_confirmed_total", &[("how", how)]))
+        .sum();
+    assert_eq!(confirmed, 9.0, "8 accepted, one of them put back once");
+    assert_eq!(
+        observations(&s, "redeliver_accept_to_confirm_seconds"),
+        Some(9)
+    );
     drop(relay);
 }
 

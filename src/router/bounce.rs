@@ -97,6 +97,9 @@ impl Router {
         // sent to, else when it is back.
         let initial = self.config.retry_initial();
         let peer = peer_entry(&mut self.peers, recipient, initial);
+        // It was sent before (its entry may have gone meanwhile): the next
+        // send is a replay.
+        peer.attempts.entry(seq).or_insert(1);
         match peer.phase {
             Phase::Sending => {
                 peer.cursor = peer.cursor.min(seq);

@@ -164,8 +164,13 @@ impl Router {
                         .get(recipient)
                         .and_then(|p| p.attempts.get(&seq))
                         .is_none_or(|a| *a <= 1);
-                    self.stats
-                        .sent(first, now_ms().saturating_sub(rec.accepted_at_ms));
+                    let waited_ms = now_ms().saturating_sub(rec.accepted_at_ms);
+                    if needs == Needs::Accept {
+                        // Leaves only if the burst commits.
+                        self.burst_relays.push((first, waited_ms));
+                    } else {
+                        self.stats.sent(first, waited_ms);
+                    }
                     if let Some(full) = target
                         .as_ref()
                         .and_then(|r| Jid::from_str(&format!("{recipient}/{r}")).ok())

@@ -175,7 +175,8 @@ impl Router {
         match outcome {
             Ok(Accepted::Stored { seq }) => {
                 // A stored message like any other: accepted, relayed and
-                // confirmed, so that confirmed never outgrows accepted.
+                // confirmed, so that confirmed (less late bounces) never
+                // outgrows accepted.
                 self.stats.accepted();
                 self.stats.notice();
                 info!(to = %queue, id, about = %rec.id, seq, "notice kept for the sender");

@@ -199,6 +199,9 @@ pub struct Router {
     out_buf: Vec<(Outbound, Needs)>,
     /// Messages accepted in the current burst: (seq, recipient).
     burst_accepted: Vec<(u64, String)>,
+    /// First sends of the current burst's new messages, (first, waited
+    /// ms): counted once the burst commits, since they leave only then.
+    burst_relays: Vec<(bool, i64)>,
     /// Messages just accepted, as parsed, so that relaying one at once
     /// does not parse its stored XML back.
     fresh: Fresh,
@@ -389,6 +392,7 @@ impl Router {
             outbox,
             out_buf: Vec::new(),
             burst_accepted: Vec::new(),
+            burst_relays: Vec::new(),
             fresh: Fresh::default(),
             probe_queue: VecDeque::new(),
             probe_waiting: Vec::new(),
@@ -534,12 +538,16 @@ impl Router {
     /// for its removals (those messages come back after the restart).
     async fn end_burst(&mut self) {
         let accepted = std::mem::take(&mut self.burst_accepted);
+        let relays = std::mem::take(&mut self.burst_relays);
         let forwarded = std::mem::take(&mut self.burst_forwarded);
         let handed = std::mem::take(&mut self.burst_handed);
         let committed = self.store.commit();
         if committed.is_ok() {
             for stanza in handed {
                 debug!(%stanza, "handed to the leader");
+            }
+            for (first, waited_ms) in relays {
+                self.stats.sent(first, waited_ms);
             }
         }
         if let Err(e) = committed {
