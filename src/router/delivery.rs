@@ -145,12 +145,13 @@ impl Router {
                 peer.cursor = seq + 1;
                 let attempts = peer.attempts.entry(seq).or_insert(0);
                 *attempts += 1;
-                let replay = *attempts > 1 || seq < peer.replay_below;
-                to_send.push((seq, rec, replay));
+                let first = *attempts == 1;
+                let replay = !first || seq < peer.replay_below;
+                to_send.push((seq, rec, replay, first));
             }
         }
         let sent = to_send.len();
-        for (seq, rec, replay) in to_send {
+        for (seq, rec, replay, first) in to_send {
             let needs = if self.burst_accepted.iter().any(|(s, _)| *s == seq) {
                 Needs::Accept
             } else {
@@ -159,11 +160,6 @@ impl Router {
             let fresh = self.fresh.take(seq);
             match self.outgoing(seq, &rec, replay, fresh) {
                 Some(mut m) => {
-                    let first = self
-                        .peers
-                        .get(recipient)
-                        .and_then(|p| p.attempts.get(&seq))
-                        .is_none_or(|a| *a <= 1);
                     let waited_ms = now_ms().saturating_sub(rec.accepted_at_ms);
                     if needs == Needs::Accept {
                         // Leaves only if the burst commits.
