@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use metrics::{counter, histogram};
+use tokio_xmpp::parsers::stanza_error::DefinedCondition;
 
 use crate::prometheus as m;
 
@@ -61,15 +62,15 @@ pub struct Stats {
 }
 
 /// The stanza error conditions redeliver refuses messages with.
-const REFUSALS: [&str; 8] = [
-    "bad-request",
-    "conflict",
-    "jid-malformed",
-    "not-acceptable",
-    "not-allowed",
-    "policy-violation",
-    "resource-constraint",
-    "service-unavailable",
+const REFUSALS: [DefinedCondition; 8] = [
+    DefinedCondition::BadRequest,
+    DefinedCondition::Conflict,
+    DefinedCondition::JidMalformed,
+    DefinedCondition::NotAcceptable,
+    DefinedCondition::NotAllowed,
+    DefinedCondition::PolicyViolation,
+    DefinedCondition::ResourceConstraint,
+    DefinedCondition::ServiceUnavailable,
 ];
 
 /// Every counter series without a label that depends on traffic, at
@@ -92,12 +93,26 @@ pub fn start_counters_at_zero() {
     }
     // The conditions a message can be refused with, so that the first
     // refusal of each is an increase too.
-    for condition in REFUSALS {
-        counter!(m::REFUSED, "condition" => condition).increment(0);
+    for condition in &REFUSALS {
+        counter!(m::REFUSED, "condition" => condition_name(condition)).increment(0);
     }
     for how in Confirmation::ALL {
         counter!(m::CONFIRMED, "how" => how.as_str()).increment(0);
     }
+}
+
+/// A stanza error condition's element name (`resource-constraint`), from
+/// its variant's name: the label of a refusal.
+fn condition_name(c: &DefinedCondition) -> String {
+    let variant = format!("{c:?}");
+    let mut name = String::new();
+    for ch in variant.chars().take_while(char::is_ascii_alphanumeric) {
+        if ch.is_ascii_uppercase() && !name.is_empty() {
+            name.push('-');
+        }
+        name.push(ch.to_ascii_lowercase());
+    }
+    name
 }
 
 /// Milliseconds as the seconds a latency histogram takes (0 for a clock
@@ -139,11 +154,10 @@ impl Stats {
         counter!(m::CONFIRMED, "how" => how.as_str()).increment(n);
     }
 
-    /// A message refused with `condition` (a stanza error condition's
-    /// element name).
-    pub fn refused(&mut self, condition: String) {
+    /// A message refused with `condition`.
+    pub fn refused(&mut self, condition: &DefinedCondition) {
         self.refused_total += 1;
-        counter!(m::REFUSED, "condition" => condition).increment(1);
+        counter!(m::REFUSED, "condition" => condition_name(condition)).increment(1);
     }
 
     pub fn expired(&mut self) {
@@ -185,5 +199,26 @@ impl Stats {
     /// names it) failed.
     pub fn store_failed(&mut self, _what: &'static str) {
         counter!(m::STORE_FAILURES).increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn condition_names_are_the_element_names() {
+        assert_eq!(
+            condition_name(&DefinedCondition::ResourceConstraint),
+            "resource-constraint"
+        );
+        assert_eq!(
+            condition_name(&DefinedCondition::Gone { new_address: None }),
+            "gone"
+        );
+        assert_eq!(
+            condition_name(&DefinedCondition::PolicyViolation),
+            "policy-violation"
+        );
     }
 }

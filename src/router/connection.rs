@@ -118,7 +118,7 @@ impl Router {
             self.send(iq).await;
         } else {
             if kind == "message" {
-                self.stats.refused("bad-request".into());
+                self.stats.refused(&DefinedCondition::BadRequest);
             }
             let mut m = Message::error(Some(from)).with_payload(err);
             m.from = Some(to);

@@ -26,7 +26,7 @@ impl Router {
             Ok(Some(rec)) => {
                 warn!(to = %recipient, id = %rec.id, seq, "not stored durably; sender told");
                 // Counted accepted before its commit failed.
-                self.stats.refused("resource-constraint".into());
+                self.stats.refused(&DefinedCondition::ResourceConstraint);
                 self.notify_sender(
                     recipient,
                     &rec,

@@ -168,7 +168,7 @@ impl Router {
         c: DefinedCondition,
         text: &str,
     ) {
-        self.stats.refused(condition_name(&c));
+        self.stats.refused(&c);
         info!(from = ?m.from, to = ?m.to, id = ?m.id, condition = ?c, "refused message");
         let Some(from) = m.from.clone() else { return };
         let mut reply = Message::error(Some(from)).with_payload(stanza_error(t, c, text));
@@ -361,40 +361,5 @@ impl Router {
             !(p.is("delay", ns::DELAY) && p.attr("from") == Some(me.as_str())
                 || p.is("stanza-id", ns::SID) && p.attr("by") == Some(me.as_str()))
         });
-    }
-}
-
-/// A stanza error condition's element name (`resource-constraint`), from
-/// its variant's name.
-fn condition_name(c: &DefinedCondition) -> String {
-    let variant = format!("{c:?}");
-    let mut name = String::new();
-    for ch in variant.chars().take_while(char::is_ascii_alphanumeric) {
-        if ch.is_ascii_uppercase() && !name.is_empty() {
-            name.push('-');
-        }
-        name.push(ch.to_ascii_lowercase());
-    }
-    name
-}
-
-#[cfg(test)]
-mod condition_tests {
-    use super::*;
-
-    #[test]
-    fn condition_names_are_the_element_names() {
-        assert_eq!(
-            condition_name(&DefinedCondition::ResourceConstraint),
-            "resource-constraint"
-        );
-        assert_eq!(
-            condition_name(&DefinedCondition::Gone { new_address: None }),
-            "gone"
-        );
-        assert_eq!(
-            condition_name(&DefinedCondition::PolicyViolation),
-            "policy-violation"
-        );
     }
 }
