@@ -59,6 +59,14 @@ fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         })
 }
 
+/// Confirmed messages, whichever way.
+fn confirmed_total(s: &Scrape) -> f64 {
+    ["receipt", "marker", "no_receipt"]
+        .iter()
+        .filter_map(|how| value(s, "redeliver_messages_confirmed_total", &[("how", how)]))
+        .sum()
+}
+
 /// The number of observations of the histogram `name`.
 fn observations(s: &Scrape, name: &str) -> Option<u64> {
     s.samples
@@ -245,10 +253,7 @@ async fn a_scrape_says_what_the_relay_did(kind: Kind) {
     })
     .await;
     assert_eq!(value(&s, "redeliver_pending_messages", &[]), Some(0.0));
-    let confirmed: f64 = ["receipt", "marker", "no_receipt"]
-        .iter()
-        .filter_map(|how| value(&s, "redeliver_messages_confirmed_total", &[("how", how)]))
-        .sum();
+    let confirmed = confirmed_total(&s);
     assert_eq!(confirmed, 7.0, "each accepted message confirmed once");
     assert_eq!(
         value(&s, "redeliver_messages_relayed_total", &[]),
@@ -299,10 +304,7 @@ async fn a_scrape_says_what_the_relay_did(kind: Kind) {
         "the resend is no first send"
     );
     assert!(value(&s, "redeliver_messages_replayed_total", &[]).is_some_and(|v| v >= 1.0));
-    let confirmed: f64 = ["receipt", "marker", "no_receipt"]
-        .iter()
-        .filter_map(|how| value(&s, "redeliver_messages_confirmed_total", &[("how", how)]))
-        .sum();
+    let confirmed = confirmed_total(&s);
     assert_eq!(confirmed, 9.0, "8 accepted, one of them put back once");
     assert_eq!(
         observations(&s, "redeliver_accept_to_confirm_seconds"),

@@ -1283,13 +1283,20 @@ pub async fn expect_exactly(client: &mut Client, sent: &[String]) {
 
 /// Wait until redeliver's log contains `needle`.
 pub async fn wait_log(relay: &Relay, needle: &str) {
+    if !log_comes_to(relay, |log| log.contains(needle)).await {
+        panic!("log never said {needle:?}");
+    }
+}
+
+/// Whether redeliver's log comes to satisfy `ok` within 10 s.
+async fn log_comes_to(relay: &Relay, ok: impl Fn(&str) -> bool) -> bool {
     for _ in 0..200 {
-        if relay.log_text().contains(needle) {
-            return;
+        if ok(&relay.log_text()) {
+            return true;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("log never said {needle:?}");
+    false
 }
 
 /// The relay learns that `user`'s client at `resource` answers receipts:
@@ -1321,17 +1328,10 @@ pub async fn answers_once(server: &Server, relay: &Relay, user: &str, resource: 
 
 /// Wait until a line of redeliver's log contains every one of `needles`.
 pub async fn wait_log_line(relay: &Relay, needles: &[&str]) {
-    for _ in 0..200 {
-        if relay
-            .log_text()
-            .lines()
-            .any(|l| needles.iter().all(|n| l.contains(n)))
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let said = |log: &str| log.lines().any(|l| needles.iter().all(|n| l.contains(n)));
+    if !log_comes_to(relay, said).await {
+        panic!("no log line said all of {needles:?}");
     }
-    panic!("no log line said all of {needles:?}");
 }
 
 /// Wait until the messages with these ids are on the relay's disk (fsync
@@ -1361,14 +1361,9 @@ pub async fn wait_stored(relay: &Relay, ids: &[&str]) {
             l.contains("messages on disk") && field(l, "upto_seq").is_some_and(|u| u >= seq)
         })
     };
-    for _ in 0..200 {
-        let log = relay.log_text();
-        if ids.iter().all(|id| stored(&log, id)) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    if !log_comes_to(relay, |log| ids.iter().all(|id| stored(log, id))).await {
+        panic!("not all of {ids:?} on disk:\n{}", relay.log_text());
     }
-    panic!("not all of {ids:?} on disk:\n{}", relay.log_text());
 }
 
 /// Alice sends `sent` (ids) to `to`, then logs out.
