@@ -10,6 +10,7 @@
 //! 10th message relayed, less replay_grace_ms.
 //!
 //! `bash scripts/bench` runs it against the release build. Not a test.
+//! `BENCH_SCALE_KEEP=dir` keeps the filled store there for later runs.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -79,6 +80,39 @@ fn fill(path: &std::path::Path, messages: usize, recipients: usize) -> u64 {
 }
 
 /// Bytes the files under `dir` take: (apparent size, allocated blocks).
+/// A filled store at `path`: filled here, or copied from
+/// `BENCH_SCALE_KEEP` when that directory holds one filled with the same
+/// figures (filling 1,000,000 takes minutes; the copy seconds). A fresh
+/// fill is kept there when it is set.
+fn filled(path: &std::path::Path, messages: usize, recipients: usize) -> u64 {
+    let Ok(keep) = std::env::var("BENCH_SCALE_KEEP") else {
+        return fill(path, messages, recipients);
+    };
+    let keep = std::path::Path::new(&keep).join(format!("{messages}-{recipients}"));
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        let ok = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(from)
+            .arg(to)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cp -a {} {}", from.display(), to.display());
+    };
+    let bytes_file = keep.join("stanza-bytes");
+    if let Some(bytes) = std::fs::read_to_string(&bytes_file)
+        .ok()
+        .and_then(|b| b.trim().parse().ok())
+    {
+        copy(&keep.join("store"), path);
+        return bytes;
+    }
+    let bytes = fill(path, messages, recipients);
+    std::fs::create_dir_all(&keep).unwrap();
+    copy(path, &keep.join("store"));
+    std::fs::write(bytes_file, bytes.to_string()).unwrap();
+    bytes
+}
+
 fn disk_usage(dir: &std::path::Path) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
     let mut total = (0, 0);
@@ -113,7 +147,7 @@ async fn main() {
     let cache: u64 = env_or("BENCH_SCALE_CACHE_BYTES", 16 << 20);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store");
-    let stanza_bytes = fill(&path, messages, recipients);
+    let stanza_bytes = filled(&path, messages, recipients);
     let (apparent, allocated) = disk_usage(&path);
     let logical = {
         let store = SledStore::open(&path, Durability::Fsync, 5, cache).unwrap();
