@@ -212,7 +212,7 @@ pub struct Router {
     probe_waiting: Vec<String>,
     /// Epoch of the live link, if any.
     epoch: Option<u64>,
-    peers: HashMap<String, Peer>,
+    peers: HashMap<String, Box<Peer>>,
     timers: DelayQueue<Timer>,
     /// What is on disk decides what may be relayed.
     gate: Gate,

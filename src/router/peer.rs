@@ -48,13 +48,13 @@ pub(super) struct Resource {
 /// The delivery state of `recipient`, created on first use. A free
 /// function so that the caller may still borrow the router's timers.
 pub(super) fn peer_entry<'a>(
-    peers: &'a mut HashMap<String, Peer>,
+    peers: &'a mut HashMap<String, Box<Peer>>,
     recipient: &str,
     initial_backoff: Duration,
 ) -> &'a mut Peer {
     peers
         .entry(recipient.to_owned())
-        .or_insert_with(|| Peer::new(initial_backoff))
+        .or_insert_with(|| Box::new(Peer::new(initial_backoff)))
 }
 
 /// Runtime (not stored) delivery state of one recipient.
@@ -62,7 +62,7 @@ pub(super) fn peer_entry<'a>(
 pub(super) struct Peer {
     pub(super) phase: Phase,
     /// Available resources, from presence addressed to our bare domain.
-    pub(super) resources: HashMap<String, Resource>,
+    pub(super) resources: BTreeMap<String, Resource>,
     /// Whether the resources map reflects real presence information.
     pub(super) presence_known: bool,
     pub(super) in_flight: BTreeMap<u64, InFlight>,
@@ -73,13 +73,13 @@ pub(super) struct Peer {
     /// Next backoff delay.
     pub(super) backoff: Duration,
     /// Send attempts per pending seq since start (not stored).
-    pub(super) attempts: HashMap<u64, u32>,
+    pub(super) attempts: BTreeMap<u64, u32>,
     /// Messages below this seq were accepted before the current sending
     /// phase began: they go out as replays, with `<delay/>`.
     pub(super) replay_below: u64,
     /// Confirmed while the store could not record it: never sent again
     /// by this process.
-    pub(super) unsaved_confirms: std::collections::HashSet<u64>,
+    pub(super) unsaved_confirms: std::collections::BTreeSet<u64>,
     /// An administrator asked for a replay: the full window, whatever
     /// presence says, until the next failure.
     pub(super) forced: bool,
@@ -87,20 +87,20 @@ pub(super) struct Peer {
     pub(super) contact_timer: Option<delay_queue::Key>,
     /// What each client does with receipt requests, by resource: the
     /// store's, read at first use.
-    pub(super) habits: Option<HashMap<String, Habit>>,
+    pub(super) habits: Option<BTreeMap<String, Habit>>,
 }
 
 impl Peer {
     pub(super) fn new(initial_backoff: Duration) -> Peer {
         Peer {
             phase: Phase::Idle,
-            resources: HashMap::new(),
+            resources: BTreeMap::new(),
             presence_known: false,
             in_flight: BTreeMap::new(),
             cursor: 0,
             timer: None,
             backoff: initial_backoff,
-            attempts: HashMap::new(),
+            attempts: BTreeMap::new(),
             replay_below: 0,
             unsaved_confirms: Default::default(),
             forced: false,
