@@ -44,6 +44,7 @@ async fn run(durability: &'static str, n: usize, recipients: usize, rate: u64) -
             max_pending: 1_000_000,
             max_stanza_bytes: 8192,
             receipt_timeout_ms: 60_000,
+            compression: std::env::var("BENCH_SLED_COMPRESSION").is_ok_and(|v| v == "1"),
             ..Default::default()
         },
     )

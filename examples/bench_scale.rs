@@ -26,8 +26,14 @@ const BODY: &str =
     "a benchmark message with about a hundred bytes of body text, to look like a short chat line";
 const GRACE_MS: u64 = 100;
 
+/// `BENCH_SLED_COMPRESSION=1`: the store is created with compression.
+fn compression() -> bool {
+    std::env::var("BENCH_SLED_COMPRESSION").is_ok_and(|v| v == "1")
+}
+
 fn fill(path: &std::path::Path, messages: usize, recipients: usize) -> u64 {
-    let store = SledStore::open(path, Durability::Batched, 500, 64 << 20).unwrap();
+    let store =
+        SledStore::open_with(path, Durability::Batched, 500, 64 << 20, compression()).unwrap();
     let limits = QueueLimits {
         max_pending: u64::MAX,
         max_bytes: u64::MAX,
@@ -88,7 +94,10 @@ fn filled(path: &std::path::Path, messages: usize, recipients: usize) -> u64 {
     let Ok(keep) = std::env::var("BENCH_SCALE_KEEP") else {
         return fill(path, messages, recipients);
     };
-    let keep = std::path::Path::new(&keep).join(format!("{messages}-{recipients}"));
+    let keep = std::path::Path::new(&keep).join(format!(
+        "{messages}-{recipients}{}",
+        if compression() { "-zstd" } else { "" }
+    ));
     let copy = |from: &std::path::Path, to: &std::path::Path| {
         let ok = std::process::Command::new("cp")
             .arg("-a")
@@ -150,7 +159,8 @@ async fn main() {
     let stanza_bytes = filled(&path, messages, recipients);
     let (apparent, allocated) = disk_usage(&path);
     let logical = {
-        let store = SledStore::open(&path, Durability::Fsync, 5, cache).unwrap();
+        let store =
+            SledStore::open_with(&path, Durability::Fsync, 5, cache, compression()).unwrap();
         store
             .db()
             .iter()
@@ -160,7 +170,7 @@ async fn main() {
     // sled's own open (log recovery), alone, for comparison with the
     // start-to-ready time below.
     let opened = Instant::now();
-    drop(SledStore::open(&path, Durability::Fsync, 5, cache).unwrap());
+    drop(SledStore::open_with(&path, Durability::Fsync, 5, cache, compression()).unwrap());
     let sled_open = opened.elapsed();
 
     let mut fake = FakeServer::start().await;
@@ -175,6 +185,7 @@ async fn main() {
             receipt_timeout_ms: 30_000,
             store_path: Some(path.clone()),
             cache_bytes: cache,
+            compression: compression(),
             ..Default::default()
         },
     )
@@ -232,8 +243,9 @@ async fn main() {
     drop(relay);
 
     println!(
-        "store scale: {messages} pending messages across {recipients} recipients, sled cache_bytes {} MiB",
-        cache >> 20
+        "store scale: {messages} pending messages across {recipients} recipients, sled cache_bytes {} MiB, compression {}",
+        cache >> 20,
+        if compression() { "on" } else { "off" }
     );
     println!("| figure | value |");
     println!("|---|---|");

@@ -18,11 +18,12 @@ use crate::store::{PgStore, QueueStore, SledStore};
 pub fn open_store_blocking(config: &Config) -> anyhow::Result<Arc<dyn QueueStore>> {
     let c = &config.store;
     Ok(match c.backend {
-        Backend::Sled => Arc::new(SledStore::open(
+        Backend::Sled => Arc::new(SledStore::open_with(
             &c.path,
             c.durability,
             c.flush_interval_ms,
             c.cache_bytes,
+            c.compression,
         )?),
         Backend::Postgres => {
             let url = c

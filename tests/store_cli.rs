@@ -91,6 +91,49 @@ async fn export_import_and_delivery_resumes_on_the_new_store() {
     expect_exactly(&mut bob, &sent).await;
 }
 
+#[tokio::test]
+async fn a_compressed_store_delivers_and_refuses_the_other_setting() {
+    let server = Server::start(Kind::Prosody, ServerOpts::default());
+    let compressed = RelayOpts {
+        compression: true,
+        ..Default::default()
+    };
+    let mut relay = Relay::start(&server, compressed);
+    let sent = ids("z", 5);
+    send_all(&server, BOB, &sent).await;
+    assert_eq!(relay.terminate(), Some(0));
+
+    let (st, out) = store_cmd("check", &relay.config, None);
+    assert_eq!(st, Some(0), "{out}");
+    assert!(out.contains("5 pending messages"), "{out}");
+    // The same store with compression off: refused, saying what to set.
+    let text = std::fs::read_to_string(&relay.config).unwrap();
+    assert!(text.contains("compression = true"));
+    let plain = relay.dir.path().join("plain.toml");
+    std::fs::write(
+        &plain,
+        text.replace("compression = true", "compression = false"),
+    )
+    .unwrap();
+    let (st, out) = store_cmd("check", &plain, None);
+    assert_eq!(st, Some(1), "{out}");
+    assert!(
+        out.contains("was created with store.compression = true"),
+        "{out}"
+    );
+    let (st, out) = redeliver(&[OsStr::new("run"), OsStr::new("--config"), plain.as_os_str()]);
+    assert_eq!(st, Some(1), "{out}");
+    assert!(
+        out.contains("was created with store.compression = true"),
+        "{out}"
+    );
+
+    // Restarted with it, the relay delivers every message once, in order.
+    relay.restart();
+    let mut bob = Client::connect(server.c2s_port, "bob", ClientOpts::default()).await;
+    expect_exactly(&mut bob, &sent).await;
+}
+
 /// A copy of `relay`'s (sled) config with the store in PostgreSQL at
 /// `url` instead.
 fn config_with_database(relay: &Relay, url: &str, name: &str) -> PathBuf {

@@ -23,6 +23,26 @@ fn minimal_gets_defaults() {
 }
 
 #[test]
+fn compression_is_off_by_default_and_for_sled_only() {
+    let c: Config = toml::from_str(MINIMAL).unwrap();
+    assert!(!c.store.compression);
+    let text = format!("{MINIMAL}compression = true\n");
+    let c: Config = toml::from_str(&text).unwrap();
+    c.validate().unwrap();
+    assert!(c.store.compression);
+    let text = text.replace(
+        "path = \"/tmp/x\"",
+        "backend = \"postgres\"\nurl = \"postgresql://redeliver@127.0.0.1:5432/relay\"",
+    );
+    let c: Config = toml::from_str(&text).unwrap();
+    let err = c.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("store.compression is for the sled backend"),
+        "{err}"
+    );
+}
+
+#[test]
 fn all_active_instances_need_a_shared_store() {
     let text = format!("{MINIMAL}instances = \"all-active\"\n");
     let c: Config = toml::from_str(&text).unwrap();

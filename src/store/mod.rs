@@ -31,6 +31,11 @@ pub enum StoreError {
         found: u32,
         reads: u32,
     },
+    #[error(
+        "store {path} was created with store.compression = {created}: set it so to open \
+         the store (to change it, export the store and import it into a new one)"
+    )]
+    Compression { path: String, created: bool },
     #[error("store is corrupted: {0}")]
     Corrupt(String),
     #[error("store error: {0}")]

@@ -455,6 +455,8 @@ pub struct RelayOpts {
     pub contact_wait_ms: u64,
     /// sled's page cache, bytes.
     pub cache_bytes: u64,
+    /// `store.compression` (sled only).
+    pub compression: bool,
     /// Keep the store in this PostgreSQL database (shared by every relay
     /// given the same URL).
     pub postgres_url: Option<String>,
@@ -485,6 +487,7 @@ impl Default for RelayOpts {
             window: 64,
             contact_wait_ms: 0,
             cache_bytes: 32 << 20,
+            compression: false,
             postgres_url: None,
             all_active: false,
             wait_ready: true,
@@ -619,12 +622,13 @@ session_timeout_s = {sess}
                 None if pg::relays_use_postgres() =>
                     pg::store_section_for(&pg::new_database(), opts.durability, opts.cache_bytes),
                 path => format!(
-                    "[store]\npath = \"{}\"\ndurability = \"{}\"\ncache_bytes = {}\n",
+                    "[store]\npath = \"{}\"\ndurability = \"{}\"\ncache_bytes = {}\ncompression = {}\n",
                     path.clone()
                         .unwrap_or_else(|| dir.path().join("store"))
                         .display(),
                     opts.durability,
-                    opts.cache_bytes
+                    opts.cache_bytes,
+                    opts.compression
                 ),
             },
             rt = opts.receipt_timeout_ms,

@@ -252,12 +252,25 @@ impl SledStore {
         Merged::new(self.db.range(lo..=hi), writes)
     }
 
-    /// Open (or create) the store. Blocking: call it off the runtime.
+    /// Open (or create) a store without compression. Blocking: call it
+    /// off the runtime.
     pub fn open(
         path: &Path,
         durability: Durability,
         flush_interval_ms: u64,
         cache_bytes: u64,
+    ) -> Result<SledStore, StoreError> {
+        Self::open_with(path, durability, flush_interval_ms, cache_bytes, false)
+    }
+
+    /// Open (or create) the store, its pages compressed with zstd if
+    /// `compression` (which must be what the store was created with).
+    pub fn open_with(
+        path: &Path,
+        durability: Durability,
+        flush_interval_ms: u64,
+        cache_bytes: u64,
+        compression: bool,
     ) -> Result<SledStore, StoreError> {
         let flush_every = match durability {
             // Every write that matters is flushed explicitly (group commit).
@@ -268,6 +281,7 @@ impl SledStore {
             .path(path)
             .cache_capacity(cache_bytes)
             .flush_every_ms(flush_every)
+            .use_compression(compression)
             .open()
             .map_err(|e| match e {
                 sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
@@ -279,6 +293,14 @@ impl SledStore {
                     path: path.display().to_string(),
                 },
                 sled::Error::Corruption { .. } => StoreError::Corrupt(e.to_string()),
+                // sled's words: "cannot change compression values across
+                // restarts".
+                sled::Error::Unsupported(m) if m.contains("compression") => {
+                    StoreError::Compression {
+                        path: path.display().to_string(),
+                        created: !compression,
+                    }
+                }
                 other => StoreError::Sled(other),
             })?;
         let store = SledStore {

@@ -114,3 +114,51 @@ fn second_open_is_refused_as_locked() {
         .unwrap();
     assert!(matches!(err, StoreError::Locked { .. }), "{err}");
 }
+
+#[test]
+fn a_compressed_store_keeps_its_messages_and_refuses_the_other_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let open_with = |compression| {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match SledStore::open_with(dir.path(), Durability::Fsync, 5, 1 << 20, compression) {
+                Err(StoreError::Locked { .. }) if std::time::Instant::now() < end => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    };
+    let seq = {
+        let s = open_with(true).unwrap();
+        let seq = stored(&s, msg("bob@x", "alice@x", "z1", None));
+        s.flush().unwrap();
+        seq
+    };
+    // Opened without compression: refused, saying which setting it needs.
+    let err = open_with(false).err().unwrap();
+    assert!(
+        matches!(err, StoreError::Compression { created: true, .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("was created with store.compression = true"),
+        "{err}"
+    );
+    // With it: the message is there, whole.
+    let s = open_with(true).unwrap();
+    let rec = s.get("bob@x", seq).unwrap().unwrap();
+    assert_eq!(rec.id, "z1");
+    drop(s);
+    // And the other way round.
+    let plain = tempfile::tempdir().unwrap();
+    drop(open(plain.path()));
+    let err = SledStore::open_with(plain.path(), Durability::Fsync, 5, 1 << 20, true)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, StoreError::Compression { created: false, .. }),
+        "{err}"
+    );
+}
