@@ -235,6 +235,8 @@ impl Router {
         // decides: timed from the end of the pass, so that a large store
         // does not resend to recipients whose answers are still queued.
         debug!("every recipient probed");
+        // Its buffer held every recipient known at link up.
+        self.probe_queue = VecDeque::new();
         for name in std::mem::take(&mut self.probe_waiting) {
             self.resume_unless_known(&name, initial);
         }
