@@ -91,11 +91,17 @@ fn store_command(op: StoreOp) -> ExitCode {
         eprintln!("redeliver: no store at {}", s.path.display());
         return ExitCode::FAILURE;
     }
+    // A sled store that an import creates goes again if the import is
+    // refused: its directory would hold sled's settings (compression)
+    // and stand in the way of the next try.
+    let created = (s.backend == Backend::Sled && matches!(op, StoreOp::Import { .. }))
+        .then(|| s.path.clone())
+        .filter(|p| !p.exists());
     let store = match redeliver::app::open_store_blocking(&config) {
         Ok(st) => st,
         Err(e) => {
             eprintln!("redeliver: {e}");
-            return ExitCode::FAILURE;
+            return open_failed(&e);
         }
     };
     // On a shared store nothing enforces "not running" but the lead: a
@@ -116,6 +122,7 @@ fn store_command(op: StoreOp) -> ExitCode {
         }
     }
     let path = redeliver::app::store_name(&config);
+    let mut refused = false;
     let status = match op {
         StoreOp::Check { .. } => match store.check() {
             Ok(r) => {
@@ -170,6 +177,7 @@ fn store_command(op: StoreOp) -> ExitCode {
             }
             Err(e) => {
                 eprintln!("redeliver: import failed: {e}");
+                refused = true;
                 ExitCode::FAILURE
             }
         },
@@ -179,6 +187,16 @@ fn store_command(op: StoreOp) -> ExitCode {
     if let Err(e) = store.flush().and_then(|_| store.write_shutdown_marker()) {
         eprintln!("redeliver: {e}");
         return ExitCode::FAILURE;
+    }
+    if refused && let Some(dir) = created {
+        drop(store);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => eprintln!(
+                "redeliver: removed {}, which this import had created",
+                dir.display()
+            ),
+            Err(e) => eprintln!("redeliver: cannot remove {}: {e}", dir.display()),
+        }
     }
     status
 }
@@ -271,12 +289,23 @@ fn main() -> ExitCode {
                             // 3: another instance serves the domain (do not
                             // restart); 75: restart to reopen the store.
                             Some(stop) => ExitCode::from(stop.exit_status()),
-                            None => ExitCode::FAILURE,
+                            None => open_failed(&e),
                         }
                     }
                 }
             })
         }
+    }
+}
+
+/// The exit status when the store could not be opened: 2 (invalid
+/// configuration, not restarted) when `store.compression` is not what
+/// the store was created with, since a restart cannot mend that; 1
+/// otherwise.
+fn open_failed(e: &anyhow::Error) -> ExitCode {
+    match e.downcast_ref::<redeliver::store::StoreError>() {
+        Some(redeliver::store::StoreError::Compression { .. }) => ExitCode::from(2),
+        _ => ExitCode::FAILURE,
     }
 }
 

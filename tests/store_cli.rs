@@ -75,6 +75,7 @@ async fn export_import_and_delivery_resumes_on_the_new_store() {
     let (st, out) = store_cmd("import", &other, Some(&cut));
     assert_eq!(st, Some(1), "{out}");
     assert!(out.contains("truncated"), "{out}");
+    assert!(!relay.dir.path().join("store-cut").exists());
     let (st, out) = store_cmd("check", &new_config, None);
     assert_eq!(st, Some(0), "{out}");
 
@@ -115,18 +116,49 @@ async fn a_compressed_store_delivers_and_refuses_the_other_setting() {
         text.replace("compression = true", "compression = false"),
     )
     .unwrap();
+    // A configuration error (2), which the shipped unit does not restart.
     let (st, out) = store_cmd("check", &plain, None);
-    assert_eq!(st, Some(1), "{out}");
+    assert_eq!(st, Some(2), "{out}");
     assert!(
         out.contains("was created with store.compression = true"),
         "{out}"
     );
     let (st, out) = redeliver(&[OsStr::new("run"), OsStr::new("--config"), plain.as_os_str()]);
-    assert_eq!(st, Some(1), "{out}");
+    assert_eq!(st, Some(2), "{out}");
     assert!(
         out.contains("was created with store.compression = true"),
         "{out}"
     );
+
+    // The way to change it: export, then import into a new store. A
+    // refused import leaves no store behind, so the next try may choose
+    // either setting.
+    let file = relay.dir.path().join("export.jsonl");
+    let (st, out) = store_cmd("export", &relay.config, Some(&file));
+    assert_eq!(st, Some(0), "{out}");
+    let new_store = relay.dir.path().join("store-plain");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let cut = relay.dir.path().join("cut.jsonl");
+    let lines: Vec<&str> = text.lines().collect();
+    std::fs::write(&cut, lines[..lines.len() - 1].join("\n")).unwrap();
+    let compressed_new = config_with_store(&relay, &new_store, "compressed-new.toml");
+    let (st, out) = store_cmd("import", &compressed_new, Some(&cut));
+    assert_eq!(st, Some(1), "{out}");
+    assert!(out.contains("truncated"), "{out}");
+    assert!(!new_store.exists(), "a refused import left {new_store:?}");
+    let plain_new = relay.dir.path().join("plain-new.toml");
+    std::fs::write(
+        &plain_new,
+        std::fs::read_to_string(&compressed_new)
+            .unwrap()
+            .replace("compression = true", "compression = false"),
+    )
+    .unwrap();
+    let (st, out) = store_cmd("import", &plain_new, Some(&file));
+    assert_eq!(st, Some(0), "{out}");
+    let (st, out) = store_cmd("check", &plain_new, None);
+    assert_eq!(st, Some(0), "{out}");
+    assert!(out.contains("5 pending messages"), "{out}");
 
     // Restarted with it, the relay delivers every message once, in order.
     relay.restart();
