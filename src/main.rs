@@ -222,12 +222,16 @@ fn load(path: &std::path::Path) -> Result<(Config, String), String> {
 
 /// glibc's malloc gives threads arenas of their own, up to eight per
 /// core, and memory freed into one is not reused by the others: with a
-/// large store, RSS grew by 540 bytes per known recipient where 150 were
-/// live (docs/benchmarks.md). Two arenas, unless the operator set
-/// `MALLOC_ARENA_MAX`. Called before any thread starts.
+/// large store the process held several times the memory its
+/// recipients' state needed (docs/benchmarks.md, "Memory"). Two arenas,
+/// unless the operator set the limit (`MALLOC_ARENA_MAX`, or
+/// `glibc.malloc.arena_max` in `GLIBC_TUNABLES`). Called before any
+/// thread starts.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn limit_malloc_arenas() {
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+    let set = std::env::var_os("MALLOC_ARENA_MAX").is_some()
+        || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.arena_max"));
+    if !set {
         // SAFETY: sets a malloc tunable, before any other thread exists.
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, 2);
