@@ -269,7 +269,7 @@ impl Router {
         } else if self.leading && self.store.shared() && self.link_down_timer.is_none() {
             self.link_down_timer = Some(self.timers.insert(Timer::LinkDown, LINK_DOWN_LEAD_LIMIT));
         }
-        self.probe_queue.clear();
+        self.probe_queue = VecDeque::new();
         self.probe_waiting.clear();
         self.link_up_since = None;
         self.gauge_link();
