@@ -85,7 +85,6 @@ fn fill(path: &std::path::Path, messages: usize, recipients: usize) -> u64 {
     bytes
 }
 
-/// Bytes the files under `dir` take: (apparent size, allocated blocks).
 /// A filled store at `path`: filled here, or copied from
 /// `BENCH_SCALE_KEEP` when that directory holds one filled with the same
 /// figures (filling 1,000,000 takes minutes; the copy seconds). A fresh
@@ -116,12 +115,16 @@ fn filled(path: &std::path::Path, messages: usize, recipients: usize) -> u64 {
         return bytes;
     }
     let bytes = fill(path, messages, recipients);
+    // Whatever an interrupted run left goes; the figure file, written
+    // last, marks a whole copy.
+    let _ = std::fs::remove_dir_all(&keep);
     std::fs::create_dir_all(&keep).unwrap();
     copy(path, &keep.join("store"));
     std::fs::write(bytes_file, bytes.to_string()).unwrap();
     bytes
 }
 
+/// Bytes the files under `dir` take: (apparent size, allocated blocks).
 fn disk_usage(dir: &std::path::Path) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
     let mut total = (0, 0);
