@@ -116,6 +116,16 @@ impl Gate {
         }
     }
 
+    /// The writes behind every ticket so far were made durable by their
+    /// commit: the last ticket, to release at once (none if nothing new
+    /// waits), instead of asking the flusher.
+    pub fn committed_durable(&mut self) -> Option<u64> {
+        (self.requests.is_some() && self.last_ticket > self.submitted).then(|| {
+            self.submitted = self.last_ticket;
+            self.last_ticket
+        })
+    }
+
     /// A message for `recipient` was written under `seq`.
     pub fn accepted(&mut self, seq: u64, recipient: &str) {
         if let Some(t) = self.request() {

@@ -216,6 +216,9 @@ pub struct Router {
     timers: DelayQueue<Timer>,
     /// What is on disk decides what may be relayed.
     gate: Gate,
+    /// The last ticket of a commit that was durable by itself, released
+    /// at the start of the next round.
+    committed_ticket: Option<u64>,
     /// disco#info queries in flight, by iq id.
     disco_pending: HashMap<String, DiscoQuery>,
     pub stats: Stats,
@@ -408,6 +411,7 @@ impl Router {
             config_path,
             instance: Instance::new(now_ms()),
             twin_timer: None,
+            committed_ticket: None,
             fatal: None,
             link_down_timer: None,
             store_failed: false,
@@ -466,6 +470,11 @@ impl Router {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                _ = std::future::ready(()), if self.committed_ticket.is_some() => {
+                    if let Some(ticket) = self.committed_ticket.take() {
+                        self.on_durable(ticket).await;
+                    }
+                }
                 Some(f) = durable.recv() => match f {
                     Flushed::Durable(ticket) => self.on_durable(ticket).await,
                     Flushed::Failed(e) => {
@@ -542,6 +551,7 @@ impl Router {
         let forwarded = std::mem::take(&mut self.burst_forwarded);
         let handed = std::mem::take(&mut self.burst_handed);
         let committed = self.store.commit();
+        let durable_now = committed.is_ok() && self.store.durable_at_commit();
         if committed.is_ok() {
             for stanza in handed {
                 debug!(%stanza, "handed to the leader");
@@ -575,7 +585,14 @@ impl Router {
             }
         }
         self.taken_seqs.clear();
-        self.gate.submit();
+        if durable_now {
+            // On disk already: released first thing next round, before
+            // any other event, so that a later failed commit cannot
+            // take it back (and tell its sender it was not stored).
+            self.committed_ticket = self.gate.committed_durable();
+        } else {
+            self.gate.submit();
+        }
         for (o, _) in std::mem::take(&mut self.out_buf) {
             // Bounded: when the link is slow the router waits here, which
             // slows intake from the link in turn.

@@ -76,6 +76,11 @@ pub trait QueueStore: StoreView {
     fn fail_commits(&self);
     /// Make everything committed so far durable. Blocking.
     fn flush(&self) -> Result<usize, StoreError>;
+    /// Whether a commit is durable by itself (PostgreSQL waits for its
+    /// WAL flush), so that `flush` adds nothing.
+    fn durable_at_commit(&self) -> bool {
+        false
+    }
     /// After the final flush of a clean shutdown: leave what the next
     /// open compares against.
     fn write_shutdown_marker(&self) -> Result<(), StoreError>;

@@ -148,6 +148,11 @@ impl QueueStore for PgStore {
         true
     }
 
+    fn durable_at_commit(&self) -> bool {
+        // synchronous_commit = on: COMMIT returns once the WAL is flushed.
+        true
+    }
+
     fn forward(&self, stanza: &str, arrived_us: i64) -> Result<(), StoreError> {
         self.forward_stanza(stanza, arrived_us)
     }
