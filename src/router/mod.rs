@@ -589,7 +589,10 @@ impl Router {
             // On disk already: released first thing next round, before
             // any other event, so that a later failed commit cannot
             // take it back (and tell its sender it was not stored).
-            self.committed_ticket = self.gate.committed_durable();
+            // A burst that took no ticket leaves an earlier one be.
+            if let Some(ticket) = self.gate.committed_durable() {
+                self.committed_ticket = Some(ticket);
+            }
         } else {
             self.gate.submit();
         }
@@ -607,6 +610,19 @@ impl Router {
         self.store.begin();
         self.on_link_event(ev).await;
         self.end_burst().await;
+        // What `run` does first in its next round.
+        self.release_committed().await;
+    }
+
+    /// Release what an earlier commit made durable (see `end_burst`), in
+    /// bursts of its own: for drivers that run bursts back to back
+    /// without `run`'s loop between them.
+    async fn release_committed(&mut self) {
+        while let Some(ticket) = self.committed_ticket.take() {
+            self.store.begin();
+            self.on_durable(ticket).await;
+            self.end_burst().await;
+        }
     }
 }
 
