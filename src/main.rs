@@ -91,12 +91,14 @@ fn store_command(op: StoreOp) -> ExitCode {
         eprintln!("redeliver: no store at {}", s.path.display());
         return ExitCode::FAILURE;
     }
-    // A sled store that an import creates goes again if the import is
-    // refused: its directory would hold sled's settings (compression)
-    // and stand in the way of the next try.
-    let created = (s.backend == Backend::Sled && matches!(op, StoreOp::Import { .. }))
-        .then(|| s.path.clone())
-        .filter(|p| !p.exists());
+    // A sled store that an import starts goes again if the import is
+    // refused: its files would hold sled's settings (compression) and
+    // stand in the way of the next try.
+    let fresh = if s.backend == Backend::Sled && matches!(op, StoreOp::Import { .. }) {
+        fresh_store_dir(&s.path)
+    } else {
+        None
+    };
     let store = match redeliver::app::open_store_blocking(&config) {
         Ok(st) => st,
         Err(e) => {
@@ -188,17 +190,70 @@ fn store_command(op: StoreOp) -> ExitCode {
         eprintln!("redeliver: {e}");
         return ExitCode::FAILURE;
     }
-    if refused && let Some(dir) = created {
+    // Only while the store (still locked by this process) holds no data:
+    // the data of another import into the same place is never touched.
+    if refused
+        && let Some(fresh) = fresh
+        && store.is_empty_of_data().unwrap_or(false)
+    {
         drop(store);
-        match std::fs::remove_dir_all(&dir) {
+        match fresh.undo() {
             Ok(()) => eprintln!(
-                "redeliver: removed {}, which this import had created",
-                dir.display()
+                "redeliver: removed the empty store this import had started in {}",
+                fresh.dir.display()
             ),
-            Err(e) => eprintln!("redeliver: cannot remove {}: {e}", dir.display()),
+            Err(e) => eprintln!("redeliver: cannot clean {}: {e}", fresh.dir.display()),
         }
     }
     status
+}
+
+/// A store directory an import starts in: made by it, or found empty
+/// (a directory the service manager makes in advance).
+struct FreshDir {
+    dir: PathBuf,
+    made: bool,
+}
+
+impl FreshDir {
+    /// Leave it as found: gone if made here, else empty again.
+    fn undo(&self) -> std::io::Result<()> {
+        if self.made {
+            return std::fs::remove_dir_all(&self.dir);
+        }
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `dir`, if this process makes it now or finds it empty.
+fn fresh_store_dir(dir: &std::path::Path) -> Option<FreshDir> {
+    if let Some(parent) = dir.parent() {
+        // As sled would; left in place.
+        let _ = std::fs::create_dir_all(parent);
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => Some(FreshDir {
+            dir: dir.to_owned(),
+            made: true,
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let empty = std::fs::read_dir(dir).ok()?.next().is_none();
+            empty.then(|| FreshDir {
+                dir: dir.to_owned(),
+                made: false,
+            })
+        }
+        // A missing parent and the like: sled says what is wrong.
+        Err(_) => None,
+    }
 }
 
 fn init_tracing(format: LogFormat) {

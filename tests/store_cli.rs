@@ -146,6 +146,13 @@ async fn a_compressed_store_delivers_and_refuses_the_other_setting() {
     assert_eq!(st, Some(1), "{out}");
     assert!(out.contains("truncated"), "{out}");
     assert!(!new_store.exists(), "a refused import left {new_store:?}");
+    // A directory made in advance (systemd's StateDirectory=) stays, empty.
+    let made = relay.dir.path().join("store-made");
+    std::fs::create_dir(&made).unwrap();
+    let made_config = config_with_store(&relay, &made, "made.toml");
+    let (st, out) = store_cmd("import", &made_config, Some(&cut));
+    assert_eq!(st, Some(1), "{out}");
+    assert_eq!(std::fs::read_dir(&made).unwrap().count(), 0, "{out}");
     let plain_new = relay.dir.path().join("plain-new.toml");
     std::fs::write(
         &plain_new,
