@@ -73,6 +73,18 @@ async fn failed_commit_in_batched_mode_relays_nothing_that_needed_it() {
     assert!(!ids_of(&h.drain()).contains(&"m2"));
 }
 
+/// bob approved the relay's subscription and is online, at once (no
+/// grace wait: what is sent next goes straight out).
+async fn subscribed_and_online(h: &Harness) {
+    for xml in [
+        format!("<presence xmlns='{NS}' from='bob@x' to='relay.x' type='subscribed'/>"),
+        format!("<presence xmlns='{NS}' from='bob@x/r' to='relay.x'/>"),
+    ] {
+        h.feed(&xml).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
+}
+
 /// Issue 11, defect 11 (fsync mode): when an fsync fails, receipts
 /// held for removals that never reached disk are dropped, not let out
 /// (before, they left, and those messages came back after the
@@ -85,13 +97,7 @@ async fn failed_fsync_releases_no_held_receipt() {
         // can fail (the next test covers what its commits release).
         return;
     }
-    for xml in [
-        format!("<presence xmlns='{NS}' from='bob@x' to='relay.x' type='subscribed'/>"),
-        format!("<presence xmlns='{NS}' from='bob@x/r' to='relay.x'/>"),
-    ] {
-        h.feed(&xml).await;
-    }
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    subscribed_and_online(&h).await;
     h.msg("m1").await;
     tokio::time::sleep(Duration::from_millis(1)).await;
     assert!(h.drain().is_empty(), "not durable yet");
@@ -128,13 +134,7 @@ async fn failed_fsync_releases_no_held_receipt() {
 #[tokio::test(start_paused = true)]
 async fn failed_commit_takes_back_only_what_was_not_durable() {
     let mut h = harness_full(64, "fsync", "").await;
-    for xml in [
-        format!("<presence xmlns='{NS}' from='bob@x' to='relay.x' type='subscribed'/>"),
-        format!("<presence xmlns='{NS}' from='bob@x/r' to='relay.x'/>"),
-    ] {
-        h.feed(&xml).await;
-    }
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    subscribed_and_online(&h).await;
     h.msg("m1").await;
     tokio::time::sleep(Duration::from_millis(1)).await;
     h.store.fail_commits();
