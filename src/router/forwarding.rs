@@ -211,8 +211,6 @@ impl Router {
                     && self.fatal.is_none()
                 {
                     self.end_burst().await;
-                    // Before the next burst can fail and take it back.
-                    self.release_committed().await;
                     self.store.begin();
                 }
             }

@@ -216,9 +216,6 @@ pub struct Router {
     timers: DelayQueue<Timer>,
     /// What is on disk decides what may be relayed.
     gate: Gate,
-    /// The last ticket of a commit that was durable by itself, released
-    /// at the start of the next round.
-    committed_ticket: Option<u64>,
     /// disco#info queries in flight, by iq id.
     disco_pending: HashMap<String, DiscoQuery>,
     pub stats: Stats,
@@ -411,7 +408,6 @@ impl Router {
             config_path,
             instance: Instance::new(now_ms()),
             twin_timer: None,
-            committed_ticket: None,
             fatal: None,
             link_down_timer: None,
             store_failed: false,
@@ -470,11 +466,6 @@ impl Router {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                _ = std::future::ready(()), if self.committed_ticket.is_some() => {
-                    if let Some(ticket) = self.committed_ticket.take() {
-                        self.on_durable(ticket).await;
-                    }
-                }
                 Some(f) = durable.recv() => match f {
                     Flushed::Durable(ticket) => self.on_durable(ticket).await,
                     Flushed::Failed(e) => {
@@ -545,7 +536,24 @@ impl Router {
     /// If the commit fails, what depended on it stays here: relays of the
     /// burst's new messages (their senders are told instead) and receipts
     /// for its removals (those messages come back after the restart).
+    ///
+    /// On a store whose commit is durable by itself (PostgreSQL), what
+    /// the commit covered is released at once, in bursts of its own,
+    /// before anything else: a later failed commit cannot take it back
+    /// (and tell its senders it was not stored).
     async fn end_burst(&mut self) {
+        let mut durable = self.commit_burst().await;
+        while let Some(ticket) = durable {
+            self.store.begin();
+            self.on_durable(ticket).await;
+            durable = self.commit_burst().await;
+        }
+    }
+
+    /// One burst's end without the release: commit, ask for the fsync,
+    /// let the burst's stanzas go. Returns the ticket to release at once
+    /// instead when the commit itself made its writes durable.
+    async fn commit_burst(&mut self) -> Option<u64> {
         let accepted = std::mem::take(&mut self.burst_accepted);
         let relays = std::mem::take(&mut self.burst_relays);
         let forwarded = std::mem::take(&mut self.burst_forwarded);
@@ -585,22 +593,18 @@ impl Router {
             }
         }
         self.taken_seqs.clear();
-        if durable_now {
-            // On disk already: released first thing next round, before
-            // any other event, so that a later failed commit cannot
-            // take it back (and tell its sender it was not stored).
-            // A burst that took no ticket leaves an earlier one be.
-            if let Some(ticket) = self.gate.committed_durable() {
-                self.committed_ticket = Some(ticket);
-            }
+        let durable = if durable_now {
+            self.gate.committed_durable()
         } else {
             self.gate.submit();
-        }
+            None
+        };
         for (o, _) in std::mem::take(&mut self.out_buf) {
             // Bounded: when the link is slow the router waits here, which
             // slows intake from the link in turn.
             let _ = self.outbox.send(o).await;
         }
+        durable
     }
 
     /// Handle one link event as a burst of its own (what `run` does with
@@ -610,19 +614,6 @@ impl Router {
         self.store.begin();
         self.on_link_event(ev).await;
         self.end_burst().await;
-        // What `run` does first in its next round.
-        self.release_committed().await;
-    }
-
-    /// Release what an earlier commit made durable (see `end_burst`), in
-    /// bursts of its own: for drivers that run bursts back to back
-    /// without `run`'s loop between them.
-    async fn release_committed(&mut self) {
-        while let Some(ticket) = self.committed_ticket.take() {
-            self.store.begin();
-            self.on_durable(ticket).await;
-            self.end_burst().await;
-        }
     }
 }
 
