@@ -122,15 +122,14 @@ pub(super) async fn removal(
     if seqs.is_empty() {
         return Ok(Confirmed::default());
     }
-    let keys: Vec<i64> = seqs.iter().map(|s| sq(*s)).collect();
-    let rows = db
-        .write(
-            "DELETE FROM redeliver_pending WHERE recipient = $1 AND seq = ANY($2) \
-             RETURNING seq, accepted_at_ms, sender, id, stanza",
-            &[&recipient, &keys],
-        )
-        .await?;
-    let removed = in_order(rows, seqs);
+    let removed = take(
+        db,
+        "DELETE FROM redeliver_pending WHERE recipient = $1 AND seq = ANY($2) \
+         RETURNING seq, accepted_at_ms, sender, id, stanza",
+        recipient,
+        seqs,
+    )
+    .await?;
     let mut counted = Vec::new();
     count(
         db,
@@ -146,15 +145,14 @@ pub(super) async fn removal(
             .copied()
             .filter(|s| !removed.iter().any(|(r, _)| r == s))
             .collect();
-        let keys: Vec<i64> = gone.iter().map(|s| sq(*s)).collect();
-        let rows = db
-            .write(
-                "DELETE FROM redeliver_tombstones WHERE recipient = $1 AND seq = ANY($2) \
-                 RETURNING seq, accepted_at_ms, sender, id, stanza",
-                &[&recipient, &keys],
-            )
-            .await?;
-        let dropped = in_order(rows, &gone);
+        let dropped = take(
+            db,
+            "DELETE FROM redeliver_tombstones WHERE recipient = $1 AND seq = ANY($2) \
+             RETURNING seq, accepted_at_ms, sender, id, stanza",
+            recipient,
+            &gone,
+        )
+        .await?;
         d.assumed -= dropped.len() as i64;
         d.assumed_bytes -= stanza_bytes(&dropped);
         counted = dropped;
@@ -163,4 +161,18 @@ pub(super) async fn removal(
         pending: removed,
         counted,
     })
+}
+
+/// `recipient`'s messages `seqs` deleted by `delete` (a `DELETE … WHERE
+/// recipient = $1 AND seq = ANY($2) RETURNING` the record's columns), in
+/// the order of `seqs`.
+async fn take(
+    db: &Db<'_>,
+    delete: &'static str,
+    recipient: &str,
+    seqs: &[u64],
+) -> PgResult<Vec<(u64, Record)>> {
+    let keys: Vec<i64> = seqs.iter().map(|s| sq(*s)).collect();
+    let rows = db.write(delete, &[&recipient, &keys]).await?;
+    Ok(in_order(rows, seqs))
 }
