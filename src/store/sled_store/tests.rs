@@ -5,13 +5,18 @@ use crate::store::contract_tests::{BIG, msg, stored};
 /// Open, waiting out the lock of a store just dropped in this process:
 /// sled's I/O threads can still hold it for a moment under load.
 pub(super) fn open(dir: &Path) -> SledStore {
+    open_waiting(dir, false).unwrap()
+}
+
+/// [`open`] with or without compression, its error kept.
+fn open_waiting(dir: &Path, compression: bool) -> Result<SledStore, StoreError> {
     let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        match SledStore::open(dir, Durability::Fsync, 5, 1 << 20) {
+        match SledStore::open_with(dir, Durability::Fsync, 5, 1 << 20, compression) {
             Err(StoreError::Locked { .. }) if std::time::Instant::now() < end => {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            other => return other.unwrap(),
+            other => return other,
         }
     }
 }
@@ -118,17 +123,7 @@ fn second_open_is_refused_as_locked() {
 #[test]
 fn a_compressed_store_keeps_its_messages_and_refuses_the_other_setting() {
     let dir = tempfile::tempdir().unwrap();
-    let open_with = |compression| {
-        let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        loop {
-            match SledStore::open_with(dir.path(), Durability::Fsync, 5, 1 << 20, compression) {
-                Err(StoreError::Locked { .. }) if std::time::Instant::now() < end => {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                other => return other,
-            }
-        }
-    };
+    let open_with = |compression| open_waiting(dir.path(), compression);
     let seq = {
         let s = open_with(true).unwrap();
         let seq = stored(&s, msg("bob@x", "alice@x", "z1", None));
