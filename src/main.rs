@@ -251,7 +251,7 @@ fn fresh_store_dir(dir: &std::path::Path) -> Option<FreshDir> {
                 made: false,
             })
         }
-        // A missing parent and the like: sled says what is wrong.
+        // Not allowed and the like: sled's open says what is wrong.
         Err(_) => None,
     }
 }
@@ -278,8 +278,8 @@ fn load(path: &std::path::Path) -> Result<(Config, String), String> {
 /// glibc's malloc gives threads arenas of their own, up to eight per
 /// core, and memory freed into one is not reused by the others: with a
 /// large store the process held several times the memory its
-/// recipients' state needed (docs/benchmarks.md, "Memory"). Two arenas,
-/// unless the operator set the limit (`MALLOC_ARENA_MAX`, or
+/// recipients' state needed (docs/benchmarks.md, "Memory at scale").
+/// Two arenas, unless the operator set the limit (`MALLOC_ARENA_MAX`, or
 /// `glibc.malloc.arena_max` in `GLIBC_TUNABLES`). Called before any
 /// thread starts.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
