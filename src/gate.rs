@@ -171,28 +171,26 @@ impl Gate {
     }
 
     /// The flusher reports `ticket` durable: the stanzas now free to go,
-    /// and the recipients of the messages that became durable (each once).
-    pub fn durable(&mut self, ticket: u64) -> (Vec<Stanza>, Vec<String>) {
+    /// and the messages that became durable, as (seq, recipient).
+    pub fn durable(&mut self, ticket: u64) -> (Vec<Stanza>, Vec<(u64, String)>) {
         if ticket <= self.done_ticket {
             return (vec![], vec![]);
         }
         self.done_ticket = ticket;
-        let mut recipients = Vec::new();
+        let mut messages = Vec::new();
         while self.seqs.front().is_some_and(|(t, _, _)| *t <= ticket) {
             if let Some((_, seq, recipient)) = self.seqs.pop_front() {
                 self.durable_seq = self.durable_seq.max(seq);
-                recipients.push(recipient);
+                messages.push((seq, recipient));
             }
         }
-        recipients.sort_unstable();
-        recipients.dedup();
         let mut out = Vec::new();
         while self.held.front().is_some_and(|(t, _)| *t <= ticket) {
             if let Some((_, s)) = self.held.pop_front() {
                 out.push(s);
             }
         }
-        (out, recipients)
+        (out, messages)
     }
 }
 
@@ -262,12 +260,12 @@ mod tests {
         // One fsync covered the first accept only.
         let (out, moved) = g.durable(1);
         assert!(out.is_empty());
-        assert_eq!(moved, ["b@x"]);
+        assert_eq!(moved, [(11, "b@x".to_owned())]);
         assert_eq!(g.durable_seq(), 11);
         // A later one covers the rest, the removal included.
         let (out, moved) = g.durable(3);
         assert_eq!(out.len(), 1);
-        assert_eq!(moved, ["b@x"]);
+        assert_eq!(moved, [(12, "b@x".to_owned())]);
         assert_eq!(g.durable_seq(), 12);
         // Stale answers change nothing.
         assert_eq!(g.durable(2).0.len(), 0);

@@ -105,7 +105,7 @@ impl Router {
                 peer.cursor = peer.cursor.min(seq);
                 self.pump(recipient).await;
             }
-            Phase::Idle => self.kick(recipient, seq).await,
+            Phase::Idle => self.kick(recipient).await,
             Phase::Grace | Phase::Offline | Phase::Backoff => {}
         }
         true

@@ -4,8 +4,8 @@
 use super::*;
 
 impl Router {
-    /// Message `seq` is new for `recipient`: send if we may.
-    pub(super) async fn kick(&mut self, recipient: &str, seq: u64) {
+    /// A message is new (or back) in `recipient`'s queue: send if we may.
+    pub(super) async fn kick(&mut self, recipient: &str) {
         let initial = self.config.retry_initial();
         let peer = peer_entry(&mut self.peers, recipient, initial);
         match peer.phase {
@@ -16,7 +16,6 @@ impl Router {
                 if peer.online() || !peer.presence_known {
                     peer.phase = Phase::Sending;
                     peer.cursor = 0;
-                    peer.replay_below = seq;
                     self.pump(recipient).await;
                 } else {
                     peer.phase = Phase::Offline;
@@ -146,19 +145,19 @@ impl Router {
                 let attempts = peer.attempts.entry(seq).or_insert(0);
                 *attempts += 1;
                 let first = *attempts == 1;
-                let replay = !first || seq < peer.replay_below;
-                to_send.push((seq, rec, replay, first));
+                let delayed = !(first && self.at_once.contains(seq));
+                to_send.push((seq, rec, delayed, first));
             }
         }
         let sent = to_send.len();
-        for (seq, rec, replay, first) in to_send {
+        for (seq, rec, delayed, first) in to_send {
             let needs = if self.burst_accepted.iter().any(|(s, _)| *s == seq) {
                 Needs::Accept
             } else {
                 Needs::Nothing
             };
             let fresh = self.fresh.take(seq);
-            match self.outgoing(seq, &rec, replay, fresh) {
+            match self.outgoing(seq, &rec, delayed, fresh) {
                 Some(mut m) => {
                     let waited_ms = now_ms().saturating_sub(rec.accepted_at_ms);
                     if needs == Needs::Accept {
@@ -189,12 +188,14 @@ impl Router {
     }
 
     /// Rebuild the stanza for the wire from its record.
-    /// `fresh`: the same message as accepted, if still at hand.
+    /// `delayed`: it did not go at once ([`AtOnce`]), so it carries its
+    /// accept time. `fresh`: the same message as accepted, if still at
+    /// hand.
     pub(super) fn outgoing(
         &self,
         seq: u64,
         rec: &Record,
-        replay: bool,
+        delayed: bool,
         fresh: Option<Message>,
     ) -> Option<Message> {
         let mut m = match fresh {
@@ -224,7 +225,7 @@ impl Router {
             }
             .into(),
         );
-        if replay {
+        if delayed {
             let stamp = chrono::DateTime::from_timestamp_millis(rec.accepted_at_ms)
                 .unwrap_or_default()
                 .fixed_offset();

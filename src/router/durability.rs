@@ -42,15 +42,23 @@ impl Router {
     }
 
     pub(super) async fn on_durable(&mut self, ticket: u64) {
-        let (released, recipients) = self.gate.durable(ticket);
-        if !recipients.is_empty() {
+        let (released, durable) = self.gate.durable(ticket);
+        if !durable.is_empty() {
             debug!(upto_seq = self.gate.durable_seq(), "messages on disk");
         }
         for stanza in released {
             self.send(stanza).await;
         }
         // Only a recipient with a message that just became durable can
-        // have been held back by the gate.
+        // have been held back by the gate; sent now, such a message
+        // still goes at once.
+        let mut recipients = Vec::with_capacity(durable.len());
+        for (seq, recipient) in durable {
+            self.at_once.mark(seq);
+            recipients.push(recipient);
+        }
+        recipients.sort_unstable();
+        recipients.dedup();
         for r in recipients {
             if self
                 .peers

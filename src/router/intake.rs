@@ -301,13 +301,14 @@ impl Router {
         size: usize,
     ) {
         self.burst_accepted.push((seq, recipient.to_owned()));
+        self.at_once.mark(seq);
         if self.handling_taken {
             self.taken_seqs.insert(seq);
         }
         self.fresh.put(seq, m, size);
         self.gate.accepted(seq, recipient);
         self.ensure_subscribed(recipient, target).await;
-        self.kick(recipient, seq).await;
+        self.kick(recipient).await;
     }
 
     /// Relay a message that goes once ([`message_kind::kind`]): nothing

@@ -59,11 +59,13 @@ use crate::store::{
 };
 use crate::twin::{self, AnotherInstance, Instance, Verdict};
 use crate::xep0050::COMMANDS;
+use at_once::AtOnce;
 pub use forwarding::LEAD_POLL;
 use forwarding::TAKE_FORWARDED_EVERY;
 pub use peer::Phase;
 use peer::{InFlight, Peer, Resource, peer_entry};
 
+mod at_once;
 mod bounce;
 mod confirm;
 mod connection;
@@ -205,6 +207,8 @@ pub struct Router {
     /// Messages just accepted, as parsed, so that relaying one at once
     /// does not parse its stored XML back.
     fresh: Fresh,
+    /// The messages that may still leave without a `<delay/>`.
+    at_once: AtOnce,
     /// Recipients still to probe after the last connect.
     probe_queue: VecDeque<(String, RecipientState)>,
     /// Probed recipients with pending messages, awaiting the end of the
@@ -394,6 +398,7 @@ impl Router {
             burst_accepted: Vec::new(),
             burst_relays: Vec::new(),
             fresh: Fresh::default(),
+            at_once: AtOnce::default(),
             probe_queue: VecDeque::new(),
             probe_waiting: Vec::new(),
             epoch: None,
@@ -548,6 +553,7 @@ impl Router {
             self.on_durable(ticket).await;
             durable = self.commit_burst().await;
         }
+        self.at_once.end_round();
     }
 
     /// One burst's end without the release: commit, ask for the fsync,

@@ -59,13 +59,11 @@ impl Ops for Router {
         if self.epoch.is_none() {
             return Err("the component link is down".into());
         }
-        let next = self.store.next_seq().map_err(|e| e.to_string())?;
         let initial = self.config.retry_initial();
         let peer = peer_entry(&mut self.peers, recipient, initial);
         // Whatever was in flight goes again, from the head of the queue.
         peer.halt(&mut self.timers);
         peer.phase = Phase::Sending;
-        peer.replay_below = next;
         peer.backoff = initial;
         peer.forced = true;
         info!(

@@ -74,9 +74,6 @@ pub(super) struct Peer {
     pub(super) backoff: Duration,
     /// Send attempts per pending seq since start (not stored).
     pub(super) attempts: BTreeMap<u64, u32>,
-    /// Messages below this seq were accepted before the current sending
-    /// phase began: they go out as replays, with `<delay/>`.
-    pub(super) replay_below: u64,
     /// Confirmed while the store could not record it: never sent again
     /// by this process.
     pub(super) unsaved_confirms: std::collections::BTreeSet<u64>,
@@ -101,7 +98,6 @@ impl Peer {
             timer: None,
             backoff: initial_backoff,
             attempts: BTreeMap::new(),
-            replay_below: 0,
             unsaved_confirms: Default::default(),
             forced: false,
             contact_timer: None,

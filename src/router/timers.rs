@@ -61,7 +61,6 @@ impl Router {
                 self.twin_timer = Some(self.timers.insert(Timer::TwinCheck, twin::INTERVAL));
             }
             Timer::Resume { recipient } => {
-                let next = self.store.next_seq().unwrap_or(u64::MAX);
                 let Some(peer) = self.peers.get_mut(&recipient) else {
                     return;
                 };
@@ -74,12 +73,10 @@ impl Router {
                 // Whatever is in flight goes again from the queue's head,
                 // with its receipt timer gone.
                 peer.halt(&mut self.timers);
-                peer.replay_below = next;
                 peer.phase = Phase::Sending;
                 self.pump(&recipient).await;
             }
             Timer::Receipt { recipient, seq } => {
-                let next = self.store.next_seq().unwrap_or(u64::MAX);
                 let Some(peer) = self.peers.get_mut(&recipient) else {
                     return;
                 };
@@ -110,7 +107,6 @@ impl Router {
                         "receipt timeout; those resources left out, delivery goes on to the others"
                     );
                     peer.halt(&mut self.timers);
-                    peer.replay_below = next;
                     peer.phase = Phase::Sending;
                     self.pump(&recipient).await;
                 } else {

@@ -6,6 +6,7 @@ use super::*;
 use crate::store::test_databases;
 
 mod contacts;
+mod delays;
 mod delivery;
 mod forwarded;
 mod hostile;
@@ -335,4 +336,16 @@ fn subscribes_from(out: &[Stanza]) -> Vec<String> {
             _ => None,
         })
         .collect()
+}
+
+/// bob approved the relay's subscription and is online, at once (no
+/// grace wait: what is sent next goes straight out).
+async fn subscribed_and_online(h: &Harness) {
+    for xml in [
+        format!("<presence xmlns='{NS}' from='bob@x' to='relay.x' type='subscribed'/>"),
+        format!("<presence xmlns='{NS}' from='bob@x/r' to='relay.x'/>"),
+    ] {
+        h.feed(&xml).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
 }

@@ -73,18 +73,6 @@ async fn failed_commit_in_batched_mode_relays_nothing_that_needed_it() {
     assert!(!ids_of(&h.drain()).contains(&"m2"));
 }
 
-/// bob approved the relay's subscription and is online, at once (no
-/// grace wait: what is sent next goes straight out).
-async fn subscribed_and_online(h: &Harness) {
-    for xml in [
-        format!("<presence xmlns='{NS}' from='bob@x' to='relay.x' type='subscribed'/>"),
-        format!("<presence xmlns='{NS}' from='bob@x/r' to='relay.x'/>"),
-    ] {
-        h.feed(&xml).await;
-    }
-    tokio::time::sleep(Duration::from_millis(1)).await;
-}
-
 /// Issue 11, defect 11 (fsync mode): when an fsync fails, receipts
 /// held for removals that never reached disk are dropped, not let out
 /// (before, they left, and those messages came back after the
