@@ -242,7 +242,38 @@ async fn foreign_receipts_and_markers_confirm_nothing(kind: Kind) {
     wait_log_line(&relay, &[" confirmed", "id=f1 "]).await;
 }
 
+/// Issue 23, item 3: a local user writes sixteen receipts to a relay
+/// address, each naming an id of 8,000 `"` (128 KB as sent, under the
+/// server's client limit; written `&quot;` they made a 640 KB stanza from
+/// redeliver, and Prosody closed the component link on it). They name
+/// nothing the relay stored: not relayed, and the link stays up.
+async fn receipts_naming_nothing_leave_the_link_up(kind: Kind) {
+    use tokio::io::AsyncWriteExt;
+    let server = Server::start(kind, ServerOpts::default());
+    let relay = Relay::start(&server, RelayOpts::default());
+    let mut bob = Client::connect(server.c2s_port, "bob", ClientOpts::default()).await;
+    let mut mallory = raw_session(server.c2s_port, "carol").await;
+    let id = "\"".repeat(8000);
+    let receipts: String = (0..16)
+        .map(|_| format!("<received xmlns='urn:xmpp:receipts' id='{id}'/>"))
+        .collect();
+    let stanza = format!(
+        "<message xmlns='jabber:client' to='alice@relay.localhost' id='junk'>{receipts}</message>"
+    );
+    for _ in 0..3 {
+        mallory.write_all(stanza.as_bytes()).await.unwrap();
+    }
+    mallory.flush().await.unwrap();
+    tokio::time::sleep(SECS(2)).await;
+    send_all(&server, BOB, &ids("after", 2)).await;
+    assert_eq!(bob.body_ids(2, SECS(10)).await, ids("after", 2));
+    let log = relay.log_text();
+    assert!(!log.contains("component link lost"), "{log}");
+    assert_eq!(log.matches(READY).count(), 1, "no reconnect: {log}");
+}
+
 on_both_servers!(
+    receipts_naming_nothing_leave_the_link_up,
     expiry_tells_the_sender_and_survives_a_restart,
     expiry_notice_reaches_a_sender_who_went_away,
     store_cap_refuses_new_messages_and_keeps_the_old,

@@ -421,8 +421,12 @@ fn flatten(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<S
     }
 }
 
-/// Prosody drops a component link on a stanza over 512 KiB; what we relay
-/// grows by a few hundred bytes, so stay clearly below that.
+/// Prosody drops a component link on a stanza over 512 KiB (524,288
+/// bytes). `max_stanza_bytes` counts a message as it will be sent, with
+/// what sending adds (an origin-id copying the id, the receipt request,
+/// a stanza-id, a delay, full JIDs: up to about 7 KB plus the escaped id),
+/// and every other stanza the relay writes as written; this ceiling
+/// keeps 12 KiB below the server's limit besides.
 const MAX_STANZA_CEILING: usize = 500 * 1024;
 /// The longest wait for a relay contact's answer: 10 minutes.
 const MAX_CONTACT_WAIT_MS: u64 = 10 * 60 * 1000;

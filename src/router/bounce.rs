@@ -136,7 +136,7 @@ impl Router {
             return;
         };
         info!(to = recipient, id, condition = ?error.defined_condition, "message relayed once bounced; sender told");
-        let mut m = Message::error(Some(to)).with_payload(error);
+        let mut m = Message::error(Some(to)).with_payload(sizes::bounded_error(&error));
         m.from = Some(from);
         m.id = Some(Id(id.to_owned()));
         self.send(m).await;

@@ -49,9 +49,21 @@ impl Router {
                 edits.push((i, None));
                 continue;
             }
-            let seq = match self.store.seq_of(from_key, &sender, &id) {
+            let found = if id.len() > sizes::MAX_ID_BYTES {
+                // Longer than any id the relay stores.
+                Ok(None)
+            } else {
+                self.store.seq_of(from_key, &sender, &id)
+            };
+            let seq = match found {
                 Ok(Some(seq)) => seq,
-                Ok(None) => continue,
+                Ok(None) => {
+                    // Names nothing the relay sent: not passed on (an id
+                    // that matches nothing costs the sender up to six
+                    // times its length once written).
+                    edits.push((i, None));
+                    continue;
+                }
                 Err(e) => {
                     // It may confirm a message of ours: relayed only if
                     // the burst commits (it will not: the store failed),

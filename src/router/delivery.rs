@@ -121,6 +121,21 @@ impl Router {
                     // queue keeps its order, so what follows waits too.
                     break;
                 }
+                if rec.stanza.len() + sizes::send_overhead(self.me.as_str(), &rec.id, false)
+                    > SERVER_STANZA_LIMIT
+                {
+                    // Stored by a version that checked less: written, it
+                    // would drop the link at every reconnect. It stays for
+                    // the operator, and its TTL tells its sender.
+                    error!(
+                        to = recipient,
+                        seq,
+                        bytes = rec.stanza.len(),
+                        "stored message too large to send under the server's limit; left in the store"
+                    );
+                    peer.cursor = seq + 1;
+                    continue;
+                }
                 let expect = expect.get(bare_of(&rec.sender)).copied().unwrap_or(true);
                 let timer = self.timers.insert(
                     Timer::Receipt {

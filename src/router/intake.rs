@@ -173,7 +173,9 @@ impl Router {
         let Some(from) = m.from.clone() else { return };
         let mut reply = Message::error(Some(from)).with_payload(stanza_error(t, c, text));
         reply.from = m.to.clone();
-        reply.id = m.id.clone();
+        // An id past the cap is not written back (it may be most of the
+        // server's limit once escaped); the refusal says why.
+        reply.id = m.id.clone().filter(|i| i.0.len() <= sizes::MAX_ID_BYTES);
         self.send(reply).await;
     }
 
@@ -197,6 +199,16 @@ impl Router {
                 return;
             }
         };
+        if let Some(what) = overlong_id(&m) {
+            self.refuse_message(
+                &m,
+                ErrorType::Modify,
+                DefinedCondition::PolicyViolation,
+                &format!("the {what} is longer than {} bytes", sizes::MAX_ID_BYTES),
+            )
+            .await;
+            return;
+        }
         let original = m.clone();
         let id = match &m.id {
             Some(id) if !id.0.is_empty() => id.0.clone(),
@@ -217,7 +229,9 @@ impl Router {
         let content_hash = content_of(&m);
         let xml = String::from(&Element::from(m.clone()));
         let size = xml.len();
-        if let Some((t, text)) = self.over_size_or_rate(size, from_bare) {
+        // Checked as it will be sent, with what sending adds.
+        let sent_size = size + sizes::send_overhead(self.me.as_str(), &id, origin_id.is_some());
+        if let Some((t, text)) = self.over_size_or_rate(sent_size, from_bare) {
             self.refuse_message(&original, t, DefinedCondition::PolicyViolation, text)
                 .await;
             return;
@@ -314,9 +328,10 @@ impl Router {
     /// Relay a message that goes once ([`message_kind::kind`]): nothing
     /// to store, no receipt to request.
     ///
-    /// Receipts, markers and hints alone cost bounded work and are never
-    /// refused; anything else counts against the sender's rate and size
-    /// limits like a message. `confirmed`: it confirmed stored messages,
+    /// Receipts, markers and hints alone are not held to the sender's
+    /// rate (they confirm what the relay sent); anything else counts
+    /// against it like a message. Everything is held to the size limit,
+    /// as it will be written. `confirmed`: it confirmed stored messages,
     /// so it tells the sender they are done with and leaves only once
     /// their removal is on disk (fsync mode; never after a store failure).
     pub(super) async fn relay_once(
@@ -327,26 +342,49 @@ impl Router {
         target: &BareJid,
         confirmed: bool,
     ) {
-        if !message_kind::only_bookkeeping(&m) {
-            let size = String::from(&Element::from(m.clone())).len();
-            if let Some((t, text)) = self.over_size_or_rate(size, from_bare) {
-                self.refuse_message(&m, t, DefinedCondition::PolicyViolation, text)
-                    .await;
-                return;
-            }
-            if let Some(id) = &m.id {
-                self.once_sent.put(
-                    (target.to_string(), from_bare.to_string(), id.0.clone()),
-                    from.clone(),
-                );
-            }
-        }
+        let bookkeeping = message_kind::only_bookkeeping(&m);
         let Ok(relay_from) = self.book.relay_full(from_bare) else {
             return;
         };
+        // What a refusal answers: the stanza as it came.
+        let mut came = Message::new(Some(m.to.clone().unwrap_or_else(|| relay_from.clone())));
+        came.from = Some(from.clone());
+        came.id = m.id.clone();
         m.from = Some(relay_from);
         m.to = Some(Jid::from(target.clone()));
         self.strip_claims_in_our_name(&mut m);
+        let size = sizes::written_len(&m);
+        let refusal = match overlong_id(&m) {
+            Some(what) => Some((
+                ErrorType::Modify,
+                format!("the {what} is longer than {} bytes", sizes::MAX_ID_BYTES),
+            )),
+            None if bookkeeping => (size > self.config.limits.max_stanza_bytes).then(|| {
+                (
+                    ErrorType::Modify,
+                    "message too large for the relay".to_owned(),
+                )
+            }),
+            None => self
+                .over_size_or_rate(size, from_bare)
+                .map(|(t, text)| (t, text.to_owned())),
+        };
+        if let Some((t, text)) = refusal {
+            if bookkeeping {
+                // What it confirmed stays confirmed; only the copy to the
+                // sender is not written.
+                warn!(from = %from, "receipts or markers too large to pass on; not relayed");
+            }
+            self.refuse_message(&came, t, DefinedCondition::PolicyViolation, &text)
+                .await;
+            return;
+        }
+        if !bookkeeping && let Some(id) = &m.id {
+            self.once_sent.put(
+                (target.to_string(), from_bare.to_string(), id.0.clone()),
+                from.clone(),
+            );
+        }
         if !confirmed {
             self.send(m).await;
         } else if let Some(m) = self.gate.after_writes(m.into()) {
@@ -363,4 +401,20 @@ impl Router {
                 || p.is("stanza-id", ns::SID) && p.attr("by") == Some(me.as_str()))
         });
     }
+}
+
+/// Which id of `m` is past [`sizes::MAX_ID_BYTES`], if one is: its id or
+/// its XEP-0359 origin-id.
+fn overlong_id(m: &Message) -> Option<&'static str> {
+    if m.id
+        .as_ref()
+        .is_some_and(|i| i.0.len() > sizes::MAX_ID_BYTES)
+    {
+        return Some("message id");
+    }
+    m.payloads
+        .iter()
+        .filter(|p| p.is("origin-id", ns::SID))
+        .any(|p| p.attr("id").is_some_and(|i| i.len() > sizes::MAX_ID_BYTES))
+        .then_some("origin-id")
 }

@@ -64,6 +64,7 @@ pub use forwarding::LEAD_POLL;
 use forwarding::TAKE_FORWARDED_EVERY;
 pub use peer::Phase;
 use peer::{InFlight, Peer, Resource, peer_entry};
+use sizes::SERVER_STANZA_LIMIT;
 
 mod at_once;
 mod bounce;
@@ -81,6 +82,7 @@ mod iq;
 mod ops;
 mod peer;
 mod presence;
+mod sizes;
 mod timers;
 
 /// Receipts and markers handled per stanza at most.

@@ -891,61 +891,74 @@ async fn open_stream(io: BufStream<TcpStream>, host: &str) -> C2s {
     pending.recv_features::<Element>().await.unwrap().1
 }
 
-impl Client {
-    /// Log in as `user` (`name` on localhost, or `name@host`).
-    pub async fn connect(port: u16, user: &str, opts: ClientOpts) -> Client {
-        let (user, host) = user.split_once('@').unwrap_or((user, "localhost"));
-        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        tcp.set_nodelay(true).unwrap();
-        let mut s = open_stream(BufStream::new(tcp), host).await;
-        let creds =
-            base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{PASSWORD}"));
-        let auth = xml(&format!(
-            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{creds}</auth>"
-        ));
-        s.send(&auth).await.unwrap();
-        let reply = next_el(&mut s).await;
-        assert_eq!(reply.name(), "success", "auth failed for {user}: {reply:?}");
-        let pending = s
-            .initiate_reset()
-            .send_header(StreamHeader {
-                to: Some(Cow::Borrowed(host)),
-                from: None,
-                id: None,
-            })
+/// A session logged in as `user` with initial presence, as raw bytes: to
+/// write XML a real client may write but minidom would not (such as `"`
+/// unescaped in a `'`-quoted value). What the server sends is not read.
+pub async fn raw_session(port: u16, user: &str) -> BufStream<TcpStream> {
+    let (s, _) = log_in(port, user, &ClientOpts::default()).await;
+    s.into_inner()
+}
+
+/// Log in as `user` (`name` on localhost, or `name@host`): the stream,
+/// and the full JID.
+async fn log_in(port: u16, user: &str, opts: &ClientOpts) -> (C2s, String) {
+    let (user, host) = user.split_once('@').unwrap_or((user, "localhost"));
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let mut s = open_stream(BufStream::new(tcp), host).await;
+    let creds = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{PASSWORD}"));
+    let auth = xml(&format!(
+        "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{creds}</auth>"
+    ));
+    s.send(&auth).await.unwrap();
+    let reply = next_el(&mut s).await;
+    assert_eq!(reply.name(), "success", "auth failed for {user}: {reply:?}");
+    let pending = s
+        .initiate_reset()
+        .send_header(StreamHeader {
+            to: Some(Cow::Borrowed(host)),
+            from: None,
+            id: None,
+        })
+        .await
+        .unwrap();
+    let mut s: C2s = pending.recv_features::<Element>().await.unwrap().1;
+    let bind = xml(&format!(
+        "<iq xmlns='{CLIENT_NS}' type='set' id='bind1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{}</resource></bind></iq>",
+        esc(&opts.resource)
+    ));
+    s.send(&bind).await.unwrap();
+    let reply = next_el(&mut s).await;
+    assert_eq!(reply.attr("type"), Some("result"), "bind: {reply:?}");
+    if opts.sm {
+        s.send(&xml("<enable xmlns='urn:xmpp:sm:3' resume='true'/>"))
             .await
             .unwrap();
-        let mut s: C2s = pending.recv_features::<Element>().await.unwrap().1;
-        let bind = xml(&format!(
-            "<iq xmlns='{CLIENT_NS}' type='set' id='bind1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{}</resource></bind></iq>",
-            esc(&opts.resource)
-        ));
-        s.send(&bind).await.unwrap();
         let reply = next_el(&mut s).await;
-        assert_eq!(reply.attr("type"), Some("result"), "bind: {reply:?}");
-        if opts.sm {
-            s.send(&xml("<enable xmlns='urn:xmpp:sm:3' resume='true'/>"))
-                .await
-                .unwrap();
-            let reply = next_el(&mut s).await;
-            assert_eq!(reply.name(), "enabled", "sm: {reply:?}");
-        }
-        if opts.receipts_to_contacts_only {
-            s.send(&xml(&format!(
+        assert_eq!(reply.name(), "enabled", "sm: {reply:?}");
+    }
+    if opts.receipts_to_contacts_only {
+        s.send(&xml(&format!(
                 "<iq xmlns='{CLIENT_NS}' type='get' id='{ROSTER_GET}'><query xmlns='jabber:iq:roster'/></iq>"
             )))
             .await
             .unwrap();
-        }
-        if opts.presence {
-            s.send(&xml(&format!("<presence xmlns='{CLIENT_NS}'/>")))
-                .await
-                .unwrap();
-        }
+    }
+    if opts.presence {
+        s.send(&xml(&format!("<presence xmlns='{CLIENT_NS}'/>")))
+            .await
+            .unwrap();
+    }
+    (s, format!("{user}@{host}/{}", opts.resource))
+}
+
+impl Client {
+    /// Log in as `user` (`name` on localhost, or `name@host`).
+    pub async fn connect(port: u16, user: &str, opts: ClientOpts) -> Client {
+        let (s, jid) = log_in(port, user, &opts).await;
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (in_tx, in_rx) = mpsc::unbounded_channel();
         let (iq_tx, iq_rx) = mpsc::unbounded_channel();
-        let jid = format!("{user}@{host}/{}", opts.resource);
         let task = tokio::spawn(client_loop(s, opts, cmd_rx, in_tx, iq_tx));
         Client {
             jid,

@@ -11,6 +11,7 @@ mod delivery;
 mod forwarded;
 mod hostile;
 mod refusals;
+mod sizes;
 mod unanswered;
 
 const NS: &str = "jabber:component:accept";

@@ -1,0 +1,197 @@
+//! Every stanza the relay writes fits the server's limit: Prosody closes
+//! a component link on a stanza over 512 KiB, and a stanza that keeps
+//! being written drops the link at every reconnect.
+
+use super::*;
+
+/// The size of `st` as written on the link.
+fn written_len(st: &Stanza) -> usize {
+    let el: Element = match st {
+        Stanza::Message(m) => m.clone().into(),
+        Stanza::Presence(p) => p.clone().into(),
+        Stanza::Iq(iq) => iq.clone().into(),
+    };
+    String::from(&el).len()
+}
+
+/// Each stanza in `out` is at most `limit` bytes as written.
+fn assert_all_fit(out: &[Stanza], limit: usize) {
+    for st in out {
+        let n = written_len(st);
+        assert!(n <= limit, "a stanza of {n} bytes went out (limit {limit})");
+    }
+}
+
+const LIMIT: usize = 512_000;
+
+fn at_limit() -> String {
+    format!("[limits]\nmax_stanza_bytes = {LIMIT}\n")
+}
+
+/// Issue 23, item 3: sixteen receipts, each naming an id of 8,000 `"`,
+/// are 128 KB as a client sends them and were relayed as 640 KB (each
+/// `"` written as `&quot;`), over the server's limit. A receipt that
+/// names no stored message confirms nothing and is not relayed.
+#[tokio::test(start_paused = true)]
+async fn receipts_naming_nothing_are_not_relayed() {
+    let mut h = harness_with(64, &at_limit()).await;
+    h.bob_online().await;
+    h.drain_all();
+    let id = "\"".repeat(8000);
+    let receipts: String = (0..16)
+        .map(|_| format!("<received xmlns='urn:xmpp:receipts' id='{id}'/>"))
+        .collect();
+    h.feed(&format!(
+        "<message xmlns='{NS}' from='bob@x/r' to='alice@relay.x'>{receipts}</message>"
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let out = h.drain_all();
+    assert_all_fit(&out, LIMIT);
+    assert!(
+        receipts_to_alice(&out).is_empty(),
+        "nothing they name was stored: not relayed: {} stanzas",
+        out.len()
+    );
+    // A receipt for a message that was stored is still relayed.
+    h.msg("real").await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    h.drain_all();
+    h.feed(&format!(
+        "<message xmlns='{NS}' from='bob@x/r' to='alice@relay.x'><received xmlns='urn:xmpp:receipts' id='nothing'/><received xmlns='urn:xmpp:receipts' id='real'/></message>"
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(receipts_to_alice(&h.drain_all()), ["real"]);
+}
+
+/// Receipts, markers and hints alone skip the rate limit, not the size
+/// limit: hints stuffed with attributes (480 KB as written) are refused.
+#[tokio::test(start_paused = true)]
+async fn bookkeeping_is_held_to_the_size_limit() {
+    let mut h = harness_with(64, "[limits]\nmax_stanza_bytes = 100000\n").await;
+    h.bob_online().await;
+    h.drain_all();
+    let hints: String = (0..10)
+        .map(|_| {
+            format!(
+                "<store xmlns='urn:xmpp:hints' pad='{}'/>",
+                "\"".repeat(8000)
+            )
+        })
+        .collect();
+    h.feed(&format!(
+        "<message xmlns='{NS}' from='bob@x/r' to='alice@relay.x' id='h1'>{hints}</message>"
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let out = h.drain_all();
+    assert_all_fit(&out, 100_000);
+    assert!(
+        out.iter()
+            .any(|st| condition(st) == Some(DefinedCondition::PolicyViolation)),
+        "refused with policy-violation: {out:?}"
+    );
+}
+
+/// Issue 23, item 4: the size check was on the stored XML; sending adds
+/// an origin-id that copies the id, a receipt request, a stanza-id, a
+/// delay and a resource, so a message accepted just under the limit went
+/// out over it. Now what is accepted fits as sent, replays included.
+#[tokio::test(start_paused = true)]
+async fn a_stored_message_fits_as_sent() {
+    let mut h = harness_with(64, &at_limit()).await;
+    h.subscribe_and_go_offline().await;
+    let id = "\"".repeat(1000);
+    // Bodies from just under the limit as stored to well under it.
+    for (n, pad) in [LIMIT - 7_500, LIMIT - 12_000, LIMIT - 200_000]
+        .into_iter()
+        .enumerate()
+    {
+        let id = format!("{id}{n}");
+        let body = "x".repeat(pad);
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='alice@x/r' to='bob@relay.x' id='{}' type='chat'><body>{body}</body></message>",
+            id.replace('"', "&quot;")
+        ))
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let refused = h.drain_all();
+    assert_all_fit(&refused, LIMIT);
+    // Replayed with every addition, to a resource by its full JID.
+    h.presence("a-resource-name-of-some-length").await;
+    tokio::time::sleep(Duration::from_millis(310)).await;
+    let out = h.drain_all();
+    assert_all_fit(&out, LIMIT);
+    let sent = messages(&out).len();
+    assert!(sent >= 1, "the smaller ones are delivered: {sent}");
+    let refusals = refused
+        .iter()
+        .filter(|st| condition(st) == Some(DefinedCondition::PolicyViolation))
+        .count();
+    assert_eq!(
+        sent + refusals,
+        3,
+        "each either refused or delivered ({sent} sent, {refusals} refused)"
+    );
+}
+
+/// Message ids and origin-ids are capped: one over 1,024 bytes is
+/// refused with a clear error, and the error carries no such id back.
+#[tokio::test(start_paused = true)]
+async fn overlong_ids_are_refused() {
+    let mut h = harness_with(64, &at_limit()).await;
+    h.bob_online().await;
+    h.drain_all();
+    let long = "\"".repeat(5000);
+    h.feed(&format!(
+        "<message xmlns='{NS}' from='alice@x/r' to='bob@relay.x' id='{long}' type='chat'><body>b</body></message>"
+    ))
+    .await;
+    h.feed(&format!(
+        "<message xmlns='{NS}' from='alice@x/r' to='bob@relay.x' id='o1' type='chat'><body>b</body><origin-id xmlns='urn:xmpp:sid:0' id='{long}'/></message>"
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let out = h.drain_all();
+    assert_all_fit(&out, 2048);
+    let conditions: Vec<_> = out.iter().filter_map(condition).collect();
+    assert_eq!(
+        conditions,
+        [
+            DefinedCondition::PolicyViolation,
+            DefinedCondition::PolicyViolation
+        ],
+        "{out:?}"
+    );
+    assert_eq!(h.store.totals().unwrap().pending, 0, "nothing stored");
+}
+
+/// The error of a bounced message relayed once goes back to its sender
+/// with its text bounded.
+#[tokio::test(start_paused = true)]
+async fn bounce_texts_passed_on_are_bounded() {
+    let mut h = harness_with(64, &at_limit()).await;
+    h.bob_online().await;
+    h.drain_all();
+    h.feed(&format!(
+        "<message xmlns='{NS}' from='alice@x/r' to='bob@relay.x' id='cs1'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>"
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(h.drain_all().len(), 1, "relayed once");
+    let text = "\"".repeat(8000);
+    h.feed(&format!(
+        "<message xmlns='{NS}' from='bob@x' to='alice@relay.x' id='cs1' type='error'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/><text xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>{text}</text><junk xmlns='urn:x:junk' pad='{text}'/></error></message>"
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let out = h.drain_all();
+    assert_eq!(out.len(), 1, "passed on to alice");
+    assert_eq!(
+        condition(&out[0]),
+        Some(DefinedCondition::ServiceUnavailable)
+    );
+    assert_all_fit(&out, 8 * 1024);
+}
