@@ -89,9 +89,14 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let config = Arc::new(config);
     if let Some(listen) = config.metrics_addr() {
-        crate::prometheus::serve(listen)?;
+        let limits = crate::prometheus::serve(listen)?;
         crate::stats::start_counters_at_zero();
-        info!(%listen, "serving Prometheus metrics over HTTP");
+        info!(
+            %listen,
+            max_connections = limits.connections,
+            header_timeout_s = limits.header_timeout.as_secs(),
+            "serving Prometheus metrics over HTTP"
+        );
     }
     let store = open_store(&config).await?;
     info!(

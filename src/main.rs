@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 use redeliver::config::{Backend, Config};
@@ -297,6 +297,36 @@ fn limit_malloc_arenas() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn limit_malloc_arenas() {}
 
+/// Raise the soft file descriptor limit to the hard one (systemd gives
+/// services 1024 and 524288): the link, the store and the metrics
+/// listener share it, and the listener takes at most a quarter of it
+/// (src/prometheus/listener.rs).
+fn raise_nofile_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= limit.rlim_max
+        {
+            return;
+        }
+        let was = limit.rlim_cur;
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+            info!(
+                from = was,
+                to = limit.rlim_cur,
+                "raised the file descriptor limit"
+            );
+        } else {
+            let e = std::io::Error::last_os_error();
+            warn!(limit = was, error = %e, "cannot raise the file descriptor limit");
+        }
+    }
+}
+
 fn main() -> ExitCode {
     limit_malloc_arenas();
     let cli = Cli::parse();
@@ -321,6 +351,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            raise_nofile_limit();
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {

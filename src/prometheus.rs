@@ -1,5 +1,6 @@
 //! The optional Prometheus endpoint (`[metrics] listen`): the metric
-//! names, what each says, and the HTTP listener that serves them.
+//! names, what each says, and the HTTP listener that serves them
+//! ([`listener`], with its limits).
 //!
 //! The code records through the `metrics` facade ([`crate::stats`] for
 //! counters and latencies, the router for gauges). Without a listener no
@@ -9,6 +10,10 @@ use std::net::SocketAddr;
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+
+pub mod listener;
+
+pub use listener::Limits;
 
 pub const ACCEPTED: &str = "redeliver_messages_accepted_total";
 pub const RELAYED: &str = "redeliver_messages_relayed_total";
@@ -46,21 +51,30 @@ const LATENCY_BUCKETS: [f64; 19] = [
     86400.0, 259200.0, 604800.0, 2592000.0,
 ];
 
-/// Serve the metrics on `listen` (HTTP, any path) from now on. Call it
-/// once, inside the runtime.
-pub fn serve(listen: SocketAddr) -> anyhow::Result<()> {
-    let mut builder = PrometheusBuilder::new().with_http_listener(listen);
+/// Serve the metrics on `listen` (HTTP, any path) from now on, within
+/// the limits it returns (sized from the file descriptor limit). Call
+/// it once, inside the runtime.
+pub fn serve(listen: SocketAddr) -> anyhow::Result<Limits> {
+    let socket = std::net::TcpListener::bind(listen)
+        .and_then(|l| {
+            l.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(l)
+        })
+        .map_err(|e| anyhow::anyhow!("metrics listener on {listen}: {e}"))?;
+    let mut builder = PrometheusBuilder::new();
     for name in [ACCEPT_TO_RELAY, ACCEPT_TO_CONFIRM] {
         builder = builder.set_buckets_for_metric(Matcher::Full(name.into()), &LATENCY_BUCKETS)?;
     }
-    builder
-        .install()
-        .map_err(|e| anyhow::anyhow!("metrics listener on {listen}: {e}"))?;
+    let handle = builder
+        .install_recorder()
+        .map_err(|e| anyhow::anyhow!("metrics recorder: {e}"))?;
     describe();
     // Until the router says otherwise (a standby has neither).
     metrics::gauge!(LINK_UP).set(0.0);
     metrics::gauge!(LEADER).set(0.0);
-    Ok(())
+    let limits = Limits::for_nofile(listener::nofile());
+    tokio::spawn(listener::MetricsListener::new(socket, handle, limits).run());
+    Ok(limits)
 }
 
 fn describe() {

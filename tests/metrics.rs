@@ -5,11 +5,14 @@
 #[macro_use]
 mod common;
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use common::*;
 use prometheus_parse::{Scrape, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 const BOB: &str = "bob@relay.localhost";
 const CAROL: &str = "carol@relay.localhost";
@@ -314,6 +317,279 @@ async fn a_scrape_says_what_the_relay_did(kind: Kind) {
 }
 
 on_both_servers!(a_scrape_says_what_the_relay_did);
+
+/// The relay's file descriptor limit in the flood test: the flood is
+/// more connections than that, as in the issue (371 against 256).
+const NOFILE: u64 = 128;
+/// Connections the flood keeps open, each with an unfinished GET.
+const FLOOD: usize = 200;
+
+/// An attacker on the metrics port: `n` connections, each sending a
+/// request line and one header and never the blank line that ends the
+/// headers; each opened again half a second after the server closes it.
+struct Flood {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Connections the server answered with a 503.
+    refused: Arc<AtomicU64>,
+}
+
+impl Flood {
+    fn start(port: u16, n: usize) -> Flood {
+        let refused = Arc::new(AtomicU64::new(0));
+        let tasks = (0..n)
+            .map(|_| {
+                let refused = refused.clone();
+                tokio::spawn(async move {
+                    loop {
+                        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)).await {
+                            let _ = s
+                                .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                                .await;
+                            let mut got = Vec::new();
+                            let _ = s.read_to_end(&mut got).await;
+                            if got.starts_with(b"HTTP/1.1 503") {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                })
+            })
+            .collect();
+        Flood { tasks, refused }
+    }
+
+    /// The attacker lets go: every connection closed.
+    async fn stop(self) -> u64 {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
+/// A client that sends its headers a line a second and never ends them:
+/// how long the server keeps it (None: still open after 15 s).
+async fn slow_headers(port: u16) -> Option<Duration> {
+    let start = Instant::now();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\n").await.ok()?;
+    let mut buf = [0u8; 512];
+    for n in 0..15 {
+        tokio::select! {
+            r = s.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return Some(start.elapsed()),
+                // Whatever it says (a 408), it must also close.
+                Ok(_) => {}
+            },
+            _ = tokio::time::sleep(SECS(1)) => {
+                let line = format!("X-Slow-{n}: {n}\r\n");
+                if s.write_all(line.as_bytes()).await.is_err() {
+                    return Some(start.elapsed());
+                }
+            }
+        }
+    }
+    None
+}
+
+/// One whole request to `port`: what came back before the server closed
+/// the connection, or None if it did not close it within `wait`.
+async fn request(port: u16, wait: Duration) -> Option<String> {
+    tokio::time::timeout(wait, async {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .ok()?;
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got).await;
+        Some(String::from_utf8_lossy(&got).into_owned())
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// The lines a log file gains from an offset on, read as they come (a
+/// flooded log can reach gigabytes: it is read once, never again).
+struct Tail {
+    file: std::fs::File,
+    rest: Vec<u8>,
+}
+
+impl Tail {
+    fn at_end(path: &std::path::Path) -> Tail {
+        use std::io::Seek;
+        let mut file = std::fs::File::open(path).unwrap();
+        file.seek(std::io::SeekFrom::End(0)).unwrap();
+        Tail {
+            file,
+            rest: Vec::new(),
+        }
+    }
+
+    /// The whole lines written since the last call.
+    fn lines(&mut self) -> Vec<String> {
+        use std::io::Read;
+        let _ = self.file.read_to_end(&mut self.rest);
+        let end = self
+            .rest
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        let whole: Vec<u8> = self.rest.drain(..end).collect();
+        String::from_utf8_lossy(&whole)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Whether a line with `needle` comes within `wait`; the lines read
+    /// on the way go to `seen`.
+    async fn wait_for(&mut self, needle: &str, wait: Duration, seen: &mut Vec<String>) -> bool {
+        let end = Instant::now() + wait;
+        loop {
+            let lines = self.lines();
+            let found = lines.iter().any(|l| l.contains(needle));
+            seen.extend(lines);
+            if found {
+                return true;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// CPU time the process `pid` has used so far, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which ends with the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf reads a constant of the system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks as f64 / hz
+}
+
+/// What the metrics port receives leaves the relay what it needs: with
+/// a tight file descriptor limit and a flood of connections that never
+/// finish their headers, a slow client is closed within seconds, a
+/// request past the cap is refused at once (503), the server's restart
+/// is followed by a reconnect and a relayed message, the refusals are
+/// logged in a few lines (not one per attempt), the flood costs little
+/// CPU, and once it goes a scrape is answered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooded_metrics_port_leaves_the_link_its_file_descriptors() {
+    let mut server = Server::start(Kind::Prosody, ServerOpts::default());
+    let port = free_port();
+    let relay = Relay::start(
+        &server,
+        RelayOpts {
+            metrics_port: Some(port),
+            nofile: Some(NOFILE),
+            ..Default::default()
+        },
+    );
+    let (status, _, _) = scrape(port).await;
+    assert!(status.contains(" 200"), "{status}");
+    let pid = relay.pid().unwrap();
+    let mut problems: Vec<String> = Vec::new();
+    let mut log = Tail::at_end(&relay.log);
+    let mut seen = Vec::new();
+    let log_before = std::fs::metadata(&relay.log).unwrap().len();
+    let cpu_before = cpu_seconds(pid);
+    let started = Instant::now();
+
+    // The slow client first: it holds a slot, the flood the others.
+    let slow = tokio::spawn(slow_headers(port));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let flood = Flood::start(port, FLOOD);
+    tokio::time::sleep(SECS(1)).await;
+
+    let asked = Instant::now();
+    match request(port, SECS(3)).await {
+        Some(r) if r.starts_with("HTTP/1.1 503") => {
+            if asked.elapsed() > SECS(1) {
+                problems.push(format!("the 503 took {:?}", asked.elapsed()));
+            }
+        }
+        Some(r) => problems.push(format!("a request past the cap got {:?}", r.lines().next())),
+        None => problems.push("a request past the cap: no answer within 3 s".into()),
+    }
+
+    // The server drops the link; the relay reconnects through the flood.
+    let restarted = Instant::now();
+    tokio::task::block_in_place(|| server.restart());
+    if log.wait_for(READY, SECS(15), &mut seen).await {
+        let mut bob = Client::connect(server.c2s_port, "bob", ClientOpts::default()).await;
+        let alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
+        alice.message(BOB, "f1", "through the flood");
+        let got = bob.body_ids(1, SECS(10)).await;
+        if got != ["f1"] {
+            problems.push(format!("after the reconnect bob got {got:?}"));
+        }
+    } else {
+        problems.push(format!(
+            "no reconnect within 15 s of the server's restart ({:?} ago)",
+            restarted.elapsed()
+        ));
+    }
+
+    match slow.await.unwrap() {
+        Some(lived) if lived <= SECS(8) => {}
+        Some(lived) => problems.push(format!("the slow client was kept {lived:?}")),
+        None => problems.push("the slow client still open after 15 s".into()),
+    }
+
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = (cpu_seconds(pid) - cpu_before) / elapsed;
+    let grown = std::fs::metadata(&relay.log).unwrap().len() - log_before;
+    seen.extend(log.lines());
+    let refusal_lines = seen
+        .iter()
+        .filter(|l| l.contains("metrics listener refused"))
+        .count();
+    let emfile_lines = seen
+        .iter()
+        .filter(|l| l.contains("Too many open files"))
+        .count();
+    let refused = flood.stop().await;
+    eprintln!(
+        "flood of {FLOOD} at NOFILE {NOFILE} for {elapsed:.1} s: {refused} refused with 503, \
+         relay CPU {:.0}% of a core, log +{grown} bytes, {refusal_lines} refusal lines, \
+         {emfile_lines} 'Too many open files' lines",
+        cpu * 100.0
+    );
+    if grown > 256 << 10 {
+        problems.push(format!("the log grew by {grown} bytes during the flood"));
+    }
+    if cpu > 0.5 {
+        problems.push(format!("the flood cost {:.0}% of a core", cpu * 100.0));
+    }
+    // Logged, once and then at most once per 10 s.
+    let most = 2 + (elapsed / 10.0) as usize;
+    if !(1..=most).contains(&refusal_lines) {
+        problems.push(format!(
+            "{refusal_lines} refusal lines in {elapsed:.1} s (want 1 to {most})"
+        ));
+    }
+
+    // The attacker lets go: a scrape is answered at once.
+    match request(port, SECS(3)).await {
+        Some(r) if r.lines().next().is_some_and(|l| l.contains(" 200 ")) => {}
+        other => problems.push(format!(
+            "after the flood a scrape got {:?}",
+            other.as_deref().map(|r| r.lines().next())
+        )),
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+}
 
 /// Every metric the shipped Grafana dashboard queries is one redeliver
 /// exports (src/prometheus.rs names them all).

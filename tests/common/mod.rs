@@ -468,6 +468,9 @@ pub struct RelayOpts {
     pub all_active: bool,
     /// Serve Prometheus metrics on this loopback port.
     pub metrics_port: Option<u16>,
+    /// Start the process with this file descriptor limit (soft and hard
+    /// `RLIMIT_NOFILE`), as a tight `LimitNOFILE=` would.
+    pub nofile: Option<u64>,
 }
 
 impl Default for RelayOpts {
@@ -493,6 +496,7 @@ impl Default for RelayOpts {
             wait_ready: true,
             db_password: None,
             metrics_port: None,
+            nofile: None,
         }
     }
 }
@@ -566,6 +570,7 @@ pub struct Relay {
     child: Option<Child>,
     starts: usize,
     db_password: Option<String>,
+    nofile: Option<u64>,
 }
 
 pub const READY: &str = "redeliver ready: component link established";
@@ -656,6 +661,7 @@ session_timeout_s = {sess}
             child: None,
             starts: 0,
             db_password: opts.db_password.clone().or_else(pg::password),
+            nofile: opts.nofile,
         };
         if opts.wait_ready {
             r.launch();
@@ -677,8 +683,8 @@ session_timeout_s = {sess}
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(redeliver_bin())
-            .args(["run", "--config"])
+        let mut cmd = Command::new(redeliver_bin());
+        cmd.args(["run", "--config"])
             .arg(&self.config)
             .env("REDELIVER_SECRET", SECRET)
             .envs(
@@ -688,9 +694,26 @@ session_timeout_s = {sess}
             )
             .env("RUST_LOG", relay_log_filter())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start redeliver");
+            .stderr(log);
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit is async-signal-safe; the closure touches
+            // nothing else of the parent.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let child = cmd.spawn().expect("start redeliver");
         self.child = Some(child);
         self.starts += 1;
     }
@@ -800,7 +823,17 @@ impl Drop for Relay {
     fn drop(&mut self) {
         self.sigkill();
         if std::thread::panicking() {
-            eprintln!("---- redeliver log ----\n{}", self.log_text());
+            // The end of it: a log a flood made huge would bury the rest.
+            const SHOWN: usize = 1 << 20;
+            let log = self.log_text();
+            let from = log.len().saturating_sub(SHOWN);
+            let from = (from..log.len())
+                .find(|&i| log.is_char_boundary(i))
+                .unwrap_or(log.len());
+            if from > 0 {
+                eprintln!("---- redeliver log: its first {from} bytes left out ----");
+            }
+            eprintln!("---- redeliver log ----\n{}", &log[from..]);
         }
     }
 }
