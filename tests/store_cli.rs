@@ -222,10 +222,15 @@ async fn a_store_moves_from_sled_to_postgres_and_back() {
             .unwrap()
             .lines()
             .filter(|l| l.contains("\"type\":\"entry\""))
-            .map(|l| l.split_once(",\"accepted_at_ms\"").unwrap().1.to_owned())
+            .map(str::to_owned)
             .collect()
     };
-    assert_eq!(entries(&file), entries(&back), "the same entries, new seqs");
+    // Seqs too: a relayed message's stanza-id is made of its seq.
+    assert_eq!(
+        entries(&file),
+        entries(&back),
+        "the same entries, same seqs"
+    );
     let sled_again = config_with_store(&relay, &relay.dir.path().join("store-back"), "back.toml");
     let (st, out) = store_cmd("import", &sled_again, Some(&back));
     assert_eq!(st, Some(0), "{out}");
@@ -250,6 +255,154 @@ async fn a_store_moves_from_sled_to_postgres_and_back() {
         out.contains("an instance is running on this database"),
         "{out}"
     );
+}
+
+const SID: &str = "urn:xmpp:sid:0";
+
+/// The next `n` messages `client` is shown, each as (id, the relay's
+/// XEP-0359 stanza-id).
+async fn shown(client: &mut Client, n: usize) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let m = client
+            .next_body_message(SECS(15))
+            .await
+            .unwrap_or_else(|| panic!("shown only {out:?}"));
+        let sid = m
+            .children()
+            .find(|c| c.is("stanza-id", SID) && c.attr("by") == Some(COMPONENT))
+            .and_then(|s| s.attr("id"))
+            .unwrap_or_else(|| panic!("no stanza-id by the relay: {m:?}"));
+        out.push((m.attr("id").unwrap_or("").to_owned(), sid.to_owned()));
+    }
+    out
+}
+
+/// Where a store moves with `store export` and `store import`.
+#[derive(Clone, Copy, Debug)]
+enum Move {
+    ToSled,
+    ToPostgres,
+}
+
+/// Issue 23 item 6. Clients may tell copies of a message apart by the
+/// relay's stanza-id: every send of a message carries the same one, and
+/// no two messages ever get the same one, also when the store moves.
+/// Bob is shown two messages and confirms them, then two that he does
+/// not confirm (his client does not answer them); the store moves along
+/// `moves`, a message is accepted after each move, and at last bob is
+/// shown the pending ones again with their stanza-ids, and the new ones
+/// with stanza-ids no earlier message had.
+async fn stanza_ids_hold_across(moves: &[Move]) {
+    let server = Server::start(Kind::Prosody, ServerOpts::default());
+    let mut relay = Relay::start(&server, RelayOpts::default());
+    let mut bob = Client::connect(server.c2s_port, "bob", ClientOpts::default()).await;
+    send_all(&server, BOB, &ids("seen", 2)).await;
+    let confirmed = shown(&mut bob, 2).await;
+    wait_log_line(&relay, &[" confirmed", "id=seen2 "]).await;
+    wait_log_line(
+        &relay,
+        &["this client answers receipts", "resource=\"test\""],
+    )
+    .await;
+    bob.close().await;
+    // A restart moves sled's id generator on, as in every store that
+    // ever restarted: the seqs have a gap.
+    assert_eq!(relay.terminate(), Some(0));
+    relay.restart();
+    // The same client, now silent: known to answer, its messages wait
+    // for a receipt and stay pending.
+    let silent = ClientOpts {
+        receipts: false,
+        ..Default::default()
+    };
+    let mut mute = Client::connect(server.c2s_port, "bob", silent).await;
+    send_all(&server, BOB, &ids("pending", 2)).await;
+    let pending = shown(&mut mute, 2).await;
+    mute.close().await;
+    assert_eq!(relay.terminate(), Some(0));
+    let (st, out) = store_cmd("check", &relay.config, None);
+    assert!(st == Some(0) && out.contains("2 pending messages"), "{out}");
+
+    let mut config = relay.config.clone();
+    let mut moved: Vec<Relay> = Vec::new();
+    let mut after = Vec::new();
+    for (n, to) in moves.iter().enumerate() {
+        let file = relay.dir.path().join(format!("move-{n}.jsonl"));
+        let (st, out) = store_cmd("export", &config, Some(&file));
+        assert_eq!(st, Some(0), "{out}");
+        let (new_config, opts) = match to {
+            Move::ToSled => {
+                let dir = relay.dir.path().join(format!("store-{n}"));
+                let opts = RelayOpts {
+                    store_path: Some(dir.clone()),
+                    ..Default::default()
+                };
+                (config_with_store(&relay, &dir, &format!("{n}.toml")), opts)
+            }
+            Move::ToPostgres => {
+                let url = pg::new_database();
+                let config = config_with_database(&relay, &url, &format!("{n}.toml"));
+                let opts = RelayOpts {
+                    postgres_url: Some(url),
+                    ..Default::default()
+                };
+                (config, opts)
+            }
+        };
+        let (st, out) = store_cmd("import", &new_config, Some(&file));
+        assert_eq!(st, Some(0), "{to:?}: {out}");
+        let mut there = Relay::start(&server, opts);
+        let id = format!("after-move-{n}");
+        send_all(&server, BOB, std::slice::from_ref(&id)).await;
+        wait_log_line(&there, &["accepted", &format!("id={id} ")]).await;
+        assert_eq!(there.terminate(), Some(0));
+        after.push(id);
+        config = new_config;
+        moved.push(there);
+    }
+
+    let last = moved.last_mut().expect("a move");
+    last.restart();
+    let mut bob = Client::connect(server.c2s_port, "bob", ClientOpts::default()).await;
+    let again = shown(&mut bob, pending.len() + after.len()).await;
+    let more = bob.body_ids(1, SECS(3)).await;
+    assert!(more.is_empty(), "nothing twice, nothing else: {more:?}");
+    let (replayed, new) = again.split_at(pending.len());
+    assert_eq!(
+        replayed, pending,
+        "the pending messages again, each with the stanza-id it had"
+    );
+    assert_eq!(
+        new.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+        after.iter().collect::<Vec<_>>()
+    );
+    let earlier: Vec<&(String, String)> = confirmed.iter().chain(&pending).collect();
+    for (id, sid) in new {
+        let taken: Vec<_> = earlier.iter().filter(|(_, s)| s == sid).collect();
+        assert!(
+            taken.is_empty(),
+            "{id}, accepted after a move, has the stanza-id {sid} of {taken:?}"
+        );
+    }
+    let mut all: Vec<&String> = confirmed.iter().chain(&again).map(|(_, s)| s).collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(
+        all.len(),
+        confirmed.len() + again.len(),
+        "{confirmed:?} {again:?}"
+    );
+}
+
+#[tokio::test]
+async fn stanza_ids_hold_across_a_move_between_sled_stores() {
+    stanza_ids_hold_across(&[Move::ToSled]).await;
+}
+
+#[tokio::test]
+async fn stanza_ids_hold_from_sled_to_postgres_and_back() {
+    stanza_ids_hold_across(&[Move::ToPostgres, Move::ToSled]).await;
 }
 
 #[tokio::test]

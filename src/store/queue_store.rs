@@ -203,9 +203,13 @@ pub trait QueueStore: StoreView {
 
     /// Whether the store holds nothing (an import needs that).
     fn is_empty_of_data(&self) -> Result<bool, StoreError>;
+    /// Hand out only seqs of `next` and above from now on (`store
+    /// import`, before it writes messages under seqs below `next`).
+    fn skip_seqs_below(&self, next: u64) -> Result<(), StoreError>;
     /// Write exported recipients (each with its subscription, even when
-    /// it has nothing pending) and messages, each message under a new
-    /// seq, in order, with its dedup keys and counters (`store import`).
+    /// it has nothing pending) and messages, each message under its own
+    /// seq (which its stanza-id is made of), with its dedup keys and
+    /// counters (`store import`).
     fn import(
         &self,
         recipients: &[(String, Subscription)],

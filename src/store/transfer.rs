@@ -24,7 +24,11 @@
 //! - `end` counts the lines before it, so a truncated file is refused.
 //!
 //! Import writes into an empty store only, after reading the whole file
-//! once to validate it. Messages get new seqs in the same order.
+//! once to validate it. Each message keeps its `seq`: a relayed message's
+//! XEP-0359 stanza-id is its seq (`router::delivery`), the same at every
+//! send, and clients may de-duplicate by it. The store then hands out
+//! only seqs above every imported one, so that a later message never
+//! gets the stanza-id of an earlier one.
 //!
 //! The `schema` of the header is the exporting backend's schema version,
 //! for the record only: the lines mean the same from every backend.
@@ -169,10 +173,13 @@ pub fn import(store: &dyn QueueStore, path: &Path) -> Result<TransferSummary, Tr
     if !store.is_empty_of_data()? {
         return Err(TransferError::NotEmpty);
     }
-    let expected = validate(path)?;
+    let (expected, next_seq) = validate(path)?;
     // One burst: on PostgreSQL one transaction, so that a failure part
     // way leaves the database empty as it was.
     store.begin();
+    // Each message keeps its seq, which its stanza-id is made of: no
+    // later message may get one of them.
+    store.skip_seqs_below(next_seq)?;
     let mut sum = TransferSummary::default();
     let (mut recipients, mut page) = (Vec::new(), Vec::new());
     for (n, line) in BufReader::new(File::open(path)?).lines().enumerate() {
@@ -220,14 +227,20 @@ pub fn import(store: &dyn QueueStore, path: &Path) -> Result<TransferSummary, Tr
     Ok(sum)
 }
 
-/// First pass over an export: every line parses, entries come in order,
-/// stanzas parse, and the trailer's counts match.
 /// A recipient as a key part: not empty, and free of the 0x00 separator.
 fn key_part_ok(jid: &str) -> bool {
     !jid.is_empty() && !jid.contains('\0')
 }
 
-fn validate(path: &Path) -> Result<TransferSummary, TransferError> {
+/// The largest seq an import takes: PostgreSQL's bigint holds the seq
+/// after it too.
+const MAX_SEQ: u64 = i64::MAX as u64 - 1;
+
+/// First pass over an export: every line parses, entries come in order
+/// with seqs a store takes, stanzas parse, and the trailer's counts
+/// match. The counts, and the seq the importing store must hand out
+/// from, past every entry's.
+fn validate(path: &Path) -> Result<(TransferSummary, u64), TransferError> {
     let mut sum = TransferSummary::default();
     let mut last_seq = None;
     let mut ended = None;
@@ -291,6 +304,9 @@ fn validate(path: &Path) -> Result<TransferSummary, TransferError> {
                 if last_seq.is_some_and(|l| seq <= l) {
                     return Err(bad(n, "entries out of order".into()));
                 }
+                if seq > MAX_SEQ {
+                    return Err(bad(n, format!("seq {seq} is larger than {MAX_SEQ}")));
+                }
                 last_seq = Some(seq);
                 if !key_part_ok(&recipient) {
                     return Err(bad(n, "bad recipient JID".into()));
@@ -316,8 +332,9 @@ fn validate(path: &Path) -> Result<TransferSummary, TransferError> {
             }
         }
     }
+    let next_seq = last_seq.map_or(0, |l| l + 1);
     match ended {
-        Some(end) if end == sum => Ok(sum),
+        Some(end) if end == sum => Ok((sum, next_seq)),
         Some(end) => Err(bad(
             0,
             format!("the end line counts {end:?} but the file holds {sum:?}"),
@@ -329,7 +346,82 @@ fn validate(path: &Path) -> Result<TransferSummary, TransferError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::contract_tests::{msg, stored};
     use crate::store::test_databases;
+
+    /// Export `from` and import the file into `to`.
+    fn moved(from: &dyn QueueStore, to: &dyn QueueStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("export.jsonl");
+        export(from, &mut File::create(&file).unwrap()).unwrap();
+        import(to, &file).unwrap();
+    }
+
+    /// Stored: a message from alice to bob (with a stanza that parses, as
+    /// an import wants).
+    fn accepted(s: &dyn QueueStore, id: &str) -> u64 {
+        let mut m = msg("bob@x", "alice@x", id, None);
+        m.record.stanza = format!("<message xmlns='jabber:client' id='{id}'/>");
+        stored(s, m)
+    }
+
+    fn seqs(s: &dyn QueueStore) -> Vec<u64> {
+        let all = s.remembered(None, 1000).unwrap();
+        all.iter().map(|e| e.seq).collect()
+    }
+
+    /// A relayed message's stanza-id is its seq (`router::delivery`): a
+    /// store that moves keeps every message's seq, and then hands out only
+    /// seqs above every one it holds.
+    fn seqs_survive_moves(stores: &[&dyn QueueStore]) {
+        let first = stores[0];
+        let a = accepted(first, "a");
+        // A gap, as the router's start, a purge or an expiry step leaves
+        // (each takes a seq).
+        first.next_seq().unwrap();
+        let b = accepted(first, "b");
+        // Confirmed: only its dedup memory stays.
+        first.confirm("bob@x", &[a]).unwrap();
+        let mut handed_out = vec![a, b];
+        for (n, pair) in stores.windows(2).enumerate() {
+            let (from, to) = (pair[0], pair[1]);
+            let (remembered, pending) = (seqs(from), from.pending_from("bob@x", 0, 100).unwrap());
+            moved(from, to);
+            assert_eq!(seqs(to), remembered, "move {n}");
+            assert_eq!(to.pending_from("bob@x", 0, 100).unwrap(), pending);
+            assert_eq!(to.seq_of("bob@x", "alice@x", "a").unwrap(), Some(a));
+            let id = format!("after-{n}");
+            let new = accepted(to, &id);
+            let report = to.check().unwrap();
+            assert!(report.ok(), "{:?}", report.problems);
+            assert!(
+                handed_out.iter().all(|&s| new > s),
+                "{id} got seq {new}; handed out before: {handed_out:?}"
+            );
+            handed_out.push(new);
+        }
+    }
+
+    #[test]
+    fn seqs_survive_moves_between_sled_stores() {
+        let ((a, _a), (b, _b)) = (test_databases::sled(), test_databases::sled());
+        let (c, _c) = test_databases::sled();
+        seqs_survive_moves(&[&*a, &*b, &*c]);
+    }
+
+    #[test]
+    fn seqs_survive_moves_from_sled_to_postgres_and_back() {
+        let (a, _a) = test_databases::sled();
+        let (c, _c) = test_databases::sled();
+        seqs_survive_moves(&[&*a, &*test_databases::postgres(), &*c]);
+    }
+
+    #[test]
+    fn seqs_survive_moves_from_postgres_to_sled_and_back() {
+        let (b, _b) = test_databases::sled();
+        let (a, c) = (test_databases::postgres(), test_databases::postgres());
+        seqs_survive_moves(&[&*a, &*b, &*c]);
+    }
 
     /// A NUL in an export is refused before anything is written: XML
     /// cannot carry one, and PostgreSQL's text refuses it.

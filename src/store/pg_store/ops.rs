@@ -46,6 +46,10 @@ impl QueueStore for PgStore {
         self.holds_nothing()
     }
 
+    fn skip_seqs_below(&self, next: u64) -> Result<(), StoreError> {
+        self.sequence_from(next)
+    }
+
     fn import(
         &self,
         recipients: &[(String, Subscription)],

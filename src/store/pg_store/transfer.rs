@@ -83,6 +83,22 @@ impl PgStore {
         })
     }
 
+    /// Make `redeliver_seq` hand out `next` and above from now on
+    /// (setval is not undone by a rollback: a failed import leaves the
+    /// sequence moved on, which costs nothing).
+    pub(super) fn sequence_from(&self, next: u64) -> Result<(), StoreError> {
+        let next = sq(next);
+        self.run(async |db, _| {
+            db.query_one(
+                "SELECT setval('redeliver_seq', \
+                 GREATEST($1, (SELECT last_value + 1 FROM redeliver_seq)), false)",
+                &[&next],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
     pub(super) fn import_page(
         &self,
         recipients: &[(String, Subscription)],
@@ -99,8 +115,7 @@ impl PgStore {
                 .await?;
             }
             for e in entries {
-                let row = db.query_one("SELECT nextval('redeliver_seq')", &[]).await?;
-                let seq: i64 = row.get(0);
+                let seq = sq(e.seq);
                 db.exec(
                     "INSERT INTO redeliver_entries (seq, recipient, accepted_at_ms) \
                      VALUES ($1, $2, $3)",

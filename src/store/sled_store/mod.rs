@@ -20,16 +20,19 @@
 //! | `a` seq(u64 BE) | recipient (age index: the first key is the oldest pending message) |
 //! | `g` | [`Totals`] over all recipients |
 //! | `x` seq(u64 BE) | [`Expiry`]: when the message was accepted and its dedup keys |
-//! | `m` name | metadata (schema version) |
+//! | `m` name | metadata: `mschema` the schema version, `mseqbase` (u64 BE) what seqs start from |
 //! | `c` recipient 0x00 sender | [`Contact`]: the sender's relay address's subscription |
 //! | `t` recipient 0x00 seq(u64 BE) | a message counted delivered without a receipt (`assumed.rs`) |
 //! | `u` at(u64 BE) seq(u64 BE) | recipient (when each `t` entry was written, for pruning) |
 //! | `l` recipient 0x00 resource | [`Habit`]: whether that client answers receipts |
 //! | `h` | [`AssumedTotals`]: how many `t` entries, and their stanza bytes |
 //!
-//! Sequence numbers come from sled's `generate_id`, which is monotonic
-//! across restarts, so each recipient's queue is in accept order and a seq
-//! also names a message uniquely in the whole store.
+//! Sequence numbers are `mseqbase` (0 unless an import set it) plus
+//! sled's `generate_id`, which is monotonic across restarts, so each
+//! recipient's queue is in accept order and a seq also names a message
+//! uniquely in the whole store. An import writes messages under the seqs
+//! they had (a relayed message's stanza-id is its seq) and first moves
+//! `mseqbase` past them, so that no later message gets one of them.
 //!
 //! The router is the only writer, so read-modify-write of the counters
 //! needs no transaction. Calls here are short; `flush` blocks and must run
@@ -49,6 +52,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 use sled::IVec;
@@ -60,6 +64,7 @@ use keys::*;
 /// Version of the layout above. Bumped on any incompatible change.
 pub const SCHEMA_VERSION: u32 = 2;
 const SCHEMA_KEY: &[u8] = b"mschema";
+const SEQ_BASE_KEY: &[u8] = b"mseqbase";
 const TOTALS_KEY: &[u8] = b"g";
 
 mod assumed;
@@ -74,6 +79,8 @@ pub struct SledStore {
     pub(super) db: sled::Db,
     pub(super) path: std::path::PathBuf,
     pub(super) overlay: Mutex<Overlay>,
+    /// `mseqbase`, what seqs start from.
+    pub(super) seq_base: AtomicU64,
 }
 
 /// Writes not yet applied to sled (see "Bursts" above).
@@ -303,10 +310,15 @@ impl SledStore {
                 }
                 other => StoreError::Sled(other),
             })?;
+        let seq_base = match db.get(SEQ_BASE_KEY)? {
+            Some(v) => decode_seq(&v)?,
+            None => 0,
+        };
         let store = SledStore {
             db,
             path: path.to_owned(),
             overlay: Mutex::default(),
+            seq_base: AtomicU64::new(seq_base),
         };
         match store.db.get(SCHEMA_KEY)? {
             None => {
@@ -446,9 +458,25 @@ impl SledStore {
         self.db.clone()
     }
 
-    /// A seq larger than every seq stored so far.
+    /// A seq larger than every seq handed out so far.
     pub fn next_seq(&self) -> Result<u64, StoreError> {
-        Ok(self.db.generate_id()?)
+        let id = self.db.generate_id()?;
+        self.seq_base
+            .load(Ordering::Acquire)
+            .checked_add(id)
+            .ok_or_else(|| StoreError::Corrupt("seqs ran out (past 2^64)".into()))
+    }
+
+    /// Hand out only seqs of `next` and above from now on: `mseqbase`
+    /// goes to `next` unless seqs are past it already. Written at once,
+    /// ahead of the messages an import writes under their own seqs.
+    pub fn skip_seqs_below(&self, next: u64) -> Result<(), StoreError> {
+        if self.next_seq()? >= next {
+            return Ok(());
+        }
+        self.db.insert(SEQ_BASE_KEY, &next.to_be_bytes())?;
+        self.seq_base.store(next, Ordering::Release);
+        Ok(())
     }
 
     pub fn size_on_disk(&self) -> u64 {

@@ -185,6 +185,9 @@ impl QueueStore for SledStore {
     fn is_empty_of_data(&self) -> Result<bool, StoreError> {
         SledStore::is_empty_of_data(self)
     }
+    fn skip_seqs_below(&self, next: u64) -> Result<(), StoreError> {
+        SledStore::skip_seqs_below(self, next)
+    }
     fn import(
         &self,
         recipients: &[(String, Subscription)],

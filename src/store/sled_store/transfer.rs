@@ -1,6 +1,6 @@
 //! What `store export` and `store import` need of the sled store: the
 //! remembered messages in seq order (from the expiry entries), and
-//! writing them back under new seqs.
+//! writing them back under the same seqs.
 
 use std::collections::HashMap;
 
@@ -79,7 +79,7 @@ impl SledStore {
         let mut totals = self.totals()?;
         let mut batch = sled::Batch::default();
         for e in entries {
-            let seq = self.next_seq()?;
+            let seq = e.seq;
             let recipient = e.recipient.as_str();
             let mut keys = Vec::new();
             let with_keys = e
