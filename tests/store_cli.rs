@@ -54,7 +54,7 @@ async fn export_import_and_delivery_resumes_on_the_new_store() {
     let text = std::fs::read_to_string(&file).unwrap();
     assert!(
         text.starts_with(
-            "{\"type\":\"header\",\"format\":\"redeliver-store-export\",\"version\":1"
+            "{\"type\":\"header\",\"format\":\"redeliver-store-export\",\"version\":2"
         )
     );
 

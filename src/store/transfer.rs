@@ -6,7 +6,7 @@
 //! backend:
 //!
 //! ```text
-//! {"type":"header","format":"redeliver-store-export","version":1,"schema":2,"exported_at":"…"}
+//! {"type":"header","format":"redeliver-store-export","version":2,"schema":2,"exported_at":"…","next_seq":42}
 //! {"type":"recipient","jid":"bob@example.com","subscription":"subscribed"}
 //! {"type":"entry","seq":17,"accepted_at_ms":…,"recipient":"bob@example.com",
 //!  "ids":[{"sender":"alice@example.com","value":"m1","hash":…}],"origins":[],
@@ -14,6 +14,8 @@
 //! {"type":"end","recipients":1,"entries":1,"messages":1}
 //! ```
 //!
+//! - `next_seq` (from version 2 on) is a seq above every seq the store
+//!   ever handed out, also those of messages it no longer remembers.
 //! - `recipient` lines carry the presence subscription state.
 //! - `entry` lines come in accept order, one per accepted message still
 //!   remembered (pending, or confirmed but inside its TTL for duplicate
@@ -27,8 +29,14 @@
 //! once to validate it. Each message keeps its `seq`: a relayed message's
 //! XEP-0359 stanza-id is its seq (`router::delivery`), the same at every
 //! send, and clients may de-duplicate by it. The store then hands out
-//! only seqs above every imported one, so that a later message never
-//! gets the stanza-id of an earlier one.
+//! only seqs from `next_seq` (and above every imported one) on, so that
+//! a later message never gets the stanza-id of an earlier one.
+//!
+//! Version 1 (from earlier builds) had no `next_seq`; such a file still
+//! imports, and the store then hands out seqs above the imported ones
+//! only: a later message may get the stanza-id of one the old store had
+//! forgotten after its last remembered one (expired, purged, or
+//! confirmed and past its time to live).
 //!
 //! The `schema` of the header is the exporting backend's schema version,
 //! for the record only: the lines mean the same from every backend.
@@ -42,7 +50,8 @@ use serde::{Deserialize, Serialize};
 use super::*;
 
 pub const FORMAT: &str = "redeliver-store-export";
-pub const VERSION: u32 = 1;
+/// 2: the header has `next_seq`.
+pub const VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
@@ -77,6 +86,9 @@ enum Line {
         version: u32,
         schema: u32,
         exported_at: String,
+        /// Above every seq the store handed out (absent in version 1).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next_seq: Option<u64>,
     },
     Recipient {
         jid: String,
@@ -122,6 +134,7 @@ pub fn export(store: &dyn StoreView, w: &mut dyn Write) -> Result<TransferSummar
             version: VERSION,
             schema: store.schema_version(),
             exported_at: chrono::Utc::now().to_rfc3339(),
+            next_seq: Some(store.next_seq()?),
         },
     )?;
     for (jid, state) in store.recipients()? {
@@ -178,7 +191,8 @@ pub fn import(store: &dyn QueueStore, path: &Path) -> Result<TransferSummary, Tr
     // way leaves the database empty as it was.
     store.begin();
     // Each message keeps its seq, which its stanza-id is made of: no
-    // later message may get one of them.
+    // later message may get one of them, nor one of a message the
+    // exported store forgot.
     store.skip_seqs_below(next_seq)?;
     let mut sum = TransferSummary::default();
     let (mut recipients, mut page) = (Vec::new(), Vec::new());
@@ -233,16 +247,17 @@ fn key_part_ok(jid: &str) -> bool {
 }
 
 /// The largest seq an import takes: PostgreSQL's bigint holds the seq
-/// after it too.
+/// after it (the largest `next_seq`) too.
 const MAX_SEQ: u64 = i64::MAX as u64 - 1;
 
 /// First pass over an export: every line parses, entries come in order
 /// with seqs a store takes, stanzas parse, and the trailer's counts
 /// match. The counts, and the seq the importing store must hand out
-/// from, past every entry's.
+/// from: the header's `next_seq`, and past every entry's.
 fn validate(path: &Path) -> Result<(TransferSummary, u64), TransferError> {
     let mut sum = TransferSummary::default();
     let mut last_seq = None;
+    let mut header_next = 0;
     let mut ended = None;
     let bad = |line: usize, msg: String| TransferError::Format { line, msg };
     for (n, text) in BufReader::new(File::open(path)?).lines().enumerate() {
@@ -254,7 +269,10 @@ fn validate(path: &Path) -> Result<(TransferSummary, u64), TransferError> {
         let line: Line = serde_json::from_str(&text).map_err(|e| bad(n, e.to_string()))?;
         match line {
             Line::Header {
-                format, version, ..
+                format,
+                version,
+                next_seq,
+                ..
             } => {
                 if n != 1 {
                     return Err(bad(n, "a second header".into()));
@@ -269,6 +287,21 @@ fn validate(path: &Path) -> Result<(TransferSummary, u64), TransferError> {
                             "export format version {version}; this build reads up to {VERSION}"
                         ),
                     ));
+                }
+                match next_seq {
+                    None if version >= 2 => {
+                        return Err(bad(
+                            n,
+                            format!("a version {version} header without next_seq"),
+                        ));
+                    }
+                    Some(s) if s > MAX_SEQ + 1 => {
+                        return Err(bad(
+                            n,
+                            format!("next_seq {s} is larger than {}", MAX_SEQ + 1),
+                        ));
+                    }
+                    _ => header_next = next_seq.unwrap_or(0),
                 }
             }
             _ if n == 1 => return Err(bad(n, "no header".into())),
@@ -332,7 +365,7 @@ fn validate(path: &Path) -> Result<(TransferSummary, u64), TransferError> {
             }
         }
     }
-    let next_seq = last_seq.map_or(0, |l| l + 1);
+    let next_seq = last_seq.map_or(0, |l| l + 1).max(header_next);
     match ended {
         Some(end) if end == sum => Ok((sum, next_seq)),
         Some(end) => Err(bad(
@@ -372,7 +405,8 @@ mod tests {
 
     /// A relayed message's stanza-id is its seq (`router::delivery`): a
     /// store that moves keeps every message's seq, and then hands out only
-    /// seqs above every one it holds.
+    /// seqs above every one the store it came from handed out, those of
+    /// messages it forgot too.
     fn seqs_survive_moves(stores: &[&dyn QueueStore]) {
         let first = stores[0];
         let a = accepted(first, "a");
@@ -380,9 +414,13 @@ mod tests {
         // (each takes a seq).
         first.next_seq().unwrap();
         let b = accepted(first, "b");
-        // Confirmed: only its dedup memory stays.
+        let (c, d) = (accepted(first, "c"), accepted(first, "d"));
+        // Confirmed: only its dedup memory stays. Refused for good:
+        // forgotten, not in an export, but they may have been sent.
         first.confirm("bob@x", &[a]).unwrap();
-        let mut handed_out = vec![a, b];
+        first.forget("bob@x", c).unwrap();
+        first.forget("bob@x", d).unwrap();
+        let mut handed_out = vec![a, b, c, d];
         for (n, pair) in stores.windows(2).enumerate() {
             let (from, to) = (pair[0], pair[1]);
             let (remembered, pending) = (seqs(from), from.pending_from("bob@x", 0, 100).unwrap());
@@ -400,6 +438,83 @@ mod tests {
             );
             handed_out.push(new);
         }
+    }
+
+    /// An export made by hand: a header of `version` with `next_seq` (if
+    /// any), a confirmed message at seq 5 and a pending one at seq 9.
+    fn hand_made(dir: &Path, version: u32, next_seq: Option<u64>) -> std::path::PathBuf {
+        let mut header = serde_json::json!({"type": "header", "format": FORMAT,
+            "version": version, "schema": 2, "exported_at": "now"});
+        if let Some(s) = next_seq {
+            header["next_seq"] = s.into();
+        }
+        let ids = |id: &str| serde_json::json!([{"sender": "alice@x", "value": id}]);
+        let lines = [
+            header.to_string(),
+            serde_json::json!({"type": "entry", "seq": 5, "accepted_at_ms": 1,
+                "recipient": "bob@x", "ids": ids("m5"), "origins": [], "message": null})
+            .to_string(),
+            serde_json::json!({"type": "entry", "seq": 9, "accepted_at_ms": 1,
+                "recipient": "bob@x", "ids": ids("m9"), "origins": [],
+                "message": {"accepted_at_ms": 1, "sender": "alice@x/r", "id": "m9",
+                    "stanza": "<message xmlns='jabber:client' id='m9'/>"}})
+            .to_string(),
+            serde_json::json!({"type": "end", "recipients": 0, "entries": 2, "messages": 1})
+                .to_string(),
+        ];
+        let file = dir.join(format!("v{version}.jsonl"));
+        std::fs::write(&file, lines.join("\n")).unwrap();
+        file
+    }
+
+    /// A version 1 export (earlier builds; no `next_seq`) still imports,
+    /// its seqs kept, and the store goes on above them; a version 2
+    /// export's `next_seq` is where it goes on.
+    fn older_and_newer_exports(v1: &dyn QueueStore, v2: &dyn QueueStore) {
+        let dir = tempfile::tempdir().unwrap();
+        for (s, file, from) in [
+            (v1, hand_made(dir.path(), 1, None), 10),
+            (v2, hand_made(dir.path(), 2, Some(100)), 100),
+        ] {
+            import(s, &file).unwrap();
+            assert_eq!(seqs(s), [5, 9]);
+            assert_eq!(s.seq_of("bob@x", "alice@x", "m5").unwrap(), Some(5));
+            let pending = s.pending_from("bob@x", 0, 10).unwrap();
+            assert_eq!(
+                pending
+                    .iter()
+                    .map(|(q, r)| (*q, &*r.id))
+                    .collect::<Vec<_>>(),
+                [(9, "m9")]
+            );
+            let new = accepted(s, "new");
+            assert!(new >= from, "{file:?}: a new message got seq {new}");
+        }
+    }
+
+    #[test]
+    fn older_and_newer_exports_on_sled() {
+        let ((a, _a), (b, _b)) = (test_databases::sled(), test_databases::sled());
+        older_and_newer_exports(&*a, &*b);
+    }
+
+    #[test]
+    fn older_and_newer_exports_on_postgres() {
+        let (a, b) = (test_databases::postgres(), test_databases::postgres());
+        older_and_newer_exports(&*a, &*b);
+    }
+
+    /// From version 2 on the header must say where seqs go on: without
+    /// it an import could give a new message a forgotten one's stanza-id.
+    #[test]
+    fn a_version_2_export_without_next_seq_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _guard) = test_databases::sled();
+        let e = import(&*s, &hand_made(dir.path(), 2, None))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "line 1: a version 2 header without next_seq");
+        assert!(s.is_empty_of_data().unwrap());
     }
 
     #[test]

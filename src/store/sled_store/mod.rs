@@ -32,7 +32,8 @@
 //! recipient's queue is in accept order and a seq also names a message
 //! uniquely in the whole store. An import writes messages under the seqs
 //! they had (a relayed message's stanza-id is its seq) and first moves
-//! `mseqbase` past them, so that no later message gets one of them.
+//! `mseqbase` past them and to the export's `next_seq`, so that no later
+//! message gets a seq the exported store handed out.
 //!
 //! The router is the only writer, so read-modify-write of the counters
 //! needs no transaction. Calls here are short; `flush` blocks and must run
