@@ -53,7 +53,9 @@ struct Users {
 
 impl FakeServer {
     pub async fn start() -> FakeServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let std = super::ports::reserve(1).into_listeners().remove(0);
+        std.set_nonblocking(true).unwrap();
+        let listener = TcpListener::from_std(std).unwrap();
         let port = listener.local_addr().unwrap().port();
         let (tx, events) = mpsc::unbounded_channel();
         let current: Arc<Mutex<Option<(u64, Writer)>>> = Arc::default();

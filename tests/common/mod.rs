@@ -11,6 +11,7 @@ pub mod fake;
 pub mod operator;
 pub mod pg;
 pub mod pg_admin;
+pub mod ports;
 pub mod profanity;
 
 use std::borrow::Cow;
@@ -61,12 +62,6 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn wait_port(port: u16, timeout: Duration) -> bool {
-    wait_for(timeout, || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    })
 }
 
 fn ensure_prosody() {
@@ -185,6 +180,10 @@ pub const USERS: [(&str, &str); 6] = [
 /// Printed by the ejabberd launcher once the users exist.
 const EJABBERD_READY: &str = "redeliver-harness: ejabberd ready";
 
+/// What the servers log when a port of theirs is taken: ejabberd (which
+/// then exits) and Prosody (which goes on without it).
+const PORT_TAKEN: [&str; 2] = ["eaddrinuse", "Failed to open server port"];
+
 /// A throwaway XMPP server on 127.0.0.1 with its own config and data:
 /// Prosody (`prosody -F`) or ejabberd (a non-distributed Erlang node: no
 /// epmd, no distribution listener).
@@ -196,6 +195,8 @@ pub struct Server {
     child: Option<Child>,
     /// ejabberd's OTP library directory.
     erl_libs: Option<PathBuf>,
+    /// The config, but for the ports.
+    config: String,
 }
 
 impl Server {
@@ -208,11 +209,9 @@ impl Server {
             Kind::Ejabberd => Some(ensure_ejabberd()),
         };
         let dir = tempfile::tempdir().unwrap();
-        let c2s_port = free_port();
-        let component_port = free_port();
-        let (template, file) = match kind {
-            Kind::Prosody => ("prosody.cfg.lua.in", "prosody.cfg.lua"),
-            Kind::Ejabberd => ("ejabberd.yml.in", "ejabberd.yml"),
+        let template = match kind {
+            Kind::Prosody => "prosody.cfg.lua.in",
+            Kind::Ejabberd => "ejabberd.yml.in",
         };
         let template = std::fs::read_to_string(root().join("scripts").join(template)).unwrap();
         let offline = match (kind, opts.offline_storage) {
@@ -223,8 +222,6 @@ impl Server {
         };
         let cfg = template
             .replace("@DIR@", dir.path().to_str().unwrap())
-            .replace("@C2S_PORT@", &c2s_port.to_string())
-            .replace("@COMPONENT_PORT@", &component_port.to_string())
             .replace("@MODULES_DISABLED@", offline)
             .replace("@OFFLINE_MODULE@", offline)
             .replace(
@@ -284,21 +281,35 @@ impl Server {
             );
         std::fs::create_dir_all(dir.path().join("data")).unwrap();
         std::fs::create_dir_all(dir.path().join("certs")).unwrap();
-        std::fs::write(dir.path().join(file), cfg).unwrap();
         let mut server = Server {
             kind,
             dir,
-            c2s_port,
-            component_port,
+            c2s_port: 0,
+            component_port: 0,
             child: None,
             erl_libs,
+            config: cfg,
         };
-        if kind == Kind::Prosody {
-            for (user, host) in USERS {
-                server.register(user, host);
+        let mut registered = false;
+        ports::start_on(2, |reserved| {
+            let [c2s, component] = reserved.ports()[..] else {
+                unreachable!("two ports")
+            };
+            (server.c2s_port, server.component_port) = (c2s, component);
+            let cfg = server
+                .config
+                .replace("@C2S_PORT@", &c2s.to_string())
+                .replace("@COMPONENT_PORT@", &component.to_string());
+            std::fs::write(server.config_path(), cfg).unwrap();
+            if kind == Kind::Prosody && !registered {
+                for (user, host) in USERS {
+                    server.register(user, host);
+                }
+                registered = true;
             }
-        }
-        server.launch();
+            reserved.release();
+            server.launch()
+        });
         server
     }
 
@@ -321,7 +332,12 @@ impl Server {
         assert!(st.success(), "prosodyctl register {user}@{host}");
     }
 
-    fn launch(&mut self) {
+    /// Start the process and wait until it listens on both ports (and
+    /// ejabberd has created the users); `Err` when another process took
+    /// one of them first.
+    fn launch(&mut self) -> Result<(), String> {
+        let prosody_log = self.dir.path().join("prosody.log");
+        let earlier = std::fs::metadata(&prosody_log).map_or(0, |m| m.len() as usize);
         let out = self.dir.path().join("stdout.log");
         let log = std::fs::File::create(&out).unwrap();
         let mut cmd = match self.kind {
@@ -361,22 +377,46 @@ impl Server {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("start {:?}: {e}", self.kind));
+        let pid = child.id();
         self.child = Some(child);
-        let ready = match self.kind {
-            Kind::Prosody => true,
-            // Generous: a loaded machine starts the BEAM slowly.
-            Kind::Ejabberd => wait_for(Duration::from_secs(90), || {
-                std::fs::read_to_string(&out).is_ok_and(|t| t.contains(EJABBERD_READY))
-            }),
-        };
-        assert!(
-            ready
-                && wait_port(self.c2s_port, Duration::from_secs(15))
-                && wait_port(self.component_port, Duration::from_secs(5)),
-            "{:?} did not start; see {}",
-            self.kind,
-            self.dir.path().display()
-        );
+        let ports = [self.c2s_port, self.component_port];
+        // Generous for ejabberd: a loaded machine starts the BEAM slowly.
+        let end = Instant::now()
+            + Duration::from_secs(match self.kind {
+                Kind::Prosody => 20,
+                Kind::Ejabberd => 90,
+            });
+        loop {
+            // Before the logs: what it logged before it exited is in them.
+            let exited = self.child.as_mut().unwrap().try_wait().unwrap().is_some();
+            if exited {
+                self.child = None; // reaped: its PID is no longer its own
+            }
+            let stdout = std::fs::read_to_string(&out).unwrap_or_default();
+            let log = std::fs::read(&prosody_log).unwrap_or_default();
+            let log = stdout + &String::from_utf8_lossy(log.get(earlier..).unwrap_or_default());
+            let listening = ports.map(|p| ports::listener_of(p, pid));
+            if listening.contains(&Some(false)) || PORT_TAKEN.iter().any(|t| log.contains(t)) {
+                self.stop();
+                return Err(format!(
+                    "{:?} on {ports:?}: listeners {listening:?}, see {}",
+                    self.kind,
+                    self.dir.path().display()
+                ));
+            }
+            if listening == [Some(true); 2]
+                && (self.kind == Kind::Prosody || log.contains(EJABBERD_READY))
+            {
+                return Ok(());
+            }
+            assert!(
+                !exited && Instant::now() < end,
+                "{:?} did not start; see {}",
+                self.kind,
+                self.dir.path().display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The server's process, if running.
@@ -392,9 +432,13 @@ impl Server {
         }
     }
 
+    /// Stop and start again on the same ports (which another process
+    /// may take meanwhile: then this panics).
     pub fn restart(&mut self) {
         self.stop();
-        self.launch();
+        if let Err(why) = self.launch() {
+            panic!("restart on the same ports: {why}");
+        }
     }
 }
 
@@ -411,17 +455,6 @@ impl Drop for Server {
             ));
         }
     }
-}
-
-fn wait_for(timeout: Duration, mut ok: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
 }
 
 fn unsafe_kill(pid: u32, sig: &str) {
