@@ -103,14 +103,14 @@ async fn scrape_until(port: u16, ok: impl Fn(&Scrape) -> bool) -> Scrape {
 /// and latencies observed once per confirmed message.
 async fn a_scrape_says_what_the_relay_did(kind: Kind) {
     let server = Server::start(kind, ServerOpts::default());
-    let port = free_port();
     let relay = Relay::start(
         &server,
         RelayOpts {
-            metrics_port: Some(port),
+            metrics: true,
             ..Default::default()
         },
     );
+    let port = relay.metrics_port.unwrap();
     let (status, content_type, s) = scrape(port).await;
     assert!(status.contains(" 200"), "{status}");
     assert!(content_type.starts_with("text/plain"), "{content_type}");
@@ -487,15 +487,15 @@ fn cpu_seconds(pid: u32) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooded_metrics_port_leaves_the_link_its_file_descriptors() {
     let mut server = Server::start(Kind::Prosody, ServerOpts::default());
-    let port = free_port();
     let relay = Relay::start(
         &server,
         RelayOpts {
-            metrics_port: Some(port),
+            metrics: true,
             nofile: Some(NOFILE),
             ..Default::default()
         },
     );
+    let port = relay.metrics_port.unwrap();
     let (status, _, _) = scrape(port).await;
     assert!(status.contains(" 200"), "{status}");
     let pid = relay.pid().unwrap();

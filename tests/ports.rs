@@ -1,7 +1,7 @@
 //! The loopback ports of the harness (tests/common/ports.rs): never one
 //! twice, none from the kernel's ephemeral range, each held until its
 //! server starts, and a start that finds a port taken meanwhile moves to
-//! new ones, on both servers.
+//! new ones, on both servers and for redeliver's metrics listener.
 
 #[macro_use]
 mod common;
@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use std::net::TcpListener;
 use std::rc::Rc;
 
+use common::fake::FakeServer;
 use common::ports::{self, listener_of};
 use common::*;
 
@@ -93,3 +94,21 @@ async fn a_server_start_moves_off_a_port_taken_meanwhile(kind: Kind) {
 }
 
 on_both_servers!(a_server_start_moves_off_a_port_taken_meanwhile);
+
+#[tokio::test]
+async fn the_metrics_listener_moves_off_a_port_taken_meanwhile() {
+    let fake = FakeServer::start().await;
+    let taken = take_the_first_port_meanwhile();
+    // Not waiting for the link: the fake accepts on this thread, later.
+    let relay = Relay::start_at(
+        fake.port,
+        RelayOpts {
+            metrics: true,
+            wait_ready: false,
+            ..Default::default()
+        },
+    );
+    let port = relay.metrics_port.unwrap();
+    assert_ne!(port, port_of(&taken));
+    assert_eq!(listener_of(port, relay.pid().unwrap()), Some(true));
+}

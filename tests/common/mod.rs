@@ -15,7 +15,6 @@ pub mod ports;
 pub mod profanity;
 
 use std::borrow::Cow;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -37,7 +36,6 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A free loopback port (bound, then released).
 /// A benchmark setting from the environment, or `default` when unset or
 /// not a number.
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -54,14 +52,6 @@ pub fn env_list(name: &str, default: &str) -> Vec<String> {
         .split(',')
         .map(str::to_owned)
         .collect()
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn ensure_prosody() {
@@ -499,8 +489,9 @@ pub struct RelayOpts {
     pub db_password: Option<String>,
     /// `store.instances = "all-active"` (with `postgres_url`).
     pub all_active: bool,
-    /// Serve Prometheus metrics on this loopback port.
-    pub metrics_port: Option<u16>,
+    /// Serve Prometheus metrics on a loopback port of its own
+    /// ([`Relay::metrics_port`]).
+    pub metrics: bool,
     /// Start the process with this file descriptor limit (soft and hard
     /// `RLIMIT_NOFILE`), as a tight `LimitNOFILE=` would.
     pub nofile: Option<u64>,
@@ -528,7 +519,7 @@ impl Default for RelayOpts {
             all_active: false,
             wait_ready: true,
             db_password: None,
-            metrics_port: None,
+            metrics: false,
             nofile: None,
         }
     }
@@ -604,6 +595,8 @@ pub struct Relay {
     starts: usize,
     db_password: Option<String>,
     nofile: Option<u64>,
+    /// Where it serves Prometheus metrics, with `RelayOpts::metrics`.
+    pub metrics_port: Option<u16>,
 }
 
 pub const READY: &str = "redeliver ready: component link established";
@@ -644,7 +637,7 @@ sender_burst = {burst}
 [admin]
 jids = ["admin@localhost"]
 session_timeout_s = {sess}
-{metrics_section}"#,
+"#,
             port = component_port,
             store_section = match &opts.store_path {
                 None if opts.postgres_url.is_some() =>
@@ -680,12 +673,8 @@ session_timeout_s = {sess}
             burst = opts.sender_burst,
             window = opts.window,
             contact_wait = opts.contact_wait_ms,
-            metrics_section = opts
-                .metrics_port
-                .map(|p| format!("[metrics]\nlisten = \"127.0.0.1:{p}\"\n"))
-                .unwrap_or_default(),
         );
-        std::fs::write(&config, text).unwrap();
+        std::fs::write(&config, &text).unwrap();
         let log = dir.path().join("redeliver.log");
         let mut r = Relay {
             dir,
@@ -695,11 +684,24 @@ session_timeout_s = {sess}
             starts: 0,
             db_password: opts.db_password.clone().or_else(pg::password),
             nofile: opts.nofile,
+            metrics_port: None,
         };
-        if opts.wait_ready {
-            r.launch();
+        if opts.metrics {
+            ports::start_on(1, |reserved| {
+                let port = reserved.ports()[0];
+                let metrics = format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
+                std::fs::write(&r.config, text.clone() + &metrics).unwrap();
+                r.metrics_port = Some(port);
+                let earlier = r.log_text().len();
+                reserved.release();
+                r.spawn();
+                r.wait_metrics(earlier)
+            });
         } else {
             r.spawn();
+        }
+        if opts.wait_ready {
+            r.wait_ready(r.starts_seen() + 1);
         }
         r
     }
@@ -707,6 +709,32 @@ session_timeout_s = {sess}
     fn launch(&mut self) {
         self.spawn();
         self.wait_ready(self.starts_seen() + 1);
+    }
+
+    /// Wait until the process listens on its metrics port; `Err` when
+    /// another process took it first. Its log starts at `earlier`.
+    fn wait_metrics(&mut self, earlier: usize) -> Result<(), String> {
+        let port = self.metrics_port.expect("metrics on");
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let child = self.child.as_mut().expect("started");
+            // Before the log: what it logged before it exited is in it.
+            let exited = child.try_wait().unwrap().is_some();
+            let listening = ports::listener_of(port, child.id());
+            if listening == Some(true) {
+                return Ok(());
+            }
+            let log = self.log_text().split_off(earlier);
+            if listening == Some(false) || log.contains("Address already in use") {
+                self.sigkill();
+                return Err(format!("metrics on {port}: {listening:?}, log:\n{log}"));
+            }
+            assert!(
+                !exited && Instant::now() < end,
+                "redeliver did not listen for metrics; log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
     }
 
     /// Start the process; do not wait for its link.

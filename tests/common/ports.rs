@@ -1,5 +1,5 @@
 //! Loopback ports for everything the tests and benchmarks start: Prosody,
-//! ejabberd and the fake server.
+//! ejabberd, the fake server and redeliver's metrics listener.
 //!
 //! Binding port 0, closing the socket and handing the number on went
 //! wrong: the kernel may give the same number to the next bind(0) (about
