@@ -80,8 +80,15 @@ impl OwnCluster {
                 .unwrap_or_else(|| panic!("no {key} in {out}"))
                 .to_owned()
         };
+        let url = value(URL_ENV);
+        // pg-cluster chose it; keep it for the cluster while it is stopped.
+        let port = url.rsplit(':').next().and_then(|p| p.split('/').next());
+        super::ports::claim(
+            port.and_then(|p| p.parse().ok())
+                .expect("a port in the URL"),
+        );
         OwnCluster {
-            url: value(URL_ENV),
+            url,
             password: value(PASSWORD_ENV),
             dir,
         }

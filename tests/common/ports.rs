@@ -1,5 +1,6 @@
 //! Loopback ports for everything the tests and benchmarks start: Prosody,
-//! ejabberd, the fake server and redeliver's metrics listener.
+//! ejabberd, the fake server, redeliver's metrics listener (and, in the
+//! same way in `scripts/pg-cluster`, PostgreSQL).
 //!
 //! Binding port 0, closing the socket and handing the number on went
 //! wrong: the kernel may give the same number to the next bind(0) (about
@@ -15,6 +16,7 @@
 //! ([`start_on`]).
 
 use std::cell::RefCell;
+use std::collections::HashSet;
 use std::net::TcpListener;
 use std::sync::{Mutex, PoisonError};
 
@@ -56,6 +58,7 @@ struct State {
     range: std::ops::Range<u32>,
     next: usize,
     left: usize,
+    claimed: HashSet<u16>,
 }
 
 impl State {
@@ -65,6 +68,7 @@ impl State {
             next: rand::random_range(0..range.len()),
             left: range.len(),
             range,
+            claimed: HashSet::new(),
         }
     }
 }
@@ -106,7 +110,7 @@ fn range() -> std::ops::Range<u32> {
 
 /// `n` distinct loopback ports, each bound (so free for us and taken for
 /// anyone else) until the [`Reserved`] is released or dropped; never one
-/// this process handed out before.
+/// this process handed out or [`claim`]ed before.
 pub fn reserve(n: usize) -> Reserved {
     with_state(|s| {
         let mut listeners = Vec::with_capacity(n);
@@ -116,12 +120,19 @@ pub fn reserve(n: usize) -> Reserved {
             s.next += 1;
             s.left -= 1;
             // Taken by another process: the next one.
-            if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            if !s.claimed.contains(&port)
+                && let Ok(l) = TcpListener::bind(("127.0.0.1", port))
+            {
                 listeners.push(l);
             }
         }
         Reserved { listeners }
     })
+}
+
+/// Never hand out `port`, which something else chose (scripts/pg-cluster).
+pub fn claim(port: u16) {
+    with_state(|s| s.claimed.insert(port));
 }
 
 /// For the tests of the retry: `f` runs on the ports of the next
