@@ -146,6 +146,7 @@ impl Router {
     /// cannot change: end it, tell its sender with the same condition,
     /// and go on with the queue.
     pub(super) async fn reject(&mut self, recipient: &str, seq: u64, error: &StanzaError) {
+        let error = &sizes::bounded_error(error);
         let removed = match self.store.forget(recipient, seq) {
             Ok(r) => r.map(|rec| (seq, rec)),
             Err(e) => {

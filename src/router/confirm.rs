@@ -49,19 +49,17 @@ impl Router {
                 edits.push((i, None));
                 continue;
             }
-            let found = if id.len() > sizes::MAX_ID_BYTES {
-                // Longer than any id the relay stores.
-                Ok(None)
-            } else {
-                self.store.seq_of(from_key, &sender, &id)
-            };
-            let seq = match found {
+            let seq = match self.store.seq_of(from_key, &sender, &id) {
                 Ok(Some(seq)) => seq,
                 Ok(None) => {
-                    // Names nothing the relay sent: not passed on (an id
-                    // that matches nothing costs the sender up to six
-                    // times its length once written).
-                    edits.push((i, None));
+                    // Names nothing the relay stored: passed on only for a
+                    // message it relayed once (a call's "ringing"); any
+                    // other id costs the sender up to five times its
+                    // length once written, for nothing.
+                    let key = (from_key.to_owned(), sender.clone(), id);
+                    if self.once_sent.get(&key).is_none() {
+                        edits.push((i, None));
+                    }
                     continue;
                 }
                 Err(e) => {

@@ -111,10 +111,13 @@ impl Router {
             DefinedCondition::BadRequest,
             "the stanza could not be parsed",
         );
+        let id = id.filter(|i| i.len() <= sizes::MAX_ID_BYTES);
         if kind == "iq" {
-            let iq = Iq::from_error(id.unwrap_or_default(), err)
-                .with_from(to)
-                .with_to(from);
+            let Some(id) = id else {
+                warn!(%from, "unparseable iq with no id, or one over the cap: not answered");
+                return;
+            };
+            let iq = Iq::from_error(id, err).with_from(to).with_to(from);
             self.send(iq).await;
         } else {
             if kind == "message" {

@@ -69,6 +69,7 @@ impl Router {
         };
         let timeout = self.config.receipt_timeout();
         let mut to_send = Vec::with_capacity(batch.len());
+        let mut too_big = Vec::new();
         let target = peer.target();
         // Senders whose messages wait for a relay contact's answer, and
         // the shortest wait left (one timer per recipient at a time).
@@ -125,16 +126,16 @@ impl Router {
                     > SERVER_STANZA_LIMIT
                 {
                     // Stored by a version that checked less: written, it
-                    // would drop the link at every reconnect. It stays for
-                    // the operator, and its TTL tells its sender.
+                    // would drop the link at every reconnect. It ends, and
+                    // its sender is told (below).
                     error!(
                         to = recipient,
                         seq,
                         bytes = rec.stanza.len(),
-                        "stored message too large to send under the server's limit; left in the store"
+                        "stored message too large to send under the server's limit; refused"
                     );
-                    peer.cursor = seq + 1;
-                    continue;
+                    too_big.push(seq);
+                    break;
                 }
                 let expect = expect.get(bare_of(&rec.sender)).copied().unwrap_or(true);
                 let timer = self.timers.insert(
@@ -198,6 +199,15 @@ impl Router {
                     );
                 }
             }
+        }
+        for seq in too_big {
+            let error = stanza_error(
+                ErrorType::Modify,
+                DefinedCondition::PolicyViolation,
+                "too large to deliver under the server's stanza limit",
+            );
+            // reject() pumps the queue again, which may come back here.
+            Box::pin(self.reject(recipient, seq, &error)).await;
         }
         sent
     }

@@ -217,6 +217,22 @@ impl Router {
         reply: Result<Option<Element>, StanzaError>,
     ) {
         let Some(from) = from else { return };
+        if id.len() > sizes::MAX_ID_BYTES {
+            // Written back (up to five times its length escaped) it could
+            // pass the server's limit and close the link.
+            warn!(%from, bytes = id.len(), "iq with an id over the cap not answered");
+            return;
+        }
+        let reply = match reply {
+            Ok(Some(p)) if String::from(&p).len() > self.config.limits.max_stanza_bytes => {
+                Err(stanza_error(
+                    ErrorType::Wait,
+                    DefinedCondition::ResourceConstraint,
+                    "the answer would be too large",
+                ))
+            }
+            r => r,
+        };
         let our = to.unwrap_or_else(|| self.me.clone());
         let iq = match reply {
             Ok(payload) => Iq::Result {

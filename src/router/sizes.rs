@@ -18,6 +18,9 @@ pub(super) const MAX_ID_BYTES: usize = 1024;
 /// Characters of a bounce's text passed on to a sender.
 const MAX_PASSED_TEXT_CHARS: usize = 1024;
 
+/// The longest language tag passed on (BCP 47 tags are far shorter).
+const MAX_LANG_BYTES: usize = 35;
+
 /// The longest resource a server gives (RFC 7622: 1,023 bytes).
 const MAX_RESOURCE_BYTES: usize = 1023;
 
@@ -53,13 +56,23 @@ pub(super) fn written_len(m: &Message) -> usize {
 /// and its first text cut to [`MAX_PASSED_TEXT_CHARS`]; what else it
 /// carried (another server's elements) stays here.
 pub(super) fn bounded_error(e: &StanzaError) -> StanzaError {
-    let mut out = StanzaError::new(e.type_.clone(), e.defined_condition.clone(), "en", "");
+    use DefinedCondition as C;
+    // `gone` and `redirect` carry an address of the other side's choosing.
+    let condition = match &e.defined_condition {
+        C::Gone { .. } => C::Gone { new_address: None },
+        C::Redirect { .. } => C::Redirect { new_address: None },
+        c => c.clone(),
+    };
+    let mut out = StanzaError::new(e.type_.clone(), condition, "en", "");
     out.texts.clear();
     if let Some((lang, text)) = e.texts.iter().next() {
-        out.texts.insert(
-            lang.clone(),
-            text.chars().take(MAX_PASSED_TEXT_CHARS).collect(),
-        );
+        let lang = if lang.len() <= MAX_LANG_BYTES {
+            lang.clone()
+        } else {
+            "en".into()
+        };
+        out.texts
+            .insert(lang, text.chars().take(MAX_PASSED_TEXT_CHARS).collect());
     }
     out
 }

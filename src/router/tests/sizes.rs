@@ -195,3 +195,88 @@ async fn bounce_texts_passed_on_are_bounded() {
     );
     assert_all_fit(&out, 8 * 1024);
 }
+
+/// Review of issue 23: the receipt for a message relayed once (a call
+/// proposal, "ringing") names nothing stored and is still passed back.
+#[tokio::test(start_paused = true)]
+async fn a_receipt_for_a_message_relayed_once_is_passed_back() {
+    let mut h = harness(64).await;
+    h.bob_online().await;
+    h.drain_all();
+    h.feed(&format!(
+        "<message xmlns='{NS}' from='alice@x/r' to='bob@relay.x' id='call1'><propose xmlns='urn:xmpp:jingle-message:0' id='s1'><description xmlns='urn:xmpp:jingle:apps:rtp:1' media='audio'/></propose><request xmlns='urn:xmpp:receipts'/></message>"
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    h.drain_all();
+    h.feed(&receipt_from("r", "call1")).await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(receipts_to_alice(&h.drain_all()), ["call1"]);
+}
+
+/// Review of issue 23: an iq (or an unparseable stanza) with an id of
+/// 8,000 `"` is not echoed back over the limit.
+#[tokio::test(start_paused = true)]
+async fn overlong_iq_ids_are_not_echoed() {
+    let mut h = harness_with(64, "[limits]\nmax_stanza_bytes = 10000\n").await;
+    let id = "\"".repeat(8000);
+    h.feed(&format!(
+        "<iq xmlns='{NS}' type='get' from='alice@x/r' to='relay.x' id='{id}'><ping xmlns='urn:xmpp:ping'/></iq>"
+    ))
+    .await;
+    h.events
+        .send(LinkEvent::Invalid {
+            kind: "iq",
+            from: Some("alice@x/r".into()),
+            to: Some("relay.x".into()),
+            id: Some("\"".repeat(100_000)),
+            type_: Some("get".into()),
+            error: "bad".into(),
+        })
+        .await
+        .unwrap();
+    h.feed(&format!(
+        "<iq xmlns='{NS}' type='get' from='alice@x/r' to='relay.x' id='ok'><ping xmlns='urn:xmpp:ping'/></iq>"
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let out = h.drain_all();
+    assert_all_fit(&out, 10_000);
+    let to_alice = out
+        .iter()
+        .filter(|st| match st {
+            Stanza::Iq(Iq::Result { to, .. } | Iq::Error { to, .. }) => {
+                to.as_ref().is_some_and(|t| t.to_string() == "alice@x/r")
+            }
+            _ => false,
+        })
+        .count();
+    assert_eq!(
+        to_alice, 1,
+        "only the ping with a short id answered: {out:?}"
+    );
+}
+
+/// Review of issue 23: a final `<gone/>` carries an address of the other
+/// side's choosing; the notice to the sender does not copy it.
+#[tokio::test(start_paused = true)]
+async fn a_gone_address_is_not_passed_on() {
+    let mut h = harness_with(64, "[limits]\nmax_stanza_bytes = 10000\n").await;
+    h.bob_online().await;
+    h.msg("g1").await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    h.drain_all();
+    let far = "&gt;".repeat(20_000);
+    h.feed(&format!(
+        "<message xmlns='{NS}' from='bob@x' to='alice@relay.x' id='g1' type='error'><error type='cancel'><gone xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>{far}</gone></error></message>"
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let out = h.drain_all();
+    assert_all_fit(&out, 10_000);
+    assert!(
+        out.iter()
+            .any(|st| matches!(condition(st), Some(DefinedCondition::Gone { .. }))),
+        "the sender is told: {out:?}"
+    );
+}
