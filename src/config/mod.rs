@@ -422,11 +422,13 @@ fn flatten(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<S
 }
 
 /// Prosody drops a component link on a stanza over 512 KiB (524,288
-/// bytes). `max_stanza_bytes` counts a message as it will be sent, with
-/// what sending adds (an origin-id copying the id, the receipt request,
-/// a stanza-id, a delay, full JIDs: up to about 7 KB plus the escaped id),
-/// and every other stanza the relay writes as written; this ceiling
-/// keeps 12 KiB below the server's limit besides.
+/// bytes). `max_stanza_bytes` counts a message as it will be sent to the
+/// bare JID, with what sending adds (an origin-id copying the id, the
+/// receipt request, a stanza-id, a delay: under 1 KB plus the escaped
+/// id), and every other stanza the relay writes as written. The 12 KiB
+/// this ceiling keeps below the server's limit take the device's resource
+/// (up to about 6 KB written) added when a message goes to one device by
+/// its full JID.
 const MAX_STANZA_CEILING: usize = 500 * 1024;
 /// The longest wait for a relay contact's answer: 10 minutes.
 const MAX_CONTACT_WAIT_MS: u64 = 10 * 60 * 1000;

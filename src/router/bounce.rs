@@ -146,7 +146,29 @@ impl Router {
     /// cannot change: end it, tell its sender with the same condition,
     /// and go on with the queue.
     pub(super) async fn reject(&mut self, recipient: &str, seq: u64, error: &StanzaError) {
-        let error = &sizes::bounded_error(error);
+        let error = sizes::bounded_error(error);
+        // Bounded: the text comes from the other side.
+        let said = error
+            .texts
+            .values()
+            .next()
+            .map(|t| format!(": {}", t.chars().take(200).collect::<String>()))
+            .unwrap_or_default();
+        let text = format!("the recipient's server refused this message{said}");
+        self.end_refused(recipient, seq, error.type_, error.defined_condition, &text)
+            .await;
+    }
+
+    /// Message `seq` can never be delivered: remove it, tell its sender
+    /// with `condition` and `text`, and go on with the queue.
+    pub(super) async fn end_refused(
+        &mut self,
+        recipient: &str,
+        seq: u64,
+        type_: ErrorType,
+        condition: DefinedCondition,
+        text: &str,
+    ) {
         let removed = match self.store.forget(recipient, seq) {
             Ok(r) => r.map(|rec| (seq, rec)),
             Err(e) => {
@@ -159,31 +181,18 @@ impl Router {
         if let Some(peer) = self.peers.get_mut(recipient) {
             peer.removed(seq, &mut self.timers);
         }
-        // Bounded: the text comes from the other side.
-        let said = error
-            .texts
-            .values()
-            .next()
-            .map(|t| format!(": {}", t.chars().take(200).collect::<String>()))
-            .unwrap_or_default();
         if let Some((seq, rec)) = removed {
             self.stats.rejected();
             warn!(
                 to = recipient,
                 id = %rec.id,
                 seq,
-                condition = ?error.defined_condition,
-                "refused for good by the recipient's side; dropped, sender told"
+                ?condition,
+                text,
+                "cannot be delivered; dropped, sender told"
             );
-            let text = format!("the recipient's server refused this message{said}");
-            self.notify_sender(
-                recipient,
-                &rec,
-                error.type_.clone(),
-                error.defined_condition.clone(),
-                &text,
-            )
-            .await;
+            self.notify_sender(recipient, &rec, type_, condition, text)
+                .await;
         }
         self.pump(recipient).await;
     }

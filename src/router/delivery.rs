@@ -122,7 +122,9 @@ impl Router {
                     // queue keeps its order, so what follows waits too.
                     break;
                 }
-                if rec.stanza.len() + sizes::send_overhead(self.me.as_str(), &rec.id, false)
+                if rec.stanza.len()
+                    + sizes::send_overhead(self.me.as_str(), &rec.id, false)
+                    + sizes::RESOURCE_OVERHEAD
                     > SERVER_STANZA_LIMIT
                 {
                     // Stored by a version that checked less: written, it
@@ -201,13 +203,15 @@ impl Router {
             }
         }
         for seq in too_big {
-            let error = stanza_error(
+            // end_refused() pumps the queue again, which may come back here.
+            Box::pin(self.end_refused(
+                recipient,
+                seq,
                 ErrorType::Modify,
                 DefinedCondition::PolicyViolation,
-                "too large to deliver under the server's stanza limit",
-            );
-            // reject() pumps the queue again, which may come back here.
-            Box::pin(self.reject(recipient, seq, &error)).await;
+                "this message is too large to deliver under the server's stanza limit",
+            ))
+            .await;
         }
         sent
     }

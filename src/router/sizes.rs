@@ -34,18 +34,24 @@ pub(super) fn escaped_len(s: &str) -> usize {
             * 5
 }
 
-/// What sending adds to a stored message of id `id` at most (see
-/// [`Router::outgoing`]): the relay address's resource in `from`, a
-/// resource in `to`, a receipt request, a stanza-id and a delay naming
-/// `domain`, and, unless the sender gave one (`has_origin_id`), an
-/// origin-id copying the id.
+/// What sending adds to a stored message of id `id` at most, sent to
+/// the recipient's bare JID (see [`Router::outgoing`]): the relay
+/// address's resource in `from`, a receipt request, a stanza-id and a
+/// delay naming `domain`, and, unless the sender gave one
+/// (`has_origin_id`), an origin-id copying the id. What
+/// `max_stanza_bytes` is checked against.
 pub(super) fn send_overhead(domain: &str, id: &str, has_origin_id: bool) -> usize {
     // The elements' names, namespaces and fixed values (a stamp with
     // milliseconds, a 16-digit stanza-id), generously rounded up.
     const FIXED: usize = 512;
     let origin = if has_origin_id { 0 } else { escaped_len(id) };
-    FIXED + 6 * MAX_RESOURCE_BYTES + 2 * escaped_len(domain) + origin
+    FIXED + 2 * escaped_len(domain) + origin
 }
+
+/// What a resource in `to` adds at most (a message goes to one device by
+/// its full JID once another went silent): inside the room that the
+/// ceiling on `max_stanza_bytes` leaves below the server's limit.
+pub(super) const RESOURCE_OVERHEAD: usize = 1 + 6 * MAX_RESOURCE_BYTES;
 
 /// The size of `m` as written.
 pub(super) fn written_len(m: &Message) -> usize {
