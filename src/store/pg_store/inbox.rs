@@ -26,26 +26,17 @@ const CHANNEL: &str = "redeliver_inbox";
 const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 /// How often an idle listener looks whether its store is gone.
 const IDLE_CHECK: Duration = Duration::from_secs(5);
-/// The advisory lock a forwarding transaction holds from its first row to
-/// its commit ("redelinb"), so that rows get their ids in commit order.
-const INBOX_ORDER_LOCK: i64 = 0x7265_6465_6c69_6e62;
 
 impl PgStore {
     pub(super) fn forward_stanza(&self, stanza: &str, arrived_us: i64) -> Result<(), StoreError> {
         self.run(async |db, _| {
             // One round trip; the notification leaves at the commit (and
-            // once per transaction, however many rows it wrote). The lock
-            // is taken before the row's id, and held until the commit: a
-            // row is visible only once every lower id is committed (or
-            // gone), so the leader, which takes the lowest ids, never
-            // takes a stanza before one handed over earlier in a
-            // transaction that commits later.
+            // once per transaction, however many rows it wrote).
             db.write(
                 "WITH i AS (INSERT INTO redeliver_inbox (arrived_us, stanza) \
-                 SELECT $1, $2 FROM (SELECT pg_advisory_xact_lock($3)) AS ordered \
-                 RETURNING id) \
+                 VALUES ($1, $2) RETURNING id) \
                  SELECT pg_notify('redeliver_inbox', '') FROM i",
-                &[&arrived_us, &stanza, &INBOX_ORDER_LOCK],
+                &[&arrived_us, &stanza],
             )
             .await?;
             Ok(())
@@ -295,36 +286,5 @@ mod tests {
             [(5, "<message id='early'/>".to_string())]
         );
         assert_eq!(leader.handed_over().unwrap(), 1);
-    }
-
-    /// Issue 23, item 7: ids were assigned at insert, not at commit, so
-    /// with two instances handing over, a stanza in a transaction that
-    /// commits late was taken after a later one: out of order. Now the
-    /// second waits for the first's commit.
-    #[test]
-    fn a_late_committing_hand_over_is_not_overtaken() {
-        let (url, password) = pg_database();
-        let open = || PgStore::open(&url, password.as_deref()).unwrap();
-        let (early, leader) = (open(), open());
-        early.begin();
-        early.forward("<message id='first'/>", 100).unwrap();
-        let (url2, password2) = (url.clone(), password.clone());
-        let later = std::thread::spawn(move || {
-            let s = PgStore::open(&url2, password2.as_deref()).unwrap();
-            s.begin();
-            s.forward("<message id='second'/>", 200).unwrap();
-            s.commit().unwrap();
-        });
-        std::thread::sleep(Duration::from_millis(500));
-        let mut taken = leader.take_forwarded(10, None).unwrap();
-        early.commit().unwrap();
-        later.join().unwrap();
-        taken.extend(leader.take_forwarded(10, None).unwrap());
-        let order: Vec<&str> = taken.iter().map(|(_, s)| s.as_str()).collect();
-        assert_eq!(
-            order,
-            ["<message id='first'/>", "<message id='second'/>"],
-            "taken in the order they were handed over"
-        );
     }
 }
