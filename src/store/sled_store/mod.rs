@@ -63,7 +63,11 @@ use crate::config::Durability;
 use keys::*;
 
 /// Version of the layout above. Bumped on any incompatible change.
-pub const SCHEMA_VERSION: u32 = 2;
+/// 3: seqs may start from `mseqbase`, which only an import writes (with
+/// the version), so that a build that knows nothing of it refuses the
+/// store instead of handing out seqs the imported messages hold; a store
+/// without it is a version 2 store, read alike.
+pub const SCHEMA_VERSION: u32 = 3;
 const SCHEMA_KEY: &[u8] = b"mschema";
 const SEQ_BASE_KEY: &[u8] = b"mseqbase";
 const TOTALS_KEY: &[u8] = b"g";
@@ -475,7 +479,12 @@ impl SledStore {
         if self.next_seq()? >= next {
             return Ok(());
         }
-        self.db.insert(SEQ_BASE_KEY, &next.to_be_bytes())?;
+        let mut batch = sled::Batch::default();
+        batch.insert(SEQ_BASE_KEY, &next.to_be_bytes());
+        batch.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes());
+        self.db.apply_batch(batch)?;
+        // On disk before any message written under its own seq.
+        self.db.flush()?;
         self.seq_base.store(next, Ordering::Release);
         Ok(())
     }

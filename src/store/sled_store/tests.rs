@@ -85,7 +85,35 @@ fn schema_1_store_is_migrated() {
     assert_eq!(step.messages.len(), 1);
     assert!(s.seq_of("b@x", "a@x", "m0").unwrap().is_none());
     let v = s.db.get(SCHEMA_KEY).unwrap().unwrap();
-    assert_eq!(v.as_ref(), SCHEMA_VERSION.to_be_bytes());
+    assert_eq!(v.as_ref(), 2u32.to_be_bytes(), "the layout it migrated to");
+}
+
+/// A seq base (written by an import only) makes the store version 3, so
+/// that a build from before it, which would hand out seqs from sled's
+/// counter alone (the imported messages' own), refuses the store; a store
+/// without one stays version 2, for such a build to open.
+#[test]
+fn a_seq_base_makes_the_store_version_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = |s: &SledStore| {
+        let v = s.db.get(SCHEMA_KEY).unwrap().unwrap();
+        u32::from_be_bytes(v.as_ref().try_into().unwrap())
+    };
+    {
+        let s = open(dir.path());
+        s.db.insert(SCHEMA_KEY, &2u32.to_be_bytes()).unwrap();
+        s.flush().unwrap();
+    }
+    {
+        let s = open(dir.path());
+        assert_eq!(schema(&s), 2, "opened, not rewritten");
+        s.skip_seqs_below(5_000_000).unwrap();
+        assert_eq!(schema(&s), 3);
+        assert!(s.next_seq().unwrap() >= 5_000_000);
+    }
+    let s = open(dir.path());
+    assert_eq!(schema(&s), 3);
+    assert!(s.next_seq().unwrap() >= 5_000_000, "kept across a reopen");
 }
 
 #[test]
