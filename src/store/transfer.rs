@@ -246,9 +246,11 @@ fn key_part_ok(jid: &str) -> bool {
     !jid.is_empty() && !jid.contains('\0')
 }
 
-/// The largest seq an import takes: PostgreSQL's bigint holds the seq
-/// after it (the largest `next_seq`) too.
-const MAX_SEQ: u64 = i64::MAX as u64 - 1;
+/// The largest seq an import takes (and, plus one, the largest
+/// `next_seq`): 2^62, far above any store's (sled adds about 2,000,000
+/// per restart), so that an imported store still has room for 2^62 more
+/// seqs in PostgreSQL's bigint and in any later export.
+const MAX_SEQ: u64 = 1 << 62;
 
 /// First pass over an export: every line parses, entries come in order
 /// with seqs a store takes, stanzas parse, and the trailer's counts
