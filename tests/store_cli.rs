@@ -576,7 +576,8 @@ async fn full_disk_refuses_new_messages_then_restarts_to_reopen() {
     // Everything alice was told about is not pending; the rest is.
     accepted.retain(|id| !told.contains(id));
     assert!(relay.log_text().contains("the store cannot write"));
-    // Still refusing, still answering, and receipts still flow.
+    // Still refusing, still answering, and what needs no write (a chat
+    // state, relayed once) still flows.
     alice.message(BOB, "while-full", "refused too");
     assert_eq!(
         alice.next_error(SECS(5)).await,
@@ -586,10 +587,15 @@ async fn full_disk_refuses_new_messages_then_restarts_to_reopen() {
     );
     let bob = Client::connect(server.c2s_port, "bob", ClientOpts::default()).await;
     bob.send(xml(
-        "<message xmlns='jabber:client' to='alice@relay.localhost' id='r1'>\
-         <received xmlns='urn:xmpp:receipts' id='whatever'/></message>",
+        "<message xmlns='jabber:client' to='alice@relay.localhost' id='cs1' type='chat'>\
+         <composing xmlns='http://jabber.org/protocol/chatstates'/></message>",
     ));
-    assert_eq!(alice.receipt_ids(1, SECS(5)).await, ["whatever"]);
+    let got = alice.drain(SECS(3)).await;
+    assert!(
+        got.iter()
+            .any(|m| m.has_child("composing", "http://jabber.org/protocol/chatstates")),
+        "{got:?}"
+    );
 
     // Space again: it exits to reopen the store; the supervisor (here the
     // test) starts it again.
