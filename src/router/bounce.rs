@@ -155,34 +155,40 @@ impl Router {
             .map(|t| format!(": {}", t.chars().take(200).collect::<String>()))
             .unwrap_or_default();
         let text = format!("the recipient's server refused this message{said}");
-        self.end_refused(recipient, seq, error.type_, error.defined_condition, &text)
-            .await;
+        if self
+            .forget_refused(recipient, seq, error.type_, error.defined_condition, &text)
+            .await
+        {
+            self.stats.rejected();
+        }
+        self.pump(recipient).await;
     }
 
-    /// Message `seq` can never be delivered: remove it, tell its sender
-    /// with `condition` and `text`, and go on with the queue.
-    pub(super) async fn end_refused(
+    /// Message `seq` can never be delivered: remove it and tell its
+    /// sender with `condition` and `text`; whether it was there. The
+    /// caller goes on with the queue.
+    pub(super) async fn forget_refused(
         &mut self,
         recipient: &str,
         seq: u64,
         type_: ErrorType,
         condition: DefinedCondition,
         text: &str,
-    ) {
+    ) -> bool {
         let removed = match self.store.forget(recipient, seq) {
             Ok(r) => r.map(|rec| (seq, rec)),
             Err(e) => {
                 self.store_failure("reject", &e);
                 self.fail(recipient, true).await;
-                return;
+                return false;
             }
         };
         self.gate.removed();
         if let Some(peer) = self.peers.get_mut(recipient) {
             peer.removed(seq, &mut self.timers);
         }
+        let found = removed.is_some();
         if let Some((seq, rec)) = removed {
-            self.stats.rejected();
             warn!(
                 to = recipient,
                 id = %rec.id,
@@ -194,6 +200,6 @@ impl Router {
             self.notify_sender(recipient, &rec, type_, condition, text)
                 .await;
         }
-        self.pump(recipient).await;
+        found
     }
 }

@@ -39,11 +39,37 @@ impl Router {
     }
 
     pub(super) async fn pump_some(&mut self, recipient: &str, clump: bool) -> usize {
+        let mut sent = 0;
+        loop {
+            let (n, too_big) = self.pump_round(recipient, clump).await;
+            sent += n;
+            if too_big.is_empty() {
+                return sent;
+            }
+            for seq in too_big {
+                // Boxed: telling the sender may pump another queue.
+                Box::pin(self.forget_refused(
+                    recipient,
+                    seq,
+                    ErrorType::Modify,
+                    DefinedCondition::PolicyViolation,
+                    "this message is too large to deliver under the server's stanza limit",
+                ))
+                .await;
+            }
+        }
+    }
+
+    /// One pass of [`Router::pump_some`]: how many went, and the messages
+    /// that could not go because, written, they would pass the server's
+    /// limit (for the caller to end).
+    async fn pump_round(&mut self, recipient: &str, clump: bool) -> (usize, Vec<u64>) {
+        let mut too_big = Vec::new();
         if self.epoch.is_none() {
-            return 0;
+            return (0, too_big);
         }
         let Some(peer) = self.peers.get(recipient) else {
-            return 0;
+            return (0, too_big);
         };
         // With presence unknown, one message at a time: if the recipient
         // is logging in right now, the server would bounce the head of a
@@ -57,19 +83,18 @@ impl Router {
             || peer.in_flight.len() >= window
             || clump && peer.in_flight.len() > window / 2
         {
-            return 0;
+            return (0, too_big);
         }
         let room = window - peer.in_flight.len();
         let batch = match self.store.pending_from(recipient, peer.cursor, room) {
             Ok(b) => b,
             Err(e) => {
                 error!(error = %e, to = recipient, "cannot read queue");
-                return 0;
+                return (0, too_big);
             }
         };
         let timeout = self.config.receipt_timeout();
         let mut to_send = Vec::with_capacity(batch.len());
-        let mut too_big = Vec::new();
         let target = peer.target();
         // Senders whose messages wait for a relay contact's answer, and
         // the shortest wait left (one timer per recipient at a time).
@@ -122,23 +147,6 @@ impl Router {
                     // queue keeps its order, so what follows waits too.
                     break;
                 }
-                if rec.stanza.len()
-                    + sizes::send_overhead(self.me.as_str(), &rec.id, false)
-                    + sizes::RESOURCE_OVERHEAD
-                    > SERVER_STANZA_LIMIT
-                {
-                    // Stored by a version that checked less: written, it
-                    // would drop the link at every reconnect. It ends, and
-                    // its sender is told (below).
-                    error!(
-                        to = recipient,
-                        seq,
-                        bytes = rec.stanza.len(),
-                        "stored message too large to send under the server's limit; refused"
-                    );
-                    too_big.push(seq);
-                    break;
-                }
                 let expect = expect.get(bare_of(&rec.sender)).copied().unwrap_or(true);
                 let timer = self.timers.insert(
                     Timer::Receipt {
@@ -167,7 +175,7 @@ impl Router {
                 to_send.push((seq, rec, delayed, first));
             }
         }
-        let sent = to_send.len();
+        let mut sent = 0;
         for (seq, rec, delayed, first) in to_send {
             let needs = if self.burst_accepted.iter().any(|(s, _)| *s == seq) {
                 Needs::Accept
@@ -177,18 +185,34 @@ impl Router {
             let fresh = self.fresh.take(seq);
             match self.outgoing(seq, &rec, delayed, fresh) {
                 Some(mut m) => {
+                    if let Some(full) = target
+                        .as_ref()
+                        .and_then(|r| Jid::from_str(&format!("{recipient}/{r}")).ok())
+                    {
+                        m.to = Some(full);
+                    }
+                    if sizes::may_pass_limit(rec.stanza.len(), &rec.id, self.me.as_str())
+                        && sizes::written_len(&m) > SERVER_STANZA_LIMIT
+                    {
+                        // Stored by a version that checked less, or
+                        // imported: written, it would drop the link at
+                        // every reconnect. It ends, its sender told.
+                        error!(
+                            to = recipient,
+                            seq,
+                            bytes = rec.stanza.len(),
+                            "stored message too large to send under the server's limit; refused"
+                        );
+                        too_big.push(seq);
+                        continue;
+                    }
+                    sent += 1;
                     let waited_ms = now_ms().saturating_sub(rec.accepted_at_ms);
                     if needs == Needs::Accept {
                         // Leaves only if the burst commits.
                         self.burst_relays.push((first, waited_ms));
                     } else {
                         self.stats.sent(first, waited_ms);
-                    }
-                    if let Some(full) = target
-                        .as_ref()
-                        .and_then(|r| Jid::from_str(&format!("{recipient}/{r}")).ok())
-                    {
-                        m.to = Some(full);
                     }
                     self.send_after(m, needs).await
                 }
@@ -202,18 +226,7 @@ impl Router {
                 }
             }
         }
-        for seq in too_big {
-            // end_refused() pumps the queue again, which may come back here.
-            Box::pin(self.end_refused(
-                recipient,
-                seq,
-                ErrorType::Modify,
-                DefinedCondition::PolicyViolation,
-                "this message is too large to deliver under the server's stanza limit",
-            ))
-            .await;
-        }
-        sent
+        (sent, too_big)
     }
 
     /// Rebuild the stanza for the wire from its record.

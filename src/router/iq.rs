@@ -223,24 +223,30 @@ impl Router {
             warn!(%from, bytes = id.len(), "iq with an id over the cap not answered");
             return;
         }
-        let reply = match reply {
-            Ok(Some(p)) if String::from(&p).len() > self.config.limits.max_stanza_bytes => {
-                Err(stanza_error(
-                    ErrorType::Wait,
-                    DefinedCondition::ResourceConstraint,
-                    "the answer would be too large",
-                ))
-            }
-            r => r,
-        };
         let our = to.unwrap_or_else(|| self.me.clone());
         let iq = match reply {
-            Ok(payload) => Iq::Result {
-                from: Some(our),
-                to: Some(from),
-                id,
-                payload,
-            },
+            Ok(payload) => {
+                let iq = Iq::Result {
+                    from: Some(our.clone()),
+                    to: Some(from.clone()),
+                    id: id.clone(),
+                    payload,
+                };
+                // Measured whole, as it will be written (iqs are few: a
+                // ping, disco, an admin command's table).
+                if String::from(&Element::from(iq.clone())).len()
+                    > self.config.limits.max_stanza_bytes
+                {
+                    let e = stanza_error(
+                        ErrorType::Wait,
+                        DefinedCondition::ResourceConstraint,
+                        "the answer would be too large",
+                    );
+                    Iq::from_error(id, e).with_from(our).with_to(from)
+                } else {
+                    iq
+                }
+            }
             Err(e) => Iq::from_error(id, e).with_from(our).with_to(from),
         };
         self.send(iq).await;

@@ -53,6 +53,14 @@ pub(super) fn send_overhead(domain: &str, id: &str, has_origin_id: bool) -> usiz
 /// ceiling on `max_stanza_bytes` leaves below the server's limit.
 pub(super) const RESOURCE_OVERHEAD: usize = 1 + 6 * MAX_RESOURCE_BYTES;
 
+/// Whether a stored stanza of `stored_len` bytes for message `id` could
+/// pass the server's limit once parsed and written again (each character
+/// at most five times its length, `>` as `&gt;`, `"` as `&#34;`), with
+/// what sending adds: only such a one is measured before it is sent.
+pub(super) fn may_pass_limit(stored_len: usize, id: &str, domain: &str) -> bool {
+    5 * stored_len + send_overhead(domain, id, false) + RESOURCE_OVERHEAD > SERVER_STANZA_LIMIT
+}
+
 /// The size of `m` as written.
 pub(super) fn written_len(m: &Message) -> usize {
     String::from(&Element::from(m.clone())).len()

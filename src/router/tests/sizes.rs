@@ -280,3 +280,73 @@ async fn a_gone_address_is_not_passed_on() {
         "the sender is told: {out:?}"
     );
 }
+
+/// Review of issue 23: a stored stanza that grows when written again (an
+/// import takes stanzas as they are, and `>` in text is written `&gt;`)
+/// is measured as it will be written before it goes: one past the
+/// server's limit is refused and removed, its sender told, and the queue
+/// goes on behind it.
+#[tokio::test(start_paused = true)]
+async fn a_stored_stanza_that_grows_when_written_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 64);
+    let store = test_databases::from_env(
+        &config.store.path,
+        config.store.durability,
+        &config.component.domain,
+    );
+    let stanza = format!(
+        "<message xmlns='{NS}' from='alice@relay.x' to='bob@x' id='huge' type='chat'><body>{}</body></message>",
+        ">".repeat(150_000)
+    );
+    store.begin();
+    let accepted = store
+        .accept(
+            NewMessage {
+                recipient: "bob@x",
+                sender_bare: "alice@x",
+                origin_id: None,
+                content_hash: 1,
+                record: Record {
+                    accepted_at_ms: now_ms(),
+                    sender: "alice@x/r".into(),
+                    id: "huge".into(),
+                    stanza,
+                },
+            },
+            QueueLimits {
+                max_pending: 100,
+                max_bytes: 1 << 30,
+                max_store_bytes: 1 << 40,
+            },
+        )
+        .unwrap();
+    assert!(matches!(accepted, Accepted::Stored { .. }));
+    store.commit().unwrap();
+    let mut h = harness_on(store, config, dir).await;
+    h.msg("next").await;
+    subscribed_and_online(&h).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let out = h.drain_all();
+    assert_all_fit(&out, SERVER_STANZA_LIMIT);
+    let to_bob: Vec<String> = messages(&out)
+        .into_iter()
+        .filter(|(to, _, _)| to.starts_with("bob@x"))
+        .map(|(_, id, _)| id)
+        .collect();
+    assert!(!to_bob.contains(&"huge".to_owned()), "{to_bob:?}");
+    assert!(to_bob.contains(&"next".to_owned()), "{to_bob:?}");
+    let left: Vec<String> = h
+        .store
+        .pending_from("bob@x", 0, 10)
+        .unwrap()
+        .into_iter()
+        .map(|(_, r)| r.id)
+        .collect();
+    assert!(!left.contains(&"huge".to_owned()), "removed: {left:?}");
+    let to_alice = messages(&out)
+        .into_iter()
+        .filter(|(to, _, _)| to.starts_with("alice@x"))
+        .count();
+    assert!(to_alice >= 1, "its sender is told: {out:?}");
+}
