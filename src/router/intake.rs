@@ -199,12 +199,12 @@ impl Router {
                 return;
             }
         };
-        if let Some(what) = overlong_id(&m) {
+        if let Some(why) = overlong_id(&m) {
             self.refuse_message(
                 &m,
                 ErrorType::Modify,
                 DefinedCondition::PolicyViolation,
-                &format!("the {what} is longer than {} bytes", sizes::MAX_ID_BYTES),
+                &why,
             )
             .await;
             return;
@@ -355,10 +355,7 @@ impl Router {
         self.strip_claims_in_our_name(&mut m);
         let size = sizes::written_len(&m);
         let refusal = match overlong_id(&m) {
-            Some(what) => Some((
-                ErrorType::Modify,
-                format!("the {what} is longer than {} bytes", sizes::MAX_ID_BYTES),
-            )),
+            Some(why) => Some((ErrorType::Modify, why)),
             None if bookkeeping => (size > self.config.limits.max_stanza_bytes).then(|| {
                 (
                     ErrorType::Modify,
@@ -403,18 +400,26 @@ impl Router {
     }
 }
 
-/// Which id of `m` is past [`sizes::MAX_ID_BYTES`], if one is: its id or
-/// its XEP-0359 origin-id.
-fn overlong_id(m: &Message) -> Option<&'static str> {
-    if m.id
-        .as_ref()
-        .is_some_and(|i| i.0.len() > sizes::MAX_ID_BYTES)
-    {
-        return Some("message id");
-    }
-    m.payloads
+/// Why `m` is refused for an id past [`sizes::MAX_ID_BYTES`], if it is:
+/// its id or its XEP-0359 origin-id.
+fn overlong_id(m: &Message) -> Option<String> {
+    let long_id =
+        m.id.as_ref()
+            .is_some_and(|i| i.0.len() > sizes::MAX_ID_BYTES);
+    let long_origin = m
+        .payloads
         .iter()
         .filter(|p| p.is("origin-id", ns::SID))
-        .any(|p| p.attr("id").is_some_and(|i| i.len() > sizes::MAX_ID_BYTES))
-        .then_some("origin-id")
+        .any(|p| p.attr("id").is_some_and(|i| i.len() > sizes::MAX_ID_BYTES));
+    let what = if long_id {
+        "message id"
+    } else if long_origin {
+        "origin-id"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "the {what} is longer than {} bytes",
+        sizes::MAX_ID_BYTES
+    ))
 }

@@ -234,9 +234,7 @@ impl Router {
                 };
                 // Measured whole, as it will be written (iqs are few: a
                 // ping, disco, an admin command's table).
-                if String::from(&Element::from(iq.clone())).len()
-                    > self.config.limits.max_stanza_bytes
-                {
+                if sizes::written_len(&iq) > self.config.limits.max_stanza_bytes {
                     let e = stanza_error(
                         ErrorType::Wait,
                         DefinedCondition::ResourceConstraint,

@@ -61,9 +61,9 @@ pub(super) fn may_pass_limit(stored_len: usize, id: &str, domain: &str) -> bool 
     5 * stored_len + send_overhead(domain, id, false) + RESOURCE_OVERHEAD > SERVER_STANZA_LIMIT
 }
 
-/// The size of `m` as written.
-pub(super) fn written_len(m: &Message) -> usize {
-    String::from(&Element::from(m.clone())).len()
+/// The size of `stanza` (a message, an iq) as written.
+pub(super) fn written_len<T: Clone + Into<Element>>(stanza: &T) -> usize {
+    String::from(&stanza.clone().into()).len()
 }
 
 /// A bounce's error as passed on to a sender: its type and condition,

@@ -6,12 +6,11 @@ use super::*;
 
 /// The size of `st` as written on the link.
 fn written_len(st: &Stanza) -> usize {
-    let el: Element = match st {
-        Stanza::Message(m) => m.clone().into(),
-        Stanza::Presence(p) => p.clone().into(),
-        Stanza::Iq(iq) => iq.clone().into(),
-    };
-    String::from(&el).len()
+    match st {
+        Stanza::Message(m) => crate::router::sizes::written_len(m),
+        Stanza::Presence(p) => crate::router::sizes::written_len(p),
+        Stanza::Iq(iq) => crate::router::sizes::written_len(iq),
+    }
 }
 
 /// Each stanza in `out` is at most `limit` bytes as written.
