@@ -15,7 +15,9 @@
 //! link coming and going), `iq`, `timers`, `expiry` (and sender notices),
 //! `durability` (what is on disk decides what may leave), `ops` (the
 //! admin commands' view), `forwarding` (all-active instances) and
-//! `gauges` (what a metrics scrape reads).
+//! `gauges` (what a metrics scrape reads). Two small owners: `at_once`
+//! (which messages may leave without a `<delay/>`) and `sizes` (the
+//! bounds that keep what the router writes under the server's limit).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
