@@ -124,6 +124,12 @@ impl AddressBook {
         self.allowed.iter().any(|d| d == domain)
     }
 
+    /// Does the relay serve `domain`'s users (as recipients; in
+    /// transparent mode, its server's hand-offs)?
+    pub fn serves(&self, domain: &str) -> bool {
+        self.recipient_allowed(domain)
+    }
+
     /// Is `domain` reachable through the relay?
     fn recipient_allowed(&self, domain: &str) -> bool {
         domain == self.default_domain || self.sender_allowed(domain)

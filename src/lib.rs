@@ -11,6 +11,7 @@ pub mod app;
 pub mod config;
 pub mod depthlimit;
 pub mod gate;
+pub mod handoff;
 pub mod link;
 pub mod message_kind;
 pub mod privilege;

@@ -23,6 +23,9 @@ pub struct Grants {
     /// It gets its users' presence without a subscription (`presence`
     /// `managed_entity` or `roster`).
     pub presence: bool,
+    /// It may send messages as its users (`message` `outgoing`): the
+    /// namespace the grant came in, which a message sent so must use.
+    pub message: Option<&'static str>,
 }
 
 /// The grants a message announces: from a server (a bare domain) to the
@@ -47,6 +50,7 @@ pub fn grants(el: &Element) -> Option<Grants> {
         match (perm.attr("access"), perm.attr("type")) {
             (Some("roster"), Some("set" | "both")) => g.roster_set = true,
             (Some("presence"), Some("managed_entity" | "roster")) => g.presence = true,
+            (Some("message"), Some("outgoing")) => g.message = Some(ns),
             _ => {}
         }
     }
@@ -89,7 +93,8 @@ mod tests {
             grants(&v2),
             Some(Grants {
                 roster_set: true,
-                presence: true
+                presence: true,
+                message: Some(NS_V2),
             })
         );
         let v1 = Element::from_str(
@@ -101,7 +106,8 @@ mod tests {
             grants(&v1),
             Some(Grants {
                 roster_set: false,
-                presence: true
+                presence: true,
+                message: None,
             })
         );
         let odd = Element::from_str(

@@ -28,6 +28,8 @@ pub const LATE_BOUNCES: &str = "redeliver_late_bounces_total";
 pub const NOTICES: &str = "redeliver_notices_total";
 pub const HANDED_OVER: &str = "redeliver_stanzas_handed_over_total";
 pub const STORE_FAILURES: &str = "redeliver_store_failures_total";
+pub const HANDOFFS: &str = "redeliver_handoffs_total";
+pub const HANDOFF_REPLAYS: &str = "redeliver_handoff_replays_total";
 
 pub const PENDING_MESSAGES: &str = "redeliver_pending_messages";
 pub const PENDING_BYTES: &str = "redeliver_pending_bytes";
@@ -126,6 +128,17 @@ fn describe() {
         (
             STORE_FAILURES,
             "Store writes, reads or flushes that failed (the log names the operation).",
+        ),
+        (
+            HANDOFFS,
+            "Transparent mode: hand-offs from a server module, by outcome: taken (held, \
+             new or already), refused (not the component's to take: forged, malformed, a \
+             sender it cannot send as, a conflicting id) or given_back (left with the server \
+             for now: a full queue or store, a store failure, no message permission).",
+        ),
+        (
+            HANDOFF_REPLAYS,
+            "Transparent mode: sends of a handed-off message as its sender (XEP-0356).",
         ),
     ];
     for (name, help) in counters {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use metrics::{counter, histogram};
 use tokio_xmpp::parsers::stanza_error::DefinedCondition;
 
+use crate::handoff::Outcome;
 use crate::prometheus as m;
 
 /// How a message came to be removed as delivered.
@@ -59,6 +60,13 @@ pub struct Stats {
     pub late_bounces_total: u64,
     /// Stanzas this instance handed to the leader (all-active instances).
     pub forwarded_total: u64,
+    /// Transparent mode: hand-offs taken (new or held already), refused
+    /// (not ours to take) and given back (left with the server for now).
+    pub handoffs_taken_total: u64,
+    pub handoffs_refused_total: u64,
+    pub handoffs_given_back_total: u64,
+    /// Sends of handed-off messages as their sender (XEP-0356).
+    pub handoff_replays_total: u64,
 }
 
 /// The stanza error conditions redeliver refuses messages with.
@@ -88,6 +96,7 @@ pub fn start_counters_at_zero() {
         m::NOTICES,
         m::HANDED_OVER,
         m::STORE_FAILURES,
+        m::HANDOFF_REPLAYS,
     ] {
         counter!(name).increment(0);
     }
@@ -98,6 +107,9 @@ pub fn start_counters_at_zero() {
     }
     for how in Confirmation::ALL {
         counter!(m::CONFIRMED, "how" => how.as_str()).increment(0);
+    }
+    for outcome in Outcome::ALL {
+        counter!(m::HANDOFFS, "outcome" => outcome.as_str()).increment(0);
     }
 }
 
@@ -193,6 +205,22 @@ impl Stats {
     pub fn handed_over(&mut self) {
         self.forwarded_total += 1;
         counter!(m::HANDED_OVER).increment(1);
+    }
+
+    /// A hand-off from a server module answered with `outcome`.
+    pub fn handoff(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Taken => self.handoffs_taken_total += 1,
+            Outcome::Refused => self.handoffs_refused_total += 1,
+            Outcome::GivenBack => self.handoffs_given_back_total += 1,
+        }
+        counter!(m::HANDOFFS, "outcome" => outcome.as_str()).increment(1);
+    }
+
+    /// A handed-off message sent as its sender.
+    pub fn handoff_replayed(&mut self) {
+        self.handoff_replays_total += 1;
+        counter!(m::HANDOFF_REPLAYS).increment(1);
     }
 
     /// A store operation (`what`: commit, confirm, fsync, …; the log

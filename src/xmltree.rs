@@ -75,6 +75,26 @@ pub fn dismantle_stanza(st: Stanza) {
     taken.into_iter().for_each(dismantle);
 }
 
+/// `el` with every element in namespace `from` moved to `to`, attributes
+/// and text kept: a message between the stream's namespace
+/// (`jabber:component:accept`, which the parsers read) and `jabber:client`
+/// (a message forwarded inside another, as XEP-0356 and XEP-0297 carry
+/// it). Recursive: only for trees the link measured ([`MAX_DEPTH`]).
+pub fn renamespaced(el: &Element, from: &str, to: &str) -> Element {
+    let ns = el.ns();
+    let mut out = Element::bare(el.name(), if ns == from { to.to_owned() } else { ns });
+    *out.attrs_mut() = el.attrs().clone();
+    for node in el.nodes() {
+        match node {
+            Node::Element(c) => {
+                out.append_child(renamespaced(c, from, to));
+            }
+            Node::Text(t) => out.append_text_node(t.clone()),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -137,6 +137,7 @@ impl Router {
         self.epoch = Some(epoch);
         // The server says again what it grants on each connection.
         self.grants = Grants::default();
+        self.handoff.link_up();
         self.link_up_since = Some(chrono::Utc::now());
         self.gauge_link();
         if !self.leading {

@@ -102,11 +102,23 @@ impl Router {
         let mut soonest: Option<Duration> = None;
         for (_, rec) in &batch {
             let sender = bare_of(&rec.sender);
-            if !held.contains(sender)
-                && let Some(left) = self.held_for_contact(recipient, sender)
-            {
+            if held.contains(sender) {
+                continue;
+            }
+            if let Some(left) = self.held_for_contact(recipient, sender) {
                 held.insert(sender.to_owned());
                 soonest = Some(soonest.map_or(left, |s| s.min(left)));
+            } else if handoff::is_handed_off(&rec.stanza, self.me.as_str())
+                && self.replay_namespace(sender).is_none()
+            {
+                // Replayed as its sender only with the server's message
+                // permission, which this connection has not (yet) given.
+                debug!(
+                    to = recipient,
+                    from = sender,
+                    "hand-off waits for the message permission"
+                );
+                held.insert(sender.to_owned());
             }
         }
         // Per sender: is a client the batch reaches known to answer it?
@@ -191,6 +203,15 @@ impl Router {
                     {
                         m.to = Some(full);
                     }
+                    let as_sender = m
+                        .from
+                        .as_ref()
+                        .filter(|f| f.domain() != self.me.domain())
+                        .and_then(|f| self.replay_namespace(bare_of(f.as_str())));
+                    if let Some(ns) = as_sender {
+                        m = self.handoff.envelope(recipient, ns, m);
+                        self.stats.handoff_replayed();
+                    }
                     if sizes::may_pass_limit(rec.stanza.len(), &rec.id, self.me.as_str())
                         && sizes::written_len(&m) > SERVER_STANZA_LIMIT
                     {
@@ -244,9 +265,16 @@ impl Router {
             Some(m) => m,
             None => Message::try_from(Element::from_str(&rec.stanza).ok()?).ok()?,
         };
+        // A hand-off goes as its sender (bare, as servers require), with
+        // the one delay it was stored with.
+        let handed_off = m
+            .from
+            .as_ref()
+            .is_some_and(|f| f.domain() != self.me.domain());
         // From the relay address's full JID (stored stanzas name the bare
         // one): some clients answer receipts to a full JID only.
         if let Some(from) = &m.from
+            && !handed_off
             && from.resource().is_none()
             && let Some(full) = with_relay_resource(&from.to_bare())
         {
@@ -267,7 +295,7 @@ impl Router {
             }
             .into(),
         );
-        if delayed {
+        if delayed && !handed_off {
             let stamp = chrono::DateTime::from_timestamp_millis(rec.accepted_at_ms)
                 .unwrap_or_default()
                 .fixed_offset();
@@ -281,6 +309,13 @@ impl Router {
             );
         }
         Some(m)
+    }
+
+    /// The privilege namespace to replay a hand-off from `sender` (a bare
+    /// JID) in, if its server granted the message permission.
+    fn replay_namespace(&self, sender: &str) -> Option<&'static str> {
+        let domain = sender.rsplit_once('@').map_or(sender, |(_, d)| d);
+        self.handoff.namespace_for(domain)
     }
 
     /// A send failed. After a bounce the server certainly kept nothing,

@@ -23,6 +23,11 @@ impl Router {
             return;
         }
         match self.store.get(recipient, seq) {
+            Ok(Some(rec)) if handoff::is_handed_off(&rec.stanza, self.me.as_str()) => {
+                // Its hand-off was never answered: the server keeps its
+                // copy and delivers it, or hands it off again.
+                warn!(to = %recipient, id = %rec.id, seq, "hand-off not stored durably; left with the server");
+            }
             Ok(Some(rec)) => {
                 warn!(to = %recipient, id = %rec.id, seq, "not stored durably; sender told");
                 // Counted accepted before its commit failed.

@@ -21,11 +21,27 @@ impl Router {
                 .iter()
                 .find(|p| p.name() == "error")
                 .and_then(|p| StanzaError::try_from(p.clone()).ok());
+            if self.on_replay_error(&m, &from, error.clone()).await {
+                return;
+            }
             self.on_bounce(&from, &to, m.id.as_ref().map(|i| i.0.as_str()), error)
                 .await;
             return;
         }
+        if from.node().is_none() && handoff::is_confirmation_copy(&m) {
+            let book = &self.book;
+            match handoff::read_confirmation(&m, &|d| book.serves(d)) {
+                Some(receipt) => self.on_confirmation_copy(receipt).await,
+                None => {
+                    debug!(server = %from, "confirmation copy not from a served domain; ignored")
+                }
+            }
+            return;
+        }
         if let Some(g) = privilege::announced(&m) {
+            if self.book.serves(from.domain().as_str()) {
+                self.handoff.granted(from.domain().as_str(), g.message);
+            }
             if from.domain().as_str() != self.config.relay.default_domain {
                 // Only the component's own server may grant (XEP-0356):
                 // that is the default domain's. ejabberd announces for
@@ -87,15 +103,7 @@ impl Router {
             }
         };
         let from_key = from_bare.to_string();
-        // Anything from a recipient shows it is reachable again, and the
-        // resource it came from is not silent.
-        if let Some(r) = from.resource()
-            && let Some(peer) = self.peers.get_mut(&from_key)
-            && let Some(res) = peer.resources.get_mut(r.as_str())
-        {
-            res.silent = false;
-        }
-        self.seen_alive(&from_key).await;
+        self.heard_from(&from).await;
         let had_confirmations = m
             .payloads
             .iter()
@@ -123,6 +131,19 @@ impl Router {
             return;
         }
         self.accept(m, &from, &from_bare, &target).await;
+    }
+
+    /// Anything from a recipient shows it is reachable again, and the
+    /// resource it came from is not silent.
+    pub(super) async fn heard_from(&mut self, from: &Jid) {
+        let key = from.to_bare().to_string();
+        if let Some(r) = from.resource()
+            && let Some(peer) = self.peers.get_mut(&key)
+            && let Some(res) = peer.resources.get_mut(r.as_str())
+        {
+            res.silent = false;
+        }
+        self.seen_alive(&key).await;
     }
 
     /// Why a message of `size` bytes from `sender` is refused, if it is:
@@ -402,7 +423,7 @@ impl Router {
 
 /// Why `m` is refused for an id past [`sizes::MAX_ID_BYTES`], if it is:
 /// its id or its XEP-0359 origin-id.
-fn overlong_id(m: &Message) -> Option<String> {
+pub(super) fn overlong_id(m: &Message) -> Option<String> {
     let long_id =
         m.id.as_ref()
             .is_some_and(|i| i.0.len() > sizes::MAX_ID_BYTES);

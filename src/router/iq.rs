@@ -76,6 +76,13 @@ impl Router {
                 payload,
             } => {
                 let to_domain = to.as_ref().is_some_and(|t| t.node().is_none());
+                if to_domain
+                    && payload.is("handoff", handoff::NS)
+                    && let Some(server) = from.clone()
+                {
+                    self.on_handoff(server, to, id, payload).await;
+                    return;
+                }
                 let reply = match &from {
                     Some(f) if to_domain && payload.is("command", COMMANDS) => {
                         self.on_command(f, payload).await

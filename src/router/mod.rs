@@ -15,7 +15,9 @@
 //! link coming and going), `iq`, `timers`, `expiry` (and sender notices),
 //! `durability` (what is on disk decides what may leave), `ops` (the
 //! admin commands' view), `forwarding` (all-active instances) and
-//! `gauges` (what a metrics scrape reads). Two small owners: `at_once`
+//! `gauges` (what a metrics scrape reads), `transparent` (hand-offs
+//! from a server module, replays as the sender; the state is
+//! [`Handoff`]'s). Two small owners: `at_once`
 //! (which messages may leave without a `<delay/>`) and `sizes` (the
 //! bounds that keep what the router writes under the server's limit).
 
@@ -50,6 +52,7 @@ use crate::address::{AddressBook, AddressError, with_relay_resource};
 use crate::admin::{Admin, Node, Ops, Snapshot};
 use crate::config::{Config, Durability, Instances};
 use crate::gate::{Flushed, Gate};
+use crate::handoff::{self, Handoff};
 use crate::link::{LinkEvent, Outbound};
 use crate::message_kind::{self, Kind};
 use crate::privilege::{self, Grants};
@@ -86,6 +89,7 @@ mod peer;
 mod presence;
 mod sizes;
 mod timers;
+mod transparent;
 
 /// Receipts and markers handled per stanza at most.
 const MAX_CONFIRMATIONS_PER_STANZA: usize = 16;
@@ -266,6 +270,9 @@ pub struct Router {
     /// What the component's own server (the default domain's) granted
     /// it (XEP-0356), as announced on this connection.
     grants: Grants,
+    /// Transparent mode: the servers' message permissions and the replays
+    /// on the wire (its stanzas are read and built there).
+    handoff: Handoff,
     /// Privileged roster sets in flight, by iq id: (recipient, sender).
     roster_sets: HashMap<String, (String, String)>,
     /// Whether this instance leads: always, but for all-active instances
@@ -394,6 +401,7 @@ impl Router {
         };
         let rate = RateLimiter::new(config.limits.sender_rate_per_s, config.limits.sender_burst);
         Ok(Router {
+            handoff: Handoff::new(me.clone()),
             book,
             me,
             store,

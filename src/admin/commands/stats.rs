@@ -68,6 +68,26 @@ pub(crate) fn run<O: Ops>(ops: &O) -> Result<Step, StanzaError> {
             s.replays_total,
         ),
         field("bounces-total", "Bounces since start", s.bounces_total),
+        field(
+            "handoffs-taken-total",
+            "Hand-offs taken from the server since start (transparent mode)",
+            s.handoffs_taken_total,
+        ),
+        field(
+            "handoffs-refused-total",
+            "Hand-offs refused since start (not ours to take)",
+            s.handoffs_refused_total,
+        ),
+        field(
+            "handoffs-given-back-total",
+            "Hand-offs left with the server since start (full, no permission)",
+            s.handoffs_given_back_total,
+        ),
+        field(
+            "handoff-replays-total",
+            "Sends as the original sender since start (transparent mode)",
+            s.handoff_replays_total,
+        ),
         field("refused-total", "Refused since start", s.refused_total),
         field(
             "rejected-total",

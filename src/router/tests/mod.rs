@@ -12,6 +12,7 @@ mod forwarded;
 mod hostile;
 mod refusals;
 mod sizes;
+mod transparent;
 mod unanswered;
 
 const NS: &str = "jabber:component:accept";
