@@ -108,7 +108,7 @@ impl Router {
         match outcome {
             Ok(Accepted::Stored { seq }) => {
                 self.stats.accepted();
-                debug!(to = %recipient, from = %sender, id = %id, seq, "hand-off taken");
+                debug!(to = %recipient, from = %sender, id = %id, seq, "hand-off accepted");
                 self.on_stored(seq, &recipient, &target, m, size).await;
                 Ok(())
             }
