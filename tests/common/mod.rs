@@ -96,6 +96,26 @@ fn ensure_ejabberd() -> PathBuf {
     ejabberd_libs().expect("ejabberd installed but its OTP application not found")
 }
 
+/// The directory holding mod_redeliver.beam, built once per test process
+/// from component-config/ejabberd/ by scripts/build-ejabberd-module.
+fn ejabberd_module() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out = root()
+                .join("target")
+                .join(format!("ejabberd-module-{}", std::process::id()));
+            let status = Command::new("bash")
+                .arg(root().join("scripts/build-ejabberd-module"))
+                .arg(&out)
+                .status()
+                .expect("run scripts/build-ejabberd-module");
+            assert!(status.success(), "scripts/build-ejabberd-module failed");
+            out
+        })
+        .clone()
+}
+
 fn install(script: &str) {
     let status = Command::new("bash")
         .arg(root().join("scripts").join(script))
@@ -128,6 +148,11 @@ pub struct ServerOpts {
     /// Archive every user's messages (XEP-0313: Prosody's `mod_mam`,
     /// ejabberd's `mod_mam` with `default: always`).
     pub mam: bool,
+    /// Transparent mode (docs/transparent.md): the server module from
+    /// component-config/ on, and the message permission granted besides
+    /// `privilege`'s. Stream-management timeouts reach offline storage
+    /// (ejabberd `resend_on_timeout: if_offline`).
+    pub transparent: bool,
 }
 
 impl Default for ServerOpts {
@@ -138,6 +163,7 @@ impl Default for ServerOpts {
             quiet: false,
             privilege: false,
             mam: false,
+            transparent: false,
         }
     }
 }
@@ -147,6 +173,22 @@ const PROSODY_PRIVILEGE_HOST: &str = r#"    modules_enabled = { "privilege" }
     privileged_entities = {
         ["@COMPONENT@"] = { roster = "set"; presence = "managed_entity"; };
     }"#;
+/// Transparent mode: the module, its one setting, and the message
+/// permission (component-config/prosody.cfg.lua).
+const PROSODY_TRANSPARENT_HOST: &str = r#"    modules_enabled = { "privilege", "redeliver" }
+    privileged_entities = {
+        ["@COMPONENT@"] = { roster = "set"; presence = "managed_entity"; message = "outgoing"; };
+    }
+    redeliver_component = "@COMPONENT@""#;
+const EJABBERD_TRANSPARENT_MODULE: &str = r#"  mod_privilege:
+    roster:
+      set: relay_privileged
+    presence:
+      managed_entity: relay_privileged
+    message:
+      outgoing: relay_privileged
+  mod_redeliver:
+    component: "@COMPONENT@""#;
 const EJABBERD_PRIVILEGE_ACCESS: &str = r#"  relay_privileged:
     allow:
       server: "@COMPONENT@""#;
@@ -228,15 +270,36 @@ impl Server {
             )
             .replace(
                 "@PRIVILEGE_HOST@",
-                if opts.privilege {
+                if opts.transparent {
+                    PROSODY_TRANSPARENT_HOST
+                } else if opts.privilege {
                     PROSODY_PRIVILEGE_HOST
                 } else {
                     ""
                 },
             )
             .replace(
+                "@PLUGIN_PATHS@",
+                &if opts.transparent {
+                    format!(
+                        "plugin_paths = {{ \"{}\" }}",
+                        root().join("component-config/prosody").display()
+                    )
+                } else {
+                    String::new()
+                },
+            )
+            .replace(
+                "@STREAM_MGMT_EXTRA@",
+                if opts.transparent {
+                    "    resend_on_timeout: if_offline"
+                } else {
+                    ""
+                },
+            )
+            .replace(
                 "@PRIVILEGE_COMPONENT@",
-                if opts.privilege {
+                if opts.privilege || opts.transparent {
                     "    modules_enabled = { \"privilege\" }"
                 } else {
                     ""
@@ -244,7 +307,7 @@ impl Server {
             )
             .replace(
                 "@PRIVILEGE_ACCESS@",
-                if opts.privilege {
+                if opts.privilege || opts.transparent {
                     EJABBERD_PRIVILEGE_ACCESS
                 } else {
                     ""
@@ -252,7 +315,9 @@ impl Server {
             )
             .replace(
                 "@PRIVILEGE_MODULE@",
-                if opts.privilege {
+                if opts.transparent {
+                    EJABBERD_TRANSPARENT_MODULE
+                } else if opts.privilege {
                     EJABBERD_PRIVILEGE_MODULE
                 } else {
                     ""
@@ -351,6 +416,9 @@ impl Server {
                 );
                 let dir = self.dir.path();
                 let mut c = Command::new("erl");
+                if self.config.contains("mod_redeliver:") {
+                    c.arg("-pa").arg(ejabberd_module());
+                }
                 c.env("ERL_LIBS", self.erl_libs.as_ref().unwrap())
                     .env("EJABBERD_CONFIG_PATH", self.config_path())
                     .env("EJABBERD_LOG_PATH", dir.join("ejabberd.log"))
