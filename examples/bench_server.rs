@@ -19,7 +19,11 @@
 //!   sends N messages to bob, online: from its first byte to bob's last
 //!   message.
 //!
-//! The same client code receives in all three. `bash scripts/bench`
+//! - **transparent**: offline storage on and redeliver's server module
+//!   (transparent mode): alice sends the same N to bob@localhost, the
+//!   server hands them to redeliver, which replays them as alice.
+//!
+//! The same client code receives in all four. `bash scripts/bench`
 //! runs it against the release build. Not a test.
 
 #[path = "../tests/common/mod.rs"]
@@ -179,6 +183,67 @@ async fn relayed(kind: Kind, n: usize, window: usize) -> Case {
     }
 }
 
+/// Transparent mode: offline storage on, redeliver's server module hands
+/// the messages to redeliver (fsync mode), which replays them as alice.
+/// "stored" is when the server answers alice's ping after them, as for
+/// `native`: the hand-off adds no wait to her stream. bob logs in once
+/// redeliver holds them all.
+async fn transparent(kind: Kind, n: usize, window: usize) -> Case {
+    let server = Server::start(
+        kind,
+        ServerOpts {
+            offline_storage: true,
+            transparent: true,
+            quiet: true,
+            ..Default::default()
+        },
+    );
+    let relay = Relay::start(
+        &server,
+        RelayOpts {
+            durability: "fsync",
+            max_pending: 1_000_000,
+            replay_grace_ms: 0,
+            receipt_timeout_ms: 30_000,
+            window,
+            ..Default::default()
+        },
+    );
+    wait_log(&relay, "transparent mode hand-offs are taken").await;
+    let mut alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
+    let t0 = Instant::now();
+    for i in 0..n {
+        alice.send(message("bob@localhost", &format!("t{i}")));
+    }
+    ping(&mut alice, "localhost", "after").await;
+    let stored = t0.elapsed().as_secs_f64();
+    let end = Instant::now() + Duration::from_secs(600);
+    while relay.log_text().matches("hand-off accepted").count() < n {
+        assert!(
+            Instant::now() < end,
+            "redeliver never took all {n} hand-offs"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (cpu0, rcpu0) = (floor::cpu_s(server.pid()), floor::cpu_s(relay.pid()));
+    let mut bob = Client::connect(server.c2s_port, "bob", offline_bob()).await;
+    let presence = Instant::now();
+    let last = receive(&mut bob, n).await;
+    let (server_cpu, relay_cpu) = (
+        floor::cpu_s(server.pid()) - cpu0,
+        floor::cpu_s(relay.pid()) - rcpu0,
+    );
+    bob.close().await;
+    alice.close().await;
+    drop(relay);
+    Case {
+        stored,
+        delivered: last.duration_since(presence).as_secs_f64(),
+        server_cpu,
+        relay_cpu,
+    }
+}
+
 /// A bare component gets `n` messages to online bob.
 async fn ceiling(kind: Kind, n: usize) -> Case {
     let server = Server::start(kind, quiet());
@@ -286,7 +351,7 @@ async fn main() {
         .iter()
         .map(|s| s.parse().expect("BENCH_N: numbers"))
         .collect();
-    let cases = env_list("BENCH_CASES", "native,redeliver,ceiling");
+    let cases = env_list("BENCH_CASES", "native,redeliver,ceiling,transparent");
     let f = floor::Floor::measure();
     println!("{}", f.describe());
     let kinds: Vec<Kind> = env_list("BENCH_SERVERS", "prosody")
@@ -305,10 +370,14 @@ async fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut cpu_rows = Vec::new();
+    let mut transparent_rows = Vec::new();
     for kind in kinds {
         for &n in &sizes {
-            let (mut nat, mut rel, mut cei) = (vec![], vec![], vec![]);
+            let (mut nat, mut rel, mut cei, mut tra) = (vec![], vec![], vec![], vec![]);
             for _ in 0..reps {
+                if cases.iter().any(|c| c == "transparent") {
+                    tra.push(transparent(kind, n, window).await);
+                }
                 if cases.iter().any(|c| c == "native") {
                     nat.push(native(kind, n).await);
                 }
@@ -320,7 +389,7 @@ async fn main() {
                 }
             }
             // A case left out counts as zero.
-            for v in [&mut nat, &mut rel, &mut cei] {
+            for v in [&mut nat, &mut rel, &mut cei, &mut tra] {
                 if v.is_empty() {
                     v.push(Case::default());
                 }
@@ -349,6 +418,19 @@ async fn main() {
                 per_msg(&rel, |c| c.server_cpu),
             );
             let relay_cpu = per_msg(&rel, |c| c.relay_cpu);
+            let ts = stat(tra.iter().map(|c| c.stored).collect());
+            let tr = stat(tra.iter().map(|c| c.delivered).collect());
+            let tra_cpu = per_msg(&tra, |c| c.server_cpu);
+            transparent_rows.push(format!(
+                "| {kind:?} | {n} | {} | {} | {:.2} | {} | {} | {native_cpu:.0} | {tra_cpu:.0} | {:.2} | {:.0} |",
+                show(&ns),
+                show(&ts),
+                ts.median / ns.median,
+                show(&nr),
+                show(&tr),
+                tra_cpu / native_cpu,
+                per_msg(&tra, |c| c.relay_cpu),
+            ));
             cpu_rows.push(format!(
                 "| {kind:?} | {n} | {native_cpu:.0} | {via_cpu:.0} | {:.2} | {relay_cpu:.0} | {:.1}× | {:.0} |",
                 via_cpu / native_cpu,
@@ -364,6 +446,19 @@ async fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|");
     for row in cpu_rows {
+        println!("{row}");
+    }
+    println!();
+    println!(
+        "Transparent mode against the server's own offline storage: seconds, median (min..max); \
+         CPU per message while delivering, µs (median). Targets: store c/b ≤ 1.25, replay \
+         server CPU c/b ≤ 1.6."
+    );
+    println!(
+        "| server | N | native store (b) | transparent store (c) | store c/b | native replay | transparent replay | server CPU, native | server CPU, transparent | CPU c/b | redeliver CPU |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for row in transparent_rows {
         println!("{row}");
     }
 }
