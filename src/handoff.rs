@@ -17,7 +17,7 @@ use tokio_xmpp::minidom::Element;
 use tokio_xmpp::parsers::date::DateTime;
 use tokio_xmpp::parsers::delay::Delay;
 use tokio_xmpp::parsers::jid::{BareJid, Jid};
-use tokio_xmpp::parsers::message::{Message, MessageType};
+use tokio_xmpp::parsers::message::{Id, Message, MessageType};
 use tokio_xmpp::parsers::ns;
 use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 use tracing::{info, warn};
@@ -311,6 +311,8 @@ pub struct Handoff {
     /// server's refusal of the envelope. The last [`REPLAYS_REMEMBERED`].
     replays: HashMap<String, String>,
     order: VecDeque<String>,
+    /// Envelopes sent on this process, for their ids.
+    sent: u64,
 }
 
 impl Handoff {
@@ -321,6 +323,7 @@ impl Handoff {
             told_no_grant: false,
             replays: HashMap::new(),
             order: VecDeque::new(),
+            sent: 0,
         }
     }
 
@@ -396,13 +399,15 @@ impl Handoff {
             .append(inner_el)
             .build();
         let privilege = Element::builder("privilege", ns).append(forwarded).build();
+        // An id of its own: two recipients' replays may share the
+        // sender's id, and a refusal must name one of them.
+        self.sent += 1;
+        let id = format!("redeliver-replay-{}", self.sent);
         let mut outer = Message::new(server);
         outer.from = Some(self.me.clone());
-        outer.id = inner.id.clone();
+        outer.id = Some(Id(id.clone()));
         outer.payloads.push(privilege);
-        if let Some(id) = &inner.id {
-            self.remember(id.0.clone(), recipient.to_owned());
-        }
+        self.remember(id, recipient.to_owned());
         outer
     }
 

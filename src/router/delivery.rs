@@ -208,11 +208,13 @@ impl Router {
                         .as_ref()
                         .filter(|f| f.domain() != self.me.domain())
                         .and_then(|f| self.replay_namespace(bare_of(f.as_str())));
-                    if let Some(ns) = as_sender {
+                    let envelope = if let Some(ns) = as_sender {
                         m = self.handoff.envelope(recipient, ns, m);
-                        self.stats.handoff_replayed();
-                    }
-                    if sizes::may_pass_limit(rec.stanza.len(), &rec.id, self.me.as_str())
+                        handoff::ENVELOPE_OVERHEAD
+                    } else {
+                        0
+                    };
+                    if sizes::may_pass_limit(rec.stanza.len() + envelope, &rec.id, self.me.as_str())
                         && sizes::written_len(&m) > SERVER_STANZA_LIMIT
                     {
                         // Stored by a version that checked less, or
@@ -228,6 +230,9 @@ impl Router {
                         continue;
                     }
                     sent += 1;
+                    if envelope > 0 {
+                        self.stats.handoff_replayed();
+                    }
                     let waited_ms = now_ms().saturating_sub(rec.accepted_at_ms);
                     if needs == Needs::Accept {
                         // Leaves only if the burst commits.

@@ -232,9 +232,15 @@ async fn a_refused_envelope_marks_bob_offline_until_he_is_seen() {
     h.feed(&handoff("x", "h1", "m1", "2026-12-07T01:00:03Z"))
         .await;
     settle().await;
-    assert_eq!(replays(&h.drain_all()).len(), 1);
+    let out = h.drain_all();
+    assert_eq!(replays(&out).len(), 1);
+    let Some(Stanza::Message(envelope)) = out.iter().find(|s| matches!(s, Stanza::Message(_)))
+    else {
+        panic!("{out:?}")
+    };
+    let id = envelope.id.clone().unwrap().0;
     h.feed(&format!(
-        "<message xmlns='{NS}' type='error' from='x' to='relay.x' id='m1'><error type='auth'>\
+        "<message xmlns='{NS}' type='error' from='x' to='relay.x' id='{id}'><error type='auth'>\
          <forbidden xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
     ))
     .await;
