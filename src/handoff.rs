@@ -167,13 +167,16 @@ pub fn read(
             ));
         }
     };
+    // The sender on the server's own domain: a server vouches for its
+    // own users only (another server, even of a served domain, must not
+    // have the component send as this one's users).
     let sender = match &m.from {
-        Some(f) if f.node().is_some() && serves(f.domain().as_str()) => f.clone(),
+        Some(f) if f.node().is_some() && f.domain() == server.domain() => f.clone(),
         _ => {
             return Err(refusal(
                 ErrorType::Cancel,
                 C::NotAcceptable,
-                "the component can replay only as a user of the domains it serves",
+                "the component replays only as a user of the handing-off server's own domain",
             ));
         }
     };

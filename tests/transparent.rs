@@ -220,6 +220,15 @@ async fn forged_by_a_user(kind: Kind) {
          <body>marked</body><replay xmlns='{HANDOFF}'/></message>"
     )));
     wait_stored(&relay, &["marked"]).await;
+    // carol's forged copy of bob's receipt for it confirms nothing.
+    carol.send(xml(&format!(
+        "<message xmlns='jabber:client' to='{COMPONENT}' id='forged2'>\
+         <confirmation xmlns='{HANDOFF}'><forwarded xmlns='urn:xmpp:forward:0'>\
+         <message xmlns='jabber:client' from='bob@localhost/x' to='alice@localhost' id='r'>\
+         <received xmlns='urn:xmpp:receipts' id='marked'/></message></forwarded>\
+         </confirmation></message>"
+    )));
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let mut bob = Client::connect(server.c2s_port, "bob", ClientOpts::default()).await;
     let got = exactly(&mut bob, 1).await;
     assert_eq!(ids_of(&got), ["marked"]);

@@ -121,6 +121,12 @@ fn what_cannot_be_replayed_is_refused() {
             "<message xmlns='jabber:client' from='x@example.org/r' to='bob@localhost' id='m'/>",
             DefinedCondition::NotAcceptable,
         ),
+        // Another served domain's user: the server vouches for its own.
+        (
+            "<message xmlns='jabber:client' from='eve@other.localhost/r' to='bob@localhost' \
+             id='m'/>",
+            DefinedCondition::NotAcceptable,
+        ),
         (
             "<message xmlns='jabber:client' from='alice@localhost/r' to='bob@localhost' id='m' \
              type='groupchat'/>",

@@ -81,7 +81,8 @@ impl Router {
         if self.store_failed {
             // Back in the queue in memory only: the sender is told now,
             // and the restart that the failure leads to starts afresh.
-            self.tell_unstored(recipient, seq).await;
+            self.tell_unstored(recipient, seq, durability::Answered::Yes)
+                .await;
             if let Some(peer) = self.peers.get_mut(recipient) {
                 peer.never_again(seq, &mut self.timers);
             }

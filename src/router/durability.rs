@@ -11,19 +11,24 @@ impl Router {
             if let Some(peer) = self.peers.get_mut(&recipient) {
                 peer.never_again(seq, &mut self.timers);
             }
-            self.tell_unstored(&recipient, seq).await;
+            self.tell_unstored(&recipient, seq, Answered::No).await;
         }
     }
 
-    /// Tell the sender of message `seq` that it was not stored.
-    pub(super) async fn tell_unstored(&mut self, recipient: &str, seq: u64) {
+    /// Tell the sender of message `seq` that it was not stored. A
+    /// hand-off whose answer was withheld (`Answered::No`) is the
+    /// server's still: nobody is told.
+    pub(super) async fn tell_unstored(&mut self, recipient: &str, seq: u64, answered: Answered) {
         if self.taken_seqs.contains(&seq) {
             // Its stanza stays handed over: the next leader accepts it.
             warn!(to = %recipient, seq, "not stored; it stays handed over for the next leader");
             return;
         }
         match self.store.get(recipient, seq) {
-            Ok(Some(rec)) if handoff::is_handed_off(&rec.stanza, self.me.as_str()) => {
+            Ok(Some(rec))
+                if answered == Answered::No
+                    && handoff::is_handed_off(&rec.stanza, self.me.as_str()) =>
+            {
                 // Its hand-off was never answered: the server keeps its
                 // copy and delivers it, or hands it off again.
                 warn!(to = %recipient, id = %rec.id, seq, "hand-off not stored durably; left with the server");
@@ -104,7 +109,7 @@ impl Router {
             );
         }
         for (seq, recipient) in waiting {
-            self.tell_unstored(&recipient, seq).await;
+            self.tell_unstored(&recipient, seq, Answered::No).await;
         }
     }
 
@@ -122,4 +127,13 @@ impl Router {
             Err(e) => error!(error = %e, "final store flush panicked"),
         }
     }
+}
+
+/// Whether the store's answer for a message went out: a relayed message
+/// was relayed, a hand-off answered `result` (then the server dropped its
+/// copy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Answered {
+    Yes,
+    No,
 }

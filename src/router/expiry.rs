@@ -181,8 +181,12 @@ impl Router {
                 self.stats.notice();
                 info!(to = %queue, id, about = %rec.id, seq, "notice kept for the sender");
                 // From the recipient's relay address: a relay contact of
-                // the sender's, so that contacts-only clients answer it.
-                self.ensure_contact(&queue, sender, recipient).await;
+                // the sender's, so that contacts-only clients answer it;
+                // not for a hand-off's sender, who never wrote to one
+                // (nothing goes into her roster for it).
+                if !handoff::is_handed_off(&rec.stanza, self.me.as_str()) {
+                    self.ensure_contact(&queue, sender, recipient).await;
+                }
                 self.on_stored(seq, &queue, sender, m, size).await;
             }
             Ok(other) => {

@@ -41,6 +41,9 @@ impl Router {
         if let Some(g) = privilege::announced(&m) {
             if self.book.serves(from.domain().as_str()) {
                 self.handoff.granted(from.domain().as_str(), g.message);
+                if g.message.is_some() {
+                    self.resume_held_handoffs().await;
+                }
             }
             if from.domain().as_str() != self.config.relay.default_domain {
                 // Only the component's own server may grant (XEP-0356):

@@ -16,13 +16,15 @@ impl Router {
         id: String,
         payload: Element,
     ) {
+        if id.len() > sizes::MAX_ID_BYTES {
+            // Not taken either: taken and unanswered, it would stay with
+            // the server too.
+            warn!(%server, "hand-off with an iq id over the cap neither taken nor answered");
+            return;
+        }
         match self.take_handoff(&server, &payload).await {
             Ok(()) => {
                 self.stats.handoff(handoff::Outcome::Taken);
-                if id.len() > sizes::MAX_ID_BYTES {
-                    warn!(%server, "hand-off with an iq id over the cap not answered");
-                    return;
-                }
                 let iq = Iq::Result {
                     from: Some(to.unwrap_or_else(|| self.me.clone())),
                     to: Some(server),
@@ -53,6 +55,16 @@ impl Router {
         use DefinedCondition as C;
         let book = &self.book;
         let taken = handoff::read(server, payload, &|d| book.serves(d), &self.me, now_ms())?;
+        if message_kind::kind(&taken.message) == Kind::Once {
+            // Receipts, markers, chat states and other body-less payloads
+            // are relayed once, never kept (architecture.md, "What is
+            // relayed reliably"): the server delivers its copy.
+            return Err(stanza_error(
+                ErrorType::Cancel,
+                C::NotAcceptable,
+                "only messages with content are handed off; the server keeps this one",
+            ));
+        }
         let sender_domain = taken.sender_bare.domain().to_string();
         if self.handoff.namespace_for(&sender_domain).is_none() {
             return Err(self.handoff.no_grant(&sender_domain));
@@ -160,8 +172,10 @@ impl Router {
         };
         let recipient = from.to_bare().to_string();
         self.heard_from(&from).await;
-        let resource = from.resource().map(|r| r.to_string());
-        self.handle_confirmations(&recipient, resource.as_deref(), &to.to_bare(), &mut receipt)
+        // No habit is learned from it (no resource given): a client that
+        // answers its user's real contacts says nothing of how it treats
+        // a relay address its user never approved.
+        self.handle_confirmations(&recipient, None, &to.to_bare(), &mut receipt)
             .await;
     }
 
@@ -191,14 +205,47 @@ impl Router {
         else {
             return false;
         };
-        warn!(
-            server = %from,
-            to = %recipient,
-            condition = ?error.as_ref().map(|e| &e.defined_condition),
-            "the server refused a replay as its sender (XEP-0356); retried later"
-        );
+        let refused = error.as_ref().is_some_and(|e| {
+            matches!(
+                e.defined_condition,
+                DefinedCondition::Forbidden | DefinedCondition::NotAllowed
+            )
+        });
+        if refused {
+            // The server no longer lets us send as its users: hold every
+            // hand-off from its domain until it grants it again (at the
+            // next connect), rather than retry one forever.
+            warn!(
+                server = %from,
+                to = %recipient,
+                "the server refused a replay as its sender (XEP-0356): hand-offs from its \
+                 domain wait until it grants the message permission again"
+            );
+            self.handoff.granted(from.domain().as_str(), None);
+        } else {
+            warn!(
+                server = %from,
+                to = %recipient,
+                condition = ?error.as_ref().map(|e| &e.defined_condition),
+                "the server refused a replay as its sender (XEP-0356); retried later"
+            );
+        }
         self.stats.bounced();
         self.fail(&recipient, true).await;
         true
+    }
+
+    /// A server granted the message permission: queues that waited for
+    /// it (in order, a hand-off at their head) go on.
+    pub(super) async fn resume_held_handoffs(&mut self) {
+        let waiting: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.phase == Phase::Sending && p.in_flight.is_empty())
+            .map(|(r, _)| r.clone())
+            .collect();
+        for recipient in waiting {
+            self.pump(&recipient).await;
+        }
     }
 }

@@ -240,8 +240,8 @@ async fn a_refused_envelope_marks_bob_offline_until_he_is_seen() {
     };
     let id = envelope.id.clone().unwrap().0;
     h.feed(&format!(
-        "<message xmlns='{NS}' type='error' from='x' to='relay.x' id='{id}'><error type='auth'>\
-         <forbidden xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
+        "<message xmlns='{NS}' type='error' from='x' to='relay.x' id='{id}'><error type='wait'>\
+         <resource-constraint xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
     ))
     .await;
     settle().await;
@@ -254,4 +254,212 @@ async fn a_refused_envelope_marks_bob_offline_until_he_is_seen() {
         1,
         "sent again once bob is seen"
     );
+}
+
+/// A hand-off `iq` of `inner` (a jabber:client message) from x.
+fn handoff_of(iq: &str, inner: &str) -> String {
+    format!(
+        "<iq xmlns='{NS}' type='set' from='x' to='relay.x' id='{iq}'>\
+         <handoff xmlns='urn:redeliver:handoff:0'><forwarded xmlns='urn:xmpp:forward:0'>\
+         <delay xmlns='urn:xmpp:delay' stamp='2026-12-07T01:00:03Z'/>{inner}\
+         </forwarded></handoff></iq>"
+    )
+}
+
+/// dave's relayed message `id` to bob's relay address.
+fn relayed_from_dave(id: &str) -> String {
+    format!(
+        "<message xmlns='{NS}' from='dave@x/r' to='bob@relay.x' id='{id}' type='chat'><body>{id}</body></message>"
+    )
+}
+
+/// bob@x/{res}'s receipt for `id`, as the module copies it.
+fn copy_from(res: &str, id: &str) -> String {
+    copy_of_receipt(id).replace("from='bob@x/r'", &format!("from='bob@x/{res}'"))
+}
+
+/// Bob's Gajim answers alice (a real contact of his) through a copy;
+/// that says nothing of a relay address he never approved: dave's
+/// relayed message still counts delivered when no error comes, and is
+/// not shown again at the next login.
+#[tokio::test(start_paused = true)]
+async fn a_copy_teaches_nothing_about_relay_addresses() {
+    for with_copy in [false, true] {
+        let mut h = harness_with(64, "unanswered_wait_ms = 200\n").await;
+        grant(&h, "x", MESSAGE).await;
+        new_client_online(&mut h, "gajim").await;
+        h.feed(&handoff("x", "h1", "m1", "2026-12-07T01:00:03Z"))
+            .await;
+        settle().await;
+        assert_eq!(replays(&h.drain_all()).len(), 1);
+        if with_copy {
+            h.feed(&copy_from("gajim", "m1")).await;
+            settle().await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        h.feed(&relayed_from_dave("d1")).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(ids_of(&h.drain()), ["d1"]);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            h.store.recipient("bob@x").unwrap().pending,
+            0,
+            "with_copy={with_copy}: d1 counted delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        h.unavailable("gajim").await;
+        h.presence("gajim").await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(h.drain().is_empty(), "with_copy={with_copy}: shown once");
+    }
+}
+
+/// A receipt (or any body-less message) alice sent offline bob is the
+/// server's to deliver: refused, nothing stored, nothing replayed.
+#[tokio::test(start_paused = true)]
+async fn body_less_handoffs_are_left_with_the_server() {
+    let mut h = harness(8).await;
+    grant(&h, "x", &format!("{MESSAGE}{PRESENCE}")).await;
+    h.feed(&handoff_of(
+        "h1",
+        "<message xmlns='jabber:client' from='alice@x/phone' to='bob@x' id='rc1' type='chat'>\
+         <received xmlns='urn:xmpp:receipts' id='m0'/><store xmlns='urn:xmpp:hints'/></message>",
+    ))
+    .await;
+    settle().await;
+    let out = h.drain_all();
+    assert_eq!(
+        answers(&out),
+        [("h1".to_owned(), Some(DefinedCondition::NotAcceptable))]
+    );
+    assert!(replays(&out).is_empty());
+    assert_eq!(stats(&h).0, 0);
+}
+
+/// After a reconnect the queue may be resumed before the server's
+/// grants arrive; the grant then sends what waited for it.
+#[tokio::test(start_paused = true)]
+async fn a_late_grant_sends_what_waited_for_it() {
+    let mut h = harness(8).await;
+    grant(&h, "x", &format!("{MESSAGE}{PRESENCE}")).await;
+    h.feed(&handoff("x", "h1", "m1", "2026-12-07T01:00:03Z"))
+        .await;
+    settle().await;
+    assert_eq!(replays(&h.drain_all()).len(), 1);
+    h.feed(&bounced_replay("m1")).await;
+    settle().await;
+    h.events.send(LinkEvent::Down).await.unwrap();
+    settle().await;
+    h.events.send(LinkEvent::Up { epoch: 2 }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    h.drain_all();
+    grant(&h, "x", &format!("{MESSAGE}{PRESENCE}")).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(!replays(&h.drain_all()).is_empty());
+}
+
+/// A hand-off answered long ago, counted delivered, bounces late while
+/// the store cannot write: the server has no copy any more, so its
+/// sender is told, as a relayed message's is.
+#[tokio::test(start_paused = true)]
+async fn a_late_bounce_after_a_store_failure_tells_the_handoffs_sender() {
+    let mut h = harness_with(64, "unanswered_wait_ms = 200\n").await;
+    grant(&h, "x", &format!("{MESSAGE}{PRESENCE}")).await;
+    h.feed(&handoff("x", "h1", "m1", "2026-12-07T01:00:03Z"))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(answers(&h.drain_all()), [("h1".to_owned(), None)]);
+    assert_eq!(stats(&h), (0, 1), "counted delivered");
+    h.store.fail_commits();
+    h.feed(&handoff("x", "h2", "m2", "2026-12-07T01:00:03Z"))
+        .await;
+    settle().await;
+    let out = h.drain_all();
+    assert!(answers(&out).is_empty(), "m2 not stored: not answered");
+    assert!(
+        !messages(&out)
+            .iter()
+            .any(|(to, id, _)| to.starts_with("alice@x") && id == "m2"),
+        "m2 stays the server's: alice is not told: {out:?}"
+    );
+    h.feed(&bounced_replay("m1")).await;
+    settle().await;
+    let out = h.drain_all();
+    assert!(
+        messages(&out)
+            .iter()
+            .any(|(to, id, _)| to.starts_with("alice@x") && id == "m1"),
+        "{out:?}"
+    );
+}
+
+/// A hand-off with an iq id past the cap cannot be answered, so it is
+/// not taken either (the server keeps it).
+#[tokio::test(start_paused = true)]
+async fn a_handoff_that_cannot_be_answered_is_not_taken() {
+    let mut h = harness(8).await;
+    grant(&h, "x", &format!("{MESSAGE}{PRESENCE}")).await;
+    let long = "i".repeat(1100);
+    h.feed(&handoff("x", &long, "m1", "2026-12-07T01:00:03Z"))
+        .await;
+    settle().await;
+    let out = h.drain_all();
+    assert!(
+        answers(&out).is_empty() && replays(&out).is_empty(),
+        "{out:?}"
+    );
+    assert_eq!(stats(&h).0, 0);
+}
+
+/// The expiry notice of a hand-off puts nothing into its sender's roster
+/// (she never wrote to a relay address).
+#[tokio::test(start_paused = true)]
+async fn an_expired_handoffs_notice_adds_no_relay_contact() {
+    let mut h = harness_with(64, "[limits]\nmessage_ttl_s = 1\n").await;
+    grant(&h, "x", &format!("{MESSAGE}{PRESENCE}{ROSTER}")).await;
+    h.feed(&handoff("x", "h1", "m1", "2026-12-07T01:00:03Z"))
+        .await;
+    settle().await;
+    h.feed(&bounced_replay("m1")).await;
+    std::thread::sleep(Duration::from_millis(1100));
+    tokio::time::sleep(Duration::from_millis(1010)).await;
+    let out = h.drain_all();
+    assert!(
+        out.iter()
+            .any(|st| condition(st) == Some(DefinedCondition::RecipientUnavailable)),
+        "alice told: {out:?}"
+    );
+    assert!(roster_sets(&out).is_empty(), "{:?}", roster_sets(&out));
+    assert!(subscribes_from(&out).is_empty());
+}
+
+/// A server that refuses the envelope for good (`forbidden`): hand-offs
+/// from its domain wait for a new grant instead of being retried.
+#[tokio::test(start_paused = true)]
+async fn a_forbidden_envelope_holds_the_domain_until_granted_again() {
+    let mut h = harness(8).await;
+    grant(&h, "x", &format!("{MESSAGE}{PRESENCE}")).await;
+    h.presence("r").await;
+    settle().await;
+    h.feed(&handoff("x", "h1", "m1", "2026-12-07T01:00:03Z"))
+        .await;
+    settle().await;
+    let out = h.drain_all();
+    let Some(Stanza::Message(envelope)) = out.iter().find(|s| matches!(s, Stanza::Message(_)))
+    else {
+        panic!("{out:?}")
+    };
+    let id = envelope.id.clone().unwrap().0;
+    h.feed(&format!(
+        "<message xmlns='{NS}' type='error' from='x' to='relay.x' id='{id}'><error type='auth'>\
+         <forbidden xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
+    ))
+    .await;
+    h.unavailable("r").await;
+    h.presence("r").await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(replays(&h.drain_all()).is_empty(), "held");
+    grant(&h, "x", &format!("{MESSAGE}{PRESENCE}")).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(replays(&h.drain_all()).len(), 1, "sent once granted again");
 }
