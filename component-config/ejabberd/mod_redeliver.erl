@@ -624,6 +624,12 @@ is_confirmation(El) ->
 
 confirm(Host, #message{to = To, id = Id, type = Type}, JID, Els) ->
     Component = opt(Host, component),
+    %% Not connected: nothing to confirm to (and with s2s allowed the copy
+    %% would go to whoever answers for the component's name).
+    ejabberd_router:is_my_route(Component) andalso
+        send_confirmation(Host, Component, To, Id, Type, JID, Els).
+
+send_confirmation(Host, Component, To, Id, Type, JID, Els) ->
     Inner = #message{from = JID, to = To, id = Id, type = Type, sub_els = Els},
     Fwd = #xmlel{name = <<"forwarded">>, attrs = [{<<"xmlns">>, ?NS_FORWARD}],
                  children = [xmpp:encode(Inner)]},
@@ -687,15 +693,24 @@ login_handoffs(#jid{luser = U, lserver = Host}) ->
             Taken == [] orelse remove_copies(U, Host, Taken)
     end.
 
-send_login_handoff(Host, Component, {Token, From, To, TS, El}, Ref, Timeout) ->
-    try xmpp:decode(El, ?NS_CLIENT, ejabberd_config:codec_options()) of
-        #message{} = Msg0 ->
-            Msg = strip(xmpp:set_from_to(Msg0, From, To)),
-            IQ = handoff_iq(Host, Component, Msg, TS),
+send_login_handoff(Host, Component, {Token, From, To, TS0, El}, Ref, Timeout) ->
+    %% mod_offline's SQL backend keeps no timestamp in its headers: the
+    %% component then takes the oldest delay the stored copy carries.
+    TS = case TS0 of
+             {_, _, _} -> TS0;
+             _ -> erlang:timestamp()
+         end,
+    %% Decoding and encoding inside the try: a copy that does not
+    %% survive them is left for mod_offline, and the other copies go on.
+    try
+        #message{} = Msg0 = xmpp:decode(El, ?NS_CLIENT,
+                                        ejabberd_config:codec_options()),
+        handoff_iq(Host, Component, strip(xmpp:set_from_to(Msg0, From, To)), TS)
+    of
+        IQ ->
             ejabberd_router:route_iq(IQ, {?MODULE, login, Ref, Token}, self(),
                                      Timeout),
-            [Token];
-        _ -> []
+            [Token]
     catch _:_ -> []
     end.
 
