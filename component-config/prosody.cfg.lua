@@ -32,3 +32,33 @@ Component "relay.example.com"
 
 -- Server offline storage (mod_offline) may stay on: redeliver confirms the
 -- server's own offline copy by its receipt and does not replay it.
+
+-- Transparent mode (optional; docs/transparent.md): senders write to the
+-- real address (bob@example.com) and mod_redeliver hands redeliver each
+-- message Prosody would store offline, then removes Prosody's copy once
+-- redeliver holds it. It needs privileged mode with the message permission
+-- (redeliver replays as the original sender, so it can write as any user
+-- of the domain) and mod_offline, which stays on and delivers whatever
+-- redeliver does not take. Put component-config/prosody/mod_redeliver.lua
+-- in a directory of its own; in the global section:
+--
+-- plugin_paths = { "/usr/local/lib/prosody/redeliver" }
+--
+-- and instead of the VirtualHost part above:
+--
+-- VirtualHost "example.com"
+--     modules_enabled = { "privilege", "redeliver" }
+--     privileged_entities = {
+--         ["relay.example.com"] = { roster = "set"; message = "outgoing"; presence = "managed_entity"; };
+--     }
+--     redeliver_component = "relay.example.com"
+--     -- Seconds to wait for redeliver's answer before Prosody keeps the
+--     -- message (and at the recipient's login, before delivering it itself).
+--     -- redeliver_handoff_timeout = 30
+--     -- Seconds after a replay during which the recipient's receipts and
+--     -- markers to its sender are copied to redeliver.
+--     -- redeliver_confirmation_window = 86400
+--
+-- Enable it on every VirtualHost whose users send or receive through the
+-- relay: a replay is recognised on the recipient's host, and its sender's
+-- host keeps it out of the sender's archive and carbons.
