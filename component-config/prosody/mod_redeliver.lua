@@ -17,6 +17,7 @@ local jid = require "util.jid";
 local new_id = require "util.id".medium;
 local async = require "util.async";
 local cache = require "util.cache";
+local parse_xml = require "util.xml".parse;
 local time_now = require "util.time".now;
 
 local NS = "urn:redeliver:handoff:0";
@@ -37,7 +38,8 @@ local HANDOFF_WITH = "redeliver";
 local MAX_IN_FLIGHT = 128;
 -- A connected but silent component answers nothing: past this many waiting
 -- hand-offs the copy just stays, and is handed off at the recipient's login.
-local MAX_QUEUED = 10000;
+-- (A burst of 10,000 to a component that answers had at most ~500 waiting.)
+local MAX_QUEUED = 2000;
 
 local host = module.host;
 local component = module:get_option_string("redeliver_component");
@@ -110,10 +112,10 @@ end
 -- Two FIFOs (head/tail indices: a burst may queue thousands).
 local function fifo() return { head = 1, tail = 0 }; end
 local queue = { first = fifo(), later = fifo() };
-local in_flight, pumping = 0, false;
+local in_flight, pumping, queue_full = 0, false, nil;
 
 local function handoff_iq(job)
-	local message = st.clone(job.stanza);
+	local message = job.xml and assert(parse_xml(job.xml)) or st.clone(job.stanza);
 	message.attr.xmlns = "jabber:client";
 	return st.iq({ type = "set", from = host, to = component, id = new_id() })
 		:tag("handoff", { xmlns = NS })
@@ -125,6 +127,8 @@ end
 
 local pump;
 
+local unanswered = {}; -- settle functions of the hand-offs in flight
+
 local function send_handoff(job)
 	job.sent = true;
 	in_flight = in_flight + 1;
@@ -132,14 +136,16 @@ local function send_handoff(job)
 	local function settle(taken, why)
 		if settled then return; end
 		settled = true;
+		unanswered[settle] = nil;
 		in_flight = in_flight - 1;
 		module:log(taken and "debug" or "info", "Hand-off of %s for %s: %s",
-			tostring(job.stanza.attr.id), job.node, taken and "taken" or tostring(why));
+			tostring(job.id), job.node, taken and "taken" or tostring(why));
 		local ok, err = pcall(job.done, taken);
 		if not ok then log_error("after hand-off", err); end
 		pump();
 	end
-	local ok, p = pcall(module.send_iq, module, handoff_iq(job), nil, timeout);
+	unanswered[settle] = true;
+	local ok, p = pcall(function () return module:send_iq(handoff_iq(job), nil, timeout); end);
 	if not ok then return settle(false, p); end
 	-- With the component away send_iq resolves with an error stanza; only a
 	-- result means redeliver holds the message.
@@ -160,6 +166,7 @@ function pump()
 		if q.head > q.tail then break; end
 		local job = q[q.head];
 		q[q.head], q.head = nil, q.head + 1;
+		if q == queue.later and q.head > q.tail then queue_full = nil; end
 		if not job.cancelled then
 			local ok, err = pcall(send_handoff, job);
 			if not ok then log_error("hand-off", err); end
@@ -171,13 +178,46 @@ end
 local function hand_off(job, urgent)
 	local q = urgent and queue.first or queue.later;
 	if not urgent and q.tail - q.head + 1 >= MAX_QUEUED then
-		module:log("warn", "%d hand-offs waiting for %s; %s's copy stays until login", MAX_QUEUED, component, job.node);
+		if not queue_full then
+			queue_full = true; -- once, not for every message
+			module:log("warn", "%d hand-offs waiting for %s; new copies stay until their recipient's login",
+				MAX_QUEUED, component);
+		end
 		return;
+	end
+	job.id = job.stanza.attr.id;
+	if in_flight >= MAX_IN_FLIGHT then
+		-- A stanza is many tables for the GC to go through on every cycle:
+		-- 10,000 waiting ones made every stanza on the server cost about
+		-- twice the CPU. A string is one object.
+		job.xml, job.stanza = tostring(job.stanza), nil;
 	end
 	q.tail = q.tail + 1;
 	q[q.tail] = job;
 	pump();
 end
+
+-- Hand-offs in flight when the component goes are never answered: fail them
+-- now, rather than hold every slot (and a login) until they time out.
+local function component_gone()
+	local settles = {};
+	for settle in pairs(unanswered) do settles[#settles + 1] = settle; end
+	if #settles > 0 then
+		module:log("info", "%s disconnected: %d hand-offs unanswered, their copies stay", component, #settles);
+	end
+	-- Its session still sends until this event is over: queue, don't send.
+	pumping = true;
+	for _, settle in ipairs(settles) do settle(false, "component disconnected"); end
+	pumping = false;
+	module:add_timer(0, function () pump(); end);
+end
+local function watch_component(h)
+	if h == component then
+		module:context(component):hook("component-disconnected", safe("disconnect", component_gone));
+	end
+end
+if prosody.hosts[component] then watch_component(component); end
+module:hook_global("host-activated", watch_component);
 
 local function delete_copy(node, key)
 	-- Only the key: mod_storage_internal deletes what matches any one field.
@@ -194,13 +234,14 @@ end
 local storagemanager = require "core.storagemanager";
 local internal = select(2, storagemanager.get_driver(host, "offline")) == "internal";
 local dm = storagemanager.olddm;
-local taken_keys, flush_timers = {}, {};
+local taken_keys, flush_timers, flush_cost, logging_in = {}, {}, {}, {};
 
 local function flush(node)
 	local keys = taken_keys[node];
 	taken_keys[node] = nil;
 	if flush_timers[node] then flush_timers[node]:stop(); flush_timers[node] = nil; end
 	if not keys then return; end
+	local started = time_now();
 	-- The last one through the store, which keeps its item count (quota) right.
 	local last = next(keys);
 	keys[last] = nil;
@@ -221,13 +262,18 @@ local function flush(node)
 		for key in pairs(keys) do delete_copy(node, key); end
 	end
 	delete_copy(node, last);
+	flush_cost[node] = time_now() - started;
 end
 
 local function remove_copy(node, key)
 	local keys = taken_keys[node];
 	if not keys then keys = {}; taken_keys[node] = keys; end
 	keys[key] = true;
-	flush_timers[node] = flush_timers[node] or module:add_timer(0.5, function ()
+	-- A login removes what it got answered at once, when it is done.
+	if logging_in[node] then return; end
+	-- A big list costs more to rewrite: then less often, at most ~10% busy.
+	local delay = math.max(0.5, 10 * (flush_cost[node] or 0));
+	flush_timers[node] = flush_timers[node] or module:add_timer(delay, function ()
 		flush_timers[node] = nil;
 		local ok, err = pcall(flush, node);
 		if not ok then log_error("removing copies", err); end
@@ -319,6 +365,7 @@ module:hook("message/offline/broadcast", safe("login", function (event)
 
 	local wait, done = async.waiter();
 	local remaining, taken, finished = #jobs, 0, false;
+	logging_in[node] = true;
 	local function finish()
 		if finished then return; end
 		finished = true;
@@ -343,6 +390,7 @@ module:hook("message/offline/broadcast", safe("login", function (event)
 	local timer = module:add_timer(timeout + 1, finish);
 	wait();
 	timer:stop();
+	logging_in[node] = nil;
 	flush(node); -- before mod_offline reads the store
 	module:log("info", "%s logged in: %d held copies handed off again, %d taken, %d left to mod_offline",
 		node, #jobs, taken, #jobs - taken);
