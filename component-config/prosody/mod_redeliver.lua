@@ -6,11 +6,13 @@
 -- stanza, is docs/transparent.md; the Prosody behaviour it relies on is in
 -- SERVER-FACTS.md ("Transparent mode").
 --
+-- plugin_paths = { "/dir/holding/this/file" }   -- global section
 -- VirtualHost "example.com"
---     modules_enabled = { "privilege", "redeliver" }
+--     modules_enabled = { "privilege", "redeliver" }   -- and mod_offline on
+--     privileged_entities = { ["relay.example.com"] = { message = "outgoing"; ... } }
 --     redeliver_component = "relay.example.com"
---     -- optional: redeliver_handoff_timeout = 30
---     --           redeliver_confirmation_window = 86400
+--     -- optional: redeliver_handoff_timeout = 30          (seconds)
+--     --           redeliver_confirmation_window = 86400   (seconds)
 
 local st = require "util.stanza";
 local jid = require "util.jid";
