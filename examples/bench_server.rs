@@ -134,20 +134,27 @@ async fn native(kind: Kind, n: usize) -> Case {
     }
 }
 
-/// Through redeliver.
-async fn relayed(kind: Kind, n: usize, window: usize) -> Case {
-    let server = Server::start(kind, quiet());
-    let relay = Relay::start(
-        &server,
+/// redeliver as the benchmarks run it: fsync mode, room for the whole
+/// backlog, replay at once, a window of `window`.
+fn bench_relay(server: &Server, window: usize, metrics: bool) -> Relay {
+    Relay::start(
+        server,
         RelayOpts {
             durability: "fsync",
             max_pending: 1_000_000,
             replay_grace_ms: 0,
             receipt_timeout_ms: 30_000,
             window,
+            metrics,
             ..Default::default()
         },
-    );
+    )
+}
+
+/// Through redeliver.
+async fn relayed(kind: Kind, n: usize, window: usize) -> Case {
+    let server = Server::start(kind, quiet());
+    let relay = bench_relay(&server, window, false);
     let to = "bob@relay.localhost";
     let mut alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
     // bob approves redeliver's subscription, takes one message, goes.
@@ -164,23 +171,9 @@ async fn relayed(kind: Kind, n: usize, window: usize) -> Case {
     }
     ping(&mut alice, "relay.localhost", "after").await;
     let stored = t0.elapsed().as_secs_f64();
-    let (cpu0, rcpu0) = (floor::cpu_s(server.pid()), floor::cpu_s(relay.pid()));
-    let mut bob = Client::connect(server.c2s_port, "bob", offline_bob()).await;
-    let presence = Instant::now();
-    let last = receive(&mut bob, n).await;
-    let (server_cpu, relay_cpu) = (
-        floor::cpu_s(server.pid()) - cpu0,
-        floor::cpu_s(relay.pid()) - rcpu0,
-    );
-    bob.close().await;
+    let case = bob_logs_in(&server, &relay, n, stored).await;
     alice.close().await;
-    drop(relay);
-    Case {
-        stored,
-        delivered: last.duration_since(presence).as_secs_f64(),
-        server_cpu,
-        relay_cpu,
-    }
+    case
 }
 
 /// Transparent mode: offline storage on, redeliver's server module hands
@@ -198,18 +191,7 @@ async fn transparent(kind: Kind, n: usize, window: usize) -> Case {
             ..Default::default()
         },
     );
-    let relay = Relay::start(
-        &server,
-        RelayOpts {
-            durability: "fsync",
-            max_pending: 1_000_000,
-            replay_grace_ms: 0,
-            receipt_timeout_ms: 30_000,
-            window,
-            metrics: true,
-            ..Default::default()
-        },
-    );
+    let relay = bench_relay(&server, window, true);
     // The benchmark logs warnings only: give the server a moment to
     // announce its grants, and count hand-offs on the metrics.
     let port = relay.metrics_port.expect("metrics on");
@@ -238,23 +220,9 @@ async fn transparent(kind: Kind, n: usize, window: usize) -> Case {
             break;
         }
     }
-    let (cpu0, rcpu0) = (floor::cpu_s(server.pid()), floor::cpu_s(relay.pid()));
-    let mut bob = Client::connect(server.c2s_port, "bob", offline_bob()).await;
-    let presence = Instant::now();
-    let last = receive(&mut bob, n).await;
-    let (server_cpu, relay_cpu) = (
-        floor::cpu_s(server.pid()) - cpu0,
-        floor::cpu_s(relay.pid()) - rcpu0,
-    );
-    bob.close().await;
+    let case = bob_logs_in(&server, &relay, n, stored).await;
     alice.close().await;
-    drop(relay);
-    Case {
-        stored,
-        delivered: last.duration_since(presence).as_secs_f64(),
-        server_cpu,
-        relay_cpu,
-    }
+    case
 }
 
 /// `redeliver_handoffs_total{outcome="taken"}` from the metrics on `port`.
@@ -272,6 +240,26 @@ async fn handoffs_taken(port: u16) -> u64 {
         .and_then(|l| l.split_whitespace().last())
         .and_then(|v| v.parse::<f64>().ok())
         .map_or(0, |v| v as u64)
+}
+
+/// bob logs in and receives the `n` messages redeliver holds: how long
+/// that took, and what it cost the server and redeliver.
+async fn bob_logs_in(server: &Server, relay: &Relay, n: usize, stored: f64) -> Case {
+    let (cpu0, rcpu0) = (floor::cpu_s(server.pid()), floor::cpu_s(relay.pid()));
+    let mut bob = Client::connect(server.c2s_port, "bob", offline_bob()).await;
+    let presence = Instant::now();
+    let last = receive(&mut bob, n).await;
+    let (server_cpu, relay_cpu) = (
+        floor::cpu_s(server.pid()) - cpu0,
+        floor::cpu_s(relay.pid()) - rcpu0,
+    );
+    bob.close().await;
+    Case {
+        stored,
+        delivered: last.duration_since(presence).as_secs_f64(),
+        server_cpu,
+        relay_cpu,
+    }
 }
 
 /// A bare component gets `n` messages to online bob.

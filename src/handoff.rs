@@ -203,12 +203,7 @@ pub fn read(
             .unwrap_or_default()
             .fixed_offset()
     });
-    let origin_id = m
-        .payloads
-        .iter()
-        .find(|p| p.is("origin-id", ns::SID))
-        .and_then(|p| p.attr("id"))
-        .map(str::to_owned);
+    let origin_id = crate::message_kind::origin_id(&m);
     m.payloads.retain(|p| {
         let ours = p.is("stanza-id", ns::SID) && p.attr("by") == Some(me.as_str());
         !(ours || p.is("delay", ns::DELAY) || p.is("request", ns::RECEIPTS) || p.ns() == NS)

@@ -74,6 +74,15 @@ pub fn only_bookkeeping(m: &Message) -> bool {
         })
 }
 
+/// The XEP-0359 origin-id a sender gave `m`, if any.
+pub fn origin_id(m: &Message) -> Option<String> {
+    m.payloads
+        .iter()
+        .find(|p| p.is("origin-id", ns::SID))
+        .and_then(|p| p.attr("id"))
+        .map(str::to_owned)
+}
+
 /// A XEP-0184 receipt or a XEP-0333 marker that confirms a message: the
 /// id it names, and whether it is a marker (which confirms every earlier
 /// message of the same sender too).

@@ -13,27 +13,6 @@ use common::*;
 use minidom::Element;
 
 const BOB: &str = "bob@relay.localhost";
-const DELAY: &str = "urn:xmpp:delay";
-
-/// The wall clock, ms since the epoch.
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
-/// Every delay on `m`: (from, stamp in ms).
-fn delays(m: &Element) -> Vec<(String, i64)> {
-    m.children()
-        .filter(|c| c.is("delay", DELAY))
-        .map(|d| {
-            let stamp = chrono::DateTime::parse_from_rfc3339(d.attr("stamp").unwrap_or(""))
-                .unwrap_or_else(|e| panic!("bad delay stamp in {m:?}: {e}"));
-            (
-                d.attr("from").unwrap_or("").to_owned(),
-                stamp.timestamp_millis(),
-            )
-        })
-        .collect()
-}
 
 /// `m` is message `id` with redeliver's delay, stamped inside `span` (the
 /// wall-clock time its sender sent it in).

@@ -14,12 +14,7 @@ use common::*;
 use minidom::Element;
 
 const BOB: &str = "bob@localhost";
-const DELAY: &str = "urn:xmpp:delay";
 const HANDOFF: &str = "urn:redeliver:handoff:0";
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
 
 fn transparent() -> ServerOpts {
     ServerOpts {
@@ -34,21 +29,6 @@ async fn relay_for(server: &Server, opts: RelayOpts) -> Relay {
     let relay = Relay::start(server, opts);
     wait_log(&relay, "transparent mode hand-offs are taken").await;
     relay
-}
-
-/// Every delay on `m`: (from, stamp in ms).
-fn delays(m: &Element) -> Vec<(String, i64)> {
-    m.children()
-        .filter(|c| c.is("delay", DELAY))
-        .map(|d| {
-            let stamp = chrono::DateTime::parse_from_rfc3339(d.attr("stamp").unwrap_or(""))
-                .unwrap_or_else(|e| panic!("bad delay stamp in {m:?}: {e}"));
-            (
-                d.attr("from").unwrap_or("").to_owned(),
-                stamp.timestamp_millis(),
-            )
-        })
-        .collect()
 }
 
 /// `m` is alice's message `id` as redeliver replays it: from her bare

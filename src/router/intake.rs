@@ -238,12 +238,7 @@ impl Router {
             Some(id) if !id.0.is_empty() => id.0.clone(),
             _ => random_id(),
         };
-        let origin_id = m
-            .payloads
-            .iter()
-            .find(|p| p.is("origin-id", ns::SID))
-            .and_then(|p| p.attr("id"))
-            .map(str::to_owned);
+        let origin_id = crate::message_kind::origin_id(&m);
         m.id = Some(Id(id.clone()));
         m.from = Some(Jid::from(relay_from));
         m.to = Some(Jid::from(target.clone()));

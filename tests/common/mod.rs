@@ -1420,6 +1420,26 @@ async fn client_loop(
 
 pub const SECS: fn(u64) -> Duration = Duration::from_secs;
 
+/// The wall clock, ms since the epoch.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Every XEP-0203 delay on `m`: (from, stamp in ms).
+pub fn delays(m: &Element) -> Vec<(String, i64)> {
+    m.children()
+        .filter(|c| c.is("delay", "urn:xmpp:delay"))
+        .map(|d| {
+            let stamp = chrono::DateTime::parse_from_rfc3339(d.attr("stamp").unwrap_or(""))
+                .unwrap_or_else(|e| panic!("bad delay stamp in {m:?}: {e}"));
+            (
+                d.attr("from").unwrap_or("").to_owned(),
+                stamp.timestamp_millis(),
+            )
+        })
+        .collect()
+}
+
 /// The id of a client's roster request at login.
 const ROSTER_GET: &str = "roster-get";
 

@@ -88,6 +88,32 @@ fn replays(out: &[Stanza]) -> Vec<Replay> {
         .collect()
 }
 
+/// bob online, a hand-off replayed to him once: the harness, and the
+/// replay's envelope id.
+async fn replayed_to_bob_online() -> (Harness, String) {
+    let mut h = harness(8).await;
+    grant(&h, "x", &format!("{MESSAGE}{PRESENCE}")).await;
+    h.presence("r").await;
+    settle().await;
+    h.feed(&handoff("x", "h1", "m1", "2026-12-07T01:00:03Z"))
+        .await;
+    settle().await;
+    let out = h.drain_all();
+    assert_eq!(replays(&out).len(), 1);
+    (h, envelope_id(&out))
+}
+
+/// The id of the first replay's envelope in `out`.
+fn envelope_id(out: &[Stanza]) -> String {
+    out.iter()
+        .find_map(|s| match s {
+            Stanza::Message(m) => m.id.clone(),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no envelope: {out:?}"))
+        .0
+}
+
 async fn settle() {
     tokio::time::sleep(Duration::from_millis(1)).await;
 }
@@ -225,20 +251,7 @@ async fn in_fsync_mode_the_answer_waits_for_the_disk() {
 
 #[tokio::test(start_paused = true)]
 async fn a_refused_envelope_marks_bob_offline_until_he_is_seen() {
-    let mut h = harness(8).await;
-    grant(&h, "x", &format!("{MESSAGE}{PRESENCE}")).await;
-    h.presence("r").await;
-    settle().await;
-    h.feed(&handoff("x", "h1", "m1", "2026-12-07T01:00:03Z"))
-        .await;
-    settle().await;
-    let out = h.drain_all();
-    assert_eq!(replays(&out).len(), 1);
-    let Some(Stanza::Message(envelope)) = out.iter().find(|s| matches!(s, Stanza::Message(_)))
-    else {
-        panic!("{out:?}")
-    };
-    let id = envelope.id.clone().unwrap().0;
+    let (mut h, id) = replayed_to_bob_online().await;
     h.feed(&format!(
         "<message xmlns='{NS}' type='error' from='x' to='relay.x' id='{id}'><error type='wait'>\
          <resource-constraint xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
@@ -437,19 +450,7 @@ async fn an_expired_handoffs_notice_adds_no_relay_contact() {
 /// from its domain wait for a new grant instead of being retried.
 #[tokio::test(start_paused = true)]
 async fn a_forbidden_envelope_holds_the_domain_until_granted_again() {
-    let mut h = harness(8).await;
-    grant(&h, "x", &format!("{MESSAGE}{PRESENCE}")).await;
-    h.presence("r").await;
-    settle().await;
-    h.feed(&handoff("x", "h1", "m1", "2026-12-07T01:00:03Z"))
-        .await;
-    settle().await;
-    let out = h.drain_all();
-    let Some(Stanza::Message(envelope)) = out.iter().find(|s| matches!(s, Stanza::Message(_)))
-    else {
-        panic!("{out:?}")
-    };
-    let id = envelope.id.clone().unwrap().0;
+    let (mut h, id) = replayed_to_bob_online().await;
     h.feed(&format!(
         "<message xmlns='{NS}' type='error' from='x' to='relay.x' id='{id}'><error type='auth'>\
          <forbidden xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
