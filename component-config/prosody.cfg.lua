@@ -53,8 +53,11 @@ Component "relay.example.com"
 --     }
 --     redeliver_component = "relay.example.com"
 --     -- Seconds to wait for redeliver's answer before Prosody keeps the
---     -- message (and at the recipient's login, before delivering it itself).
+--     -- message.
 --     -- redeliver_handoff_timeout = 30
+--     -- Seconds a login waits for the copies it hands off again before
+--     -- Prosody delivers them itself (the recipient's stream waits).
+--     -- redeliver_login_timeout = 5
 --     -- Seconds after a replay during which the recipient's receipts and
 --     -- markers to its sender are copied to redeliver.
 --     -- redeliver_confirmation_window = 86400

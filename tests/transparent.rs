@@ -286,8 +286,34 @@ async fn archived_once(kind: Kind) {
     }
 }
 
+/// bob logs in while alice's messages are being handed off (copies held,
+/// answers in flight, more arriving during his login): each comes once.
+async fn login_during_handoffs(kind: Kind) {
+    let server = Server::start(kind, transparent());
+    let relay = relay_for(&server, RelayOpts::default()).await;
+    let alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
+    let sent = ids("l", 300);
+    let port = server.c2s_port;
+    let bob = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Client::connect(port, "bob", ClientOpts::default()).await
+    });
+    for id in &sent {
+        alice.message(BOB, id, &format!("body of {id}"));
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let mut bob = bob.await.unwrap();
+    let mut got = ids_of(&exactly(&mut bob, sent.len()).await);
+    got.sort();
+    let mut want = sent.clone();
+    want.sort();
+    assert_eq!(got, want, "each once");
+    drop(relay);
+}
+
 on_both_servers!(
     offline_at_send_time,
+    login_during_handoffs,
     stream_management_timeout,
     component_down,
     component_killed_during_handoffs,

@@ -12,13 +12,13 @@
 --     privileged_entities = { ["relay.example.com"] = { message = "outgoing"; ... } }
 --     redeliver_component = "relay.example.com"
 --     -- optional: redeliver_handoff_timeout = 30          (seconds)
+--     --           redeliver_login_timeout = 5             (seconds)
 --     --           redeliver_confirmation_window = 86400   (seconds)
 
 local st = require "util.stanza";
 local jid = require "util.jid";
 local new_id = require "util.id".medium;
 local async = require "util.async";
-local cache = require "util.cache";
 local parse_xml = require "util.xml".parse;
 local time_now = require "util.time".now;
 
@@ -46,6 +46,9 @@ local MAX_QUEUED = 2000;
 local host = module.host;
 local component = module:get_option_string("redeliver_component");
 local timeout = module:get_option_number("redeliver_handoff_timeout", 30);
+-- How long a login waits for the copies it hands off again (the user's own
+-- stream waits; past this, mod_offline delivers what was not answered).
+local login_timeout = module:get_option_number("redeliver_login_timeout", 5);
 local window = module:get_option_number("redeliver_confirmation_window", 86400);
 
 if not component then
@@ -282,6 +285,17 @@ local function remove_copy(node, key)
 	end);
 end
 
+-- Stopping or unloading: what was answered goes now, or its copy would
+-- outlive the stop and be delivered by mod_offline as well as replayed.
+local function flush_all()
+	for node in pairs(taken_keys) do
+		local ok, err = pcall(flush, node);
+		if not ok then log_error("removing copies", err); end
+	end
+end
+module:hook_global("server-stopping", flush_all);
+function module.unload() flush_all(); end
+
 ---------------------------------------------------------------------------
 -- 1. A message the server would store offline.
 
@@ -294,9 +308,6 @@ local function replay_unavailable(to, from, id)
 			:tag("recipient-unavailable", { xmlns = NS_STANZAS }));
 end
 
--- Replays delivered to a session lately: mod_smacks queues a clone, which
--- comes back here if the session times out unacknowledged.
-local delivered = cache.new(4096);
 
 module:hook("message/offline/handle", safe("offline message", function (event)
 	local stanza, origin, node = event.stanza, event.origin, event.username;
@@ -305,10 +316,11 @@ module:hook("message/offline/handle", safe("offline message", function (event)
 	local from = jid.bare(stanza.attr.from);
 
 	local replay = replay_of(stanza);
-	local smacks_key = to_bare .. " " .. tostring(from) .. " " .. tostring(stanza.attr.id);
-	if not replay and origin and origin.type == "c2s" and origin.username == node
-	and origin.host == host and delivered:get(smacks_key) then
-		delivered:set(smacks_key, nil);
+	-- A replay delivered to a session that then timed out (mod_smacks hands
+	-- back its clone): it still carries the mark `incoming` put on it, and
+	-- no user's stanza reaches here with one (their marks are removed).
+	if not replay and stanza:get_child("replay", NS) and origin and origin.type == "c2s"
+	and origin.username == node and origin.host == host then
 		replay = { from = from, id = stanza.attr.id };
 	end
 	if replay then
@@ -321,6 +333,9 @@ module:hook("message/offline/handle", safe("offline message", function (event)
 	-- (relay addresses). The rest is mod_offline's.
 	local from_node, from_host = jid.split(from);
 	if not from_node or from_host == component then return; end
+	-- The recipient is logging in: mod_offline delivers this one in a moment
+	-- (handed off now, it could be replayed as well).
+	if logging_in[node] then return; end
 
 	if not stanza.attr.id then stanza.attr.id = new_id(); end
 	local key, err = store:append(node, nil, stanza, os.time(), HANDOFF_WITH);
@@ -389,7 +404,7 @@ module:hook("message/offline/broadcast", safe("login", function (event)
 		hand_off(job, true);
 	end
 	-- The recipient's own stream waits, not a sender's; still bounded.
-	local timer = module:add_timer(timeout + 1, finish);
+	local timer = module:add_timer(login_timeout, finish);
 	wait();
 	timer:stop();
 	logging_in[node] = nil;
@@ -464,7 +479,9 @@ local function incoming(event)
 	if not senders then senders = {}; replayed[to_bare] = senders; end
 	senders[replay.from] = os.time();
 	module:log("debug", "Replay %s from %s delivered to %s", tostring(replay.id), replay.from, to);
-	delivered:set(to_bare .. " " .. replay.from .. " " .. tostring(replay.id), true);
+	-- Marked for mod_smacks' path: if the session times out before it acks
+	-- this, the clone it hands back is known as a replay (above).
+	stanza:tag("replay", { xmlns = NS }):up();
 end
 module:hook("message/bare", safe("replay", incoming), 1000);
 module:hook("message/full", safe("replay", incoming), 1000);
