@@ -185,10 +185,8 @@ async fn transparent(kind: Kind, n: usize, window: usize) -> Case {
     let server = Server::start(
         kind,
         ServerOpts {
-            offline_storage: true,
-            transparent: true,
             quiet: true,
-            ..Default::default()
+            ..ServerOpts::transparent()
         },
     );
     let relay = bench_relay(&server, window, true);

@@ -27,14 +27,7 @@ async fn main() {
         "1. starting Prosody on 127.0.0.1 with redeliver's module (transparent mode), offline \
          storage on, component {COMPONENT} registered and allowed to send as its users"
     );
-    let prosody = Server::start(
-        Kind::Prosody,
-        ServerOpts {
-            transparent: true,
-            offline_storage: true,
-            ..Default::default()
-        },
-    );
+    let prosody = Server::start(Kind::Prosody, ServerOpts::transparent());
     println!(
         "   c2s port {}, component port {}, data in {}",
         prosody.c2s_port,

@@ -73,14 +73,7 @@ async fn main() {
 
 /// Transparent mode, Profanity as bob.
 async fn transparent() {
-    let prosody = Server::start(
-        Kind::Prosody,
-        ServerOpts {
-            transparent: true,
-            offline_storage: true,
-            ..Default::default()
-        },
-    );
+    let prosody = Server::start(Kind::Prosody, ServerOpts::transparent());
     let relay = Relay::start(&prosody, RelayOpts::default());
     wait_log(&relay, "transparent mode hand-offs are taken").await;
     let alice = Client::connect(prosody.c2s_port, "alice", ClientOpts::default()).await;

@@ -124,14 +124,9 @@ impl AddressBook {
         self.allowed.iter().any(|d| d == domain)
     }
 
-    /// Does the relay serve `domain`'s users (as recipients; in
-    /// transparent mode, its server's hand-offs)?
+    /// Does the relay serve `domain`'s users: reachable through the relay
+    /// (and, in transparent mode, whose server's hand-offs it takes)?
     pub fn serves(&self, domain: &str) -> bool {
-        self.recipient_allowed(domain)
-    }
-
-    /// Is `domain` reachable through the relay?
-    fn recipient_allowed(&self, domain: &str) -> bool {
         domain == self.default_domain || self.sender_allowed(domain)
     }
 
@@ -150,7 +145,7 @@ impl AddressBook {
         if jid.node().is_none() {
             return Err(AddressError::Malformed(text));
         }
-        if !self.recipient_allowed(jid.domain().as_str()) {
+        if !self.serves(jid.domain().as_str()) {
             return Err(AddressError::DomainNotAllowed(jid.domain().to_string()));
         }
         Ok(jid)
@@ -169,7 +164,7 @@ impl AddressBook {
     /// relay serves (so that [`Self::user_for`] maps it back).
     pub fn relay_for(&self, user: &BareJid) -> Result<BareJid, AddressError> {
         let node = user.node().ok_or(AddressError::NoLocalpart)?;
-        if !self.recipient_allowed(user.domain().as_str()) {
+        if !self.serves(user.domain().as_str()) {
             return Err(AddressError::DomainNotAllowed(user.domain().to_string()));
         }
         let local = if user.domain().as_str() == self.default_domain {

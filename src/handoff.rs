@@ -255,6 +255,13 @@ pub fn is_handed_off(stanza: &str, component: &str) -> bool {
     }
 }
 
+/// Whether a message rebuilt from the store goes as its sender (a
+/// hand-off): its `from` is outside the component's domain. The parsed
+/// twin of [`is_handed_off`].
+pub fn goes_as_sender(m: &Message, me: &Jid) -> bool {
+    m.from.as_ref().is_some_and(|f| f.domain() != me.domain())
+}
+
 /// A copy of a recipient's receipt or marker (docs/transparent.md §3),
 /// from a served domain about one of its own users: the receipt as the
 /// recipient sent it (from its full JID, to the sender).

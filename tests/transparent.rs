@@ -16,14 +16,6 @@ use minidom::Element;
 const BOB: &str = "bob@localhost";
 const HANDOFF: &str = "urn:redeliver:handoff:0";
 
-fn transparent() -> ServerOpts {
-    ServerOpts {
-        offline_storage: true,
-        transparent: true,
-        ..Default::default()
-    }
-}
-
 /// redeliver, up, with the server's message permission.
 async fn relay_for(server: &Server, opts: RelayOpts) -> Relay {
     let relay = Relay::start(server, opts);
@@ -80,7 +72,7 @@ async fn alice_writes(alice: &Client, ids: &[&str]) -> i64 {
 /// Offline at send time: handed off, replayed once at login as alice,
 /// and alice gets bob's receipts.
 async fn offline_at_send_time(kind: Kind) {
-    let server = Server::start(kind, transparent());
+    let server = Server::start(kind, ServerOpts::transparent());
     let relay = relay_for(&server, RelayOpts::default()).await;
     let mut alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
     let sent = alice_writes(&alice, &["t1", "t2"]).await;
@@ -106,7 +98,7 @@ async fn offline_at_send_time(kind: Kind) {
 /// message queued: the server hands it off; it comes once at the next
 /// login with the time alice sent it (mod_smacks' own stamp replaced).
 async fn stream_management_timeout(kind: Kind) {
-    let server = Server::start(kind, transparent());
+    let server = Server::start(kind, ServerOpts::transparent());
     let relay = relay_for(&server, RelayOpts::default()).await;
     let bob = Client::connect(
         server.c2s_port,
@@ -133,7 +125,7 @@ async fn stream_management_timeout(kind: Kind) {
 /// redeliver is down when the server fails to deliver: the server's own
 /// storage delivers, once (and redeliver, back, does not).
 async fn component_down(kind: Kind) {
-    let server = Server::start(kind, transparent());
+    let server = Server::start(kind, ServerOpts::transparent());
     let mut relay = relay_for(&server, RelayOpts::default()).await;
     relay.terminate();
     let alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
@@ -150,7 +142,7 @@ async fn component_down(kind: Kind) {
 /// redeliver is killed while hand-offs are in flight, and comes back
 /// before bob: each message comes once, in order.
 async fn component_killed_during_handoffs(kind: Kind) {
-    let server = Server::start(kind, transparent());
+    let server = Server::start(kind, ServerOpts::transparent());
     let mut relay = relay_for(
         &server,
         RelayOpts {
@@ -179,7 +171,7 @@ async fn component_killed_during_handoffs(kind: Kind) {
 /// A user cannot hand off (only the server's bare domain can), nor
 /// forge a confirmation copy or the replay mark.
 async fn forged_by_a_user(kind: Kind) {
-    let server = Server::start(kind, transparent());
+    let server = Server::start(kind, ServerOpts::transparent());
     let relay = relay_for(&server, RelayOpts::default()).await;
     let mut carol = Client::connect(server.c2s_port, "carol", ClientOpts::default()).await;
     let reply = carol
@@ -222,7 +214,7 @@ async fn forged_by_a_user(kind: Kind) {
 /// and alice is one: the replay comes from her own JID, so he answers,
 /// and redeliver stops.
 async fn receipts_to_contacts_only(kind: Kind) {
-    let server = Server::start(kind, transparent());
+    let server = Server::start(kind, ServerOpts::transparent());
     let relay = relay_for(&server, RelayOpts::default()).await;
     befriend(&server).await;
     let alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
@@ -265,7 +257,7 @@ async fn archived_once(kind: Kind) {
         kind,
         ServerOpts {
             mam: true,
-            ..transparent()
+            ..ServerOpts::transparent()
         },
     );
     let relay = relay_for(&server, RelayOpts::default()).await;
@@ -289,7 +281,7 @@ async fn archived_once(kind: Kind) {
 /// bob logs in while alice's messages are being handed off (copies held,
 /// answers in flight, more arriving during his login): each comes once.
 async fn login_during_handoffs(kind: Kind) {
-    let server = Server::start(kind, transparent());
+    let server = Server::start(kind, ServerOpts::transparent());
     let relay = relay_for(&server, RelayOpts::default()).await;
     let alice = Client::connect(server.c2s_port, "alice", ClientOpts::default()).await;
     let sent = ids("l", 300);

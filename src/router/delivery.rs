@@ -206,8 +206,8 @@ impl Router {
                     let as_sender = m
                         .from
                         .as_ref()
-                        .filter(|f| f.domain() != self.me.domain())
-                        .and_then(|f| self.replay_namespace(bare_of(f.as_str())));
+                        .filter(|_| handoff::goes_as_sender(&m, &self.me))
+                        .and_then(|f| self.handoff.namespace_for(f.domain().as_str()));
                     let envelope = if let Some(ns) = as_sender {
                         m = self.handoff.envelope(recipient, ns, m);
                         handoff::ENVELOPE_OVERHEAD
@@ -272,10 +272,7 @@ impl Router {
         };
         // A hand-off goes as its sender (bare, as servers require), with
         // the one delay it was stored with.
-        let handed_off = m
-            .from
-            .as_ref()
-            .is_some_and(|f| f.domain() != self.me.domain());
+        let handed_off = handoff::goes_as_sender(&m, &self.me);
         // From the relay address's full JID (stored stanzas name the bare
         // one): some clients answer receipts to a full JID only.
         if let Some(from) = &m.from

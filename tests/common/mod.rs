@@ -168,6 +168,18 @@ impl Default for ServerOpts {
     }
 }
 
+impl ServerOpts {
+    /// Transparent mode as component-config/ shows it: the server module
+    /// on, and offline storage on (the module keeps its copies there).
+    pub fn transparent() -> ServerOpts {
+        ServerOpts {
+            offline_storage: true,
+            transparent: true,
+            ..Default::default()
+        }
+    }
+}
+
 /// XEP-0356 grants for the component, as in component-config/.
 const PROSODY_PRIVILEGE_HOST: &str = r#"    modules_enabled = { "privilege" }
     privileged_entities = {
