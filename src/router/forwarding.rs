@@ -77,6 +77,7 @@ impl Router {
     /// a handed-over stanza is a commit late, and this instance's own
     /// queue may be behind.
     pub(super) async fn on_link_batch(&mut self, batch: Vec<LinkEvent>) {
+        self.look_ahead(&batch);
         if !(self.leading && self.config.store.instances == Instances::AllActive) {
             for ev in batch {
                 self.on_link_event(ev).await;

@@ -136,6 +136,57 @@ impl Router {
         self.accept(m, &from, &from_bare, &target).await;
     }
 
+    /// Name to the store the messages of a round it is about to accept
+    /// (see [`QueueStore::look_ahead`]), as far as their addresses tell
+    /// before they are handled: a hint, so a message named wrongly or not
+    /// at all only costs the store a read of its own.
+    pub(super) fn look_ahead(&mut self, batch: &[LinkEvent]) {
+        if self.store_failed || !self.leading {
+            return;
+        }
+        let mut named: Vec<(String, String, String, Option<String>)> = Vec::new();
+        for ev in batch {
+            let LinkEvent::Stanza(st, _) = ev else {
+                continue;
+            };
+            let Stanza::Message(m) = &**st else { continue };
+            let (Some(from), Some(to), Some(id)) = (&m.from, &m.to, &m.id) else {
+                continue;
+            };
+            if matches!(m.type_, MessageType::Error | MessageType::Groupchat)
+                || id.0.is_empty()
+                || to.domain().as_str() != self.book.component().as_str()
+                || message_kind::kind(m) == Kind::Once
+            {
+                continue;
+            }
+            let Ok(target) = self.book.user_for(to.node().map(|n| n.as_str())) else {
+                continue;
+            };
+            named.push((
+                target.to_string(),
+                from.to_bare().to_string(),
+                id.0.clone(),
+                message_kind::origin_id(m),
+            ));
+        }
+        if named.is_empty() {
+            return;
+        }
+        let keys: Vec<AcceptKey<'_>> = named
+            .iter()
+            .map(|(recipient, sender_bare, id, origin)| AcceptKey {
+                recipient,
+                sender_bare,
+                id,
+                origin_id: origin.as_deref(),
+            })
+            .collect();
+        if let Err(e) = self.store.look_ahead(&keys) {
+            self.store_failure("look-ahead", &e);
+        }
+    }
+
     /// Anything from a recipient shows it is reachable again, and the
     /// resource it came from is not silent.
     pub(super) async fn heard_from(&mut self, from: &Jid) {

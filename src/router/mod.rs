@@ -59,8 +59,8 @@ use crate::privilege::{self, Grants};
 use crate::ratelimit::RateLimiter;
 use crate::stats::{Confirmation, Stats};
 use crate::store::{
-    Accepted, Answers, Confirmed, Contact, Habit, NewMessage, PurgeScope, QueueLimits, QueueStore,
-    RecipientState, Record, StoreError, StoreView, Subscription, bare_of,
+    AcceptKey, Accepted, Answers, Confirmed, Contact, Habit, NewMessage, PurgeScope, QueueLimits,
+    QueueStore, RecipientState, Record, StoreError, StoreView, Subscription, bare_of,
 };
 use crate::twin::{self, AnotherInstance, Instance, Verdict};
 use crate::xep0050::COMMANDS;

@@ -199,6 +199,16 @@ pub struct NewMessage<'a> {
     pub record: Record,
 }
 
+/// A message the router is about to accept, as far as it can tell before
+/// handling it: what [`QueueStore::look_ahead`] reads for.
+#[derive(Debug, Clone, Copy)]
+pub struct AcceptKey<'a> {
+    pub recipient: &'a str,
+    pub sender_bare: &'a str,
+    pub id: &'a str,
+    pub origin_id: Option<&'a str>,
+}
+
 /// Per-recipient limits applied at accept.
 #[derive(Debug, Clone, Copy)]
 pub struct QueueLimits {

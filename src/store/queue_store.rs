@@ -19,9 +19,9 @@
 //! fsync and runs off the async runtime.
 
 use super::{
-    Accepted, AssumedTotals, CheckReport, Confirmed, Contact, Expired, Habit, NewMessage, Pruned,
-    PurgeScope, QueueLimits, QueueSummary, RecipientState, Record, Remembered, StoreError,
-    Subscription, Totals,
+    AcceptKey, Accepted, AssumedTotals, CheckReport, Confirmed, Contact, Expired, Habit,
+    NewMessage, Pruned, PurgeScope, QueueLimits, QueueSummary, RecipientState, Record, Remembered,
+    StoreError, Subscription, Totals,
 };
 
 /// What the admin commands may read; nothing here writes.
@@ -131,6 +131,12 @@ pub trait QueueStore: StoreView {
     /// first call starts listening).
     fn forwarded_wakeup(&self) -> Option<std::sync::Arc<tokio::sync::Notify>>;
 
+    /// The router is about to accept these (a hint: wrong or missing ones
+    /// cost only time): a store whose reads are round trips reads what
+    /// their accepts need at once. An error is the store's failure.
+    fn look_ahead(&self, _accepts: &[AcceptKey<'_>]) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Store a message unless it is a duplicate, its id is in use, or a
     /// limit is reached: dedup, limits and the write are one atomic step.
     fn accept(&self, msg: NewMessage<'_>, limits: QueueLimits) -> Result<Accepted, StoreError>;

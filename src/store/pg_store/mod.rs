@@ -18,6 +18,14 @@
 //! commit, so that the one counters row is locked only for that instant
 //! (reads add the sums not yet written).
 //!
+//! **Round trips.** The router's hot operations decide from what the
+//! leader knows already (`known`: the burst's look-ahead, and the tails
+//! of queues) and leave their writes in the burst's `batch`, which goes
+//! out as one statement per kind of write, pipelined with the commit (or
+//! with the first statement of an operation that reads the tables). A
+//! steady burst of accepts, deliveries and receipts then costs two round
+//! trips: its look-ahead, and its commit.
+//!
 //! **Durability.** Every session runs with `synchronous_commit = on`, so a
 //! commit returns once the database has the transaction in its WAL on
 //! disk (and, if the server has a synchronous standby, on the standby's
@@ -38,8 +46,11 @@ use tracing::{error, warn};
 
 use super::StoreError;
 
+mod batch;
+mod batched;
 mod check;
 mod inbox;
+mod known;
 mod ops;
 mod rows;
 mod schema;
@@ -83,9 +94,24 @@ pub(super) struct Burst {
     /// after a failure they stay readable (`get`), so that their senders
     /// can be told, as the sled store's overlay keeps them.
     pub(super) written: HashMap<(String, u64), super::Record>,
+    /// Queue writes not sent yet.
+    batch: batch::Batch,
+    /// What this burst knows without asking.
+    known: known::Known,
+    /// Queues known from some seq on, across bursts.
+    tails: known::Tails,
     /// Tests: the next commit fails.
     #[cfg(test)]
     fail_next_commit: bool,
+}
+
+impl Burst {
+    /// An operation changed recipient's queue in SQL of its own: `seqs`
+    /// left it, and the rows `known` holds may be stale.
+    pub(super) fn queues_changed(&mut self, recipient: &str, seqs: impl IntoIterator<Item = u64>) {
+        self.tails.removed(recipient, seqs);
+        self.known.forget_rows();
+    }
 }
 
 /// Changes to `redeliver_totals` not yet written.
@@ -171,9 +197,29 @@ impl PgStore {
     }
 
     /// Run `body` inside the current transaction (opening one if needed;
-    /// outside a burst, committing it after). Any error fails the store.
+    /// outside a burst, committing it after), after the batch's writes,
+    /// which go in the same round trip as its first statement. Any error
+    /// fails the store.
     pub(super) fn run<T>(
         &self,
+        body: impl AsyncFnOnce(&Db<'_>, &mut Burst) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T, StoreError> {
+        self.run_with(true, body)
+    }
+
+    /// As [`PgStore::run`], leaving the batch's writes in the batch: for
+    /// the operations that read only what those writes do not change, or
+    /// what `known` accounts them in.
+    pub(super) fn run_batched<T>(
+        &self,
+        body: impl AsyncFnOnce(&Db<'_>, &mut Burst) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T, StoreError> {
+        self.run_with(false, body)
+    }
+
+    fn run_with<T>(
+        &self,
+        flush: bool,
         body: impl AsyncFnOnce(&Db<'_>, &mut Burst) -> Result<T, tokio_postgres::Error>,
     ) -> Result<T, StoreError> {
         let mut guard = self.burst();
@@ -184,14 +230,37 @@ impl PgStore {
         let client = &self.client;
         let db = self.db();
         let out = block_on(async {
-            if !b.open {
-                client.batch_execute("BEGIN").await?;
-                b.open = true;
-            }
-            let v = body(&db, b).await?;
-            b.writes += db.writes.get();
+            let begin = !b.open;
+            b.open = true;
+            let mut batch = if flush {
+                std::mem::take(&mut b.batch)
+            } else {
+                batch::Batch::default()
+            };
+            // Prepared first: a statement prepared inside the pipeline
+            // would let the body's statements overtake it.
+            let prepared = match batch.is_empty() {
+                true => None,
+                false => Some(batch::prepare(&db).await?),
+            };
+            let (_, flushed, v) = futures::try_join!(
+                async {
+                    match begin {
+                        true => client.batch_execute("BEGIN").await,
+                        false => Ok(()),
+                    }
+                },
+                async {
+                    match &prepared {
+                        Some(p) => batch.flush(&db, p).await,
+                        None => Ok(0),
+                    }
+                },
+                body(&db, b),
+            )?;
+            b.writes += db.writes.get() + flushed as usize;
             if !b.deferred {
-                finish(client, b).await?;
+                finish(&db, b).await?;
             }
             Ok(v)
         });
@@ -227,6 +296,9 @@ impl PgStore {
         }
         b.delta = Delta::default();
         b.writes = 0;
+        b.batch = Default::default();
+        b.known = Default::default();
+        b.tails.clear();
         b.failed = Some(err.to_string());
         err
     }
@@ -331,15 +403,19 @@ impl PgStore {
                 let _ = block_on(self.client.batch_execute("ROLLBACK"));
             }
             b.open = false;
+            b.batch = Default::default();
+            b.known = Default::default();
+            b.tails.clear();
             b.failed = Some("injected failure".into());
             return Err(StoreError::Failed("injected failure".into()));
         }
         if !b.open {
             return Ok(0);
         }
+        let db = self.db();
         let n = b.writes;
-        match block_on(finish(&self.client, b)) {
-            Ok(()) => Ok(n),
+        match block_on(finish(&db, b)) {
+            Ok(flushed) => Ok(n + flushed),
             Err(e) => Err(self.fail(b, e)),
         }
     }
@@ -387,7 +463,10 @@ pub(super) struct Db<'a> {
 type Params<'p> = [&'p (dyn ToSql + Sync)];
 
 impl Db<'_> {
-    async fn statement(&self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
+    pub(super) async fn statement(
+        &self,
+        sql: &'static str,
+    ) -> Result<Statement, tokio_postgres::Error> {
         let cached = self
             .statements
             .lock()
@@ -444,6 +523,19 @@ impl Db<'_> {
         Ok(n)
     }
 
+    /// A prepared write, sent only if `send`; the rows it changed.
+    pub(super) async fn exec_if(
+        &self,
+        send: bool,
+        s: &Statement,
+        params: &Params<'_>,
+    ) -> Result<u64, tokio_postgres::Error> {
+        if !send {
+            return Ok(0);
+        }
+        self.client.execute(s, params).await
+    }
+
     /// A write with `RETURNING`: its rows.
     pub(super) async fn write(
         &self,
@@ -456,30 +548,52 @@ impl Db<'_> {
     }
 }
 
-/// Write the counters' changes and commit.
-async fn finish(client: &Client, b: &mut Burst) -> Result<(), tokio_postgres::Error> {
+const ADD_TO_TOTALS: &str = "UPDATE redeliver_totals SET pending = pending + $1, \
+     bytes = bytes + $2, recipients = recipients + $3, assumed = assumed + $4, \
+     assumed_bytes = assumed_bytes + $5";
+
+/// Send the batch's writes and the counters' changes, and commit, in one
+/// round trip; rows the batch wrote. What the burst knew goes with it.
+async fn finish(db: &Db<'_>, b: &mut Burst) -> Result<usize, tokio_postgres::Error> {
+    b.known = Default::default();
+    let mut batch = std::mem::take(&mut b.batch);
+    let prepared = match batch.is_empty() {
+        true => None,
+        false => Some(batch::prepare(db).await?),
+    };
     let d = std::mem::take(&mut b.delta);
-    if d != Delta::default() {
-        client
-            .execute(
-                "UPDATE redeliver_totals SET pending = pending + $1, bytes = bytes + $2, \
-                 recipients = recipients + $3, assumed = assumed + $4, \
-                 assumed_bytes = assumed_bytes + $5",
-                &[
-                    &d.pending,
-                    &d.bytes,
-                    &d.recipients,
-                    &d.assumed,
-                    &d.assumed_bytes,
-                ],
-            )
-            .await?;
-    }
-    client.batch_execute("COMMIT").await?;
+    let totals = match d == Delta::default() {
+        true => None,
+        false => Some(db.statement(ADD_TO_TOTALS).await?),
+    };
+    let (flushed, _, _) = futures::try_join!(
+        async {
+            match &prepared {
+                Some(p) => batch.flush(db, p).await,
+                None => Ok(0),
+            }
+        },
+        async {
+            let Some(s) = &totals else { return Ok(0) };
+            db.client
+                .execute(
+                    s,
+                    &[
+                        &d.pending,
+                        &d.bytes,
+                        &d.recipients,
+                        &d.assumed,
+                        &d.assumed_bytes,
+                    ],
+                )
+                .await
+        },
+        db.client.batch_execute("COMMIT"),
+    )?;
     b.open = false;
     b.writes = 0;
     b.written.clear();
-    Ok(())
+    Ok(flushed as usize)
 }
 
 /// Open a connection; its task runs on a thread of its own until the

@@ -12,8 +12,8 @@ use crate::store::Remembered;
 use super::rows::*;
 use super::{PgStore, key_digest};
 use crate::store::{
-    Accepted, Answers, Confirmed, Contact, Expired, Habit, MAX_HABITS, NewMessage, Pruned,
-    PurgeScope, QueueLimits, QueueStore, Record, StoreError, Subscription, bare_of,
+    AcceptKey, Accepted, Answers, Confirmed, Contact, Expired, Habit, MAX_HABITS, NewMessage,
+    Pruned, PurgeScope, QueueLimits, QueueStore, Record, StoreError, Subscription, bare_of,
 };
 
 /// Seqs of `recipient`'s rows in `table` from `sender_bare` up to `upto`.
@@ -88,13 +88,15 @@ impl QueueStore for PgStore {
 
     fn lead(&self, domain: &str) -> Result<bool, StoreError> {
         let key = lead_key(domain);
-        let found = self.run(async |db, _| {
+        let found = self.run(async |db, b| {
             let r = db
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
                 .await?;
             if !r.get::<_, bool>(0) {
                 return Ok(None);
             }
+            // Another leader may have written since this process knew.
+            b.tails.clear();
             // One database holds one component domain's store: the
             // tables are not divided by domain.
             db.exec(
@@ -181,106 +183,12 @@ impl QueueStore for PgStore {
         Some(self.inbox_wakeup())
     }
 
+    fn look_ahead(&self, accepts: &[AcceptKey<'_>]) -> Result<(), StoreError> {
+        self.read_ahead(accepts)
+    }
+
     fn accept(&self, msg: NewMessage<'_>, limits: QueueLimits) -> Result<Accepted, StoreError> {
-        let size = msg.record.stanza.len() as i64;
-        let hash = msg.content_hash as i64;
-        let r = &msg.record;
-        let ik = key_digest(&[msg.recipient, msg.sender_bare, "i", &r.id]);
-        let ok = msg
-            .origin_id
-            .map(|o| key_digest(&[msg.recipient, msg.sender_bare, "o", o]));
-        self.run(async |db, b| {
-            let d = &mut b.delta;
-            let ids: [&(dyn ToSql + Sync); 2] = [&ik, &ok];
-            let who: [&(dyn ToSql + Sync); 1] = [&msg.recipient];
-            let (dedup, state, totals) = futures::try_join!(
-                db.query(
-                    "SELECT d.origin, d.seq, d.hash, \
-                     EXISTS (SELECT 1 FROM redeliver_pending p \
-                             WHERE p.recipient = d.recipient AND p.seq = d.seq) \
-                     OR EXISTS (SELECT 1 FROM redeliver_tombstones t \
-                             WHERE t.recipient = d.recipient AND t.seq = d.seq) \
-                     FROM redeliver_dedup d WHERE d.k = $1 OR d.k = $2",
-                    &ids,
-                ),
-                db.query_opt(
-                    "SELECT pending, bytes FROM redeliver_recipients WHERE recipient = $1",
-                    &who,
-                ),
-                db.query_one("SELECT bytes, assumed_bytes FROM redeliver_totals", &[]),
-            )?;
-            // An origin-id names one message (XEP-0359): a match is a
-            // resubmission whatever it says now.
-            if let Some(o) = dedup.iter().find(|row| row.get::<_, bool>(0)) {
-                return Ok(Accepted::Duplicate {
-                    seq: useq(o.get(1)),
-                });
-            }
-            if let Some(i) = dedup.first() {
-                let seq = useq(i.get(1));
-                let old_hash: Option<i64> = i.get(2);
-                if old_hash.is_none_or(|h| h == hash) {
-                    return Ok(Accepted::Duplicate { seq });
-                }
-                if i.get::<_, bool>(3) {
-                    return Ok(Accepted::IdInUse { seq });
-                }
-                // Confirmed earlier: this message takes the id over.
-            }
-            let (pending, bytes) = state.map_or((0, 0), |s| (s.get(0), s.get(1)));
-            if useq(pending) >= limits.max_pending || useq(bytes + size) > limits.max_bytes {
-                return Ok(Accepted::QueueFull);
-            }
-            let store_bytes = totals.get::<_, i64>(0) + d.bytes + totals.get::<_, i64>(1);
-            if useq(store_bytes + d.assumed_bytes + size) > limits.max_store_bytes {
-                return Ok(Accepted::StoreFull);
-            }
-            let row = db
-                .write(
-                    "WITH s AS (SELECT nextval('redeliver_seq') AS seq), \
-                     p AS (INSERT INTO redeliver_pending \
-                           (recipient, seq, accepted_at_ms, sender, id, stanza) \
-                           SELECT $1, seq, $2, $3, $4, $5 FROM s), \
-                     e AS (INSERT INTO redeliver_entries (seq, recipient, accepted_at_ms) \
-                           SELECT seq, $1, $2 FROM s), \
-                     i AS (INSERT INTO redeliver_dedup \
-                           (k, recipient, sender, origin, key, seq, hash) \
-                           SELECT $9, $1, $6, false, $4, seq, $7 FROM s \
-                           ON CONFLICT (k) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash), \
-                     o AS (INSERT INTO redeliver_dedup \
-                           (k, recipient, sender, origin, key, seq, hash) \
-                           SELECT $10, $1, $6, true, $8, seq, $7 FROM s WHERE $10::bytea IS NOT NULL \
-                           ON CONFLICT (k) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash), \
-                     c AS (INSERT INTO redeliver_recipients (recipient, pending, bytes) \
-                           VALUES ($1, 1, $11) \
-                           ON CONFLICT (recipient) DO UPDATE SET \
-                           pending = GREATEST(redeliver_recipients.pending + 1, 0), \
-                           bytes = GREATEST(redeliver_recipients.bytes + $11, 0) \
-                           RETURNING pending) \
-                     SELECT (SELECT seq FROM s), (SELECT pending FROM c)",
-                    &[
-                        &msg.recipient,
-                        &r.accepted_at_ms,
-                        &r.sender,
-                        &r.id,
-                        &r.stanza,
-                        &msg.sender_bare,
-                        &hash,
-                        &msg.origin_id,
-                        &ik,
-                        &ok,
-                        &size,
-                    ],
-                )
-                .await?;
-            let seq = useq(row[0].get(0));
-            // The recipient's counters went up in the same statement (one
-            // round trip less per message): account for it as count does.
-            counted(d, row[0].get(1), 1, size);
-            b.written
-                .insert((msg.recipient.to_owned(), seq), msg.record.clone());
-            Ok(Accepted::Stored { seq })
-        })
+        self.accept_batched(msg, limits)
     }
 
     fn seq_of(
@@ -289,13 +197,21 @@ impl QueueStore for PgStore {
         sender_bare: &str,
         id: &str,
     ) -> Result<Option<u64>, StoreError> {
+        if let Some(known) = self.known_seq_of(recipient, sender_bare, id) {
+            return Ok(known);
+        }
         let k = key_digest(&[recipient, sender_bare, "i", id]);
-        self.read(async |db, _| {
+        // Every key the batch writes is known: what is not is read as it is.
+        let read = async |db: &super::Db<'_>, _: &mut super::Burst| {
             let row = db
                 .query_opt("SELECT seq FROM redeliver_dedup WHERE k = $1", &[&k])
                 .await?;
             Ok(row.map(|r| useq(r.get(0))))
-        })
+        };
+        match self.failed() {
+            true => self.read(read),
+            false => self.run_batched(read),
+        }
     }
 
     fn get(&self, recipient: &str, seq: u64) -> Result<Option<Record>, StoreError> {
@@ -303,6 +219,9 @@ impl QueueStore for PgStore {
             && let Some(rec) = self.written(recipient, seq)
         {
             return Ok(Some(rec));
+        }
+        if let Some(known) = self.known_get(recipient, seq) {
+            return Ok(known);
         }
         let seq = sq(seq);
         self.read(async |db, _| {
@@ -318,7 +237,14 @@ impl QueueStore for PgStore {
     }
 
     fn confirm(&self, recipient: &str, seqs: &[u64]) -> Result<Confirmed, StoreError> {
-        self.run(async |db, b| removal(db, &mut b.delta, recipient, seqs, true).await)
+        if let Some(done) = self.confirm_known(recipient, seqs)? {
+            return Ok(done);
+        }
+        self.run(async |db, b| {
+            let removed = removal(db, &mut b.delta, recipient, seqs, true).await?;
+            b.queues_changed(recipient, removed.all().map(|(s, _)| *s));
+            Ok(removed)
+        })
     }
 
     fn forget(&self, recipient: &str, seq: u64) -> Result<Option<Record>, StoreError> {
@@ -332,6 +258,7 @@ impl QueueStore for PgStore {
                 db.exec("DELETE FROM redeliver_dedup WHERE seq = $1", &k),
                 db.exec("DELETE FROM redeliver_entries WHERE seq = $1", &k),
             )?;
+            b.queues_changed(recipient, [seq]);
             Ok(removed.into_iter().next().map(|(_, r)| r))
         })
     }
@@ -349,7 +276,9 @@ impl QueueStore for PgStore {
                 .await?;
             let seqs: Vec<u64> = rows.iter().map(|r| useq(r.get(0))).collect();
             let removed = removal(db, d, recipient, &seqs, true).await?;
-            Ok(removed.all().map(|(s, _)| *s).collect())
+            let seqs: Vec<u64> = removed.all().map(|(s, _)| *s).collect();
+            b.queues_changed(recipient, seqs.iter().copied());
+            Ok(seqs)
         })
     }
 
@@ -378,16 +307,27 @@ impl QueueStore for PgStore {
             }
             let k: [&(dyn ToSql + Sync); 1] = [&due];
             let (_, _, pending, kept) = futures::try_join!(
-                db.exec("DELETE FROM redeliver_entries WHERE seq = ANY($1)", &k),
-                db.exec("DELETE FROM redeliver_dedup WHERE seq = ANY($1)", &k),
+                // Joined from unnest: a prepared `seq = ANY($1)` may
+                // plan a scan of the whole table (see `batched`).
+                db.exec(
+                    "DELETE FROM redeliver_entries x USING unnest($1::bigint[]) AS g(seq) \
+                     WHERE x.seq = g.seq",
+                    &k
+                ),
+                db.exec(
+                    "DELETE FROM redeliver_dedup x USING unnest($1::bigint[]) AS g(seq) \
+                     WHERE x.seq = g.seq",
+                    &k
+                ),
                 db.write(
-                    "DELETE FROM redeliver_pending WHERE seq = ANY($1) \
-                     RETURNING recipient, seq, accepted_at_ms, sender, id, stanza",
+                    "DELETE FROM redeliver_pending x USING unnest($1::bigint[]) AS g(seq) \
+                     WHERE x.seq = g.seq \
+                     RETURNING x.recipient, x.seq, x.accepted_at_ms, x.sender, x.id, x.stanza",
                     &k,
                 ),
                 db.write(
-                    "DELETE FROM redeliver_tombstones WHERE seq = ANY($1) \
-                     RETURNING octet_length(stanza)",
+                    "DELETE FROM redeliver_tombstones x USING unnest($1::bigint[]) AS g(seq) \
+                     WHERE x.seq = g.seq RETURNING octet_length(x.stanza)",
                     &k,
                 ),
             )?;
@@ -411,6 +351,10 @@ impl QueueStore for PgStore {
             }
             for (recipient, (n, bytes)) in per {
                 count(db, d, recipient, -n, -bytes).await?;
+            }
+            b.known.forget_rows();
+            for (recipient, seq, _) in &messages {
+                b.tails.removed(recipient, [*seq]);
             }
             out.messages = messages;
             Ok(out)
@@ -486,7 +430,8 @@ impl QueueStore for PgStore {
 
     fn set_subscription(&self, recipient: &str, sub: Subscription) -> Result<(), StoreError> {
         let sub = sub_code(sub);
-        self.run(async |db, _| {
+        // The batch's counters go to other columns of the same row.
+        self.run_batched(async |db, b| {
             // As in sled: no row for a recipient with nothing to keep.
             let row = db
                 .query_opt(
@@ -507,6 +452,7 @@ impl QueueStore for PgStore {
                     .await?;
                 }
             }
+            b.known.subscribed(recipient, sub_of(sub));
             Ok(())
         })
     }
@@ -536,6 +482,7 @@ impl QueueStore for PgStore {
             count(db, d, recipient, -(moved.len() as i64), -bytes).await?;
             d.assumed += moved.len() as i64;
             d.assumed_bytes += bytes;
+            b.queues_changed(recipient, moved.iter().map(|(s, _)| *s));
             Ok(moved)
         })
     }
@@ -578,6 +525,7 @@ impl QueueStore for PgStore {
             let Some(rec) = tomb.first().map(|r| record(r, 0)) else {
                 return Ok(None);
             };
+            b.known.forget_rows();
             d.assumed -= 1;
             d.assumed_bytes -= rec.stanza.len() as i64;
             if entry.is_none() {
@@ -599,6 +547,8 @@ impl QueueStore for PgStore {
             )
             .await?;
             count(db, d, recipient, 1, rec.stanza.len() as i64).await?;
+            // Back in the queue behind what its tail knew.
+            b.tails.forget(recipient);
             b.written.insert((recipient.to_owned(), seq), rec.clone());
             Ok(Some(rec))
         })
@@ -622,6 +572,8 @@ impl QueueStore for PgStore {
                 .iter()
                 .map(|r| i64::from(r.get::<_, i32>(0)))
                 .sum::<i64>();
+            // Their keys hold nothing any more.
+            b.known.forget_rows();
             // As in sled: more when the step stopped at its limit and a
             // tombstone is left to look at.
             let more = rows.len() == limit

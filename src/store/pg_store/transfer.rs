@@ -88,13 +88,14 @@ impl PgStore {
     /// sequence moved on, which costs nothing).
     pub(super) fn sequence_from(&self, next: u64) -> Result<(), StoreError> {
         let next = sq(next);
-        self.run(async |db, _| {
+        self.run(async |db, b| {
             db.query_one(
                 "SELECT setval('redeliver_seq', \
                  GREATEST($1, (SELECT last_value + 1 FROM redeliver_seq)), false)",
                 &[&next],
             )
             .await?;
+            b.known.seqs.clear();
             Ok(())
         })
     }
@@ -105,6 +106,8 @@ impl PgStore {
         entries: &[Remembered],
     ) -> Result<(), StoreError> {
         self.run(async |db, b| {
+            b.tails.clear();
+            b.known.forget_rows();
             let d = &mut b.delta;
             for (jid, subscription) in recipients {
                 db.exec(

@@ -77,6 +77,13 @@ impl StoreView for PgStore {
     }
 
     fn recipient(&self, recipient: &str) -> Result<RecipientState, StoreError> {
+        if let Some(c) = self.known_recipient(recipient) {
+            return Ok(RecipientState {
+                subscription: c.subscription,
+                pending: useq(c.pending),
+                bytes: useq(c.bytes),
+            });
+        }
         self.read(async |db, _| {
             let row = db
                 .query_opt(
@@ -126,19 +133,32 @@ impl StoreView for PgStore {
         from: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Record)>, StoreError> {
-        let (from, limit) = (sq(from), limit as i64);
-        self.read(async |db, _| {
+        if let Some(known) = self.known_pending_from(recipient, from, limit) {
+            return Ok(known);
+        }
+        // One more than asked: fewer than that back is the whole rest of
+        // the queue, which the next reads then need not ask for.
+        let (from_sql, ask) = (
+            sq(from),
+            limit.saturating_add(1).min(i64::MAX as usize) as i64,
+        );
+        self.read(async |db, b| {
             let rows = db
                 .query(
                     "SELECT seq, accepted_at_ms, sender, id, stanza FROM redeliver_pending \
                      WHERE recipient = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
-                    &[&recipient, &from, &limit],
+                    &[&recipient, &from_sql, &ask],
                 )
                 .await?;
-            Ok(rows
+            let mut found: Vec<(u64, Record)> = rows
                 .iter()
                 .map(|r| (useq(r.get(0)), record(r, 1)))
-                .collect())
+                .collect();
+            if found.len() <= limit && b.failed.is_none() {
+                b.tails.learn(recipient, from, &found);
+            }
+            found.truncate(limit);
+            Ok(found)
         })
     }
 
