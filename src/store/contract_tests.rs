@@ -73,6 +73,7 @@ macro_rules! on_every_backend {
 
 on_every_backend!(
     a_burst_is_readable_before_its_commit_and_lands_whole,
+    a_looked_ahead_burst_decides_as_one_without,
     order_counters_and_dedup,
     origin_id_dedup,
     reused_id_takes_over_only_after_confirmation,
@@ -124,6 +125,99 @@ fn a_burst_is_readable_before_its_commit_and_lands_whole(s: &dyn QueueStore) {
     // Outside a burst every operation commits at once.
     stored(s, msg("bob@x", "alice@x", "m2", None));
     assert_eq!(s.commit().unwrap(), 0);
+}
+
+/// A burst whose messages the router named first (`look_ahead`) decides
+/// as one without: duplicates and ids in use within the burst, a limit
+/// counting the burst's own accepts, a receipt's lookup and its removal
+/// (in the order asked, once each), an id taken over in the burst that
+/// freed it, and what the next bursts read.
+fn a_looked_ahead_burst_decides_as_one_without(s: &dyn QueueStore) {
+    let key = |id| AcceptKey {
+        recipient: "bob@x",
+        sender_bare: "alice@x",
+        id,
+        origin_id: None,
+    };
+    let different = |id| {
+        let mut m = msg("bob@x", "alice@x", id, None);
+        m.content_hash = 7;
+        m
+    };
+    let ids = |s: &dyn QueueStore| -> Vec<String> {
+        s.pending_from("bob@x", 0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(_, r)| r.id)
+            .collect()
+    };
+    s.begin();
+    s.look_ahead(&[key("m0"), key("m1"), key("m0"), key("m2")])
+        .unwrap();
+    let a = stored(s, msg("bob@x", "alice@x", "m0", None));
+    let b = stored(s, msg("bob@x", "alice@x", "m1", None));
+    assert!(b > a);
+    assert_eq!(
+        s.accept(msg("bob@x", "alice@x", "m0", None), BIG).unwrap(),
+        Accepted::Duplicate { seq: a }
+    );
+    assert_eq!(
+        s.accept(different("m0"), BIG).unwrap(),
+        Accepted::IdInUse { seq: a }
+    );
+    let two = QueueLimits {
+        max_pending: 2,
+        ..BIG
+    };
+    assert_eq!(
+        s.accept(msg("bob@x", "alice@x", "m2", None), two).unwrap(),
+        Accepted::QueueFull
+    );
+    assert_eq!(ids(s), ["m0", "m1"]);
+    assert_eq!(s.recipient("bob@x").unwrap().pending, 2);
+    let c = Contact {
+        subscription: Subscription::Requested,
+        asked_at_ms: 9,
+    };
+    s.set_contact("bob@x", "alice@x", c).unwrap();
+    assert_eq!(s.contact("bob@x", "alice@x").unwrap(), Some(c));
+    s.commit().unwrap();
+
+    s.begin();
+    assert_eq!(s.seq_of("bob@x", "alice@x", "m1").unwrap(), Some(b));
+    assert_eq!(s.pending_from("bob@x", b, 10).unwrap().len(), 1);
+    let done = s.confirm("bob@x", &[b, a, b]).unwrap();
+    let seqs: Vec<u64> = done.pending.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, [b, a]);
+    assert!(done.counted.is_empty());
+    assert_eq!(s.get("bob@x", a).unwrap(), None);
+    // Confirmed: a different message may take the id over at once.
+    s.look_ahead(&[key("m0")]).unwrap();
+    let d = match s.accept(different("m0"), BIG).unwrap() {
+        Accepted::Stored { seq } => seq,
+        other => panic!("{other:?}"),
+    };
+    assert!(d > b);
+    assert_eq!(s.seq_of("bob@x", "alice@x", "m0").unwrap(), Some(d));
+    assert_eq!(
+        s.accept(different("m0"), BIG).unwrap(),
+        Accepted::Duplicate { seq: d }
+    );
+    s.commit().unwrap();
+
+    assert_eq!(ids(s), ["m0"]);
+    assert_eq!(s.recipient("bob@x").unwrap().pending, 1);
+    let t = s.totals().unwrap();
+    assert_eq!((t.pending, t.recipients), (1, 1));
+    assert_eq!(s.contact("bob@x", "alice@x").unwrap(), Some(c));
+    assert_eq!(s.confirm("bob@x", &[d]).unwrap().len(), 1);
+    let t = s.totals().unwrap();
+    assert_eq!((t.pending, t.bytes, t.recipients), (0, 0, 0));
+    let problems = s.check().unwrap().problems;
+    assert!(
+        problems.iter().all(|p| p.contains("does not parse")),
+        "{problems:?}"
+    );
 }
 
 fn contacts_and_subscriptions_are_kept(s: &dyn QueueStore) {

@@ -412,7 +412,9 @@ impl SledStore {
         let mut batch = Writes::default();
         let mut removed = Vec::new();
         let mut gone = Vec::new();
-        for &seq in seqs {
+        let mut seen = std::collections::HashSet::new();
+        // A seq named twice is removed (and counted) once.
+        for &seq in seqs.iter().filter(|s| seen.insert(**s)) {
             let k = queue_key(recipient, seq);
             if let Some(v) = self.read(&k)? {
                 let rec: Record = decode(&v, "record")?;
