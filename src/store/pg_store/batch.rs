@@ -3,7 +3,8 @@
 //! (pgmq, River): the new messages as one multi-row `INSERT` of arrays,
 //! the removals of confirmed messages as one `DELETE … WHERE seq =
 //! ANY(…)`, and the recipients' counters as one upsert that also moves
-//! the count of recipients with pending messages. They go out pipelined,
+//! the count of recipients with pending messages (and the relay contacts
+//! asked for, as one upsert). They go out pipelined,
 //! together with whatever statement needs them next: the commit, or an
 //! operation that reads the tables (`PgStore::run`).
 //!
@@ -55,14 +56,22 @@ const UPSERT_COUNTERS: &str = "WITH i AS (SELECT * FROM unnest($1::text[], $2::b
      (SELECT COALESCE(sum((c.pending > 0)::int - (c.pending - i.n > 0)::int), 0)::bigint \
       FROM c JOIN i ON c.recipient = i.recipient COLLATE \"C\")";
 
+/// Relay contacts asked for or answered.
+const UPSERT_CONTACTS: &str = "INSERT INTO redeliver_contacts \
+     (k, recipient, sender, subscription, asked_at_ms) \
+     SELECT * FROM unnest($1::bytea[], $2::text[], $3::text[], $4::smallint[], $5::bigint[]) \
+     ON CONFLICT (k) DO UPDATE SET \
+     subscription = EXCLUDED.subscription, asked_at_ms = EXCLUDED.asked_at_ms";
+
 /// Every statement a flush may send, prepared before a pipeline is built
 /// (a statement prepared inside one would let later statements overtake
 /// it).
-pub(super) const STATEMENTS: [&str; 4] = [
+pub(super) const STATEMENTS: [&str; 5] = [
     INSERT_MESSAGES,
     UPSERT_DEDUP,
     DELETE_PENDING,
     UPSERT_COUNTERS,
+    UPSERT_CONTACTS,
 ];
 
 /// One id or origin-id key of a new message.
@@ -86,6 +95,17 @@ pub(super) struct Batch {
     deletes: Vec<i64>,
     /// By recipient, in name order: rows are locked in one order.
     counters: BTreeMap<String, (i64, i64)>,
+    /// By key digest, the last write wins.
+    contacts: HashMap<Vec<u8>, ContactRow>,
+}
+
+/// A relay contact's row.
+#[derive(Debug, Clone)]
+pub(super) struct ContactRow {
+    pub recipient: String,
+    pub sender: String,
+    pub subscription: i16,
+    pub asked_at_ms: i64,
 }
 
 impl Batch {
@@ -94,6 +114,11 @@ impl Batch {
             && self.dedup.is_empty()
             && self.deletes.is_empty()
             && self.counters.is_empty()
+            && self.contacts.is_empty()
+    }
+
+    pub(super) fn contact(&mut self, k: Vec<u8>, row: ContactRow) {
+        self.contacts.insert(k, row);
     }
 
     /// A new pending message, with its dedup keys.
@@ -170,23 +195,34 @@ impl Batch {
             cn.push(n);
             cb.push(bytes);
         }
+        let (mut kk, mut kr, mut ks, mut ksub, mut kat) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (k, row) in b.contacts {
+            kk.push(k);
+            kr.push(row.recipient);
+            ks.push(row.sender);
+            ksub.push(row.subscription);
+            kat.push(row.asked_at_ms);
+        }
         let deletes = b.deletes;
         let messages: [&(dyn ToSql + Sync); 6] = [&mr, &ms, &ma, &mf, &mi, &mt];
         let keys: [&(dyn ToSql + Sync); 7] = [&dk, &dr, &dsender, &dorigin, &dkey, &dseq, &dhash];
         let removed: [&(dyn ToSql + Sync); 1] = [&deletes];
         let counters: [&(dyn ToSql + Sync); 3] = [&cr, &cn, &cb];
-        let (a, b2, c, d) = futures::try_join!(
+        let contacts: [&(dyn ToSql + Sync); 5] = [&kk, &kr, &ks, &ksub, &kat];
+        let (a, b2, c, d, e) = futures::try_join!(
             db.exec_if(!mr.is_empty(), &s[0], &messages),
             db.exec_if(!dk.is_empty(), &s[1], &keys),
             db.exec_if(!deletes.is_empty(), &s[2], &removed),
             db.exec_if(!cr.is_empty(), &s[3], &counters),
+            db.exec_if(!kk.is_empty(), &s[4], &contacts),
         )?;
-        Ok(a + b2 + c + d)
+        Ok(a + b2 + c + d + e)
     }
 }
 
 /// The flush's statements, in [`STATEMENTS`] order.
-pub(super) type Prepared = [Statement; 4];
+pub(super) type Prepared = [Statement; 5];
 
 /// Prepare the flush's statements (a round trip the first time only).
 pub(super) async fn prepare(db: &Db<'_>) -> PgResult<Prepared> {
@@ -195,5 +231,6 @@ pub(super) async fn prepare(db: &Db<'_>) -> PgResult<Prepared> {
         db.statement(STATEMENTS[1]).await?,
         db.statement(STATEMENTS[2]).await?,
         db.statement(STATEMENTS[3]).await?,
+        db.statement(STATEMENTS[4]).await?,
     ])
 }

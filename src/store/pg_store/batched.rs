@@ -9,11 +9,11 @@
 //! generic plan of a prepared `= ANY` scanned the whole table (measured:
 //! 70% of the server's CPU went to comparing keys at 40,000 messages).
 
-use super::batch::DedupRow;
+use super::batch::{ContactRow, DedupRow};
 use super::known::{Counters, Holder};
 use super::rows::*;
 use super::{Burst, Db, PgStore, key_digest};
-use crate::store::{AcceptKey, Accepted, Confirmed, NewMessage, QueueLimits, Record};
+use crate::store::{AcceptKey, Accepted, Confirmed, Contact, NewMessage, QueueLimits, Record};
 
 /// A key's row, with whether its message is pending or kept.
 const DEDUP_ROWS: &str = "SELECT d.k, d.origin, d.seq, d.hash, \
@@ -26,6 +26,9 @@ const DEDUP_ROWS: &str = "SELECT d.k, d.origin, d.seq, d.hash, \
 const RECIPIENT_ROWS: &str = "SELECT r.recipient, r.subscription, r.pending, r.bytes \
      FROM unnest($1::text[]) AS w(recipient) \
      JOIN redeliver_recipients r ON r.recipient = w.recipient COLLATE \"C\"";
+
+const CONTACT_ROWS: &str = "SELECT c.k, c.subscription, c.asked_at_ms \
+     FROM unnest($1::bytea[]) AS w(k) JOIN redeliver_contacts c ON c.k = w.k";
 
 const TOTALS_ROW: &str = "SELECT bytes, assumed_bytes FROM redeliver_totals";
 
@@ -44,7 +47,12 @@ fn keys(
     ]
 }
 
-/// Read what `known` lacks of `keys`, `recipients`, the totals and
+/// The key of a relay contact's row.
+fn contact_key(recipient: &str, sender_bare: &str) -> Vec<u8> {
+    key_digest(&[recipient, sender_bare])
+}
+
+/// Read what `known` lacks of `keys`, `recipients`, `contacts`, the totals and
 /// `seqs` free seqs, in one round trip (none if nothing lacks). Only
 /// reads: the batch's writes are accounted in `known` (and a recipient's
 /// counters not yet sent are added to what is read).
@@ -53,9 +61,17 @@ async fn learn(
     b: &mut Burst,
     keys: &[&Vec<u8>],
     recipients: &[&str],
+    contacts: &[&Vec<u8>],
     seqs: usize,
 ) -> PgResult<()> {
     let k = &b.known;
+    let mut want_contacts: Vec<&Vec<u8>> = contacts
+        .iter()
+        .copied()
+        .filter(|c| !k.contacts.contains_key(*c))
+        .collect();
+    want_contacts.sort();
+    want_contacts.dedup();
     let mut want_keys: Vec<&Vec<u8>> = keys
         .iter()
         .copied()
@@ -72,10 +88,15 @@ async fn learn(
     want_recipients.dedup();
     let want_totals = k.totals.is_none();
     let want_seqs = seqs.saturating_sub(k.seqs.len()) as i32;
-    if want_keys.is_empty() && want_recipients.is_empty() && !want_totals && want_seqs == 0 {
+    if want_keys.is_empty()
+        && want_recipients.is_empty()
+        && want_contacts.is_empty()
+        && !want_totals
+        && want_seqs == 0
+    {
         return Ok(());
     }
-    let (dedup, counters, totals, fresh) = futures::try_join!(
+    let (dedup, counters, contact_rows, totals, fresh) = futures::try_join!(
         async {
             match want_keys.is_empty() {
                 true => Ok(Vec::new()),
@@ -86,6 +107,12 @@ async fn learn(
             match want_recipients.is_empty() {
                 true => Ok(Vec::new()),
                 false => db.query(RECIPIENT_ROWS, &[&want_recipients]).await,
+            }
+        },
+        async {
+            match want_contacts.is_empty() {
+                true => Ok(Vec::new()),
+                false => db.query(CONTACT_ROWS, &[&want_contacts]).await,
             }
         },
         async {
@@ -134,6 +161,16 @@ async fn learn(
         c.pending += r.get::<_, i64>(2);
         c.bytes += r.get::<_, i64>(3);
     }
+    for c in want_contacts {
+        k.contacts.insert(c.clone(), None);
+    }
+    for r in contact_rows {
+        let c = Contact {
+            subscription: sub_of(r.get(1)),
+            asked_at_ms: r.get(2),
+        };
+        k.contacts.insert(r.get::<_, Vec<u8>>(0), Some(c));
+    }
     if let Some(t) = totals {
         k.totals = Some((t.get(0), t.get(1)));
     }
@@ -159,7 +196,14 @@ impl PgStore {
             .collect();
         let key_refs: Vec<&Vec<u8>> = keys.iter().collect();
         let recipients: Vec<&str> = accepts.iter().map(|a| a.recipient).collect();
-        self.run_batched(async |db, b| learn(db, b, &key_refs, &recipients, accepts.len()).await)
+        let contacts: Vec<Vec<u8>> = accepts
+            .iter()
+            .map(|a| contact_key(a.recipient, a.sender_bare))
+            .collect();
+        let contact_refs: Vec<&Vec<u8>> = contacts.iter().collect();
+        self.run_batched(async |db, b| {
+            learn(db, b, &key_refs, &recipients, &contact_refs, accepts.len()).await
+        })
     }
 
     /// [`crate::store::QueueStore::accept`], decided from what is known.
@@ -175,7 +219,7 @@ impl PgStore {
         let ik = ik.expect("an id key");
         self.run_batched(async |db, b| {
             let wanted: Vec<&Vec<u8>> = [Some(&ik), ok.as_ref()].into_iter().flatten().collect();
-            learn(db, b, &wanted, &[msg.recipient], 1).await?;
+            learn(db, b, &wanted, &[msg.recipient], &[], 1).await?;
             let k = &b.known;
             let origin_row = ok.as_ref().and_then(|o| k.dedup[o]);
             // An origin-id names one message (XEP-0359): a match is a
@@ -270,6 +314,52 @@ impl PgStore {
             return None;
         }
         b.tails.get(recipient, seq)
+    }
+
+    /// [`crate::store::QueueStore::contact`]: known, or read.
+    pub(super) fn contact_batched(
+        &self,
+        recipient: &str,
+        sender_bare: &str,
+    ) -> Result<Option<Contact>, crate::store::StoreError> {
+        let k = contact_key(recipient, sender_bare);
+        if self.failed() {
+            return self.read(async |db, _| {
+                let rows = db.query(CONTACT_ROWS, &[&vec![k.clone()]]).await?;
+                Ok(rows.first().map(|r| Contact {
+                    subscription: sub_of(r.get(1)),
+                    asked_at_ms: r.get(2),
+                }))
+            });
+        }
+        // Every contact the batch writes is known.
+        self.run_batched(async |db, b| {
+            learn(db, b, &[], &[], &[&k], 0).await?;
+            Ok(b.known.contacts[&k])
+        })
+    }
+
+    /// [`crate::store::QueueStore::set_contact`], in the batch.
+    pub(super) fn set_contact_batched(
+        &self,
+        recipient: &str,
+        sender_bare: &str,
+        contact: Contact,
+    ) -> Result<(), crate::store::StoreError> {
+        let k = contact_key(recipient, sender_bare);
+        self.run_batched(async |_, b| {
+            b.known.contacts.insert(k.clone(), Some(contact));
+            b.batch.contact(
+                k,
+                ContactRow {
+                    recipient: recipient.to_owned(),
+                    sender: sender_bare.to_owned(),
+                    subscription: sub_code(contact.subscription),
+                    asked_at_ms: contact.asked_at_ms,
+                },
+            );
+            Ok(())
+        })
     }
 
     /// A recipient's state, if this burst knows it.

@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
-use crate::store::{Record, Subscription, bare_of};
+use crate::store::{Contact, Record, Subscription, bare_of};
 
 /// The row of a dedup key: which message holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +44,8 @@ pub(super) struct Known {
     /// Key digest → its holder (`None`: no row).
     pub dedup: HashMap<Vec<u8>, Option<Holder>>,
     pub recipients: HashMap<String, Counters>,
+    /// Relay contacts by key digest (`None`: no row).
+    pub contacts: HashMap<Vec<u8>, Option<Contact>>,
     /// `bytes, assumed_bytes` of the totals row as committed before the
     /// burst (the burst's own changes are in its delta).
     pub totals: Option<(i64, i64)>,
@@ -62,6 +64,7 @@ impl Known {
     pub(super) fn forget_rows(&mut self) {
         self.dedup.clear();
         self.recipients.clear();
+        self.contacts.clear();
         self.gone.clear();
     }
 

@@ -393,19 +393,7 @@ impl QueueStore for PgStore {
     }
 
     fn contact(&self, recipient: &str, sender_bare: &str) -> Result<Option<Contact>, StoreError> {
-        let k = key_digest(&[recipient, sender_bare]);
-        self.read(async |db, _| {
-            let row = db
-                .query_opt(
-                    "SELECT subscription, asked_at_ms FROM redeliver_contacts WHERE k = $1",
-                    &[&k],
-                )
-                .await?;
-            Ok(row.map(|r| Contact {
-                subscription: sub_of(r.get(0)),
-                asked_at_ms: r.get(1),
-            }))
-        })
+        self.contact_batched(recipient, sender_bare)
     }
 
     fn set_contact(
@@ -414,18 +402,7 @@ impl QueueStore for PgStore {
         sender_bare: &str,
         contact: Contact,
     ) -> Result<(), StoreError> {
-        let sub = sub_code(contact.subscription);
-        let k = key_digest(&[recipient, sender_bare]);
-        self.run(async |db, _| {
-            db.exec(
-                "INSERT INTO redeliver_contacts (k, recipient, sender, subscription, asked_at_ms) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (k) DO UPDATE SET \
-                 subscription = EXCLUDED.subscription, asked_at_ms = EXCLUDED.asked_at_ms",
-                &[&k, &recipient, &sender_bare, &sub, &contact.asked_at_ms],
-            )
-            .await?;
-            Ok(())
-        })
+        self.set_contact_batched(recipient, sender_bare, contact)
     }
 
     fn set_subscription(&self, recipient: &str, sub: Subscription) -> Result<(), StoreError> {
