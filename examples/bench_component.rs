@@ -72,6 +72,24 @@ async fn run(durability: &'static str, n: usize, recipients: usize, rate: u64) -
             panic!("warm-up stalled at {warm}");
         }
     }
+    // The warm-up ends when redeliver has handled its receipts and the
+    // answers to its subscription requests too (one-time work per
+    // recipient): it answers this ping after them, since it handles
+    // stanzas in order.
+    users.send(
+        "<iq xmlns='jabber:component:accept' type='get' id='warm-done' from='s@localhost/r' to='relay.localhost'><ping xmlns='urn:xmpp:ping'/></iq>",
+    );
+    loop {
+        match fake.next(SECS(60)).await {
+            Some(Event::Stanza(_, _, _, el))
+                if el.name() == "iq" && el.attr("id") == Some("warm-done") =>
+            {
+                break;
+            }
+            Some(_) => {}
+            None => panic!("warm-up: no answer to the ping"),
+        }
+    }
     let sent_at: std::sync::Arc<std::sync::Mutex<HashMap<usize, Instant>>> = Default::default();
     let cpu0 = floor::cpu_s(relay.pid());
     let start = Instant::now();
