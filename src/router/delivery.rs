@@ -89,7 +89,10 @@ impl Router {
         let batch = match self.store.pending_from(recipient, peer.cursor, room) {
             Ok(b) => b,
             Err(e) => {
+                // On PostgreSQL the read carries the burst's batched
+                // writes: its error may be theirs.
                 error!(error = %e, to = recipient, "cannot read queue");
+                self.store_failure("read queue", &e);
                 return (0, too_big);
             }
         };

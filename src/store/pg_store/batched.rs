@@ -116,8 +116,9 @@ async fn learn(
             }
         },
         async {
+            // `query_one`: a missing row fails the store.
             match want_totals {
-                true => db.query_opt(TOTALS_ROW, &[]).await,
+                true => db.query_one(TOTALS_ROW, &[]).await.map(Some),
                 false => Ok(None),
             }
         },
@@ -425,5 +426,25 @@ impl PgStore {
                 counted: Vec::new(),
             }))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::store::contract_tests::{BIG, msg};
+    use crate::store::test_databases::pg_database;
+    use crate::store::{PgStore, QueueStore};
+
+    /// A damaged database (its totals row gone) fails the store: the
+    /// accept is an error, not a panic, and so is the commit.
+    #[test]
+    fn a_missing_totals_row_fails_the_store() {
+        let (url, password) = pg_database();
+        let s = PgStore::open(&url, password.as_deref()).unwrap();
+        s.run(async |db, _| db.exec("DELETE FROM redeliver_totals", &[]).await)
+            .unwrap();
+        s.begin();
+        assert!(s.accept(msg("bob@x", "alice@x", "m0", None), BIG).is_err());
+        assert!(s.commit().is_err());
     }
 }

@@ -159,7 +159,7 @@ impl Tails {
             from,
             messages: messages.iter().cloned().collect(),
         };
-        self.bytes += tail.messages.values().map(size).sum::<usize>();
+        self.bytes += tail_cost(recipient) + tail.messages.values().map(size).sum::<usize>();
         self.by_recipient.insert(recipient.to_owned(), tail);
         self.cap();
     }
@@ -167,6 +167,7 @@ impl Tails {
     /// A new message: known if the tail is (or if the queue was empty).
     pub(super) fn accepted(&mut self, recipient: &str, seq: u64, rec: &Record, was_empty: bool) {
         if was_empty && !self.by_recipient.contains_key(recipient) {
+            self.bytes += tail_cost(recipient);
             self.by_recipient.insert(
                 recipient.to_owned(),
                 Tail {
@@ -201,7 +202,7 @@ impl Tails {
     /// Nothing known of `recipient` any more (a message came back).
     pub(super) fn forget(&mut self, recipient: &str) {
         if let Some(t) = self.by_recipient.remove(recipient) {
-            let b: usize = t.messages.values().map(size).sum();
+            let b: usize = tail_cost(recipient) + t.messages.values().map(size).sum::<usize>();
             self.bytes = self.bytes.saturating_sub(b);
         }
     }
@@ -211,6 +212,12 @@ impl Tails {
             self.clear();
         }
     }
+}
+
+/// What a tail costs with no message: its recipient's name (a JID may
+/// be kilobytes long) and its entry.
+fn tail_cost(recipient: &str) -> usize {
+    recipient.len() * 2 + 128
 }
 
 fn size(r: &Record) -> usize {
@@ -270,6 +277,21 @@ mod tests {
             t.accepted("b@x", s, &rec("m"), false);
         }
         assert!(t.pending_from("b@x", 0, 10).is_none());
+        assert_eq!(t.bytes, 0);
+    }
+
+    /// Empty tails count against the cap too: their recipients' names
+    /// may be long.
+    #[test]
+    fn empty_tails_of_long_names_are_capped() {
+        let mut t = Tails::default();
+        let long = "a".repeat(3000);
+        for i in 0..20_000 {
+            t.learn(&format!("{long}{i}@x"), 0, &[]);
+            assert!(t.bytes <= TAILS_MAX_BYTES, "{}", t.bytes);
+        }
+        assert!(t.by_recipient.len() * 3000 <= TAILS_MAX_BYTES);
+        t.clear();
         assert_eq!(t.bytes, 0);
     }
 }

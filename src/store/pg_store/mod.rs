@@ -15,8 +15,10 @@
 //! `commit` commits it. Outside a burst each
 //! call is a transaction of its own. Changes to the whole-store counters
 //! are summed in memory and written by one `UPDATE` just before the
-//! commit, so that the one counters row is locked only for that instant
-//! (reads add the sums not yet written).
+//! commit (reads add the sums not yet written); the count of recipients
+//! with pending messages moves with each flush of the batch, so the
+//! counters row is locked from the burst's first flush to its commit
+//! (only the leader writes it).
 //!
 //! **Round trips.** The router's hot operations decide from what the
 //! leader knows already (`known`: the burst's look-ahead, and the tails

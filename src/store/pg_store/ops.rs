@@ -258,7 +258,10 @@ impl QueueStore for PgStore {
                 db.exec("DELETE FROM redeliver_dedup WHERE seq = $1", &k),
                 db.exec("DELETE FROM redeliver_entries WHERE seq = $1", &k),
             )?;
+            // The keys went by seq, whichever queue holds it: no tail
+            // may answer for them.
             b.queues_changed(recipient, [seq]);
+            b.tails.clear();
             Ok(removed.into_iter().next().map(|(_, r)| r))
         })
     }
