@@ -152,62 +152,46 @@ impl Batch {
     /// whatever the outcome (on an error the transaction is lost anyway).
     pub(super) async fn flush(&mut self, db: &Db<'_>, s: &Prepared) -> PgResult<u64> {
         let b = std::mem::take(self);
-        let (mut mr, mut ms, mut ma, mut mf, mut mi, mut mt) = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
+        // One array per column; `col` borrows each from the rows.
+        fn col<'r, R, T>(rows: &'r [R], f: impl Fn(&'r R) -> T) -> Vec<T> {
+            rows.iter().map(f).collect()
+        }
+        let m = &b.messages;
+        let (mr, ms, ma) = (
+            col(m, |m| &m.0),
+            col(m, |m| m.1),
+            col(m, |m| m.2.accepted_at_ms),
         );
-        for (recipient, seq, r) in b.messages {
-            mr.push(recipient);
-            ms.push(seq);
-            ma.push(r.accepted_at_ms);
-            mf.push(r.sender);
-            mi.push(r.id);
-            mt.push(r.stanza);
-        }
-        let (mut dk, mut dr, mut dsender, mut dorigin, mut dkey, mut dseq, mut dhash) = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
+        let (mf, mi, mt) = (
+            col(m, |m| &m.2.sender),
+            col(m, |m| &m.2.id),
+            col(m, |m| &m.2.stanza),
         );
-        for (k, row) in b.dedup {
-            dk.push(k);
-            dr.push(row.recipient);
-            dsender.push(row.sender);
-            dorigin.push(row.origin);
-            dkey.push(row.key);
-            dseq.push(row.seq);
-            dhash.push(row.hash);
-        }
-        let (mut cr, mut cn, mut cb) = (Vec::new(), Vec::new(), Vec::new());
-        for (recipient, (n, bytes)) in b.counters {
-            if n == 0 && bytes == 0 {
-                continue;
-            }
-            cr.push(recipient);
-            cn.push(n);
-            cb.push(bytes);
-        }
-        let (mut kk, mut kr, mut ks, mut ksub, mut kat) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (k, row) in b.contacts {
-            kk.push(k);
-            kr.push(row.recipient);
-            ks.push(row.sender);
-            ksub.push(row.subscription);
-            kat.push(row.asked_at_ms);
-        }
-        let deletes = b.deletes;
+        let d: Vec<(&Vec<u8>, &DedupRow)> = b.dedup.iter().collect();
+        let (dk, dr, dsender) = (
+            col(&d, |d| d.0),
+            col(&d, |d| &d.1.recipient),
+            col(&d, |d| &d.1.sender),
+        );
+        let (dorigin, dkey) = (col(&d, |d| d.1.origin), col(&d, |d| &d.1.key));
+        let (dseq, dhash) = (col(&d, |d| d.1.seq), col(&d, |d| d.1.hash));
+        let c: Vec<(&String, &(i64, i64))> = b
+            .counters
+            .iter()
+            .filter(|(_, (n, bytes))| *n != 0 || *bytes != 0)
+            .collect();
+        let (cr, cn, cb) = (col(&c, |c| c.0), col(&c, |c| c.1.0), col(&c, |c| c.1.1));
+        let k: Vec<(&Vec<u8>, &ContactRow)> = b.contacts.iter().collect();
+        let (kk, kr, ks) = (
+            col(&k, |k| k.0),
+            col(&k, |k| &k.1.recipient),
+            col(&k, |k| &k.1.sender),
+        );
+        let (ksub, kat) = (col(&k, |k| k.1.subscription), col(&k, |k| k.1.asked_at_ms));
+        let deletes = &b.deletes;
         let messages: [&(dyn ToSql + Sync); 6] = [&mr, &ms, &ma, &mf, &mi, &mt];
         let keys: [&(dyn ToSql + Sync); 7] = [&dk, &dr, &dsender, &dorigin, &dkey, &dseq, &dhash];
-        let removed: [&(dyn ToSql + Sync); 1] = [&deletes];
+        let removed: [&(dyn ToSql + Sync); 1] = [deletes];
         let counters: [&(dyn ToSql + Sync); 3] = [&cr, &cn, &cb];
         let contacts: [&(dyn ToSql + Sync); 5] = [&kk, &kr, &ks, &ksub, &kat];
         let (a, b2, c, d, e) = futures::try_join!(

@@ -9,6 +9,10 @@
 //! generic plan of a prepared `= ANY` scanned the whole table (measured:
 //! 70% of the server's CPU went to comparing keys at 40,000 messages).
 
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::hash::Hash;
+
 use super::batch::{ContactRow, DedupRow};
 use super::known::{Counters, Holder};
 use super::rows::*;
@@ -47,6 +51,22 @@ fn keys(
     ]
 }
 
+/// Those of `wanted` that `known` lacks, sorted, each once.
+fn missing<'w, Q, K, V>(wanted: &[&'w Q], known: &HashMap<K, V>) -> Vec<&'w Q>
+where
+    Q: ?Sized + Ord + Hash + Eq,
+    K: Borrow<Q> + Hash + Eq,
+{
+    let mut out: Vec<&Q> = wanted
+        .iter()
+        .copied()
+        .filter(|w| !known.contains_key(*w))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// The key of a relay contact's row.
 fn contact_key(recipient: &str, sender_bare: &str) -> Vec<u8> {
     key_digest(&[recipient, sender_bare])
@@ -65,27 +85,9 @@ async fn learn(
     seqs: usize,
 ) -> PgResult<()> {
     let k = &b.known;
-    let mut want_contacts: Vec<&Vec<u8>> = contacts
-        .iter()
-        .copied()
-        .filter(|c| !k.contacts.contains_key(*c))
-        .collect();
-    want_contacts.sort();
-    want_contacts.dedup();
-    let mut want_keys: Vec<&Vec<u8>> = keys
-        .iter()
-        .copied()
-        .filter(|key| !k.dedup.contains_key(*key))
-        .collect();
-    want_keys.sort();
-    want_keys.dedup();
-    let mut want_recipients: Vec<&str> = recipients
-        .iter()
-        .copied()
-        .filter(|r| !k.recipients.contains_key(*r))
-        .collect();
-    want_recipients.sort();
-    want_recipients.dedup();
+    let want_contacts = missing(contacts, &k.contacts);
+    let want_keys = missing(keys, &k.dedup);
+    let want_recipients = missing(recipients, &k.recipients);
     let want_totals = k.totals.is_none();
     let want_seqs = seqs.saturating_sub(k.seqs.len()) as i32;
     if want_keys.is_empty()
