@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 #[cfg(test)]
 mod contract_tests;
+mod handover_lag;
 mod pg_store;
 mod queue_store;
 mod sled_store;
@@ -13,6 +14,7 @@ mod sled_store;
 pub mod test_databases;
 mod transfer;
 
+pub use handover_lag::{HandoverLag, MAX_HOLD};
 pub use queue_store::{QueueStore, StoreView};
 
 pub use pg_store::PgStore;
