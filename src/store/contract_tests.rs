@@ -678,6 +678,13 @@ fn tombstones_are_pruned_after_the_window_in_time_order(s: &dyn QueueStore) {
     assert_eq!(s.restore("bob@x", seqs[0]).unwrap(), None);
     assert!(s.restore("bob@x", seqs[4]).unwrap().is_some());
     assert_eq!(s.assumed_totals().unwrap().messages, 1);
+    // Back in a queue that was empty: the store's oldest message again.
+    assert_eq!(s.oldest().unwrap().map(|(_, seq, _)| seq), Some(seqs[4]));
+    let problems = s.check().unwrap().problems;
+    assert!(
+        problems.iter().all(|p| p.contains("does not parse")),
+        "{problems:?}"
+    );
 }
 
 fn tombstones_end_with_the_time_to_live_and_count_against_the_store_cap(s: &dyn QueueStore) {

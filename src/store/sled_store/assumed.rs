@@ -107,8 +107,15 @@ impl SledStore {
         state.bytes += rec.stanza.len() as u64;
         let mut totals = self.totals()?;
         totals.apply(&before, &state);
+        let head = self.head_of(recipient)?;
+        if head.is_none_or(|h| seq < h) {
+            // Back at the head of its queue.
+            if let Some(h) = head {
+                batch.remove(age_key(h));
+            }
+            batch.insert(age_key(seq), recipient.as_bytes());
+        }
         batch.insert(queue_key(recipient, seq), encode(&rec));
-        batch.insert(age_key(seq), recipient.as_bytes());
         batch.insert(recipient_key(recipient), encode(&state));
         batch.insert(TOTALS_KEY, encode(&totals));
         self.write(batch)?;

@@ -7,8 +7,9 @@ use super::*;
 
 impl SledStore {
     /// Read the whole store and verify the layout's invariants: counters
-    /// match the queues, totals match the counters, every pending message
-    /// has its age and expiry entries, every index key points at a
+    /// match the queues, totals match the counters, every queue's head
+    /// has the only age entry of its queue, every pending message has its
+    /// expiry entry, every index key points at a
     /// message's expiry entry, every record decodes and its stanza parses.
     /// Read-only.
     pub fn check(&self) -> Result<CheckReport, StoreError> {
@@ -22,6 +23,7 @@ impl SledStore {
         // Queues, as found.
         let mut found: HashMap<String, (u64, u64)> = HashMap::new();
         let mut pending_seqs: BTreeMap<u64, String> = BTreeMap::new();
+        let mut heads: HashMap<String, u64> = HashMap::new();
         for kv in self.db.scan_prefix(b"q") {
             let (k, v) = kv?;
             let (recipient, seq) = match (recipient_of_queue_key(&k), seq_of_queue_key(&k)) {
@@ -49,10 +51,8 @@ impl SledStore {
             if pending_seqs.insert(seq, recipient.clone()).is_some() {
                 bad(format!("seq {seq} is in two queues"));
             }
-            match self.db.get(age_key(seq))? {
-                Some(v) if v.as_ref() == recipient.as_bytes() => {}
-                _ => bad(format!("{recipient} seq {seq}: no age entry")),
-            }
+            // Keys come in (recipient, seq) order: the first is the head.
+            heads.entry(recipient.clone()).or_insert(seq);
             if self.db.get(expiry_key(seq))?.is_none() {
                 bad(format!("{recipient} seq {seq}: no expiry entry"));
             }
@@ -83,12 +83,29 @@ impl SledStore {
         }
         r.messages = pending_seqs.len() as u64;
         r.bytes = totals.bytes;
-        // Age index: nothing without a message.
+        // Age index: one entry per queue, on its head.
+        let mut headed = 0;
         for kv in self.db.scan_prefix(b"a") {
-            let (k, _) = kv?;
+            let (k, v) = kv?;
             let seq = decode_seq(&k[1..])?;
-            if !pending_seqs.contains_key(&seq) {
-                bad(format!("age entry for seq {seq} without a message"));
+            match pending_seqs.get(&seq) {
+                None => bad(format!("age entry for seq {seq} without a message")),
+                Some(rc) if rc.as_bytes() != v.as_ref() => bad(format!(
+                    "age entry for seq {seq} names another queue than {rc}"
+                )),
+                Some(rc) if heads.get(rc) != Some(&seq) => bad(format!(
+                    "{rc}: age entry for seq {seq}, which is not the head of its queue"
+                )),
+                Some(_) => headed += 1,
+            }
+        }
+        if headed != heads.len() {
+            for (rc, seq) in &heads {
+                if self.db.get(age_key(*seq))?.is_none() {
+                    bad(format!(
+                        "{rc}: no age entry for the head of its queue (seq {seq})"
+                    ));
+                }
             }
         }
         // Expiry entries and the indexes they own.

@@ -17,7 +17,7 @@
 //! | `i` recipient 0x00 sender 0x00 id | seq (u64 BE) |
 //! | `o` recipient 0x00 sender 0x00 origin-id | seq (u64 BE) |
 //! | `r` recipient | [`RecipientState`] |
-//! | `a` seq(u64 BE) | recipient (age index: the first key is the oldest pending message) |
+//! | `a` seq(u64 BE) | recipient (age index: one entry per queue, on its head; the first key is the oldest pending message) |
 //! | `g` | [`Totals`] over all recipients |
 //! | `x` seq(u64 BE) | [`Expiry`]: when the message was accepted and its dedup keys |
 //! | `m` name | metadata: `mschema` the schema version, `mseqbase` (u64 BE) what seqs start from |
@@ -49,7 +49,7 @@
 //! once. The router wraps each round of events in a burst and sends
 //! nothing that depends on a write before its commit.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::Mutex;
@@ -67,8 +67,12 @@ use keys::*;
 /// the version), so that a build that knows nothing of it refuses the
 /// store instead of handing out seqs the imported messages hold; a store
 /// without it is a version 2 store, read alike.
-pub const SCHEMA_VERSION: u32 = 3;
+/// 4: one age entry per queue, on its head, instead of one per pending
+/// message (`migrate_to_4`).
+pub const SCHEMA_VERSION: u32 = 4;
 const SCHEMA_KEY: &[u8] = b"mschema";
+/// Present while the migration to 4 has age entries left to drop.
+const MIGRATING_KEY: &[u8] = b"mmigrate4";
 const SEQ_BASE_KEY: &[u8] = b"mseqbase";
 const TOTALS_KEY: &[u8] = b"g";
 
@@ -346,6 +350,9 @@ impl SledStore {
                 if found < 2 {
                     store.migrate_to_2()?;
                 }
+                if found < 4 || store.db.get(MIGRATING_KEY)?.is_some() {
+                    store.migrate_to_4(found)?;
+                }
             }
         }
         store.compare_shutdown_marker()?;
@@ -450,6 +457,52 @@ impl SledStore {
         batch.insert(SCHEMA_KEY, &2u32.to_be_bytes());
         self.db.apply_batch(batch)?;
         self.db.flush()?;
+        Ok(())
+    }
+
+    /// Schemas 2 and 3 kept an age entry for every pending message, and
+    /// sled's page table follows the number of keys (issue 25: four keys
+    /// per pending message, 170 MiB at a million). Schema 4 keeps only
+    /// each queue's head. The store says 4 before the first entry goes,
+    /// so that an older build refuses it from then on, and a marker stays
+    /// until the pass is done: an open after a crash runs it again. The
+    /// pass can: in seq order, a queue's first age entry is its head's.
+    pub(super) fn migrate_to_4(&self, found: u32) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        if found < 4 {
+            let mut batch = sled::Batch::default();
+            batch.insert(SCHEMA_KEY, &4u32.to_be_bytes());
+            batch.insert(MIGRATING_KEY, &[]);
+            self.db.apply_batch(batch)?;
+            self.db.flush()?;
+        }
+        let mut heads: HashSet<IVec> = HashSet::new();
+        let mut batch = sled::Batch::default();
+        let (mut in_batch, mut dropped) = (0, 0u64);
+        for kv in self.db.scan_prefix(b"a") {
+            let (k, recipient) = kv?;
+            if heads.insert(recipient) {
+                continue;
+            }
+            batch.remove(k);
+            in_batch += 1;
+            dropped += 1;
+            if in_batch == 10_000 {
+                self.db.apply_batch(std::mem::take(&mut batch))?;
+                in_batch = 0;
+            }
+        }
+        batch.remove(MIGRATING_KEY);
+        self.db.apply_batch(batch)?;
+        self.db.flush()?;
+        tracing::info!(
+            store = %self.path.display(),
+            from = found,
+            queues = heads.len(),
+            age_entries_dropped = dropped,
+            ms = started.elapsed().as_millis() as u64,
+            "store migrated to schema 4 (one age entry per queue)"
+        );
         Ok(())
     }
 

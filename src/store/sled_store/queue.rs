@@ -172,6 +172,7 @@ impl SledStore {
         let mut batch = Writes::default();
         let mut states: HashMap<String, (RecipientState, RecipientState)> = HashMap::new();
         let mut tombstoned = Vec::new();
+        let mut expired_pending: HashMap<String, HashSet<u64>> = HashMap::new();
         for kv in self.scan(b"x") {
             if out.entries == limit {
                 out.more = true;
@@ -200,7 +201,10 @@ impl SledStore {
                 after.pending = after.pending.saturating_sub(1);
                 after.bytes = after.bytes.saturating_sub(rec.stanza.len() as u64);
                 batch.remove(qkey);
-                batch.remove(age_key(seq));
+                expired_pending
+                    .entry(e.recipient.clone())
+                    .or_default()
+                    .insert(seq);
                 out.messages.push((e.recipient.clone(), seq, rec));
             }
             tombstoned.push((e.recipient, seq));
@@ -208,6 +212,9 @@ impl SledStore {
         }
         if out.entries == 0 {
             return Ok(out);
+        }
+        for (recipient, seqs) in &expired_pending {
+            self.rehead(recipient, seqs, &mut batch)?;
         }
         // Kept for a late bounce at most until their time to live ends.
         let mut kept = self.assumed_totals()?;
@@ -298,7 +305,11 @@ impl SledStore {
             batch.insert(expiry_key(old_seq), encode(&e));
         }
         batch.insert(queue_key(msg.recipient, seq), encode(&msg.record));
-        batch.insert(age_key(seq), msg.recipient.as_bytes());
+        if before.pending == 0 {
+            // The head of a queue that was empty (seqs only grow, so a
+            // later accept never is one).
+            batch.insert(age_key(seq), msg.recipient.as_bytes());
+        }
         batch.insert(TOTALS_KEY, encode(&totals));
         batch.insert(&ikey, index_value(seq, hash));
         let mut keys = vec![ikey];
@@ -421,11 +432,13 @@ impl SledStore {
                 state.pending = state.pending.saturating_sub(1);
                 state.bytes = state.bytes.saturating_sub(rec.stanza.len() as u64);
                 batch.remove(k);
-                batch.remove(age_key(seq));
                 removed.push((seq, rec));
             } else {
                 gone.push(seq);
             }
+        }
+        if !removed.is_empty() {
+            self.rehead(recipient, &seen, &mut batch)?;
         }
         // Counted delivered earlier, confirmed (or purged) now: a late
         // bounce no longer puts them back.
@@ -444,6 +457,44 @@ impl SledStore {
             batch.insert(TOTALS_KEY, encode(&totals));
         }
         Ok((batch, removed))
+    }
+
+    /// Keep the age index on the queue's head when `removing` leave it:
+    /// the head's entry goes, and the first message that stays gets one.
+    /// Reads the queue as it is before the removals are written.
+    pub(super) fn rehead(
+        &self,
+        recipient: &str,
+        removing: &HashSet<u64>,
+        batch: &mut Writes,
+    ) -> Result<(), StoreError> {
+        let mut head = None;
+        let mut stays = None;
+        for kv in self.scan(&queue_prefix(recipient)) {
+            let seq = seq_of_queue_key(&kv?.0)?;
+            head.get_or_insert(seq);
+            if !removing.contains(&seq) {
+                stays = Some(seq);
+                break;
+            }
+        }
+        if head != stays {
+            if let Some(old) = head {
+                batch.remove(age_key(old));
+            }
+            if let Some(new) = stays {
+                batch.insert(age_key(new), recipient.as_bytes());
+            }
+        }
+        Ok(())
+    }
+
+    /// The seq of a queue's head (its oldest pending message).
+    pub(super) fn head_of(&self, recipient: &str) -> Result<Option<u64>, StoreError> {
+        match self.scan(&queue_prefix(recipient)).next() {
+            Some(kv) => Ok(Some(seq_of_queue_key(&kv?.0)?)),
+            None => Ok(None),
+        }
     }
 
     /// Seqs of pending messages from `sender_bare` up to and including

@@ -48,7 +48,8 @@ fn a_burst_is_readable_before_its_commit_and_lands_whole() {
     assert_eq!(
         s.commit().unwrap(),
         8,
-        "one batch: 6 keys of the accept, 2 removals"
+        "one batch: m1's entry, index and expiry, m0's entry removed, the \
+         head's age entry moving from m0 to m1 (two keys), counters, totals"
     );
     assert!(s.db.get(queue_key("bob@x", first)).unwrap().is_none());
     assert!(s.db.get(queue_key("bob@x", second)).unwrap().is_some());
@@ -85,20 +86,127 @@ fn schema_1_store_is_migrated() {
     assert_eq!(step.messages.len(), 1);
     assert!(s.seq_of("b@x", "a@x", "m0").unwrap().is_none());
     let v = s.db.get(SCHEMA_KEY).unwrap().unwrap();
-    assert_eq!(v.as_ref(), 2u32.to_be_bytes(), "the layout it migrated to");
+    assert_eq!(v.as_ref(), 4u32.to_be_bytes(), "the layout it migrated to");
 }
 
-/// A seq base (written by an import only) makes the store version 3, so
-/// that a build from before it, which would hand out seqs from sled's
-/// counter alone (the imported messages' own), refuses the store; a store
-/// without one stays version 2, for such a build to open.
+fn schema(s: &SledStore) -> u32 {
+    let v = s.db.get(SCHEMA_KEY).unwrap().unwrap();
+    u32::from_be_bytes(v.as_ref().try_into().unwrap())
+}
+
+fn age_entries(s: &SledStore) -> Vec<(u64, String)> {
+    s.db.scan_prefix(b"a")
+        .map(|kv| {
+            let (k, v) = kv.unwrap();
+            (
+                decode_seq(&k[1..]).unwrap(),
+                String::from_utf8(v.to_vec()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// What `store check` finds, but for the test messages' stanzas (not
+/// XML).
+fn layout_problems(s: &SledStore) -> Vec<String> {
+    let mut p = s.check().unwrap().problems;
+    p.retain(|p| !p.ends_with("stored stanza does not parse"));
+    p
+}
+
+/// Three queues as schema 3 kept them: an age entry for every pending
+/// message. `mark` leaves the migration half done instead (schema 4 and
+/// its marker already written, as after a crash in the pass).
+fn schema_3_store(dir: &Path, mark: bool) -> Vec<(String, Vec<u64>)> {
+    let s = open(dir);
+    let mut queues: Vec<(String, Vec<u64>)> = ["ann@x", "bob@x", "cat@x"]
+        .iter()
+        .map(|r| (r.to_string(), Vec::new()))
+        .collect();
+    // Interleaved: a queue's later messages come before another's head
+    // in seq order.
+    for i in 0..4 {
+        for (r, seqs) in &mut queues {
+            seqs.push(stored(&s, msg(r, "zed@x", &format!("{r}{i}"), None)));
+        }
+    }
+    for (r, seqs) in &queues {
+        for seq in seqs {
+            s.db.insert(age_key(*seq), r.as_bytes()).unwrap();
+        }
+    }
+    if mark {
+        s.db.insert(MIGRATING_KEY, &[]).unwrap();
+    } else {
+        s.db.insert(SCHEMA_KEY, &3u32.to_be_bytes()).unwrap();
+    }
+    s.flush().unwrap();
+    assert_eq!(age_entries(&s).len(), 12);
+    queues
+}
+
+/// Schema 4 keeps one age entry per queue, on its head: a schema 3 store
+/// is migrated at its open, and a migration cut short is finished at the
+/// next one. The store checks clean either way, the oldest message is
+/// found, and the queues carry on.
 #[test]
-fn a_seq_base_makes_the_store_version_3() {
+fn a_schema_3_store_is_migrated_to_one_age_entry_per_queue() {
+    for mark in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let queues = schema_3_store(dir.path(), mark);
+        let s = open(dir.path());
+        assert_eq!(schema(&s), 4);
+        assert!(s.db.get(MIGRATING_KEY).unwrap().is_none(), "done");
+        let heads: Vec<(u64, String)> = queues
+            .iter()
+            .map(|(r, seqs)| (seqs[0], r.clone()))
+            .collect();
+        assert_eq!(age_entries(&s), heads);
+        let report = s.check().unwrap();
+        assert!(layout_problems(&s).is_empty(), "{:?}", report.problems);
+        assert_eq!(report.messages, 12);
+        assert_eq!(s.oldest().unwrap().unwrap().1, queues[0].1[0]);
+        // Confirming a head moves its queue's entry to the next message.
+        s.confirm("ann@x", &[queues[0].1[0], queues[0].1[1]])
+            .unwrap();
+        assert_eq!(s.oldest().unwrap().unwrap().1, queues[1].1[0]);
+        assert!(age_entries(&s).contains(&(queues[0].1[2], "ann@x".into())));
+        assert!(layout_problems(&s).is_empty());
+    }
+}
+
+/// What `store check` says of a damaged age index.
+#[test]
+fn check_finds_a_missing_or_misplaced_age_entry() {
     let dir = tempfile::tempdir().unwrap();
-    let schema = |s: &SledStore| {
-        let v = s.db.get(SCHEMA_KEY).unwrap().unwrap();
-        u32::from_be_bytes(v.as_ref().try_into().unwrap())
-    };
+    let s = open(dir.path());
+    let a: Vec<u64> = (0..2)
+        .map(|i| stored(&s, msg("ann@x", "zed@x", &format!("a{i}"), None)))
+        .collect();
+    let b = stored(&s, msg("bob@x", "zed@x", "b0", None));
+    assert!(layout_problems(&s).is_empty());
+    s.db.remove(age_key(b)).unwrap();
+    s.db.insert(age_key(a[1]), "ann@x").unwrap();
+    let problems = layout_problems(&s);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("bob@x: no age entry for the head")),
+        "{problems:?}"
+    );
+    assert!(
+        problems.iter().any(|p| p.contains("not the head")),
+        "{problems:?}"
+    );
+}
+
+/// A seq base (written by an import only) keeps the store at the
+/// newest version (3 brought it: a build that knows nothing of it must
+/// refuse the store instead of handing out seqs the imported messages
+/// hold), across a reopen; a version 2 store is migrated at its open.
+#[test]
+fn a_seq_base_is_kept_in_a_store_of_the_newest_version() {
+    let dir = tempfile::tempdir().unwrap();
     {
         let s = open(dir.path());
         s.db.insert(SCHEMA_KEY, &2u32.to_be_bytes()).unwrap();
@@ -106,13 +214,13 @@ fn a_seq_base_makes_the_store_version_3() {
     }
     {
         let s = open(dir.path());
-        assert_eq!(schema(&s), 2, "opened, not rewritten");
+        assert_eq!(schema(&s), SCHEMA_VERSION, "migrated");
         s.skip_seqs_below(5_000_000).unwrap();
-        assert_eq!(schema(&s), 3);
+        assert_eq!(schema(&s), SCHEMA_VERSION);
         assert!(s.next_seq().unwrap() >= 5_000_000);
     }
     let s = open(dir.path());
-    assert_eq!(schema(&s), 3);
+    assert_eq!(schema(&s), SCHEMA_VERSION);
     assert!(s.next_seq().unwrap() >= 5_000_000, "kept across a reopen");
 }
 

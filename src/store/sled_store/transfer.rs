@@ -78,6 +78,9 @@ impl SledStore {
         }
         let mut totals = self.totals()?;
         let mut batch = sled::Batch::default();
+        // The lowest seq imported into each queue: its head, unless the
+        // queue already had an older one.
+        let mut heads: HashMap<&str, u64> = HashMap::new();
         for e in entries {
             let seq = e.seq;
             let recipient = e.recipient.as_str();
@@ -108,7 +111,8 @@ impl SledStore {
                 st.bytes += rec.stanza.len() as u64;
                 totals.apply(&before, st);
                 batch.insert(queue_key(recipient, seq), encode(rec));
-                batch.insert(&age_key(seq), recipient.as_bytes());
+                let head = heads.entry(recipient).or_insert(seq);
+                *head = (*head).min(seq);
             }
             batch.insert(
                 &expiry_key(seq),
@@ -118,6 +122,15 @@ impl SledStore {
                     keys,
                 }),
             );
+        }
+        for (recipient, seq) in heads {
+            let had = self.head_of(recipient)?;
+            if had.is_none_or(|h| seq < h) {
+                if let Some(h) = had {
+                    batch.remove(&age_key(h));
+                }
+                batch.insert(&age_key(seq), recipient.as_bytes());
+            }
         }
         for (jid, st) in &states {
             batch.insert(recipient_key(jid), encode(st));
