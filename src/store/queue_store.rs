@@ -156,7 +156,8 @@ pub trait QueueStore: StoreView {
     /// Remove confirmed messages (and the tombstones of those counted
     /// delivered earlier); their ids stay remembered for dedup.
     fn confirm(&self, recipient: &str, seqs: &[u64]) -> Result<Confirmed, StoreError>;
-    /// Remove a message refused for good, and forget its ids.
+    /// Remove a message refused for good, and forget its ids (a seq
+    /// under another recipient names none of its messages: nothing goes).
     fn forget(&self, recipient: &str, seq: u64) -> Result<Option<Record>, StoreError>;
     /// Remove what `scope` takes from a queue; the seqs removed.
     fn purge(&self, recipient: &str, scope: PurgeScope) -> Result<Vec<u64>, StoreError>;

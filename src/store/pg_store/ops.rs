@@ -258,15 +258,22 @@ impl QueueStore for PgStore {
             let d = &mut b.delta;
             let removed = removal(db, d, recipient, &[seq], true).await?;
             let removed: Vec<_> = removed.all().cloned().collect();
-            let k: [&(dyn ToSql + Sync); 1] = [&key];
+            // A seq names a message of one recipient: under another it
+            // names none, and nothing of it is forgotten.
+            let k: [&(dyn ToSql + Sync); 2] = [&key, &recipient];
             futures::try_join!(
-                db.exec("DELETE FROM redeliver_dedup WHERE seq = $1", &k),
-                db.exec("DELETE FROM redeliver_entries WHERE seq = $1", &k),
+                db.exec(
+                    "DELETE FROM redeliver_dedup WHERE seq = $1 AND recipient = $2",
+                    &k
+                ),
+                db.exec(
+                    "DELETE FROM redeliver_entries WHERE seq = $1 AND recipient = $2",
+                    &k
+                ),
             )?;
-            // The keys went by seq, whichever queue holds it: no tail
-            // may answer for them.
+            // No tail may answer for the keys that went.
             b.queues_changed(recipient, [seq]);
-            b.tails.clear();
+            b.tails.forget(recipient);
             Ok(removed.into_iter().next().map(|(_, r)| r))
         })
     }

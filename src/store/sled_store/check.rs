@@ -8,9 +8,9 @@ use super::*;
 impl SledStore {
     /// Read the whole store and verify the layout's invariants: counters
     /// match the queues, totals match the counters, every queue's head
-    /// has the only age entry of its queue, every pending message has its
-    /// expiry entry, every index key points at a
-    /// message's expiry entry, every record decodes and its stanza parses.
+    /// has the only age entry of its queue, every pending message names
+    /// its dedup keys in its queue entry or has its expiry entry, every index key points at a
+    /// message's queue or expiry entry, every record decodes and its stanza parses.
     /// Read-only.
     pub fn check(&self) -> Result<CheckReport, StoreError> {
         let mut r = CheckReport::default();
@@ -24,6 +24,10 @@ impl SledStore {
         let mut found: HashMap<String, (u64, u64)> = HashMap::new();
         let mut pending_seqs: BTreeMap<u64, String> = BTreeMap::new();
         let mut heads: HashMap<String, u64> = HashMap::new();
+        // Pending messages whose queue entry names their dedup keys, and
+        // how many index keys the queue entries and expiry entries name.
+        let mut named_by_queue: std::collections::HashSet<u64> = Default::default();
+        let mut owned = 0u64;
         for kv in self.db.scan_prefix(b"q") {
             let (k, v) = kv?;
             let (recipient, seq) = match (recipient_of_queue_key(&k), seq_of_queue_key(&k)) {
@@ -33,8 +37,8 @@ impl SledStore {
                     continue;
                 }
             };
-            let rec: Record = match decode(&v, "record") {
-                Ok(rec) => rec,
+            let (rec, extra) = match decode_queue_value(&v) {
+                Ok(r) => r,
                 Err(e) => {
                     bad(format!("{recipient} seq {seq}: {e}"));
                     continue;
@@ -53,8 +57,30 @@ impl SledStore {
             }
             // Keys come in (recipient, seq) order: the first is the head.
             heads.entry(recipient.clone()).or_insert(seq);
-            if self.db.get(expiry_key(seq))?.is_none() {
-                bad(format!("{recipient} seq {seq}: no expiry entry"));
+            let has_entry = self.db.get(expiry_key(seq))?.is_some();
+            match extra {
+                // Its queue entry names its dedup keys.
+                Some(extra) => {
+                    if has_entry {
+                        bad(format!(
+                            "{recipient} seq {seq}: an expiry entry besides the dedup keys its \
+                             queue entry names"
+                        ));
+                    }
+                    r.entries += 1;
+                    for key in extra.dedup_keys(&recipient, &rec) {
+                        owned += 1;
+                        match self.db.get(&key)? {
+                            Some(v) if decode_index(&v).ok().map(|(s, _)| s) == Some(seq) => {}
+                            _ => bad(format!(
+                                "{recipient} seq {seq}: index key missing or pointing elsewhere"
+                            )),
+                        }
+                    }
+                    named_by_queue.insert(seq);
+                }
+                None if !has_entry => bad(format!("{recipient} seq {seq}: no expiry entry")),
+                None => {}
             }
         }
         // Counters.
@@ -109,7 +135,6 @@ impl SledStore {
             }
         }
         // Expiry entries and the indexes they own.
-        let mut owned = 0u64;
         for kv in self.db.scan_prefix(b"x") {
             let (k, v) = kv?;
             r.entries += 1;
@@ -145,14 +170,16 @@ impl SledStore {
                 let (_, v) = kv?;
                 index_keys += 1;
                 let (seq, _) = decode_index(&v)?;
-                if self.db.get(expiry_key(seq))?.is_none() {
-                    bad(format!("index key for seq {seq} that no expiry entry owns"));
+                if !named_by_queue.contains(&seq) && self.db.get(expiry_key(seq))?.is_none() {
+                    bad(format!(
+                        "index key for seq {seq} that no expiry entry or queue entry owns"
+                    ));
                 }
             }
         }
         if index_keys != owned {
             bad(format!(
-                "{index_keys} index keys but expiry entries own {owned}"
+                "{index_keys} index keys but expiry and queue entries name {owned}"
             ));
         }
         // Tombstones: each with its time key and expiry entry, none for a

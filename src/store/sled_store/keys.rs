@@ -144,3 +144,65 @@ pub(super) fn decode<T: for<'de> Deserialize<'de>>(v: &[u8], what: &str) -> Resu
 pub(super) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     postcard::to_stdvec(v).expect("postcard encodes plain structs")
 }
+
+/// What a queue entry holds after its [`Record`] since schema 4: enough
+/// to name its dedup keys, so that a pending message needs no expiry
+/// entry (one is written when it leaves its queue). An entry that ends
+/// with its record (written before, or put back from a tombstone) has
+/// its expiry entry.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct QueueExtra {
+    pub(super) origin_id: Option<String>,
+    /// The sender's bare JID where it is not that of `Record::sender`.
+    pub(super) sender_bare: Option<String>,
+}
+
+impl QueueExtra {
+    pub(super) fn new(rec: &Record, sender_bare: &str, origin_id: Option<&str>) -> QueueExtra {
+        QueueExtra {
+            origin_id: origin_id.map(str::to_owned),
+            sender_bare: (bare_of(&rec.sender) != sender_bare).then(|| sender_bare.to_owned()),
+        }
+    }
+
+    /// The `i` and `o` keys of the pending message `rec` of `recipient`.
+    pub(super) fn dedup_keys(&self, recipient: &str, rec: &Record) -> Vec<Vec<u8>> {
+        let sender = self
+            .sender_bare
+            .as_deref()
+            .unwrap_or_else(|| bare_of(&rec.sender));
+        let mut keys = vec![id_key(recipient, sender, &rec.id)];
+        if let Some(o) = &self.origin_id {
+            keys.push(origin_key(recipient, sender, o));
+        }
+        keys
+    }
+}
+
+/// A queue entry's value: the record (what every reader of a [`Record`]
+/// decodes: postcard leaves what follows), then its [`QueueExtra`].
+pub(super) fn queue_value(rec: &Record, extra: &QueueExtra) -> Vec<u8> {
+    let mut v = encode(rec);
+    v.extend_from_slice(&encode(extra));
+    v
+}
+
+/// A queue entry's record, and its [`QueueExtra`] unless the entry has an
+/// expiry entry instead.
+pub(super) fn decode_queue_value(v: &[u8]) -> Result<(Record, Option<QueueExtra>), StoreError> {
+    let (rec, rest) = postcard::take_from_bytes::<Record>(v)
+        .map_err(|e| StoreError::Corrupt(format!("record: {e}")))?;
+    if rest.is_empty() {
+        return Ok((rec, None));
+    }
+    Ok((rec, Some(decode(rest, "queue entry's dedup keys")?)))
+}
+
+/// The expiry entry of a message that leaves its queue.
+pub(super) fn left_queue(recipient: &str, rec: &Record, extra: &QueueExtra) -> Expiry {
+    Expiry {
+        accepted_at_ms: rec.accepted_at_ms,
+        recipient: recipient.to_owned(),
+        keys: extra.dedup_keys(recipient, rec),
+    }
+}

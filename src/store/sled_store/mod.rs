@@ -9,17 +9,19 @@
 //!
 //! One sled tree holds everything, under one-byte key prefixes, so that an
 //! accept (queue entry + id index + recipient counters) is one atomic
-//! `apply_batch`:
+//! `apply_batch`. A pending message is two keys (three with an origin-id),
+//! and a message that left its queue is its dedup keys and its expiry
+//! entry until its time to live ends:
 //!
 //! | key | value |
 //! |---|---|
-//! | `q` recipient 0x00 seq(u64 BE) | [`Record`] |
+//! | `q` recipient 0x00 seq(u64 BE) | [`Record`], then (schema 4) [`keys::QueueExtra`]: what names its dedup keys |
 //! | `i` recipient 0x00 sender 0x00 id | seq (u64 BE) |
 //! | `o` recipient 0x00 sender 0x00 origin-id | seq (u64 BE) |
 //! | `r` recipient | [`RecipientState`] |
 //! | `a` seq(u64 BE) | recipient (age index: one entry per queue, on its head; the first key is the oldest pending message) |
 //! | `g` | [`Totals`] over all recipients |
-//! | `x` seq(u64 BE) | [`Expiry`]: when the message was accepted and its dedup keys |
+//! | `x` seq(u64 BE) | [`Expiry`]: when the message was accepted and its dedup keys; written when it leaves its queue (a queue entry without a `QueueExtra` has one while pending) |
 //! | `m` name | metadata: `mschema` the schema version, `mseqbase` (u64 BE) what seqs start from |
 //! | `c` recipient 0x00 sender | [`Contact`]: the sender's relay address's subscription |
 //! | `t` recipient 0x00 seq(u64 BE) | a message counted delivered without a receipt (`assumed.rs`) |
@@ -68,7 +70,10 @@ use keys::*;
 /// store instead of handing out seqs the imported messages hold; a store
 /// without it is a version 2 store, read alike.
 /// 4: one age entry per queue, on its head, instead of one per pending
-/// message (`migrate_to_4`).
+/// message (`migrate_to_4`); a queue entry written by 4 names its
+/// message's dedup keys after its record, and the message has no expiry
+/// entry until it leaves its queue (entries written before keep theirs;
+/// an older build would never expire such a message).
 pub const SCHEMA_VERSION: u32 = 4;
 const SCHEMA_KEY: &[u8] = b"mschema";
 /// Present while the migration to 4 has age entries left to drop.
@@ -78,6 +83,7 @@ const TOTALS_KEY: &[u8] = b"g";
 
 mod assumed;
 mod check;
+mod expiry;
 mod habits;
 mod keys;
 mod queue;
@@ -90,6 +96,9 @@ pub struct SledStore {
     pub(super) overlay: Mutex<Overlay>,
     /// `mseqbase`, what seqs start from.
     pub(super) seq_base: AtomicU64,
+    /// Where an export's walk over the queues stands: the last seq it
+    /// gave, and each queue's next message (`transfer.rs`).
+    pub(super) export_walk: Mutex<Option<(Option<u64>, transfer::Opened)>>,
 }
 
 /// Writes not yet applied to sled (see "Bursts" above).
@@ -139,6 +148,18 @@ impl Merged {
             db: db.peekable(),
             overlay: overlay.into_iter().peekable(),
         }
+    }
+}
+
+/// The seq in the next key of a walk over keys of a prefix byte and a
+/// seq (`x`, `a`).
+pub(super) fn peek_seq(it: &mut std::iter::Peekable<Merged>) -> Result<Option<u64>, StoreError> {
+    if matches!(it.peek(), Some(Err(_))) {
+        return Err(it.next().and_then(Result::err).expect("peeked an error"));
+    }
+    match it.peek() {
+        Some(Ok((k, _))) => Ok(Some(decode_seq(&k[1..])?)),
+        _ => Ok(None),
     }
 }
 
@@ -328,6 +349,7 @@ impl SledStore {
             path: path.to_owned(),
             overlay: Mutex::default(),
             seq_base: AtomicU64::new(seq_base),
+            export_walk: Mutex::default(),
         };
         match store.db.get(SCHEMA_KEY)? {
             None => {

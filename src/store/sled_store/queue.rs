@@ -163,82 +163,6 @@ impl SledStore {
         Ok(out)
     }
 
-    /// One step of the expiry walk: up to `limit` of the oldest expiry
-    /// entries accepted at or before `cutoff_ms` go, with their dedup keys
-    /// and, if still pending, their messages (counters included). One
-    /// atomic batch.
-    pub fn expire(&self, cutoff_ms: i64, limit: usize) -> Result<Expired, StoreError> {
-        let mut out = Expired::default();
-        let mut batch = Writes::default();
-        let mut states: HashMap<String, (RecipientState, RecipientState)> = HashMap::new();
-        let mut tombstoned = Vec::new();
-        let mut expired_pending: HashMap<String, HashSet<u64>> = HashMap::new();
-        for kv in self.scan(b"x") {
-            if out.entries == limit {
-                out.more = true;
-                break;
-            }
-            let (k, v) = kv?;
-            let e: Expiry = decode(&v, "expiry entry")?;
-            if e.accepted_at_ms > cutoff_ms {
-                break;
-            }
-            let seq = decode_seq(&k[1..])?;
-            batch.remove(k);
-            for key in &e.keys {
-                batch.remove(key);
-            }
-            let qkey = queue_key(&e.recipient, seq);
-            if let Some(v) = self.read(&qkey)? {
-                let rec: Record = decode(&v, "record")?;
-                let (_, after) = match states.entry(e.recipient.clone()) {
-                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        let st = self.recipient(&e.recipient)?;
-                        v.insert((st, st))
-                    }
-                };
-                after.pending = after.pending.saturating_sub(1);
-                after.bytes = after.bytes.saturating_sub(rec.stanza.len() as u64);
-                batch.remove(qkey);
-                expired_pending
-                    .entry(e.recipient.clone())
-                    .or_default()
-                    .insert(seq);
-                out.messages.push((e.recipient.clone(), seq, rec));
-            }
-            tombstoned.push((e.recipient, seq));
-            out.entries += 1;
-        }
-        if out.entries == 0 {
-            return Ok(out);
-        }
-        for (recipient, seqs) in &expired_pending {
-            self.rehead(recipient, seqs, &mut batch)?;
-        }
-        // Kept for a late bounce at most until their time to live ends.
-        let mut kept = self.assumed_totals()?;
-        let mut dropped = false;
-        for (recipient, seq) in &tombstoned {
-            dropped |= self
-                .take_tombstone(recipient, *seq, &mut batch, &mut kept)?
-                .is_some();
-        }
-        if dropped {
-            batch.insert(assumed::ASSUMED_KEY, encode(&kept));
-        }
-        if !states.is_empty() {
-            let mut totals = self.totals()?;
-            for (recipient, (before, after)) in &states {
-                totals.apply(before, after);
-                batch.insert(recipient_key(recipient), encode(after));
-            }
-            batch.insert(TOTALS_KEY, encode(&totals));
-        }
-        self.write(batch)?;
-        Ok(out)
-    }
-
     /// Store a message unless it is a duplicate or the queue is full.
     pub fn accept(&self, msg: NewMessage<'_>, limits: QueueLimits) -> Result<Accepted, StoreError> {
         let hash = msg.content_hash;
@@ -304,27 +228,23 @@ impl SledStore {
         for (old_seq, e) in owners {
             batch.insert(expiry_key(old_seq), encode(&e));
         }
-        batch.insert(queue_key(msg.recipient, seq), encode(&msg.record));
+        let extra = QueueExtra::new(&msg.record, msg.sender_bare, msg.origin_id);
+        batch.insert(
+            queue_key(msg.recipient, seq),
+            queue_value(&msg.record, &extra),
+        );
         if before.pending == 0 {
             // The head of a queue that was empty (seqs only grow, so a
             // later accept never is one).
             batch.insert(age_key(seq), msg.recipient.as_bytes());
         }
         batch.insert(TOTALS_KEY, encode(&totals));
+        // The queue entry names these while the message is pending; its
+        // expiry entry is written when it leaves the queue.
         batch.insert(&ikey, index_value(seq, hash));
-        let mut keys = vec![ikey];
         if let Some(okey) = okey {
             batch.insert(&okey, index_value(seq, hash));
-            keys.push(okey);
         }
-        batch.insert(
-            expiry_key(seq),
-            encode(&Expiry {
-                accepted_at_ms: msg.record.accepted_at_ms,
-                recipient: msg.recipient.to_owned(),
-                keys,
-            }),
-        );
         batch.insert(recipient_key(msg.recipient), encode(&state));
         self.write(batch)?;
         Ok(Accepted::Stored { seq })
@@ -385,6 +305,10 @@ impl SledStore {
         let mut batch = Writes::default();
         if let Some(v) = self.read(&expiry_key(seq))? {
             let e: Expiry = decode(&v, "expiry entry")?;
+            if e.recipient != recipient {
+                // A seq names a message of one recipient only.
+                return Ok(None);
+            }
             for key in &e.keys {
                 batch.remove(key);
             }
@@ -428,10 +352,17 @@ impl SledStore {
         for &seq in seqs.iter().filter(|s| seen.insert(**s)) {
             let k = queue_key(recipient, seq);
             if let Some(v) = self.read(&k)? {
-                let rec: Record = decode(&v, "record")?;
+                let (rec, extra) = decode_queue_value(&v)?;
                 state.pending = state.pending.saturating_sub(1);
                 state.bytes = state.bytes.saturating_sub(rec.stanza.len() as u64);
                 batch.remove(k);
+                if let Some(extra) = extra {
+                    // Its dedup keys outlive it, until the expiry walk.
+                    batch.insert(
+                        expiry_key(seq),
+                        encode(&left_queue(recipient, &rec, &extra)),
+                    );
+                }
                 removed.push((seq, rec));
             } else {
                 gone.push(seq);

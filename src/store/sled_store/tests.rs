@@ -67,8 +67,10 @@ fn schema_1_store_is_migrated() {
     let seq = {
         let s = open(dir.path());
         let seq = stored(&s, msg("b@x", "a@x", "m0", None));
-        // Make it look like schema 1: no age index, no expiry
-        // entries, no totals.
+        // Make it look like schema 1: the queue entry ends with its
+        // record, no age index, no expiry entries, no totals.
+        let rec = s.get("b@x", seq).unwrap().unwrap();
+        s.db.insert(queue_key("b@x", seq), encode(&rec)).unwrap();
         s.db.remove(age_key(seq)).unwrap();
         s.db.remove(expiry_key(seq)).unwrap();
         s.db.remove(TOTALS_KEY).unwrap();
@@ -292,4 +294,129 @@ fn a_compressed_store_keeps_its_messages_and_refuses_the_other_setting() {
         matches!(err, StoreError::Compression { created: false, .. }),
         "{err}"
     );
+}
+
+/// Rewrite pending message `seq` of `recipient` as a store before schema
+/// 4 kept it: the queue entry ends with its record, and an expiry entry
+/// names its dedup keys.
+fn make_old_style(s: &SledStore, recipient: &str, seq: u64) {
+    let v = s.db.get(queue_key(recipient, seq)).unwrap().unwrap();
+    let (rec, extra) = decode_queue_value(&v).unwrap();
+    let extra = extra.expect("written by this version");
+    s.db.insert(queue_key(recipient, seq), encode(&rec))
+        .unwrap();
+    s.db.insert(
+        expiry_key(seq),
+        encode(&left_queue(recipient, &rec, &extra)),
+    )
+    .unwrap();
+}
+
+/// Schema 4: a pending message's queue entry names its dedup keys, and
+/// its expiry entry is written when it leaves the queue (so that a
+/// million pending messages are a million keys fewer).
+#[test]
+fn a_pending_message_has_no_expiry_entry_until_it_leaves_its_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let mut m = msg("bob@x", "alice@x", "m1", Some("o1"));
+    m.record.accepted_at_ms = 1_000;
+    let seq = stored(&s, m);
+    assert!(s.db.get(expiry_key(seq)).unwrap().is_none());
+    assert!(layout_problems(&s).is_empty());
+    // Still a duplicate by id and by origin-id.
+    assert_eq!(
+        s.accept(msg("bob@x", "alice@x", "m1", None), BIG).unwrap(),
+        Accepted::Duplicate { seq }
+    );
+    assert_eq!(
+        s.accept(msg("bob@x", "alice@x", "m9", Some("o1")), BIG)
+            .unwrap(),
+        Accepted::Duplicate { seq }
+    );
+    s.confirm("bob@x", &[seq]).unwrap();
+    let e: Expiry = decode(&s.db.get(expiry_key(seq)).unwrap().unwrap(), "x").unwrap();
+    assert_eq!(e.accepted_at_ms, 1_000);
+    assert_eq!(e.keys.len(), 2, "the id and the origin-id");
+    assert!(layout_problems(&s).is_empty());
+    // After its time to live both keys go.
+    assert_eq!(s.expire(1_000, 10).unwrap().entries, 1);
+    assert!(s.seq_of("bob@x", "alice@x", "m1").unwrap().is_none());
+    assert!(matches!(
+        s.accept(msg("bob@x", "alice@x", "m9", Some("o1")), BIG)
+            .unwrap(),
+        Accepted::Stored { .. }
+    ));
+}
+
+/// A store migrated from schema 3 holds both kinds of pending message:
+/// the expiry walk takes them all in seq order, with their dedup keys,
+/// and an export gives them all in seq order, page by page.
+#[test]
+fn old_and_new_pending_messages_expire_and_export_in_seq_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let mut seqs = Vec::new();
+    for i in 0..8 {
+        let r = ["ann@x", "bob@x", "cat@x"][i % 3];
+        let mut m = msg(r, "zed@x", &format!("m{i}"), None);
+        let origin = format!("o{i}");
+        m.origin_id = (i % 2 == 0).then_some(origin.as_str());
+        m.record.accepted_at_ms = 1_000 * (i as i64 + 1);
+        seqs.push((r, stored(&s, m)));
+    }
+    // Old style: m0 and m3 (ann's) and m4 (bob's); m6 leaves its queue.
+    for i in [0, 3, 4] {
+        make_old_style(&s, seqs[i].0, seqs[i].1);
+    }
+    s.confirm(seqs[6].0, &[seqs[6].1]).unwrap();
+    assert!(layout_problems(&s).is_empty(), "{:?}", layout_problems(&s));
+    // Export, two at a time: every message once, in seq order.
+    let mut got = Vec::new();
+    let mut after = None;
+    loop {
+        let page = s.remembered(after, 2).unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some(last.seq);
+        got.extend(page.into_iter().map(|r| {
+            (
+                r.seq,
+                r.ids[0].value.clone(),
+                r.origins.len(),
+                r.message.is_some(),
+            )
+        }));
+    }
+    let want: Vec<_> = (0..8)
+        .map(|i| (seqs[i].1, format!("m{i}"), usize::from(i % 2 == 0), i != 6))
+        .collect();
+    assert_eq!(got, want);
+    // Expire up to m5 (t = 6000), three at a time.
+    let mut expired = Vec::new();
+    let mut entries = 0;
+    loop {
+        let step = s.expire(6_000, 3).unwrap();
+        entries += step.entries;
+        expired.extend(step.messages.into_iter().map(|(_, _, r)| r.id));
+        if !step.more {
+            break;
+        }
+    }
+    assert_eq!(entries, 6);
+    assert_eq!(expired, ["m0", "m1", "m2", "m3", "m4", "m5"]);
+    for (i, (r, _)) in seqs.iter().enumerate().take(6) {
+        assert!(
+            s.seq_of(r, "zed@x", &format!("m{i}")).unwrap().is_none(),
+            "m{i}'s id key went"
+        );
+    }
+    let left: Vec<u64> = ["ann@x", "bob@x", "cat@x"]
+        .iter()
+        .flat_map(|r| s.pending_from(r, 0, 10).unwrap())
+        .map(|(seq, _)| seq)
+        .collect();
+    assert_eq!(left, [seqs[7].1]);
+    assert_eq!(s.oldest().unwrap().unwrap().1, seqs[7].1);
+    assert_eq!(s.totals().unwrap().pending, 1);
+    assert!(layout_problems(&s).is_empty(), "{:?}", layout_problems(&s));
 }
