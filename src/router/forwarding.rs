@@ -9,6 +9,8 @@
 //! leader takes it in a burst of its own (`take_forwarded`), and handles
 //! it exactly as if it had come on its own link.
 
+use futures::FutureExt;
+
 use super::*;
 use crate::store::HandoverLag;
 
@@ -87,8 +89,8 @@ impl Router {
         }
         // Not while the link is down or goes down in this batch: the
         // answers would be lost with the rows (and the leader is leaving).
-        let rows = if batch.iter().any(|e| matches!(e, LinkEvent::Down)) {
-            Vec::new()
+        let (rows, held) = if batch.iter().any(|e| matches!(e, LinkEvent::Down)) {
+            (Vec::new(), false)
         } else {
             let last = batch
                 .iter()
@@ -114,7 +116,7 @@ impl Router {
                 // Later rows, if any, in a round of their own.
                 self.handovers.more_wait();
             }
-            rows
+            (rows, !hold.is_zero())
         };
         let mut rows = rows.into_iter().peekable();
         let mut last = i64::MIN;
@@ -129,6 +131,19 @@ impl Router {
         }
         for (_, xml) in rows {
             self.handle_forwarded(xml).await;
+        }
+        if held {
+            // A held round is long: under a steady stream of direct
+            // stanzas the next would come at once, and the run loop
+            // prefers the link's events, so the timers that came due
+            // meanwhile (receipt timeouts, the expiry walk, the lead
+            // check) run now.
+            for _ in 0..BURST {
+                let Some(Some(expired)) = self.timers.next().now_or_never() else {
+                    break;
+                };
+                self.on_timer(expired.into_inner()).await;
+            }
         }
     }
 

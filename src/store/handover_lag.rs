@@ -6,8 +6,8 @@
 //! two paths by arrival (`router/forwarding.rs`): a stanza handed over a
 //! commit late then goes before a direct one that arrived after it,
 //! instead of the direct one overtaking every hand-over still in flight.
-//! The figure is the largest seen in the last one to two seconds, so it
-//! follows the database's commit time up and down, and it is capped: a
+//! The figure is the largest seen in the last ten to twenty seconds, so
+//! it follows the database's commit time up and down, and it is capped: a
 //! clock that disagrees, or a leader that was away, costs at most
 //! `MAX_HOLD` per batch.
 
@@ -17,16 +17,18 @@ use std::time::Duration;
 /// The longest a leader holds its own stanzas for hand-overs.
 pub const MAX_HOLD: Duration = Duration::from_millis(50);
 
-const BUCKET_US: i64 = 1_000_000;
+/// Ten seconds: a chat's bursts are seconds apart, and the first
+/// hand-over after a pause is as slow as the last before it.
+const BUCKET_US: i64 = 10_000_000;
 
-/// The largest lag per one-second bucket, for the current bucket and the
+/// The largest lag per ten-second bucket, for the current bucket and the
 /// one before it.
 #[derive(Debug, Default)]
 pub struct HandoverLag(Mutex<Window>);
 
 #[derive(Debug, Default)]
 struct Window {
-    /// The current bucket (µs since the epoch ÷ 1 s); 0 before the first
+    /// The current bucket (µs since the epoch ÷ 10 s); 0 before the first
     /// sample.
     bucket: i64,
     current_us: i64,
@@ -57,8 +59,8 @@ impl HandoverLag {
 
     /// How long to hold a stanza that arrived at `arrived_us`, at
     /// `now_us`: until the largest recent lag has passed since its
-    /// arrival. Zero when nothing was handed over in the last second or
-    /// two (a lone leader never waits).
+    /// arrival. Zero when nothing was handed over in the last ten to
+    /// twenty seconds (a lone leader never waits).
     pub fn hold(&self, arrived_us: i64, now_us: i64) -> Duration {
         let lag = {
             let w = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -103,18 +105,18 @@ mod tests {
     }
 
     #[test]
-    fn the_lag_is_forgotten_after_one_to_two_seconds() {
+    fn the_lag_is_forgotten_after_one_to_two_buckets() {
         let lag = HandoverLag::default();
         lag.observe(10 * S, 10 * S + 20_000);
         lag.observe(11 * S, 11 * S + 3_000);
-        // In the next second both buckets count.
+        // In the next bucket both count.
         assert_eq!(
             lag.hold(11 * S + 500, 11 * S + 500),
             Duration::from_millis(20)
         );
-        // A second later only the newer one.
+        // A bucket later only the newer one.
         assert_eq!(lag.hold(12 * S, 12 * S), Duration::from_millis(3));
-        // Two seconds later nothing.
+        // Two buckets later nothing.
         assert_eq!(lag.hold(13 * S, 13 * S), Duration::ZERO);
         // A sample after a gap starts afresh.
         lag.observe(20 * S, 20 * S + 1_000);

@@ -227,3 +227,42 @@ async fn a_hand_over_slower_than_a_later_direct_stanza_still_goes_first() {
     assert_eq!(relayed, ["h1", "d1"], "in the order they arrived");
     assert_eq!(other.handed_over().unwrap(), 0);
 }
+
+/// Review of the hold, defect 1: under a steady stream of direct stanzas
+/// every round is held and the next is already waiting, and the run loop
+/// prefers the link's events; the timers must still run. Here the
+/// one-second look for handed-over rows takes one whose arrival (a
+/// forwarder's clock ten seconds ahead) keeps it out of every held
+/// round's merge: it is relayed while the stream goes on.
+#[tokio::test]
+async fn held_rounds_leave_the_timers_running() {
+    let (mut h, other) = leader_and_other_with("instances = \"all-active\"").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Hand-overs have been taking 40 ms.
+    hand_over_at(&other, "h0", crate::link::now_us() - 40_000);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ids_of(&h.drain()), ["h0"]);
+    h.receipt("h0").await;
+    hand_over_at(&other, "late", crate::link::now_us() + 10_000_000);
+    let mut relayed = Vec::new();
+    for i in 0..250 {
+        let ping = format!(
+            "<iq xmlns='{NS}' type='get' id='p{i}' from='alice@x/r' to='relay.x'>\
+             <ping xmlns='urn:xmpp:ping'/></iq>"
+        );
+        let st = Stanza::try_from(Element::from_str(&ping).unwrap()).unwrap();
+        h.events
+            .send(LinkEvent::Stanza(Box::new(st), crate::link::now_us()))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(8)).await;
+        relayed.extend(h.drain().into_iter().map(|(id, _)| id));
+    }
+    assert_eq!(relayed, ["late"], "taken while the stream went on");
+}
+
+fn hand_over_at(other: &PgStore, id: &str, at: i64) {
+    other.begin();
+    other.forward(&from_alice(id), at).unwrap();
+    other.commit().unwrap();
+}
