@@ -123,10 +123,12 @@ pub struct QueueSummary {
     pub oldest_ms: Option<i64>,
 }
 
-/// Written with every accepted message, removed when it expires: the
-/// expiry walk goes through these in seq (so accept) order, drops the
-/// message if it is still pending, and always drops its dedup keys, so
-/// that the id indexes do not grow forever.
+/// A message's accept time and dedup keys, kept until it expires, so
+/// that the id indexes do not grow forever: on sled written when the
+/// message leaves its queue (while it is pending, its queue entry names
+/// them), in stores from before schema 4 with every accept. The expiry
+/// walk takes them in seq (so accept) order, with the message if it is
+/// still pending.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Expiry {
     pub accepted_at_ms: i64,
@@ -304,7 +306,7 @@ pub struct CheckReport {
     pub recipients: u64,
     pub messages: u64,
     pub bytes: u64,
-    /// Expiry entries (accepted messages still remembered for dedup).
+    /// Accepted messages still remembered for dedup, pending or not.
     pub entries: u64,
     pub problems: Vec<String>,
 }

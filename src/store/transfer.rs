@@ -68,6 +68,11 @@ pub enum TransferError {
          to handle them, stop every instance, then export"
     )]
     HandedOver(u64),
+    #[error(
+        "the store counts {pending} pending messages but the export found {exported}: the \
+         store is damaged (run `redeliver store check`); the file is incomplete"
+    )]
+    Incomplete { pending: u64, exported: u64 },
 }
 
 /// Counts of an export or import.
@@ -167,6 +172,15 @@ pub fn export(store: &dyn StoreView, w: &mut dyn Write) -> Result<TransferSummar
                 },
             )?;
         }
+    }
+    // A message the walk could not reach (a damaged index) must not
+    // leave a file that looks whole.
+    let pending = store.totals()?.pending;
+    if sum.messages != pending {
+        return Err(TransferError::Incomplete {
+            pending,
+            exported: sum.messages,
+        });
     }
     write_line(
         w,

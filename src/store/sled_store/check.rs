@@ -37,6 +37,11 @@ impl SledStore {
                     continue;
                 }
             };
+            if pending_seqs.insert(seq, recipient.clone()).is_some() {
+                bad(format!("seq {seq} is in two queues"));
+            }
+            // Keys come in (recipient, seq) order: the first is the head.
+            heads.entry(recipient.clone()).or_insert(seq);
             let (rec, extra) = match decode_queue_value(&v) {
                 Ok(r) => r,
                 Err(e) => {
@@ -52,11 +57,6 @@ impl SledStore {
             let e = found.entry(recipient.clone()).or_default();
             e.0 += 1;
             e.1 += rec.stanza.len() as u64;
-            if pending_seqs.insert(seq, recipient.clone()).is_some() {
-                bad(format!("seq {seq} is in two queues"));
-            }
-            // Keys come in (recipient, seq) order: the first is the head.
-            heads.entry(recipient.clone()).or_insert(seq);
             let has_entry = self.db.get(expiry_key(seq))?.is_some();
             match extra {
                 // Its queue entry names its dedup keys.

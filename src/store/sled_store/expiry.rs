@@ -123,6 +123,11 @@ impl SledStore {
                 (next_head.expect("the head is next"), recipient)
             };
             let Some(v) = self.read(&queue_key(&recipient, seq))? else {
+                // An age entry without its message (a damaged index): the
+                // queue goes on from the message after it.
+                if let Some(next) = self.next_in_queue(&recipient, seq)? {
+                    opened.push(Reverse((next, recipient)));
+                }
                 continue;
             };
             let (rec, extra) = decode_queue_value(&v)?;

@@ -2,8 +2,8 @@
 //! mechanics: bursts (writes gathered in an overlay that every read sees,
 //! applied as one batch), opening, the clean-shutdown marker and schema
 //! migrations; `keys` the key layout and encodings, `queue` what a queue
-//! store does (accept, confirm, expiry, purge, counters, subscription and
-//! contact state), `assumed` messages counted delivered without a
+//! store does (accept, confirm, purge, counters, subscription and
+//! contact state), `expiry` the expiry walk, `assumed` messages counted delivered without a
 //! receipt, `habits` what clients do with receipts, `check` and
 //! `transfer` the `store` subcommands.
 //!
@@ -22,7 +22,7 @@
 //! | `a` seq(u64 BE) | recipient (age index: one entry per queue, on its head; the first key is the oldest pending message) |
 //! | `g` | [`Totals`] over all recipients |
 //! | `x` seq(u64 BE) | [`Expiry`]: when the message was accepted and its dedup keys; written when it leaves its queue (a queue entry without a `QueueExtra` has one while pending) |
-//! | `m` name | metadata: `mschema` the schema version, `mseqbase` (u64 BE) what seqs start from |
+//! | `m` name | metadata: `mschema` the schema version, `mseqbase` (u64 BE) what seqs start from, `mnewest` (u64 BE) the newest accept's seq, `mmigrate4` while a migration is under way |
 //! | `c` recipient 0x00 sender | [`Contact`]: the sender's relay address's subscription |
 //! | `t` recipient 0x00 seq(u64 BE) | a message counted delivered without a receipt (`assumed.rs`) |
 //! | `u` at(u64 BE) seq(u64 BE) | recipient (when each `t` entry was written, for pruning) |
@@ -78,6 +78,9 @@ pub const SCHEMA_VERSION: u32 = 4;
 const SCHEMA_KEY: &[u8] = b"mschema";
 /// Present while the migration to 4 has age entries left to drop.
 const MIGRATING_KEY: &[u8] = b"mmigrate4";
+/// The seq of the newest accept (u64 BE), for the shutdown marker: a
+/// pending message has no expiry entry that would show it.
+pub(super) const NEWEST_KEY: &[u8] = b"mnewest";
 const SEQ_BASE_KEY: &[u8] = b"mseqbase";
 const TOTALS_KEY: &[u8] = b"g";
 
@@ -199,7 +202,9 @@ pub(super) const SHUTDOWN_MARKER: &str = "redeliver-clean-shutdown";
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub(super) struct ShutdownMarker {
     pub(super) totals: Totals,
-    /// Seq of the newest remembered message.
+    /// The newest seq of an expiry entry or of an accept (`mnewest`):
+    /// whichever is later. (Before schema 4 every accept wrote an expiry
+    /// entry, and `mnewest` was absent: the same figure.)
     pub(super) last_entry: Option<u64>,
 }
 
@@ -255,6 +260,8 @@ impl SledStore {
 
     /// Apply one operation's writes (now, or at the burst's commit).
     pub(super) fn write(&self, w: Writes) -> Result<(), StoreError> {
+        // An export's walk holds no longer.
+        *self.export_walk.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let mut o = self.overlay();
         o.writes.extend(w.0);
         if !o.deferred {
@@ -355,6 +362,7 @@ impl SledStore {
             None => {
                 store.db.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
                 store.db.flush()?;
+                store.compare_shutdown_marker()?;
             }
             Some(v) => {
                 let found = u32::from_be_bytes(
@@ -369,6 +377,10 @@ impl SledStore {
                         reads: SCHEMA_VERSION,
                     });
                 }
+                // A store damaged while stopped is refused before a
+                // migration rewrites it (migrations leave the marker's
+                // figures as they are).
+                store.compare_shutdown_marker()?;
                 if found < 2 {
                     store.migrate_to_2()?;
                 }
@@ -377,15 +389,19 @@ impl SledStore {
                 }
             }
         }
-        store.compare_shutdown_marker()?;
         Ok(store)
     }
 
     pub(super) fn marker(&self) -> Result<ShutdownMarker, StoreError> {
-        let last_entry = match self.db.scan_prefix(b"x").next_back() {
+        let last_x = match self.db.scan_prefix(b"x").next_back() {
             Some(kv) => Some(decode_seq(&kv?.0[1..])?),
             None => None,
         };
+        let newest = match self.db.get(NEWEST_KEY)? {
+            Some(v) => Some(decode_seq(&v)?),
+            None => None,
+        };
+        let last_entry = last_x.max(newest);
         Ok(ShutdownMarker {
             totals: self.totals()?,
             last_entry,

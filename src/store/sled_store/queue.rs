@@ -246,6 +246,7 @@ impl SledStore {
             batch.insert(&okey, index_value(seq, hash));
         }
         batch.insert(recipient_key(msg.recipient), encode(&state));
+        batch.insert(NEWEST_KEY, seq.to_be_bytes());
         self.write(batch)?;
         Ok(Accepted::Stored { seq })
     }

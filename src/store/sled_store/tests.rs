@@ -47,9 +47,10 @@ fn a_burst_is_readable_before_its_commit_and_lands_whole() {
     assert!(s.db.get(queue_key("bob@x", second)).unwrap().is_none());
     assert_eq!(
         s.commit().unwrap(),
-        8,
-        "one batch: m1's entry, index and expiry, m0's entry removed, the \
-         head's age entry moving from m0 to m1 (two keys), counters, totals"
+        9,
+        "one batch: m1's entry and index, the newest accept, m0's entry \
+         removed and its expiry entry written, the head's age entry moving \
+         from m0 to m1 (two keys), counters, totals"
     );
     assert!(s.db.get(queue_key("bob@x", first)).unwrap().is_none());
     assert!(s.db.get(queue_key("bob@x", second)).unwrap().is_some());
@@ -419,4 +420,59 @@ fn old_and_new_pending_messages_expire_and_export_in_seq_order() {
     assert_eq!(s.oldest().unwrap().unwrap().1, seqs[7].1);
     assert_eq!(s.totals().unwrap().pending, 1);
     assert!(layout_problems(&s).is_empty(), "{:?}", layout_problems(&s));
+}
+
+/// Review of schema 4, defect 1: the clean-shutdown marker must change
+/// with a burst that accepts one message and removes another of the same
+/// size (totals unchanged), or a log cut that lost that burst would go
+/// unnoticed: a pending message has no expiry entry to show it.
+#[test]
+fn the_shutdown_marker_sees_an_accept_that_leaves_the_totals_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let bob = stored(&s, msg("bob@x", "zed@x", "b1", None));
+    let carol = stored(&s, msg("carol@x", "zed@x", "c1", None));
+    s.confirm("carol@x", &[carol]).unwrap();
+    let before = s.marker().unwrap();
+    s.begin();
+    stored(&s, msg("dave@x", "zed@x", "d1", None));
+    s.confirm("bob@x", &[bob]).unwrap();
+    s.commit().unwrap();
+    let after = s.marker().unwrap();
+    assert_eq!(before.totals, after.totals, "the totals alone say nothing");
+    assert_ne!(before, after);
+}
+
+/// Review of schema 4, defect 2: a queue whose age entry is damaged
+/// (pointing at a message that is gone) still expires, and an export
+/// that cannot reach every pending message fails instead of writing a
+/// file that looks whole.
+#[test]
+fn a_damaged_age_index_neither_stops_the_expiry_nor_shortens_an_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let seqs: Vec<u64> = (0..3)
+        .map(|i| {
+            let mut m = msg("bob@x", "zed@x", &format!("b{i}"), None);
+            m.record.accepted_at_ms = 1_000;
+            stored(&s, m)
+        })
+        .collect();
+    // The head's message is lost, its age entry left.
+    s.db.remove(queue_key("bob@x", seqs[0])).unwrap();
+    let step = s.expire(1_000, 10).unwrap();
+    assert_eq!(step.entries, 2, "the messages after it");
+    assert!(s.pending_from("bob@x", 0, 10).unwrap().is_empty());
+
+    let other = tempfile::tempdir().unwrap();
+    let s = open(other.path());
+    stored(&s, msg("bob@x", "zed@x", "b0", None));
+    let ann = stored(&s, msg("ann@x", "zed@x", "a0", None));
+    s.db.remove(age_key(ann)).unwrap();
+    let e = crate::store::transfer::export(&s, &mut Vec::new()).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("counts 2 pending messages but the export found 1"),
+        "{e}"
+    );
 }

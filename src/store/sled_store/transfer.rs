@@ -206,6 +206,9 @@ impl SledStore {
                 }),
             );
         }
+        if let Some(newest) = entries.iter().map(|e| e.seq).max() {
+            batch.insert(NEWEST_KEY, &newest.to_be_bytes());
+        }
         for (recipient, seq) in heads {
             let had = self.head_of(recipient)?;
             if had.is_none_or(|h| seq < h) {
