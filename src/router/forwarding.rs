@@ -9,10 +9,7 @@
 //! leader takes it in a burst of its own (`take_forwarded`), and handles
 //! it exactly as if it had come on its own link.
 
-use futures::FutureExt;
-
 use super::*;
-use crate::store::HandoverLag;
 
 impl Router {
     /// Not leading: hand a stanza from the link to the leader.
@@ -89,34 +86,23 @@ impl Router {
         }
         // Not while the link is down or goes down in this batch: the
         // answers would be lost with the rows (and the leader is leaving).
-        let (rows, held) = if batch.iter().any(|e| matches!(e, LinkEvent::Down)) {
-            (Vec::new(), false)
+        let rows = if batch.iter().any(|e| matches!(e, LinkEvent::Down)) {
+            Vec::new()
         } else {
-            let last = batch
-                .iter()
-                .filter_map(|e| match e {
-                    LinkEvent::Stanza(_, at) => Some(*at),
-                    _ => None,
+            // A full batch may leave direct stanzas in the channel: take
+            // no row that arrived after the last one here.
+            let upto = (batch.len() == BURST)
+                .then(|| {
+                    batch
+                        .iter()
+                        .filter_map(|e| match e {
+                            LinkEvent::Stanza(_, at) => Some(*at),
+                            _ => None,
+                        })
+                        .max()
                 })
-                .max();
-            // Hand-overs have been taking this long to commit: one that
-            // arrived before this batch's last stanza may be on its way.
-            let hold = last.map_or(Duration::ZERO, |at| self.handovers.hold(at));
-            if !hold.is_zero() {
-                tokio::time::sleep(hold).await;
-            }
-            // A full batch may leave direct stanzas in the channel, and
-            // more arrive while it is held: take no row that arrived after
-            // the last one here.
-            let upto = (batch.len() == BURST || !hold.is_zero())
-                .then_some(last)
                 .flatten();
-            let rows = self.fetch_forwarded(upto);
-            if !hold.is_zero() {
-                // Later rows, if any, in a round of their own.
-                self.handovers.more_wait();
-            }
-            (rows, !hold.is_zero())
+            self.fetch_forwarded(upto)
         };
         let mut rows = rows.into_iter().peekable();
         let mut last = i64::MIN;
@@ -131,19 +117,6 @@ impl Router {
         }
         for (_, xml) in rows {
             self.handle_forwarded(xml).await;
-        }
-        if held {
-            // A held round is long: under a steady stream of direct
-            // stanzas the next would come at once, and the run loop
-            // prefers the link's events, so the timers that came due
-            // meanwhile (receipt timeouts, the expiry walk, the lead
-            // check) run now.
-            for _ in 0..BURST {
-                let Some(Some(expired)) = self.timers.next().now_or_never() else {
-                    break;
-                };
-                self.on_timer(expired.into_inner()).await;
-            }
         }
     }
 
@@ -161,9 +134,11 @@ impl Router {
                 return Vec::new();
             }
         };
-        if rows.len() == BURST {
+        if rows.len() == BURST
+            && let Some(w) = &self.forwarded_wakeup
+        {
             // More wait: the next round takes them.
-            self.handovers.more_wait();
+            w.notify_one();
         }
         if !rows.is_empty() {
             debug!(stanzas = rows.len(), "handling forwarded stanzas");
@@ -192,7 +167,7 @@ impl Router {
     /// Whatever this instance's own mode, an all-active one may hand over
     /// (a mixed or changing deployment).
     pub(super) fn start_taking(&mut self) {
-        self.handovers = Handovers::listen(self.store.as_ref());
+        self.forwarded_wakeup = self.store.forwarded_wakeup();
         self.timers
             .insert(Timer::TakeForwarded, TAKE_FORWARDED_EVERY);
     }
@@ -245,44 +220,6 @@ impl Router {
             }
             Err(e) => self.lose_lead(format!("cannot take the lead: {e}")),
         }
-    }
-}
-
-/// What a leader hears of the other instances' hand-overs: a wakeup at
-/// each forwarding commit, and how long they took of late.
-#[derive(Default)]
-pub(super) struct Handovers {
-    wakeup: Option<Arc<tokio::sync::Notify>>,
-    lag: Option<Arc<HandoverLag>>,
-}
-
-impl Handovers {
-    /// Start listening (a shared store only; the first call listens).
-    fn listen(store: &dyn QueueStore) -> Self {
-        Handovers {
-            wakeup: store.forwarded_wakeup(),
-            lag: store.handover_lag(),
-        }
-    }
-
-    pub(super) fn wakeup(&self) -> Option<Arc<tokio::sync::Notify>> {
-        self.wakeup.clone()
-    }
-
-    /// Rows wait that the last take left: wake the next round for them.
-    fn more_wait(&self) {
-        if let Some(w) = &self.wakeup {
-            w.notify_one();
-        }
-    }
-
-    /// How long to hold a direct stanza that arrived at `arrived_us`
-    /// before merging: until as long as hand-overs took of late has
-    /// passed since (`store::HandoverLag`, at most `store::MAX_HOLD`).
-    fn hold(&self, arrived_us: i64) -> Duration {
-        self.lag.as_ref().map_or(Duration::ZERO, |l| {
-            l.hold(arrived_us, crate::link::now_us())
-        })
     }
 }
 

@@ -278,8 +278,8 @@ pub struct Router {
     /// Whether this instance leads: always, but for all-active instances
     /// that do not (they forward what they receive, see `forwarding`).
     leading: bool,
-    /// What the leader hears of other instances' hand-overs.
-    handovers: forwarding::Handovers,
+    /// Wakes the leader when another instance forwarded a stanza.
+    forwarded_wakeup: Option<Arc<tokio::sync::Notify>>,
     /// Messages forwarded in the current burst: their senders are told if
     /// its commit fails.
     burst_forwarded: Vec<Message>,
@@ -440,7 +440,7 @@ impl Router {
             roster_sets: HashMap::new(),
             // One-active instances run once they lead (see `app`).
             leading: config.store.instances == Instances::OneActive,
-            handovers: Default::default(),
+            forwarded_wakeup: None,
             burst_forwarded: Vec::new(),
             handling_taken: false,
             burst_handed: Vec::new(),
@@ -476,7 +476,7 @@ impl Router {
             self.start_taking();
         }
         while self.fatal.is_none() {
-            let wakeup = self.handovers.wakeup();
+            let wakeup = self.forwarded_wakeup.clone();
             // One burst per round: the store gathers its writes in memory
             // and applies them in one batch at the end (see `store`).
             self.store.begin();

@@ -6,7 +6,6 @@ use serde::{Deserialize, Serialize};
 
 #[cfg(test)]
 mod contract_tests;
-mod handover_lag;
 mod pg_store;
 mod queue_store;
 mod sled_store;
@@ -14,7 +13,6 @@ mod sled_store;
 pub mod test_databases;
 mod transfer;
 
-pub use handover_lag::{HandoverLag, MAX_HOLD};
 pub use queue_store::{QueueStore, StoreView};
 
 pub use pg_store::PgStore;

@@ -20,8 +20,8 @@
 
 use super::{
     AcceptKey, Accepted, AssumedTotals, CheckReport, Confirmed, Contact, Expired, Habit,
-    HandoverLag, NewMessage, Pruned, PurgeScope, QueueLimits, QueueSummary, RecipientState, Record,
-    Remembered, StoreError, Subscription, Totals,
+    NewMessage, Pruned, PurgeScope, QueueLimits, QueueSummary, RecipientState, Record, Remembered,
+    StoreError, Subscription, Totals,
 };
 
 /// What the admin commands may read; nothing here writes.
@@ -130,11 +130,6 @@ pub trait QueueStore: StoreView {
     /// Fires when a stanza was forwarded (only on a shared store; the
     /// first call starts listening).
     fn forwarded_wakeup(&self) -> Option<std::sync::Arc<tokio::sync::Notify>>;
-    /// How long forwarded stanzas took of late to become visible here
-    /// (fed once `forwarded_wakeup` listens; only on a shared store).
-    fn handover_lag(&self) -> Option<std::sync::Arc<HandoverLag>> {
-        None
-    }
 
     /// The router is about to accept these (a hint: wrong or missing ones
     /// cost only time): a store whose reads are round trips reads what

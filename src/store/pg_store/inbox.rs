@@ -18,7 +18,7 @@ use tokio_postgres::{AsyncMessage, Config, NoTls};
 use tracing::{debug, warn};
 
 use super::PgStore;
-use crate::store::{HandoverLag, StoreError};
+use crate::store::StoreError;
 
 /// The channel forwarding instances notify.
 const CHANNEL: &str = "redeliver_inbox";
@@ -30,13 +30,12 @@ const IDLE_CHECK: Duration = Duration::from_secs(5);
 impl PgStore {
     pub(super) fn forward_stanza(&self, stanza: &str, arrived_us: i64) -> Result<(), StoreError> {
         self.run(async |db, _| {
-            // One round trip; the notifications leave at the commit, each
-            // with its stanza's arrival: the leader measures from them how
-            // long hand-overs take (`HandoverLag`).
+            // One round trip; the notification leaves at the commit (and
+            // once per transaction, however many rows it wrote).
             db.write(
                 "WITH i AS (INSERT INTO redeliver_inbox (arrived_us, stanza) \
-                 VALUES ($1, $2) RETURNING arrived_us) \
-                 SELECT pg_notify('redeliver_inbox', arrived_us::text) FROM i",
+                 VALUES ($1, $2) RETURNING id) \
+                 SELECT pg_notify('redeliver_inbox', '') FROM i",
                 &[&arrived_us, &stanza],
             )
             .await?;
@@ -107,10 +106,9 @@ impl PgStore {
                 let weak = Arc::downgrade(&notify);
                 let config = self.config.clone();
                 let name = self.name.clone();
-                let lag = self.handover_lag.clone();
                 let started = std::thread::Builder::new()
                     .name("redeliver-listen".into())
-                    .spawn(move || listen(config, name, weak, lag));
+                    .spawn(move || listen(config, name, weak));
                 if let Err(e) = started {
                     // Not fatal: the leader also looks every second.
                     warn!(error = %e, "cannot start listening for forwarded stanzas");
@@ -122,7 +120,7 @@ impl PgStore {
 }
 
 /// Listen until the store (the last holder of the wakeup) is gone.
-fn listen(config: Config, name: String, wake: Weak<Notify>, lag: Arc<HandoverLag>) {
+fn listen(config: Config, name: String, wake: Weak<Notify>) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -135,7 +133,7 @@ fn listen(config: Config, name: String, wake: Weak<Notify>, lag: Arc<HandoverLag
     };
     rt.block_on(async move {
         while wake.strong_count() > 0 {
-            match listen_once(&config, &wake, &lag).await {
+            match listen_once(&config, &wake).await {
                 Ok(()) => return,
                 Err(e) => {
                     warn!(database = %name, error = %e, "listening for forwarded stanzas failed; again in 1 s");
@@ -147,22 +145,13 @@ fn listen(config: Config, name: String, wake: Weak<Notify>, lag: Arc<HandoverLag
 }
 
 /// One listening session; `Ok` once the store is gone, else why it ended.
-async fn listen_once(
-    config: &Config,
-    wake: &Weak<Notify>,
-    lag: &Arc<HandoverLag>,
-) -> Result<(), String> {
+async fn listen_once(config: &Config, wake: &Weak<Notify>) -> Result<(), String> {
     let (client, mut connection) = config.connect(NoTls).await.map_err(|e| e.to_string())?;
     let (tx, mut rx) = futures::channel::mpsc::unbounded::<()>();
-    let lag = lag.clone();
     let drive = tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(m) = messages.next().await {
-            if let AsyncMessage::Notification(n) = m? {
-                // An older instance notifies without the arrival.
-                if let Ok(arrived_us) = n.payload().parse::<i64>() {
-                    lag.observe(arrived_us, chrono::Utc::now().timestamp_micros());
-                }
+            if let AsyncMessage::Notification(_) = m? {
                 let _ = tx.unbounded_send(());
             }
         }

@@ -46,7 +46,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 use tracing::{error, warn};
 
-use super::{HandoverLag, StoreError};
+use super::StoreError;
 
 mod batch;
 mod batched;
@@ -77,8 +77,6 @@ pub struct PgStore {
     name: String,
     /// Wakes the leader when a stanza was forwarded (`inbox`).
     wakeup: std::sync::OnceLock<std::sync::Arc<tokio::sync::Notify>>,
-    /// How long hand-overs took to reach this instance's listener.
-    handover_lag: std::sync::Arc<HandoverLag>,
 }
 
 /// The open transaction, if any.
@@ -177,7 +175,6 @@ impl PgStore {
             config,
             name,
             wakeup: Default::default(),
-            handover_lag: Default::default(),
         };
         store.prepare_schema()?;
         Ok(store)

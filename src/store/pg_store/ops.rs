@@ -12,9 +12,8 @@ use crate::store::Remembered;
 use super::rows::*;
 use super::{PgStore, key_digest};
 use crate::store::{
-    AcceptKey, Accepted, Answers, Confirmed, Contact, Expired, Habit, HandoverLag, MAX_HABITS,
-    NewMessage, Pruned, PurgeScope, QueueLimits, QueueStore, Record, StoreError, Subscription,
-    bare_of,
+    AcceptKey, Accepted, Answers, Confirmed, Contact, Expired, Habit, MAX_HABITS, NewMessage,
+    Pruned, PurgeScope, QueueLimits, QueueStore, Record, StoreError, Subscription, bare_of,
 };
 
 /// Seqs of `recipient`'s rows in `table` from `sender_bare` up to `upto`.
@@ -182,10 +181,6 @@ impl QueueStore for PgStore {
 
     fn forwarded_wakeup(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
         Some(self.inbox_wakeup())
-    }
-
-    fn handover_lag(&self) -> Option<std::sync::Arc<HandoverLag>> {
-        Some(self.handover_lag.clone())
     }
 
     fn look_ahead(&self, accepts: &[AcceptKey<'_>]) -> Result<(), StoreError> {
