@@ -382,7 +382,19 @@ async fn kill_again_and_again(kind: Kind, all_active: bool) {
         // ejabberd spread the stanzas: the instance that did not lead
         // handed some to the one that did.
         let handed = logs.matches("handed to the leader").count();
-        println!("failover on {kind:?}, {mode}: stanzas handed to the leader {handed}");
+        // How long each took from its read to its hand-over's commit.
+        let mut after: Vec<f64> = logs
+            .lines()
+            .filter(|l| l.contains("handed to the leader"))
+            .filter_map(|l| l.split("after_ms=").nth(1)?.split(' ').next()?.parse().ok())
+            .collect();
+        after.sort_by(f64::total_cmp);
+        println!(
+            "failover on {kind:?}, {mode}: stanzas handed to the leader {handed}, \
+             read to commit median {:.1} ms, worst {:.1} ms",
+            after.get(after.len() / 2).copied().unwrap_or(-1.0),
+            after.last().copied().unwrap_or(-1.0),
+        );
         assert!(handed > 0, "every stanza reached the leader directly");
     }
     // Every delivered message was confirmed to alice, but one whose

@@ -46,7 +46,7 @@ impl Router {
         match self.store.forward(&xml, arrived_us) {
             Ok(()) => {
                 // Logged once committed (`end_burst`).
-                self.burst_handed.push(start_tag(&xml));
+                self.burst_handed.push((start_tag(&xml), arrived_us));
                 self.stats.handed_over();
                 self.burst_forwarded.extend(told);
             }

@@ -285,9 +285,9 @@ pub struct Router {
     burst_forwarded: Vec<Message>,
     /// Handling stanzas taken from the inbox (see `forwarding`).
     handling_taken: bool,
-    /// Stanzas handed to the leader in the current burst, for the log
-    /// once committed.
-    burst_handed: Vec<String>,
+    /// Stanzas handed to the leader in the current burst (start tag,
+    /// when it was read), for the log once committed.
+    burst_handed: Vec<(String, i64)>,
     /// Messages of the current burst accepted from the inbox: if it fails
     /// they stay handed over, and their senders are not told.
     taken_seqs: std::collections::HashSet<u64>,
@@ -579,8 +579,12 @@ impl Router {
         let committed = self.store.commit();
         let durable_now = committed.is_ok() && self.store.durable_at_commit();
         if committed.is_ok() {
-            for stanza in handed {
-                debug!(%stanza, "handed to the leader");
+            let now = crate::link::now_us();
+            for (stanza, arrived_us) in handed {
+                // From the read to the commit: how late the leader can see
+                // it, against a stanza that came to it directly.
+                let after_ms = now.saturating_sub(arrived_us) as f64 / 1000.0;
+                debug!(%stanza, after_ms, "handed to the leader");
             }
             for (first, waited_ms) in relays {
                 self.stats.sent(first, waited_ms);
