@@ -147,17 +147,7 @@ pub async fn run(
     let router = Router::new(config.clone(), config_path, store.clone(), out_tx, flush_tx)?;
     let flusher = tokio::spawn(run_flusher(store.clone(), flush_rx, done_tx));
     let link = tokio::spawn(link.run());
-    // On the runtime's workers, not on this thread: a stanza read by the
-    // link then wakes the router on the worker that read it, where from
-    // the main thread each one took a futex wake and a context switch
-    // both ways (paced at 2,000/s: 11-22% less CPU per message,
-    // docs/benchmarks.md).
-    let outcome = match tokio::spawn(router.run(ev_rx, done_rx, shutdown.clone())).await {
-        Ok(outcome) => outcome,
-        // A panic in the router stops the process as it did inline.
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(e) => return Err(anyhow::anyhow!("the router task was cancelled: {e}")),
-    };
+    let outcome = router.run(ev_rx, done_rx, shutdown.clone()).await;
     if let Err(stop @ (Stop::ReopenStore | Stop::LostLead(_))) = &outcome {
         // sled does not recover from a failed write within the process,
         // and its drop would try to flush again (and can hang doing so):
