@@ -579,7 +579,11 @@ impl Router {
         let committed = self.store.commit();
         let durable_now = committed.is_ok() && self.store.durable_at_commit();
         if committed.is_ok() {
-            let now = crate::link::now_us();
+            let now = if handed.is_empty() {
+                0
+            } else {
+                crate::link::now_us()
+            };
             for (stanza, arrived_us) in handed {
                 // From the read to the commit: how late the leader can see
                 // it, against a stanza that came to it directly.
