@@ -389,11 +389,16 @@ async fn kill_again_and_again(kind: Kind, all_active: bool) {
             .filter_map(|l| l.split("after_ms=").nth(1)?.split(' ').next()?.parse().ok())
             .collect();
         after.sort_by(f64::total_cmp);
+        assert_eq!(
+            after.len(),
+            handed,
+            "each hand-over's line says how long it took"
+        );
         println!(
             "failover on {kind:?}, {mode}: stanzas handed to the leader {handed}, \
              read to commit median {:.1} ms, worst {:.1} ms",
-            after.get(after.len() / 2).copied().unwrap_or(-1.0),
-            after.last().copied().unwrap_or(-1.0),
+            after.get(after.len() / 2).copied().unwrap_or(0.0),
+            after.last().copied().unwrap_or(0.0),
         );
         assert!(handed > 0, "every stanza reached the leader directly");
     }
