@@ -381,11 +381,14 @@ async fn kill_again_and_again(kind: Kind, all_active: bool) {
     if all_active {
         // ejabberd spread the stanzas: the instance that did not lead
         // handed some to the one that did.
-        let handed = logs.matches("handed to the leader").count();
-        // How long each took from its read to its hand-over's commit.
-        let mut after: Vec<f64> = logs
+        let handed_lines: Vec<&str> = logs
             .lines()
             .filter(|l| l.contains("handed to the leader"))
+            .collect();
+        let handed = handed_lines.len();
+        // How long each took from its read to its hand-over's commit.
+        let mut after: Vec<f64> = handed_lines
+            .iter()
             .filter_map(|l| l.split("after_ms=").nth(1)?.split(' ').next()?.parse().ok())
             .collect();
         after.sort_by(f64::total_cmp);

@@ -579,16 +579,14 @@ impl Router {
         let committed = self.store.commit();
         let durable_now = committed.is_ok() && self.store.durable_at_commit();
         if committed.is_ok() {
-            let now = if handed.is_empty() {
-                0
-            } else {
-                crate::link::now_us()
-            };
-            for (stanza, arrived_us) in handed {
-                // From the read to the commit: how late the leader can see
-                // it, against a stanza that came to it directly.
-                let after_ms = now.saturating_sub(arrived_us) as f64 / 1000.0;
-                debug!(%stanza, after_ms, "handed to the leader");
+            if !handed.is_empty() {
+                let now = crate::link::now_us();
+                for (stanza, arrived_us) in handed {
+                    // From the read to the commit: how late the leader can
+                    // see it, against a stanza that came to it directly.
+                    let after_ms = now.saturating_sub(arrived_us) as f64 / 1000.0;
+                    debug!(%stanza, after_ms, "handed to the leader");
+                }
             }
             for (first, waited_ms) in relays {
                 self.stats.sent(first, waited_ms);
