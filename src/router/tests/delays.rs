@@ -63,7 +63,7 @@ fn assert_delayed(s: &Seen, id: &str, (from, to): (i64, i64)) {
 async fn accepted(h: &Harness, id: &str) -> (i64, i64) {
     let from = wall_ms();
     h.msg(id).await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     (from, wall_ms())
 }
 
@@ -73,12 +73,12 @@ async fn relayed_at_once_carries_no_delay() {
         let mut h = harness_full(64, durability, "").await;
         subscribed_and_online(&h).await;
         h.msg("now").await;
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        settle().await;
         // In fsync mode it leaves once its own write is on disk.
         while let Ok(t) = h.flushes.try_recv() {
             h.internal.send(Flushed::Durable(t)).await.unwrap();
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        settle().await;
         let s = seen(h.drain_all());
         assert_eq!(s.len(), 1, "{durability}: {s:?}");
         assert_eq!(s[0].id, "now");
@@ -127,7 +127,7 @@ async fn held_for_a_relay_contact_then_sent() {
         "<message xmlns='{NS}' from='carol@x/r' to='bob@relay.x' id='k1' type='chat'><body>k1</body></message>"
     ))
     .await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let t = (from, wall_ms());
     tokio::time::sleep(Duration::from_millis(5100)).await;
     let s = seen(h.drain_all());
@@ -150,7 +150,7 @@ async fn waiting_for_the_window_then_sent() {
     assert!(s[0].id == "w1" && s[0].delay.is_none(), "{s:?}");
     tokio::time::sleep(Duration::from_millis(50)).await;
     h.receipt("w1").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let s = seen(h.drain_all());
     assert_eq!(s.len(), 1, "{s:?}");
     assert_delayed(&s[0], "w2", t2);
@@ -166,7 +166,7 @@ async fn refused_for_quota_then_accepted() {
     h.subscribe_and_go_offline().await;
     let t1 = accepted(&h, "q1").await;
     h.msg("q2").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let out = h.drain_all();
     assert!(
         out.iter()
@@ -180,7 +180,7 @@ async fn refused_for_quota_then_accepted() {
     assert_delayed(&s[0], "q1", t1);
     h.unavailable("r").await;
     h.receipt("q1").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     h.drain_all();
     // Room again, bob away: accepted now, delivered at his login.
     let t2 = accepted(&h, "q2").await;
@@ -191,9 +191,9 @@ async fn refused_for_quota_then_accepted() {
     assert_eq!(s.len(), 1, "{s:?}");
     assert_delayed(&s[0], "q2", t2);
     h.receipt("q2").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     h.msg("q3").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let s = seen(h.drain_all());
     assert_eq!(s.len(), 1, "{s:?}");
     assert!(s[0].id == "q3" && s[0].delay.is_none(), "{s:?}");

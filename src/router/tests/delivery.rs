@@ -140,11 +140,11 @@ async fn receipt_during_grace_is_not_replayed() {
     // m1 goes out, then bob drops without a receipt; the server keeps
     // its copy (offline storage).
     h.msg("m1").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     h.unavailable("r").await;
     h.msg("m2").await;
     h.available().await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     h.drain();
     tokio::time::sleep(Duration::from_millis(100)).await;
     // The server's own offline copy of m1 was receipted.
@@ -211,7 +211,7 @@ async fn window_bounds_in_flight() {
 async fn bounce_with_unknown_presence_retries_with_backoff() {
     let mut h = harness(64).await;
     h.msg("m1").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     assert_eq!(ids_of(&h.drain()), ["m1"]);
     h.bounce("m1", "cancel", "service-unavailable").await;
     tokio::time::sleep(Duration::from_millis(490)).await;
@@ -239,7 +239,7 @@ async fn receipt_timeout_on_one_device_lets_the_others_go_on() {
     h.answers("phone").await;
     h.answers("desk").await;
     h.msg("m1").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let first: Vec<_> = messages(&h.drain_all())
         .into_iter()
         .map(|(to, id, _)| (to, id))
@@ -257,7 +257,7 @@ async fn receipt_timeout_on_one_device_lets_the_others_go_on() {
     ))
     .await;
     h.msg("m2").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let next: Vec<_> = messages(&h.drain_all())
         .into_iter()
         .filter(|(_, _, b)| b.is_some())
@@ -272,7 +272,7 @@ async fn receipt_timeout_on_one_device_lets_the_others_go_on() {
     .await;
     h.receipt("m2").await;
     h.msg("m3").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let last: Vec<_> = messages(&h.drain_all())
         .into_iter()
         .filter(|(_, _, b)| b.is_some())
@@ -292,7 +292,7 @@ async fn stale_resume_timer_sends_nothing_twice() {
         "<message xmlns='{NS}' from='bob@x' to='alice@relay.x' id='m1' type='error'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
     );
     h.msg("m1").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     h.feed(&bounce).await; // backoff: retry at 500 ms
     // m1 outlives its TTL on the wall clock (expiry reads it).
     std::thread::sleep(Duration::from_millis(1100));
@@ -380,7 +380,7 @@ async fn relayed_from_a_full_jid_and_confirmed_at_any_resource() {
     for id in ["f1", "f2", "f3"] {
         h.msg(id).await;
     }
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let froms: Vec<String> = h
         .drain_all()
         .into_iter()
@@ -400,7 +400,7 @@ async fn relayed_from_a_full_jid_and_confirmed_at_any_resource() {
         ))
         .await;
     }
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     assert_eq!(h.store.recipient("bob@x").unwrap().pending, 0);
     let receipts = receipts_to_alice(&h.drain_all());
     assert_eq!(receipts, ["f1", "f2", "f3"], "relayed to the sender");
@@ -420,7 +420,7 @@ async fn relayed_messages_carry_stable_origin_and_stanza_ids() {
         "<message xmlns='{NS}' from='alice@x/r' to='bob@relay.x' id='o2' type='chat'><body>x</body><origin-id xmlns='urn:xmpp:sid:0' id='mine'/></message>"
     ))
     .await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let ids = |out: Vec<Stanza>| -> Vec<(String, Vec<String>, String)> {
         out.into_iter()
             .filter_map(|st| match st {

@@ -11,7 +11,7 @@ async fn forged_disco_result_confirms_nothing() {
     let mut h = harness(64).await;
     h.subscribe_and_go_offline().await;
     h.available().await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let ids: Vec<String> = h
         .drain_all()
         .into_iter()
@@ -94,15 +94,15 @@ async fn reused_id_for_a_different_message_is_never_lost() {
         )
     };
     h.feed(&send("one")).await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     h.receipt("fixed").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     assert_eq!(h.store.recipient("bob@x").unwrap().pending, 0);
     h.drain_all();
     h.feed(&send("two")).await;
     h.feed(&send("two")).await; // a resubmission
     h.feed(&send("three")).await; // different, while "two" is pending
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let out = h.drain_all();
     let bodies: Vec<_> = messages(&out)
         .into_iter()
@@ -143,7 +143,7 @@ async fn bodyless_payloads_are_relayed_once_without_a_receipt_request() {
         ))
         .await;
     }
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let out = h.drain_all();
     let relayed: Vec<&Message> = out
         .iter()
@@ -189,7 +189,7 @@ async fn receipts_and_markers_cost_bounded_work() {
     for i in 0..20 {
         h.msg(&format!("m{i}")).await;
     }
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let receipts: String = (0..20)
         .map(|i| format!("<received xmlns='urn:xmpp:receipts' id='m{i}'/>"))
         .collect();
@@ -197,7 +197,7 @@ async fn receipts_and_markers_cost_bounded_work() {
         "<message xmlns='{NS}' from='bob@x/r' to='alice@relay.x'>{receipts}</message>"
     ))
     .await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     assert_eq!(h.store.recipient("bob@x").unwrap().pending, 4, "16 handled");
     // Spend the marker budget (200) on an old message…
     for _ in 0..200 {
@@ -211,7 +211,7 @@ async fn receipts_and_markers_cost_bounded_work() {
         "<message xmlns='{NS}' from='bob@x/r' to='alice@relay.x'><displayed xmlns='urn:xmpp:chat-markers:0' id='m19'/></message>"
     ))
     .await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     assert_eq!(h.store.recipient("bob@x").unwrap().pending, 3);
 }
 
@@ -230,18 +230,18 @@ async fn only_what_was_confirmed_is_relayed_to_the_sender() {
         )
     };
     h.feed(&send("one")).await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     h.receipt("fixed").await;
     h.unavailable("r").await;
     h.feed(&send("two")).await; // bob is offline: not sent
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     h.drain_all();
     // The laptop wakes and receipts the old copy.
     h.feed(&format!(
         "<message xmlns='{NS}' from='bob@x/laptop' to='alice@relay.x'><received xmlns='urn:xmpp:receipts' id='fixed'/></message>"
     ))
     .await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     assert_eq!(h.store.recipient("bob@x").unwrap().pending, 1, "two stays");
     assert!(receipts_to_alice(&h.drain_all()).is_empty());
 
@@ -251,7 +251,7 @@ async fn only_what_was_confirmed_is_relayed_to_the_sender() {
     for i in 0..20 {
         h.msg(&format!("m{i}")).await;
     }
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     h.drain_all();
     let receipts: String = (0..20)
         .map(|i| format!("<received xmlns='urn:xmpp:receipts' id='m{i}'/>"))
@@ -260,7 +260,7 @@ async fn only_what_was_confirmed_is_relayed_to_the_sender() {
         "<message xmlns='{NS}' from='bob@x/r' to='alice@relay.x'>{receipts}</message>"
     ))
     .await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let out = h.drain_all();
     let relayed: usize = out
         .iter()
@@ -281,13 +281,13 @@ async fn only_what_was_confirmed_is_relayed_to_the_sender() {
         ))
         .await;
     }
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     h.drain_all();
     h.feed(&format!(
         "<message xmlns='{NS}' from='bob@x/r' to='alice@relay.x'><displayed xmlns='urn:xmpp:chat-markers:0' id='m19'/></message>"
     ))
     .await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let out = h.drain_all();
     assert_eq!(receipts_to_alice(&out), ["m19"], "{out:?}");
 }
@@ -308,7 +308,7 @@ async fn messages_relayed_once_are_checked_and_their_bounces_returned() {
         "<message xmlns='{NS}' from='alice@x/r' to='bob@relay.x' id='r1' type='chat'><reactions xmlns='urn:xmpp:reactions:0' id='m0'><reaction>+1</reaction></reactions><stanza-id xmlns='urn:xmpp:sid:0' by='relay.x' id='forged'/></message>"
     ))
     .await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let out = h.drain_all();
     let refused: Vec<_> = out
         .iter()
@@ -334,7 +334,7 @@ async fn messages_relayed_once_are_checked_and_their_bounces_returned() {
     );
     // Bob's server bounces the reaction: alice hears of it.
     h.bounce("r1", "cancel", "not-acceptable").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let out = h.drain_all();
     let back: Vec<_> = out
         .iter()
@@ -356,7 +356,7 @@ async fn messages_relayed_once_are_checked_and_their_bounces_returned() {
         ))
         .await;
     }
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let out = h.drain_all();
     let refused = out
         .iter()

@@ -17,6 +17,11 @@ mod unanswered;
 
 const NS: &str = "jabber:component:accept";
 
+/// Let the router end its rounds, on the paused clock.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(1)).await;
+}
+
 struct Harness {
     events: mpsc::Sender<LinkEvent>,
     outbox: mpsc::Receiver<Outbound>,
@@ -150,7 +155,7 @@ impl Harness {
             "<presence xmlns='{NS}' from='bob@x/r' to='relay.x' type='unavailable'/>"
         ))
         .await;
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        settle().await;
         self.drain();
     }
 
@@ -159,9 +164,9 @@ impl Harness {
     async fn answers(&mut self, resource: &str) {
         let id = format!("hello-{resource}");
         self.msg(&id).await;
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        settle().await;
         self.feed(&receipt_from(resource, &id)).await;
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        settle().await;
         self.drain_all();
     }
 
@@ -349,5 +354,5 @@ async fn subscribed_and_online(h: &Harness) {
     ] {
         h.feed(&xml).await;
     }
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
 }

@@ -11,14 +11,14 @@ async fn final_refusal_ends_the_message_and_tells_its_sender() {
     let mut h = harness(64).await;
     h.msg("m1").await;
     h.msg("m2").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     assert_eq!(
         ids_of(&h.drain()),
         ["m1"],
         "presence unknown: one at a time"
     );
     h.bounce("m1", "auth", "forbidden").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let out = h.drain_all();
     let notice: Vec<_> = out
         .iter()
@@ -48,13 +48,13 @@ async fn failed_commit_in_batched_mode_relays_nothing_that_needed_it() {
     let mut h = harness(64).await;
     h.bob_online().await;
     h.msg("m1").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     assert_eq!(ids_of(&h.drain()), ["m1"]);
     h.store.fail_commits();
     h.msg("m2").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     h.receipt("m1").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let out = h.drain_all();
     let to_bob: Vec<_> = messages(&out)
         .into_iter()
@@ -87,14 +87,14 @@ async fn failed_fsync_releases_no_held_receipt() {
     }
     subscribed_and_online(&h).await;
     h.msg("m1").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     assert!(h.drain().is_empty(), "not durable yet");
     let ticket = h.flushes.try_recv().expect("an fsync asked for m1");
     h.internal.send(Flushed::Durable(ticket)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     assert_eq!(ids_of(&h.drain()), ["m1"]);
     h.receipt("m1").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     assert!(
         receipts_to_alice(&h.drain_all()).is_empty(),
         "held for the removal"
@@ -124,7 +124,7 @@ async fn failed_commit_takes_back_only_what_was_not_durable() {
     let mut h = harness_full(64, "fsync", "").await;
     subscribed_and_online(&h).await;
     h.msg("m1").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     h.store.fail_commits();
     h.msg("m2").await;
     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -160,7 +160,7 @@ async fn failed_commit_takes_back_only_what_was_not_durable() {
 async fn expiry_notice_is_kept_and_relayed_to_the_bare_jid() {
     let mut h = harness_with(64, "[limits]\nmessage_ttl_s = 1\n").await;
     h.msg("m1").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     h.bounce("m1", "cancel", "service-unavailable").await;
     std::thread::sleep(Duration::from_millis(1100));
     tokio::time::sleep(Duration::from_millis(1010)).await; // expiry step
@@ -198,7 +198,7 @@ async fn expiry_notice_is_kept_and_relayed_to_the_bare_jid() {
 async fn remote_server_not_found_is_not_final() {
     let mut h = harness(64).await;
     h.msg("m1").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     h.drain_all();
     h.bounce("m1", "cancel", "remote-server-not-found").await;
     tokio::time::sleep(Duration::from_millis(510)).await;
@@ -218,7 +218,7 @@ async fn after_a_store_failure_what_needs_no_write_still_flows() {
     let mut h = harness(64).await;
     h.store.fail_commits();
     h.msg("m1").await; // the failing commit fails the gate
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     h.drain_all();
     h.feed(&format!(
         "<message xmlns='{NS}' from='bob@x/r' to='alice@relay.x' type='chat'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>"
@@ -228,7 +228,7 @@ async fn after_a_store_failure_what_needs_no_write_still_flows() {
         "<message xmlns='{NS}' from='bob@x/r' to='alice@relay.x'><received xmlns='urn:xmpp:receipts' id='unknown'/></message>"
     ))
     .await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let out = h.drain_all();
     let to_alice = messages(&out)
         .into_iter()
@@ -245,13 +245,13 @@ async fn after_a_store_failure_what_needs_no_write_still_flows() {
 async fn a_refused_message_may_be_sent_again_and_its_notice_is_bounded() {
     let mut h = harness(64).await;
     h.msg("m1").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let long = "y".repeat(10_000);
     h.feed(&format!(
         "<message xmlns='{NS}' from='bob@x' to='alice@relay.x' id='m1' type='error'><error type='auth'><forbidden xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/><text xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>{long}</text></error></message>"
     ))
     .await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let out = h.drain_all();
     let notice = messages(&out)
         .into_iter()
@@ -259,7 +259,7 @@ async fn a_refused_message_may_be_sent_again_and_its_notice_is_bounded() {
         .expect("a notice");
     assert!(notice.2.unwrap().len() < 600);
     h.msg("m1").await; // sent again, say once unblocked
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     assert_eq!(ids_of(&h.drain()), ["m1"]);
     assert_eq!(h.store.recipient("bob@x").unwrap().pending, 1);
 }

@@ -54,13 +54,13 @@ async fn receipts_naming_nothing_are_not_relayed() {
     );
     // A receipt for a message that was stored is still relayed.
     h.msg("real").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     h.drain_all();
     h.feed(&format!(
         "<message xmlns='{NS}' from='bob@x/r' to='alice@relay.x'><received xmlns='urn:xmpp:receipts' id='nothing'/><received xmlns='urn:xmpp:receipts' id='real'/></message>"
     ))
     .await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     assert_eq!(receipts_to_alice(&h.drain_all()), ["real"]);
 }
 
@@ -83,7 +83,7 @@ async fn bookkeeping_is_held_to_the_size_limit() {
         "<message xmlns='{NS}' from='bob@x/r' to='alice@relay.x' id='h1'>{hints}</message>"
     ))
     .await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let out = h.drain_all();
     assert_all_fit(&out, 100_000);
     assert!(
@@ -115,7 +115,7 @@ async fn a_stored_message_fits_as_sent() {
         ))
         .await;
     }
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let refused = h.drain_all();
     assert_all_fit(&refused, LIMIT);
     // Replayed with every addition, to a resource by its full JID.
@@ -152,7 +152,7 @@ async fn overlong_ids_are_refused() {
         "<message xmlns='{NS}' from='alice@x/r' to='bob@relay.x' id='o1' type='chat'><body>b</body><origin-id xmlns='urn:xmpp:sid:0' id='{long}'/></message>"
     ))
     .await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let out = h.drain_all();
     assert_all_fit(&out, 2048);
     let conditions: Vec<_> = out.iter().filter_map(condition).collect();
@@ -178,14 +178,14 @@ async fn bounce_texts_passed_on_are_bounded() {
         "<message xmlns='{NS}' from='alice@x/r' to='bob@relay.x' id='cs1'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>"
     ))
     .await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     assert_eq!(h.drain_all().len(), 1, "relayed once");
     let text = "\"".repeat(8000);
     h.feed(&format!(
         "<message xmlns='{NS}' from='bob@x' to='alice@relay.x' id='cs1' type='error'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/><text xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>{text}</text><junk xmlns='urn:x:junk' pad='{text}'/></error></message>"
     ))
     .await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let out = h.drain_all();
     assert_eq!(out.len(), 1, "passed on to alice");
     assert_eq!(
@@ -206,10 +206,10 @@ async fn a_receipt_for_a_message_relayed_once_is_passed_back() {
         "<message xmlns='{NS}' from='alice@x/r' to='bob@relay.x' id='call1'><propose xmlns='urn:xmpp:jingle-message:0' id='s1'><description xmlns='urn:xmpp:jingle:apps:rtp:1' media='audio'/></propose><request xmlns='urn:xmpp:receipts'/></message>"
     ))
     .await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     h.drain_all();
     h.feed(&receipt_from("r", "call1")).await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     assert_eq!(receipts_to_alice(&h.drain_all()), ["call1"]);
 }
 
@@ -238,7 +238,7 @@ async fn overlong_iq_ids_are_not_echoed() {
         "<iq xmlns='{NS}' type='get' from='alice@x/r' to='relay.x' id='ok'><ping xmlns='urn:xmpp:ping'/></iq>"
     ))
     .await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let out = h.drain_all();
     assert_all_fit(&out, 10_000);
     let to_alice = out
@@ -263,14 +263,14 @@ async fn a_gone_address_is_not_passed_on() {
     let mut h = harness_with(64, "[limits]\nmax_stanza_bytes = 10000\n").await;
     h.bob_online().await;
     h.msg("g1").await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     h.drain_all();
     let far = "&gt;".repeat(20_000);
     h.feed(&format!(
         "<message xmlns='{NS}' from='bob@x' to='alice@relay.x' id='g1' type='error'><error type='cancel'><gone xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>{far}</gone></error></message>"
     ))
     .await;
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
     let out = h.drain_all();
     assert_all_fit(&out, 10_000);
     assert!(

@@ -114,10 +114,6 @@ fn envelope_id(out: &[Stanza]) -> String {
         .0
 }
 
-async fn settle() {
-    tokio::time::sleep(Duration::from_millis(1)).await;
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_handoff_is_answered_and_replayed_as_its_sender_once_bob_is_back() {
     let mut h = harness(8).await;
