@@ -17,8 +17,9 @@
 //! admin commands' view), `forwarding` (all-active instances) and
 //! `gauges` (what a metrics scrape reads), `transparent` (hand-offs
 //! from a server module, replays as the sender; the state is
-//! [`Handoff`]'s). Two small owners: `at_once`
-//! (which messages may leave without a `<delay/>`) and `sizes` (the
+//! [`Handoff`]'s). Three small owners: `at_once`
+//! (which messages may leave without a `<delay/>`), `linger` (when a
+//! round's commit may wait for the next round's) and `sizes` (the
 //! bounds that keep what the router writes under the server's limit).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -67,6 +68,7 @@ use crate::xep0050::COMMANDS;
 use at_once::AtOnce;
 pub use forwarding::LEAD_POLL;
 use forwarding::TAKE_FORWARDED_EVERY;
+use linger::Linger;
 pub use peer::Phase;
 use peer::{InFlight, Peer, Resource, peer_entry};
 use sizes::SERVER_STANZA_LIMIT;
@@ -84,6 +86,7 @@ mod forwarding;
 mod gauges;
 mod intake;
 mod iq;
+mod linger;
 mod ops;
 mod peer;
 mod presence;
@@ -217,6 +220,8 @@ pub struct Router {
     fresh: Fresh,
     /// The messages that may still leave without a `<delay/>`.
     at_once: AtOnce,
+    /// Whether a round's commit waits for the next round's.
+    linger: Linger,
     /// Recipients still to probe after the last connect.
     probe_queue: VecDeque<(String, RecipientState)>,
     /// Probed recipients with pending messages, awaiting the end of the
@@ -411,6 +416,7 @@ impl Router {
             burst_relays: Vec::new(),
             fresh: Fresh::default(),
             at_once: AtOnce::default(),
+            linger: Linger::default(),
             probe_queue: VecDeque::new(),
             probe_waiting: Vec::new(),
             epoch: None,
@@ -477,8 +483,10 @@ impl Router {
         }
         while self.fatal.is_none() {
             let wakeup = self.forwarded_wakeup.clone();
+            let linger = self.linger.deadline();
             // One burst per round: the store gathers its writes in memory
-            // and applies them in one batch at the end (see `store`).
+            // and applies them in one batch at the end (see `store`), or,
+            // if they are only removals, with the next round's (`linger`).
             self.store.begin();
             tokio::select! {
                 biased;
@@ -509,7 +517,14 @@ impl Router {
                 _ = forwarded(&wakeup), if self.leading => {
                     self.take_forwarded().await;
                 }
+                // The held commit is due: this round's end makes it.
+                _ = tokio::time::sleep_until(linger.unwrap_or_else(tokio::time::Instant::now)),
+                    if linger.is_some() => {}
             }
+            self.end_round().await;
+        }
+        if self.linger.holding() {
+            // What the held commit's stanzas wait for.
             self.end_burst().await;
         }
         if let Err(e) = self.store.commit() {
@@ -545,6 +560,29 @@ impl Router {
             },
             needs,
         ));
+    }
+
+    /// The end of one of `run`'s rounds: its burst ends, unless only
+    /// removals wait on its commit, which may then join the next
+    /// round's (see `linger`).
+    async fn end_round(&mut self) {
+        let may_wait = self.fatal.is_none()
+            && !self.store_failed
+            && self.burst_accepted.is_empty()
+            && self.burst_forwarded.is_empty()
+            && self.burst_handed.is_empty()
+            && self.taken_seqs.is_empty()
+            && self
+                .out_buf
+                .iter()
+                .all(|(_, n)| matches!(n, Needs::Nothing | Needs::Removals))
+            && self.store.commit_can_wait();
+        if self.linger.hold(may_wait, tokio::time::Instant::now()) {
+            // Nothing left in it, so what did not leave has waited.
+            self.at_once.end_round();
+        } else {
+            self.end_burst().await;
+        }
     }
 
     /// Commit the burst's store writes, ask for their fsync, then let its

@@ -71,6 +71,13 @@ pub trait QueueStore: StoreView {
     fn begin(&self);
     /// End a burst; how many writes it applied.
     fn commit(&self) -> Result<usize, StoreError>;
+    /// Whether the burst's writes may be left for the next burst's commit
+    /// (see `router/linger.rs`): there are some, and they wait in memory,
+    /// seen by every read, across `begin` (sled's overlay). False on a
+    /// store that cannot carry writes over, or after a failed commit.
+    fn commit_can_wait(&self) -> bool {
+        false
+    }
     /// Make every later commit fail, as after a write error (tests).
     #[cfg(test)]
     fn fail_commits(&self);

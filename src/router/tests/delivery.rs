@@ -451,3 +451,37 @@ async fn relayed_messages_carry_stable_origin_and_stanza_ids() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(ids(h.drain_all()), first);
 }
+
+/// A receipt whose removal waits for the next round's commit (sled,
+/// `router/linger.rs`) reaches the sender all the same: before what
+/// that next round relays, and within the linger when nothing follows.
+#[tokio::test(start_paused = true)]
+async fn a_receipt_goes_back_before_the_next_relay_and_within_the_linger() {
+    let mut h = harness(64).await;
+    h.bob_online().await;
+    h.msg("m1").await;
+    settle().await;
+    assert_eq!(ids_of(&h.drain()), ["m1"]);
+    h.receipt("m1").await;
+    // The next message comes while the receipt's commit may still wait.
+    tokio::time::sleep(linger::LINGER / 4).await;
+    h.msg("m2").await;
+    settle().await;
+    let seen: Vec<String> = h
+        .drain_all()
+        .into_iter()
+        .filter_map(|st| match st {
+            Stanza::Message(m) if !m.bodies.is_empty() => Some(format!("to bob: {}", m.id?.0)),
+            Stanza::Message(m) => receipts_to_alice(&[Stanza::Message(m)])
+                .pop()
+                .map(|id| format!("receipt to alice: {id}")),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(seen, ["receipt to alice: m1", "to bob: m2"]);
+    // Nothing follows m2's receipt: it goes once the linger is over.
+    h.receipt("m2").await;
+    settle().await;
+    assert_eq!(receipts_to_alice(&h.drain_all()), ["m2"]);
+    assert_eq!(h.store.recipient("bob@x").unwrap().pending, 0);
+}

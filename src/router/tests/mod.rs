@@ -17,9 +17,10 @@ mod unanswered;
 
 const NS: &str = "jabber:component:accept";
 
-/// Let the router end its rounds, on the paused clock.
+/// Let the router end its rounds, a held commit's too (`linger`), on the
+/// paused clock.
 async fn settle() {
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    tokio::time::sleep(linger::LINGER + Duration::from_millis(1)).await;
 }
 
 struct Harness {

@@ -235,6 +235,13 @@ impl SledStore {
         Self::apply_overlay(&self.db, &mut o)
     }
 
+    /// Whether there are writes that a later burst's commit may carry:
+    /// they stay in the overlay across [`SledStore::begin`].
+    pub fn commit_can_wait(&self) -> bool {
+        let o = self.overlay();
+        o.failed.is_none() && !o.writes.is_empty()
+    }
+
     pub(super) fn apply_overlay(db: &sled::Db, o: &mut Overlay) -> Result<usize, StoreError> {
         if let Some(e) = &o.failed {
             return Err(StoreError::Failed(e.clone()));

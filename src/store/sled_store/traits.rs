@@ -61,6 +61,9 @@ impl QueueStore for SledStore {
     fn commit(&self) -> Result<usize, StoreError> {
         SledStore::commit(self)
     }
+    fn commit_can_wait(&self) -> bool {
+        SledStore::commit_can_wait(self)
+    }
     #[cfg(test)]
     fn fail_commits(&self) {
         SledStore::fail_commits(self)
