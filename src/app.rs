@@ -131,6 +131,9 @@ pub async fn run(
     let (flush_tx, flush_rx) = mpsc::unbounded_channel();
     let (done_tx, done_rx) = mpsc::channel(16);
 
+    // The link stops only once the router has: what the router's last
+    // round queues (a receipt whose commit waited, say) still leaves.
+    let link_stop = CancellationToken::new();
     let link = Link::new(
         LinkSettings {
             domain: config.component.domain.clone(),
@@ -142,7 +145,7 @@ pub async fn run(
         },
         out_rx,
         ev_tx,
-        shutdown.clone(),
+        link_stop.clone(),
     );
     let router = Router::new(config.clone(), config_path, store.clone(), out_tx, flush_tx)?;
     let flusher = tokio::spawn(run_flusher(store.clone(), flush_rx, done_tx));
@@ -157,8 +160,9 @@ pub async fn run(
         eprintln!("redeliver: {stop}");
         std::process::exit(i32::from(stop.exit_status()));
     }
-    // The router is gone: the link closes the stream on the same token.
+    // The router is gone: the link writes what it queued, then closes.
     shutdown.cancel();
+    link_stop.cancel();
     let _ = link.await;
     flusher.abort();
     Router::flush_store(store).await;

@@ -170,6 +170,18 @@ impl Gate {
         None
     }
 
+    /// Whether stanzas wait for an fsync.
+    pub fn holds_stanzas(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// Every write so far was made durable (the last fsync at a stop):
+    /// the stanzas held for it, now free to go.
+    pub fn all_durable(&mut self) -> Vec<Stanza> {
+        self.submitted = self.last_ticket;
+        self.durable(self.last_ticket).0
+    }
+
     /// The flusher reports `ticket` durable: the stanzas now free to go,
     /// and the messages that became durable, as (seq, recipient).
     pub fn durable(&mut self, ticket: u64) -> (Vec<Stanza>, Vec<(u64, String)>) {

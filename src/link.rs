@@ -272,7 +272,8 @@ impl Link {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
-                    // Send what the router already handed over, then close.
+                    // The router has stopped (app.rs cancels this token
+                    // after it): send what it handed over, then close.
                     while let Ok(out) = self.outbox.try_recv() {
                         if out.epoch == self.epoch {
                             stream.feed(&XmppStreamElement::Stanza(out.stanza)).await?;

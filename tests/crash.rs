@@ -78,7 +78,16 @@ fn message(i: usize) -> (String, String) {
     (id, xml)
 }
 
-async fn run(durability: &'static str) -> Report {
+/// How the relay is stopped, again and again, under load.
+#[derive(Clone, Copy)]
+enum Stop {
+    /// SIGKILL: a crash.
+    Kill,
+    /// SIGTERM: a clean stop, as an operator's restart.
+    Term,
+}
+
+async fn run(durability: &'static str, stop: Stop) -> Report {
     let mut fake = FakeServer::start().await;
     let port = fake.port;
     let relay = relay_on_fake(
@@ -125,7 +134,10 @@ async fn run(durability: &'static str) -> Report {
                 std::thread::sleep(Duration::from_millis(wait));
                 let mut r = relay.lock().unwrap();
                 kill_times.lock().unwrap().push(Instant::now());
-                r.sigkill();
+                match stop {
+                    Stop::Kill => r.sigkill(),
+                    Stop::Term => assert_eq!(r.terminate(), Some(0), "a clean stop"),
+                }
                 r.restart();
             }
         })
@@ -268,7 +280,7 @@ fn on_stanza(
 
 fn print(mode: &str, r: &Report) {
     println!(
-        "crash test ({mode}): kills {}, messages written {}, acknowledged {}, lost {}, \
+        "crash test ({mode}): stops {}, messages written {}, acknowledged {}, lost {}, \
          resent after confirmation {}, receipt notices lost {}, copies sent more than once {}, \
          never acknowledged {}",
         r.kills,
@@ -290,7 +302,7 @@ fn print(mode: &str, r: &Report) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fsync_mode_loses_nothing_and_never_resends_after_confirmation() {
-    let r = run("fsync").await;
+    let r = run("fsync", Stop::Kill).await;
     print("fsync", &r);
     assert!(r.kills >= 20);
     assert_eq!(r.written, MESSAGES);
@@ -300,7 +312,7 @@ async fn fsync_mode_loses_nothing_and_never_resends_after_confirmation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_mode_loses_only_what_a_crash_window_holds() {
-    let r = run("batched").await;
+    let r = run("batched", Stop::Kill).await;
     print("batched", &r);
     assert!(r.kills >= 20);
     assert_eq!(r.written, MESSAGES);
@@ -308,5 +320,25 @@ async fn batched_mode_loses_only_what_a_crash_window_holds() {
     // window plus the time to receive its receipt), never a later one.
     for ms in &r.lost_before_kill_ms {
         assert!(*ms < 1_000, "a loss not explained by a crash: {ms} ms");
+    }
+}
+
+/// Clean stops (SIGTERM) under load, in either mode: nothing is lost,
+/// nothing is sent again after its sender saw the receipt, and every
+/// receipt a recipient sent reaches its sender, whatever round the stop
+/// cut short (one whose commit waited for the next round's included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_stops_lose_no_message_and_no_receipt() {
+    for mode in ["batched", "fsync"] {
+        let r = run(mode, Stop::Term).await;
+        print(&format!("{mode}, SIGTERM"), &r);
+        assert!(r.kills >= 20);
+        assert_eq!(r.written, MESSAGES);
+        assert!(r.lost.is_empty(), "{mode}: lost {:?}", r.lost);
+        assert_eq!(r.resent_after_confirmation, 0, "{mode}");
+        assert_eq!(
+            r.notices_lost, 0,
+            "{mode}: receipts that never reached their sender"
+        );
     }
 }

@@ -113,6 +113,28 @@ impl Router {
         }
     }
 
+    /// Stop, in fsync mode: the stanzas that wait for an fsync (receipts
+    /// for removals made) leave after one last fsync, so that a clean
+    /// stop keeps no receipt from its sender. Messages waiting for theirs
+    /// stay stored: the next start sends them.
+    pub(super) async fn release_at_stop(&mut self) {
+        if !self.gate.holds_stanzas() {
+            return;
+        }
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.flush()).await {
+            Ok(Ok(_)) => {
+                self.store.begin();
+                for stanza in self.gate.all_durable() {
+                    self.send(stanza).await;
+                }
+                self.end_burst().await;
+            }
+            Ok(Err(e)) => error!(error = %e, "fsync at stop failed; held receipts not relayed"),
+            Err(e) => error!(error = %e, "fsync at stop panicked; held receipts not relayed"),
+        }
+    }
+
     /// Stop: make the store durable. Blocking work runs off the runtime.
     pub async fn flush_store(store: Arc<dyn QueueStore>) {
         match tokio::task::spawn_blocking(move || {

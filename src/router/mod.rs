@@ -529,6 +529,8 @@ impl Router {
         }
         if let Err(e) = self.store.commit() {
             error!(error = %e, "store write failed at stop");
+        } else {
+            self.release_at_stop().await;
         }
         info!(
             accepted = self.stats.accepted_total,
