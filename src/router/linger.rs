@@ -6,15 +6,18 @@
 //! costs two such rounds: its accept, then its receipt's removal. A round
 //! whose only writes are removals (and bookkeeping that nothing waits on)
 //! may instead leave them in the store's overlay for the next round's
-//! batch, for at most [`LINGER`]: then one batch carries the next accept
+//! batch, for [`LINGER`] (tokio's timer rounds the deadline up to its
+//! next millisecond: 1–2 ms): then one batch carries the next accept
 //! with the last removals.
 //!
-//! Nothing that depends on those writes leaves meanwhile: the round's
-//! stanzas (the receipts relayed back to senders among them) stay queued
-//! until the commit, in order, and in fsync mode the fsync is asked only
-//! after it. What a crash in the window can cost is what a crash before
-//! the commit always could: the removed messages come back and are sent
-//! again, and their senders have not seen the receipts.
+//! Nothing the round sends leaves meanwhile: its stanzas (the receipts
+//! relayed back to senders among them) stay queued until the commit, in
+//! order, and in fsync mode the fsync is asked only after it. What a
+//! crash in the window can cost is what a crash before the commit always
+//! could: the removed messages come back and are sent again, and their
+//! senders have not seen the receipts. A link lost in the window voids
+//! the held stanzas, as it voids whatever was queued for it. A clean
+//! stop makes the held commit and sends them (`Router::run`).
 
 use std::time::Duration;
 

@@ -452,21 +452,47 @@ async fn relayed_messages_carry_stable_origin_and_stanza_ids() {
     assert_eq!(ids(h.drain_all()), first);
 }
 
+/// Handle what was fed, with the paused clock standing still.
+async fn handled() {
+    for _ in 0..32 {
+        tokio::task::yield_now().await;
+    }
+}
+
 /// A receipt whose removal waits for the next round's commit (sled,
-/// `router/linger.rs`) reaches the sender all the same: before what
-/// that next round relays, and within the linger when nothing follows.
+/// `router/linger.rs`), in fsync mode: the next message's accept and
+/// the removal share one commit and one fsync, and the receipt reaches
+/// its sender once that fsync is done, before that message's relay;
+/// when nothing follows, it goes once the linger is over.
 #[tokio::test(start_paused = true)]
-async fn a_receipt_goes_back_before_the_next_relay_and_within_the_linger() {
-    let mut h = harness(64).await;
-    h.bob_online().await;
+async fn a_receipt_waits_for_the_next_commit_and_goes_back_first() {
+    let mut h = harness_full(64, "fsync", "").await;
+    if h.store.durable_at_commit() {
+        // PostgreSQL commits every round, and asks no fsync.
+        return;
+    }
+    subscribed_and_online(&h).await;
     h.msg("m1").await;
     settle().await;
-    assert_eq!(ids_of(&h.drain()), ["m1"]);
-    h.receipt("m1").await;
-    // The next message comes while the receipt's commit may still wait.
-    tokio::time::sleep(linger::LINGER / 4).await;
-    h.msg("m2").await;
+    let t = h.flushes.try_recv().expect("an fsync asked for m1");
+    h.internal.send(Flushed::Durable(t)).await.unwrap();
     settle().await;
+    assert_eq!(ids_of(&h.drain()), ["m1"]);
+
+    h.receipt("m1").await;
+    handled().await;
+    assert!(h.flushes.try_recv().is_err(), "the removal's commit waits");
+    // The next message comes while it waits: one commit, one fsync.
+    h.msg("m2").await;
+    handled().await;
+    let t = h
+        .flushes
+        .try_recv()
+        .expect("an fsync for the removal and m2");
+    assert!(h.flushes.try_recv().is_err(), "one fsync for both");
+    assert!(h.drain_all().is_empty(), "nothing before the fsync");
+    h.internal.send(Flushed::Durable(t)).await.unwrap();
+    handled().await;
     let seen: Vec<String> = h
         .drain_all()
         .into_iter()
@@ -479,8 +505,17 @@ async fn a_receipt_goes_back_before_the_next_relay_and_within_the_linger() {
         })
         .collect();
     assert_eq!(seen, ["receipt to alice: m1", "to bob: m2"]);
-    // Nothing follows m2's receipt: it goes once the linger is over.
+
+    // Nothing follows m2's receipt: its commit is made at the linger's end.
     h.receipt("m2").await;
+    handled().await;
+    assert!(h.flushes.try_recv().is_err(), "the removal's commit waits");
+    settle().await;
+    let t = h
+        .flushes
+        .try_recv()
+        .expect("an fsync once the linger is over");
+    h.internal.send(Flushed::Durable(t)).await.unwrap();
     settle().await;
     assert_eq!(receipts_to_alice(&h.drain_all()), ["m2"]);
     assert_eq!(h.store.recipient("bob@x").unwrap().pending, 0);

@@ -48,8 +48,10 @@
 //! and [`SledStore::commit`] the writes of every operation gather in an
 //! in-memory overlay that every read here sees, and the commit applies
 //! them as one atomic batch. Outside a burst each operation commits at
-//! once. The router wraps each round of events in a burst and sends
-//! nothing that depends on a write before its commit.
+//! once. The router wraps each round of events in a burst (a round of
+//! removals only may leave its writes for the next round's commit:
+//! `begin` keeps what the overlay holds, see `router/linger.rs`) and
+//! sends nothing that depends on a write before its commit.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
