@@ -200,15 +200,15 @@ impl Router {
         self.seen_alive(&key).await;
     }
 
-    /// Why a message of `size` bytes from `sender` is refused, if it is:
-    /// over `max_stanza_bytes`, or over the sender's rate (which this
+    /// Why a message from `sender` is refused, if it is: `too_large`
+    /// (over `max_stanza_bytes`), or over the sender's rate (which this
     /// counts). The condition is `policy-violation` either way.
     pub(super) fn over_size_or_rate(
         &mut self,
-        size: usize,
+        too_large: bool,
         sender: &BareJid,
     ) -> Option<(ErrorType, &'static str)> {
-        if size > self.config.limits.max_stanza_bytes {
+        if too_large {
             return Some((ErrorType::Modify, "message too large for the relay"));
         }
         let now = tokio::time::Instant::now().into_std();
@@ -301,7 +301,8 @@ impl Router {
         let size = xml.len();
         // Checked as it will be sent, with what sending adds.
         let sent_size = size + sizes::send_overhead(self.me.as_str(), &id, origin_id.is_some());
-        if let Some((t, text)) = self.over_size_or_rate(sent_size, from_bare) {
+        let too_large = sent_size > self.config.limits.max_stanza_bytes;
+        if let Some((t, text)) = self.over_size_or_rate(too_large, from_bare) {
             self.refuse_message(&original, t, DefinedCondition::PolicyViolation, text)
                 .await;
             return;
@@ -423,17 +424,17 @@ impl Router {
         m.from = Some(relay_from);
         m.to = Some(Jid::from(target.clone()));
         self.strip_claims_in_our_name(&mut m);
-        let size = sizes::written_len(&m);
+        let too_large = sizes::written_over(&m, self.config.limits.max_stanza_bytes);
         let refusal = match overlong_id(&m) {
             Some(why) => Some((ErrorType::Modify, why)),
-            None if bookkeeping => (size > self.config.limits.max_stanza_bytes).then(|| {
+            None if bookkeeping => too_large.then(|| {
                 (
                     ErrorType::Modify,
                     "message too large for the relay".to_owned(),
                 )
             }),
             None => self
-                .over_size_or_rate(size, from_bare)
+                .over_size_or_rate(too_large, from_bare)
                 .map(|(t, text)| (t, text.to_owned())),
         };
         if let Some((t, text)) = refusal {
