@@ -95,8 +95,6 @@ enum SessionError {
     Timeout(&'static str),
     #[error("server closed the stream")]
     Closed,
-    #[error("router is gone")]
-    RouterGone,
 }
 
 pub struct LinkSettings {
@@ -179,7 +177,6 @@ impl Link {
                     }
                     match result {
                         Ok(()) => return,
-                        Err(SessionError::RouterGone) => return,
                         Err(e) => warn!(error = %e, "component link lost"),
                     }
                 }
@@ -258,8 +255,8 @@ impl Link {
             .map_err(|_| SessionError::Timeout("handshake"))?
     }
 
-    /// Serve one connection. `Ok` means shutdown was requested and the
-    /// stream was closed cleanly.
+    /// Serve one connection. `Ok` means the router is done (shutdown was
+    /// requested, or it returned) and the stream was closed cleanly.
     async fn serve(&mut self, mut stream: Stream) -> Result<(), SessionError> {
         // An event read from the stream that the router has not taken yet.
         // While it waits, the outbox keeps draining, so the router (which
@@ -271,27 +268,27 @@ impl Link {
         let result = loop {
             tokio::select! {
                 biased;
+                // The router has stopped (app.rs cancels this token after
+                // it; its channels close when it returns): send what it
+                // handed over, then close.
                 _ = shutdown.cancelled() => {
-                    // The router has stopped (app.rs cancels this token
-                    // after it): send what it handed over, then close.
-                    while let Ok(out) = self.outbox.try_recv() {
-                        if out.epoch == self.epoch {
-                            stream.feed(&XmppStreamElement::Stanza(out.stanza)).await?;
-                        }
-                    }
-                    SinkExt::<&XmppStreamElement>::flush(&mut stream).await?;
-                    let _ = tokio::time::timeout(Duration::from_secs(2), stream.shutdown()).await;
-                    info!("component stream closed");
+                    self.close(&mut stream).await?;
                     break Ok(());
                 }
                 permit = events.reserve(), if pending.is_some() => {
                     match permit {
                         Ok(p) => p.send(pending.take().expect("guarded by is_some")),
-                        Err(_) => break Err(SessionError::RouterGone),
+                        Err(_) => {
+                            self.close(&mut stream).await?;
+                            break Ok(());
+                        }
                     }
                 }
                 out = self.outbox.recv() => {
-                    let Some(out) = out else { break Err(SessionError::RouterGone) };
+                    let Some(out) = out else {
+                        self.close(&mut stream).await?;
+                        break Ok(());
+                    };
                     self.write_batch(&mut stream, out).await?;
                 }
                 item = stream.next(), if pending.is_none() => {
@@ -356,6 +353,20 @@ impl Link {
             debug!(dropped, "discarded stanzas queued for the lost connection");
         }
         result
+    }
+
+    /// The router is done: write what it queued for this connection,
+    /// then close the stream.
+    async fn close(&mut self, stream: &mut Stream) -> Result<(), SessionError> {
+        while let Ok(out) = self.outbox.try_recv() {
+            if out.epoch == self.epoch {
+                stream.feed(&XmppStreamElement::Stanza(out.stanza)).await?;
+            }
+        }
+        SinkExt::<&XmppStreamElement>::flush(stream).await?;
+        let _ = tokio::time::timeout(Duration::from_secs(2), stream.shutdown()).await;
+        info!("component stream closed");
+        Ok(())
     }
 
     /// Write `first` and whatever else is queued, then flush once.
