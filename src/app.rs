@@ -146,6 +146,7 @@ pub async fn run(
         out_rx,
         ev_tx,
         link_stop.clone(),
+        shutdown.clone(),
     );
     let router = Router::new(config.clone(), config_path, store.clone(), out_tx, flush_tx)?;
     let flusher = tokio::spawn(run_flusher(store.clone(), flush_rx, done_tx));

@@ -120,7 +120,11 @@ pub struct Link {
     events: mpsc::Sender<LinkEvent>,
     /// Incremented at every successful handshake.
     epoch: u64,
+    /// Cancelled once the router has stopped: write what it queued, close.
     shutdown: CancellationToken,
+    /// Cancelled at the stop signal: read nothing more from the server,
+    /// so that the router can handle all that was read before it stops.
+    stop_reading: CancellationToken,
 }
 
 /// Reads pass through [`DepthLimit`]: payloads deeper than
@@ -139,6 +143,7 @@ impl Link {
         outbox: mpsc::Receiver<Outbound>,
         events: mpsc::Sender<LinkEvent>,
         shutdown: CancellationToken,
+        stop_reading: CancellationToken,
     ) -> Link {
         Link {
             settings,
@@ -146,6 +151,7 @@ impl Link {
             events,
             epoch: 0,
             shutdown,
+            stop_reading,
         }
     }
 
@@ -154,9 +160,19 @@ impl Link {
         let mut backoff = RECONNECT_MIN;
         loop {
             let shutdown = self.shutdown.clone();
-            let connected = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = self.connect() => r,
+            // While there is no connection, what the router queued was
+            // for a lost one (void): drop it, so that the router never
+            // waits on a full outbox for a link that is away.
+            let connected = {
+                let connect = connect(&self.settings);
+                tokio::pin!(connect);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        r = &mut connect => break r,
+                        Some(_) = self.outbox.recv() => {}
+                    }
+                }
             };
             match connected {
                 Ok(stream) => {
@@ -187,17 +203,23 @@ impl Link {
             // Full jitter in [backoff/2, backoff], so a fleet does not
             // reconnect in lockstep after a server restart.
             let ms = backoff.as_millis() as u64;
-            let wait = Duration::from_millis(rand::random_range(ms / 2..=ms));
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
+            let wait = tokio::time::sleep(Duration::from_millis(rand::random_range(ms / 2..=ms)));
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    _ = &mut wait => break,
+                    Some(_) = self.outbox.recv() => {}
+                }
             }
             backoff = (backoff * 2).min(self.settings.reconnect_max);
         }
     }
+}
 
-    async fn connect(&self) -> Result<Stream, SessionError> {
-        let s = &self.settings;
+/// Connect and do the XEP-0114 handshake.
+async fn connect(s: &LinkSettings) -> Result<Stream, SessionError> {
+    {
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(s.server))
             .await
             .map_err(|_| SessionError::Timeout("connect"))?
@@ -254,7 +276,9 @@ impl Link {
             .await
             .map_err(|_| SessionError::Timeout("handshake"))?
     }
+}
 
+impl Link {
     /// Serve one connection. `Ok` means the router is done (shutdown was
     /// requested, or it returned) and the stream was closed cleanly.
     async fn serve(&mut self, mut stream: Stream) -> Result<(), SessionError> {
@@ -265,6 +289,7 @@ impl Link {
         let mut pending: Option<LinkEvent> = None;
         let mut ping_seq: u64 = 0;
         let (events, shutdown) = (self.events.clone(), self.shutdown.clone());
+        let stop_reading = self.stop_reading.clone();
         let result = loop {
             tokio::select! {
                 biased;
@@ -291,7 +316,12 @@ impl Link {
                     };
                     self.write_batch(&mut stream, out).await?;
                 }
-                item = stream.next(), if pending.is_none() => {
+                // At the stop signal nothing more is read: what the server
+                // sends from then on stays with it (or is lost with the
+                // stream, as at any stop: XEP-0114 has no acknowledgement),
+                // and the router handles all that was read before.
+                _ = stop_reading.cancelled(), if !stop_reading.is_cancelled() => {}
+                item = stream.next(), if pending.is_none() && !stop_reading.is_cancelled() => {
                     match item {
                         None => break Err(SessionError::Closed),
                         Some(Err(ReadError::SoftTimeout)) => {

@@ -118,7 +118,7 @@ impl Router {
     /// stop keeps no receipt from its sender. Messages waiting for theirs
     /// stay stored: the next start sends them.
     pub(super) async fn release_at_stop(&mut self) {
-        if !self.gate.holds_stanzas() {
+        if self.store_failed || !self.gate.holds_stanzas() {
             return;
         }
         let store = self.store.clone();

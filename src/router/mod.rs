@@ -490,7 +490,12 @@ impl Router {
             self.store.begin();
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break,
+                _ = shutdown.cancelled() => {
+                    // The link reads nothing more (it stops at the same
+                    // signal): handle what it read before.
+                    self.handle_what_was_read(&mut events).await;
+                    break;
+                }
                 Some(f) = durable.recv() => match f {
                     Flushed::Durable(ticket) => self.on_durable(ticket).await,
                     Flushed::Failed(e) => {
@@ -540,6 +545,23 @@ impl Router {
         match self.fatal.take() {
             Some(e) => Err(e),
             None => Ok(()),
+        }
+    }
+
+    /// At a stop: the events the link read and the router has not
+    /// handled yet, handled in rounds of their own, so that nothing read
+    /// from the server is dropped unseen.
+    async fn handle_what_was_read(&mut self, events: &mut mpsc::Receiver<LinkEvent>) {
+        while self.fatal.is_none() {
+            let batch: Vec<LinkEvent> = std::iter::from_fn(|| events.try_recv().ok())
+                .take(BURST)
+                .collect();
+            if batch.is_empty() {
+                break;
+            }
+            self.on_link_batch(batch).await;
+            self.end_burst().await;
+            self.store.begin();
         }
     }
 
