@@ -357,3 +357,22 @@ async fn subscribed_and_online(h: &Harness) {
     }
     settle().await;
 }
+
+/// On sled in fsync mode: bob online, m1 accepted, its fsync asked and
+/// answered, m1 relayed. None on a store whose commits are durable
+/// (PostgreSQL asks no fsync).
+async fn fsync_harness_with_m1_relayed() -> Option<Harness> {
+    let mut h = harness_full(64, "fsync", "").await;
+    if h.store.durable_at_commit() {
+        return None;
+    }
+    subscribed_and_online(&h).await;
+    h.msg("m1").await;
+    settle().await;
+    assert!(h.drain().is_empty(), "not durable yet");
+    let ticket = h.flushes.try_recv().expect("an fsync asked for m1");
+    h.internal.send(Flushed::Durable(ticket)).await.unwrap();
+    settle().await;
+    assert_eq!(ids_of(&h.drain()), ["m1"]);
+    Some(h)
+}
