@@ -215,70 +215,6 @@ impl Link {
             backoff = (backoff * 2).min(self.settings.reconnect_max);
         }
     }
-}
-
-/// Connect and do the XEP-0114 handshake.
-async fn connect(s: &LinkSettings) -> Result<Stream, SessionError> {
-    {
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(s.server))
-            .await
-            .map_err(|_| SessionError::Timeout("connect"))?
-            .map_err(|e| SessionError::Connect(s.server, e))?;
-        tcp.set_nodelay(true)?;
-        let timeouts = Timeouts {
-            read_timeout: s.keepalive,
-            response_timeout: s.keepalive,
-        };
-        let handshake = async {
-            let mut pending = initiate_stream(
-                BufStream::new(DepthLimit::new(tcp, STREAM_MAX_DEPTH)),
-                ns::COMPONENT,
-                StreamHeader {
-                    to: Some(Cow::Borrowed(s.domain.as_str())),
-                    from: None,
-                    id: None,
-                },
-                timeouts,
-            )
-            .await?;
-            let stream_id = pending
-                .take_header()
-                .id
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no stream id"))?
-                .into_owned();
-            let mut stream: Stream = pending.skip_features();
-            let hs = Handshake::from_stream_id_and_password(stream_id, &s.secret);
-            stream
-                .send(&XmppStreamElement::ComponentHandshake(hs))
-                .await?;
-            loop {
-                match stream.next().await {
-                    Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::ComponentHandshake(
-                        _,
-                    )))) => {
-                        return Ok(stream);
-                    }
-                    Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::StreamError(e)))) => {
-                        return Err(SessionError::Refused(format!("{:?}", e.0.condition)));
-                    }
-                    Some(Ok(other)) => {
-                        return Err(SessionError::Refused(format!(
-                            "unexpected reply to handshake: {other:?}"
-                        )));
-                    }
-                    Some(Err(ReadError::SoftTimeout)) => continue,
-                    Some(Err(e)) => return Err(io::Error::other(e.to_string()).into()),
-                    None => return Err(SessionError::Closed),
-                }
-            }
-        };
-        tokio::time::timeout(CONNECT_TIMEOUT, handshake)
-            .await
-            .map_err(|_| SessionError::Timeout("handshake"))?
-    }
-}
-
-impl Link {
     /// Serve one connection. `Ok` means the router is done (shutdown was
     /// requested, or it returned) and the stream was closed cleanly.
     async fn serve(&mut self, mut stream: Stream) -> Result<(), SessionError> {
@@ -467,4 +403,61 @@ fn refuse_deep(st: Stanza) -> LinkEvent {
     };
     xmltree::dismantle_stanza(st);
     event
+}
+
+/// Connect and do the XEP-0114 handshake.
+async fn connect(s: &LinkSettings) -> Result<Stream, SessionError> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(s.server))
+        .await
+        .map_err(|_| SessionError::Timeout("connect"))?
+        .map_err(|e| SessionError::Connect(s.server, e))?;
+    tcp.set_nodelay(true)?;
+    let timeouts = Timeouts {
+        read_timeout: s.keepalive,
+        response_timeout: s.keepalive,
+    };
+    let handshake = async {
+        let mut pending = initiate_stream(
+            BufStream::new(DepthLimit::new(tcp, STREAM_MAX_DEPTH)),
+            ns::COMPONENT,
+            StreamHeader {
+                to: Some(Cow::Borrowed(s.domain.as_str())),
+                from: None,
+                id: None,
+            },
+            timeouts,
+        )
+        .await?;
+        let stream_id = pending
+            .take_header()
+            .id
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no stream id"))?
+            .into_owned();
+        let mut stream: Stream = pending.skip_features();
+        let hs = Handshake::from_stream_id_and_password(stream_id, &s.secret);
+        stream
+            .send(&XmppStreamElement::ComponentHandshake(hs))
+            .await?;
+        loop {
+            match stream.next().await {
+                Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::ComponentHandshake(_)))) => {
+                    return Ok(stream);
+                }
+                Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::StreamError(e)))) => {
+                    return Err(SessionError::Refused(format!("{:?}", e.0.condition)));
+                }
+                Some(Ok(other)) => {
+                    return Err(SessionError::Refused(format!(
+                        "unexpected reply to handshake: {other:?}"
+                    )));
+                }
+                Some(Err(ReadError::SoftTimeout)) => continue,
+                Some(Err(e)) => return Err(io::Error::other(e.to_string()).into()),
+                None => return Err(SessionError::Closed),
+            }
+        }
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+        .await
+        .map_err(|_| SessionError::Timeout("handshake"))?
 }

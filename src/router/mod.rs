@@ -507,10 +507,7 @@ impl Router {
                     Some(ev) => {
                         // Whatever else has arrived joins the burst.
                         let mut batch = vec![ev];
-                        while batch.len() < BURST {
-                            let Ok(ev) = events.try_recv() else { break };
-                            batch.push(ev);
-                        }
+                        fill_burst(&mut batch, &mut events);
                         self.on_link_batch(batch).await;
                     }
                     None => break,
@@ -553,9 +550,8 @@ impl Router {
     /// from the server is dropped unseen.
     async fn handle_what_was_read(&mut self, events: &mut mpsc::Receiver<LinkEvent>) {
         while self.fatal.is_none() {
-            let batch: Vec<LinkEvent> = std::iter::from_fn(|| events.try_recv().ok())
-                .take(BURST)
-                .collect();
+            let mut batch = Vec::new();
+            fill_burst(&mut batch, events);
             if batch.is_empty() {
                 break;
             }
@@ -700,6 +696,14 @@ impl Router {
         self.store.begin();
         self.on_link_event(ev).await;
         self.end_burst().await;
+    }
+}
+
+/// Add to `batch` the events already queued, up to [`BURST`] in all.
+fn fill_burst(batch: &mut Vec<LinkEvent>, events: &mut mpsc::Receiver<LinkEvent>) {
+    while batch.len() < BURST {
+        let Ok(ev) = events.try_recv() else { break };
+        batch.push(ev);
     }
 }
 
