@@ -211,9 +211,29 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let probed = probing.elapsed();
+    // The fake counts the answers it sent, not those redeliver has read:
+    // a ping answered means every answer before it was handled, so that
+    // the replay below is timed from a router with no backlog.
+    let users = fake.handle();
+    let mut early = 0usize;
+    users.send(&format!(
+        "<iq xmlns='jabber:component:accept' type='get' id='scale-barrier' from='sender@localhost/b' to='{COMPONENT}'><ping xmlns='urn:xmpp:ping'/></iq>"
+    ));
+    loop {
+        let Some(ev) = fake.next(Duration::from_secs(120)).await else {
+            panic!("no answer to the ping");
+        };
+        if let Event::Stanza(_, _, _, el) = ev {
+            if el.name() == "iq" && el.attr("id") == Some("scale-barrier") {
+                break;
+            }
+            early += 1;
+        }
+    }
+    let handled = probing.elapsed();
     let rss_probed = status_kib(pid, "VmRSS:");
     // Then quiet, and anything it sent meanwhile counted.
-    let mut stray = 0usize;
+    let mut stray = early;
     while let Some(ev) = fake.next(Duration::from_millis(500)).await {
         if matches!(ev, Event::Stanza(..)) {
             stray += 1;
@@ -221,7 +241,6 @@ async fn main() {
     }
     let who = format!("u{}@localhost", recipients / 2);
     let per_recipient = messages / recipients;
-    let users = fake.handle();
     let presence = Instant::now();
     users.send(&format!(
         "<presence xmlns='jabber:component:accept' from='{who}/res' to='{COMPONENT}'/>"
@@ -275,12 +294,16 @@ async fn main() {
         probed.as_secs_f64()
     );
     println!(
+        "| ready to every answer handled (a ping sent after the last answered) | {:.2} s |",
+        handled.as_secs_f64()
+    );
+    println!(
         "| peak RSS / RSS after the replay | {:.1} MiB / {:.1} MiB |",
         rss_peak as f64 / 1024.0,
         rss_now as f64 / 1024.0
     );
     println!(
-        "| RSS at link up (store open: sled's page table and cache) / after every recipient was probed | {:.1} MiB / {:.1} MiB ({:.0} bytes per recipient) |",
+        "| RSS at link up (store open: sled's page table and cache) / after every answer was handled | {:.1} MiB / {:.1} MiB ({:.0} bytes per recipient) |",
         rss_ready as f64 / 1024.0,
         rss_probed as f64 / 1024.0,
         (rss_probed.saturating_sub(rss_ready) * 1024) as f64 / recipients as f64
