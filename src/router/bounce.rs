@@ -97,7 +97,7 @@ impl Router {
         // message goes again in its place, now if the recipient is being
         // sent to, else when it is back.
         let initial = self.config.retry_initial();
-        let peer = peer_entry(&mut self.peers, recipient, initial);
+        let peer = self.peers.entry(recipient, initial);
         // It was sent before (its entry may have gone meanwhile): the next
         // send is a replay.
         peer.attempts.entry(seq).or_insert(1);
@@ -185,9 +185,7 @@ impl Router {
             }
         };
         self.gate.removed();
-        if let Some(peer) = self.peers.get_mut(recipient) {
-            peer.removed(seq, &mut self.timers);
-        }
+        self.peers.removed(recipient, seq, &mut self.timers);
         let found = removed.is_some();
         if let Some((seq, rec)) = removed {
             warn!(

@@ -238,27 +238,59 @@ impl Router {
         // retry_initial_ms of the last one (presence unknown), a retry
         // decides: timed from the end of the pass, so that a large store
         // does not resend to recipients whose answers are still queued.
-        debug!("every recipient probed");
         // Its buffer held every recipient known at link up.
         self.probe_queue = VecDeque::new();
+        // One timer for the pass, not one per recipient: on a large
+        // store most answers are still on their way (docs/benchmarks.md,
+        // "Parked recipients").
+        let mut unanswered = 0usize;
         for name in std::mem::take(&mut self.probe_waiting) {
-            self.resume_unless_known(&name, initial);
+            unanswered += usize::from(self.peers.await_probe_answer(name, initial));
+        }
+        debug!(unanswered, "every recipient probed");
+        if unanswered > 0
+            && let Some(epoch) = self.epoch
+        {
+            self.timers.insert(Timer::ProbeRetry { epoch }, initial);
+        }
+    }
+
+    /// The probe pass's retry: where presence is still unknown, send.
+    pub(super) async fn probe_retry(&mut self, epoch: u64) {
+        if self.epoch != Some(epoch) {
+            // A later link's pass has its own.
+            return;
+        }
+        for name in self.peers.probe_retries() {
+            let Some(peer) = self.peers.get_mut(&name) else {
+                continue;
+            };
+            peer.halt(&mut self.timers);
+            peer.phase = Phase::Sending;
+            self.pump(&name).await;
         }
     }
 
     /// Schedule a resume for a recipient nothing is known of yet.
     pub(super) fn resume_unless_known(&mut self, name: &str, delay: Duration) {
-        let initial = self.config.retry_initial();
-        let peer = peer_entry(&mut self.peers, name, initial);
-        if peer.timer.is_none() && peer.phase == Phase::Idle {
-            peer.phase = Phase::Backoff;
-            peer.timer = Some(self.timers.insert(
-                Timer::Resume {
-                    recipient: name.to_owned(),
-                },
-                delay,
-            ));
+        // Known offline, or scheduled: nothing to do (and a parked one
+        // stays parked).
+        if self
+            .peers
+            .get(name)
+            .is_some_and(|p| p.timer.is_some() || p.phase != Phase::Idle)
+        {
+            return;
         }
+        let initial = self.config.retry_initial();
+        let peer = self.peers.entry(name, initial);
+        peer.phase = Phase::Backoff;
+        peer.timer = Some(self.timers.insert(
+            Timer::Resume {
+                recipient: name.to_owned(),
+            },
+            delay,
+        ));
     }
 
     pub(super) fn on_link_down(&mut self) {
@@ -279,14 +311,7 @@ impl Router {
         self.gauge_link();
         // What was on the wire is in doubt: it stays pending and is
         // replayed once presence is known again.
-        for peer in self.peers.values_mut() {
-            peer.halt(&mut self.timers);
-            peer.resources.clear();
-            peer.presence_known = false;
-            peer.phase = Phase::Idle;
-        }
-        let names: Vec<String> = self.peers.keys().cloned().collect();
-        for name in names {
+        for name in self.peers.link_down(&mut self.timers) {
             self.forget_if_idle(&name);
         }
         self.disco_pending.clear();

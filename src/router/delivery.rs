@@ -7,7 +7,7 @@ impl Router {
     /// A message is new (or back) in `recipient`'s queue: send if we may.
     pub(super) async fn kick(&mut self, recipient: &str) {
         let initial = self.config.retry_initial();
-        let peer = peer_entry(&mut self.peers, recipient, initial);
+        let peer = self.peers.entry(recipient, initial);
         match peer.phase {
             Phase::Sending => {
                 self.pump(recipient).await;
@@ -347,6 +347,8 @@ impl Router {
         if subscribed || !bounced {
             peer.presence_known = subscribed;
             peer.phase = Phase::Offline;
+            let initial = self.config.retry_initial();
+            self.peers.park_if_quiet(recipient, initial);
         } else {
             peer.presence_known = false;
             peer.phase = Phase::Backoff;

@@ -54,9 +54,7 @@ impl Router {
         for (recipient, seq, rec) in step.messages {
             self.stats.expired();
             info!(to = %recipient, id = %rec.id, seq, "expired undelivered");
-            if let Some(peer) = self.peers.get_mut(&recipient) {
-                peer.removed(seq, &mut self.timers);
-            }
+            self.peers.removed(&recipient, seq, &mut self.timers);
             if notice {
                 let text =
                     format!("expired undelivered: not confirmed by the recipient within {ttl_s} s");

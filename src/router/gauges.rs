@@ -24,14 +24,8 @@ impl Router {
     pub(super) fn update_gauges(&mut self) {
         self.timers.insert(Timer::Gauges, GAUGES_EVERY);
         self.gauge_link();
-        let online = self
-            .peers
-            .values()
-            .filter(|p| p.presence_known && !p.resources.is_empty())
-            .count();
-        gauge!(m::RECIPIENTS_ONLINE).set(online as f64);
-        let in_flight: usize = self.peers.values().map(|p| p.in_flight.len()).sum();
-        gauge!(m::IN_FLIGHT).set(in_flight as f64);
+        gauge!(m::RECIPIENTS_ONLINE).set(self.peers.online() as f64);
+        gauge!(m::IN_FLIGHT).set(self.peers.in_flight() as f64);
         if !self.leading {
             return;
         }

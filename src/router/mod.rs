@@ -70,7 +70,8 @@ pub use forwarding::LEAD_POLL;
 use forwarding::TAKE_FORWARDED_EVERY;
 use linger::Linger;
 pub use peer::Phase;
-use peer::{InFlight, Peer, Resource, peer_entry};
+use peer::{InFlight, Resource};
+use peers::Peers;
 use sizes::SERVER_STANZA_LIMIT;
 
 mod at_once;
@@ -89,6 +90,7 @@ mod iq;
 mod linger;
 mod ops;
 mod peer;
+mod peers;
 mod presence;
 mod sizes;
 mod timers;
@@ -148,6 +150,11 @@ enum Timer {
     },
     /// Time to probe the next recipients after a connect.
     ProbeStep,
+    /// The probe pass of link `epoch` ended this long ago: retry where
+    /// presence is still unknown.
+    ProbeRetry {
+        epoch: u64,
+    },
     /// Time to look for another instance under our name again.
     TwinCheck,
     /// Time for the next step of the expiry walk.
@@ -229,7 +236,7 @@ pub struct Router {
     probe_waiting: Vec<String>,
     /// Epoch of the live link, if any.
     epoch: Option<u64>,
-    peers: HashMap<String, Box<Peer>>,
+    peers: Peers,
     timers: DelayQueue<Timer>,
     /// What is on disk decides what may be relayed.
     gate: Gate,
@@ -420,7 +427,7 @@ impl Router {
             probe_queue: VecDeque::new(),
             probe_waiting: Vec::new(),
             epoch: None,
-            peers: HashMap::new(),
+            peers: Peers::new(config.retry_initial()),
             timers: DelayQueue::new(),
             gate,
             disco_pending: HashMap::new(),

@@ -6,7 +6,7 @@ impl Ops for Router {
     fn snapshot(&self) -> Snapshot {
         Snapshot {
             stats: self.stats.clone(),
-            in_flight: self.peers.values().map(|p| p.in_flight.len() as u64).sum(),
+            in_flight: self.peers.in_flight() as u64,
             uptime: self.started.elapsed(),
             link_up_since: self.link_up_since,
             server: self.config.component.server.clone(),
@@ -60,7 +60,7 @@ impl Ops for Router {
             return Err("the component link is down".into());
         }
         let initial = self.config.retry_initial();
-        let peer = peer_entry(&mut self.peers, recipient, initial);
+        let peer = self.peers.entry(recipient, initial);
         // Whatever was in flight goes again, from the head of the queue.
         peer.halt(&mut self.timers);
         peer.phase = Phase::Sending;
@@ -82,10 +82,8 @@ impl Ops for Router {
         if !seqs.is_empty() {
             self.gate.removed();
         }
-        if let Some(peer) = self.peers.get_mut(recipient) {
-            for seq in &seqs {
-                peer.removed(*seq, &mut self.timers);
-            }
+        for seq in &seqs {
+            self.peers.removed(recipient, *seq, &mut self.timers);
         }
         self.stats.purged(seqs.len() as u64);
         info!(

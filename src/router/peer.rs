@@ -1,6 +1,7 @@
 //! One recipient's delivery state while this process runs (nothing of it
 //! is stored): its phase, its available resources, what is in flight and
-//! its timers. The router holds one `Peer` per recipient it is busy with.
+//! its timers. [`super::peers::Peers`] holds one per recipient the router
+//! is busy with.
 
 use super::*;
 
@@ -43,18 +44,6 @@ pub(super) struct Resource {
     /// Missed a receipt: left out until it shows life again (a presence
     /// or any stanza from it), while the others are written to directly.
     pub(super) silent: bool,
-}
-
-/// The delivery state of `recipient`, created on first use. A free
-/// function so that the caller may still borrow the router's timers.
-pub(super) fn peer_entry<'a>(
-    peers: &'a mut HashMap<String, Box<Peer>>,
-    recipient: &str,
-    initial_backoff: Duration,
-) -> &'a mut Peer {
-    peers
-        .entry(recipient.to_owned())
-        .or_insert_with(|| Box::new(Peer::new(initial_backoff)))
 }
 
 /// Runtime (not stored) delivery state of one recipient.
@@ -102,6 +91,26 @@ impl Peer {
             forced: false,
             contact_timer: None,
             habits: None,
+        }
+    }
+
+    /// Known offline, waiting for presence, and nothing else: the state
+    /// of a recipient [`super::peers::Peers`] keeps as a name only.
+    pub(super) fn parked(initial_backoff: Duration) -> Peer {
+        Peer {
+            phase: Phase::Offline,
+            presence_known: true,
+            ..Peer::new(initial_backoff)
+        }
+    }
+
+    /// Probed, presence unknown, waiting in backoff for the probe pass's
+    /// retry (no timer of its own): the other state
+    /// [`super::peers::Peers`] keeps as a name only.
+    pub(super) fn awaiting(initial_backoff: Duration) -> Peer {
+        Peer {
+            phase: Phase::Backoff,
+            ..Peer::new(initial_backoff)
         }
     }
 

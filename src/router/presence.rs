@@ -105,8 +105,7 @@ impl Router {
         // absence.
         let sub = state.subscription;
         let granted_presence = self.granted(&from.to_bare()).presence;
-        let managed =
-            granted_presence && (self.peers.contains_key(&recipient) || state.pending > 0);
+        let managed = granted_presence && (self.peers.contains(&recipient) || state.pending > 0);
         if sub == Subscription::None && !managed {
             debug!(from = %from, "presence from a JID the relay never asked; ignored");
             return;
@@ -148,7 +147,7 @@ impl Router {
                     return;
                 }
                 let managed_only = sub != Subscription::Subscribed;
-                let peer = peer_entry(&mut self.peers, &recipient, initial);
+                let peer = self.peers.entry(&recipient, initial);
                 if managed_only
                     && !from
                         .resource()
@@ -199,6 +198,8 @@ impl Router {
                     {
                         self.resume_unless_known(&recipient, initial);
                     }
+                    // Waiting for presence: a name is enough.
+                    self.peers.park_if_quiet(&recipient, initial);
                 }
             }
             PresenceType::None => {
@@ -213,7 +214,7 @@ impl Router {
                 let Some(resource) = from.resource().map(|r| r.to_string()) else {
                     return;
                 };
-                let peer = peer_entry(&mut self.peers, &recipient, initial);
+                let peer = self.peers.entry(&recipient, initial);
                 let was_online = peer.online();
                 peer.presence_known = true;
                 let known = peer.resources.get(&resource).and_then(|r| r.receipts);

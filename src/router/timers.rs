@@ -43,6 +43,7 @@ impl Router {
                     self.pump(&recipient).await;
                 }
             }
+            Timer::ProbeRetry { epoch } => self.probe_retry(epoch).await,
             Timer::ProbeStep => {
                 if self.epoch.is_some() {
                     self.probe_step().await;

@@ -238,13 +238,7 @@ impl Router {
     /// A server granted the message permission: queues that waited for
     /// it (in order, a hand-off at their head) go on.
     pub(super) async fn resume_held_handoffs(&mut self) {
-        let waiting: Vec<String> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.phase == Phase::Sending && p.in_flight.is_empty())
-            .map(|(r, _)| r.clone())
-            .collect();
-        for recipient in waiting {
+        for recipient in self.peers.sending_and_stalled() {
             self.pump(&recipient).await;
         }
     }

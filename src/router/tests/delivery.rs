@@ -10,44 +10,8 @@ use super::*;
 async fn startup_probes_every_recipient_in_steps() {
     let dir = tempfile::tempdir().unwrap();
     let config = Arc::new(config(dir.path(), 64));
-    let store = test_databases::from_env(
-        &config.store.path,
-        Durability::Batched,
-        &config.component.domain,
-    );
     let n = PROBE_STEP * 3 + 7;
-    store.begin();
-    for i in 0..n {
-        let recipient = format!("u{i}@x");
-        let id = format!("m{i}");
-        store
-            .accept(
-                NewMessage {
-                    recipient: &recipient,
-                    sender_bare: "alice@x",
-                    origin_id: None,
-                    content_hash: 0,
-                    record: Record {
-                        accepted_at_ms: now_ms(),
-                        sender: "alice@x/r".into(),
-                        stanza: format!(
-                            "<message xmlns='{NS}' from='alice@relay.x' to='{recipient}' id='{id}' type='chat'><body>{id}</body></message>"
-                        ),
-                        id,
-                    },
-                },
-                QueueLimits {
-                    max_pending: 10,
-                    max_bytes: 1 << 20,
-                    max_store_bytes: 1 << 30,
-                },
-            )
-            .unwrap();
-        store
-            .set_subscription(&recipient, Subscription::Subscribed)
-            .unwrap();
-    }
-    store.commit().unwrap();
+    let store = subscribed_store(&config, n);
     let (out_tx, mut out_rx) = mpsc::channel(8192);
     let (ev_tx, ev_rx) = mpsc::channel(1024);
     let (flush_tx, _flush_rx) = mpsc::unbounded_channel();
@@ -93,6 +57,187 @@ async fn startup_probes_every_recipient_in_steps() {
         }
     }
     assert_eq!(retried, n - 1);
+}
+
+/// A store of `n` subscribed recipients `u{i}@x` with one message each,
+/// `m{i}`.
+fn subscribed_store(config: &Config, n: usize) -> Arc<dyn QueueStore> {
+    let store = test_databases::from_env(
+        &config.store.path,
+        Durability::Batched,
+        &config.component.domain,
+    );
+    store.begin();
+    for i in 0..n {
+        let recipient = format!("u{i}@x");
+        let id = format!("m{i}");
+        store
+            .accept(
+                NewMessage {
+                    recipient: &recipient,
+                    sender_bare: "alice@x",
+                    origin_id: None,
+                    content_hash: 0,
+                    record: Record {
+                        accepted_at_ms: now_ms(),
+                        sender: "alice@x/r".into(),
+                        stanza: format!(
+                            "<message xmlns='{NS}' from='alice@relay.x' to='{recipient}' id='{id}' type='chat'><body>{id}</body></message>"
+                        ),
+                        id,
+                    },
+                },
+                QueueLimits {
+                    max_pending: 10,
+                    max_bytes: 1 << 20,
+                    max_store_bytes: 1 << 30,
+                },
+            )
+            .unwrap();
+        store
+            .set_subscription(&recipient, Subscription::Subscribed)
+            .unwrap();
+    }
+    store.commit().unwrap();
+    store
+}
+
+/// On a large store most probe answers come after the pass has ended.
+/// One that says "unavailable" holds the recipient's messages, new ones
+/// too, until its presence, and then they are replayed after the grace
+/// with their `<delay/>`; the silent ones get the pass's one retry, and a
+/// message new meanwhile waits for that retry behind the rest.
+#[tokio::test(start_paused = true)]
+async fn answers_after_the_pass_hold_messages_until_presence() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 64);
+    let n = PROBE_STEP * 2;
+    let store = subscribed_store(&config, n);
+    let mut h = harness_on(store, config, dir).await;
+    settle().await;
+    let probes = h
+        .drain_all()
+        .into_iter()
+        .filter(|st| matches!(st, Stanza::Presence(p) if p.type_ == PresenceType::Probe))
+        .count();
+    assert_eq!(probes, n, "the pass is over");
+    for i in 0..n / 2 {
+        h.feed(&format!(
+            "<presence xmlns='{NS}' from='u{i}@x' to='relay.x' type='unavailable'/>"
+        ))
+        .await;
+    }
+    // New messages: for one known offline, and for one still silent.
+    let silent = n - 1;
+    for (i, id) in [(0, "new0"), (silent, "new-silent")] {
+        h.feed(&format!(
+            "<message xmlns='{NS}' from='alice@x/r' to='u{i}@relay.x' id='{id}' type='chat'><body>{id}</body></message>"
+        ))
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        messages(&h.drain_all()),
+        [],
+        "nothing before the retry, to those offline or silent"
+    );
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let retried = messages(&h.drain_all());
+    let mut to: Vec<&str> = retried.iter().map(|(t, _, _)| t.as_str()).collect();
+    to.sort_unstable();
+    let mut silent_ones: Vec<String> = (n / 2..n).map(|i| format!("u{i}@x")).collect();
+    silent_ones.sort_unstable();
+    // Presence unknown: one message each on the wire, the head of its
+    // queue; the new one follows its receipt.
+    assert_eq!(
+        to, silent_ones,
+        "the retry goes to the silent ones, one each"
+    );
+    let to_silent = |out: &[(String, String, Option<String>)]| -> Vec<String> {
+        out.iter()
+            .filter(|(t, _, _)| t == &format!("u{silent}@x"))
+            .map(|(_, id, _)| id.clone())
+            .collect()
+    };
+    assert_eq!(to_silent(&retried), [format!("m{silent}")]);
+    h.feed(&format!(
+        "<message xmlns='{NS}' from='u{silent}@x/r' to='alice@relay.x'><received xmlns='urn:xmpp:receipts' id='m{silent}'/></message>"
+    ))
+    .await;
+    settle().await;
+    assert_eq!(to_silent(&messages(&h.drain_all())), ["new-silent"]);
+    // The one known offline logs in: its messages after the grace.
+    h.feed(&format!(
+        "<presence xmlns='{NS}' from='u0@x/r' to='relay.x'/>"
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(290)).await;
+    assert_eq!(messages(&h.drain_all()), [], "within the grace");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let out = h.drain_all();
+    let replayed: Vec<(String, bool)> = out
+        .iter()
+        .filter_map(|st| match st {
+            Stanza::Message(m) if !m.bodies.is_empty() => Some((
+                m.id.as_ref().unwrap().0.clone(),
+                m.payloads.iter().any(|p| p.is("delay", ns::DELAY)),
+            )),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        replayed,
+        [("m0".to_string(), true), ("new0".to_string(), true)],
+        "in order, each with its delay"
+    );
+    assert!(
+        messages(&out)
+            .iter()
+            .all(|(t, _, _)| t == "u0@x/r" || t == "u0@x"),
+        "{out:?}"
+    );
+}
+
+/// A link that goes down forgets what presence said: a recipient known
+/// offline is probed again and retried like the others, and the retry
+/// of the first link's pass sends nothing on the second.
+#[tokio::test(start_paused = true)]
+async fn a_new_link_forgets_who_was_offline_and_the_old_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 64);
+    let store = subscribed_store(&config, 4);
+    let mut h = harness_on(store, config, dir).await;
+    settle().await;
+    h.feed(&format!(
+        "<presence xmlns='{NS}' from='u0@x' to='relay.x' type='unavailable'/>"
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.drain_all();
+    h.events.send(LinkEvent::Down).await.unwrap();
+    h.events.send(LinkEvent::Up { epoch: 2 }).await.unwrap();
+    settle().await;
+    let mut probed: Vec<String> = h
+        .drain_all()
+        .into_iter()
+        .filter_map(|st| match st {
+            Stanza::Presence(p) if p.type_ == PresenceType::Probe => Some(p.to?.to_string()),
+            _ => None,
+        })
+        .collect();
+    probed.sort_unstable();
+    assert_eq!(probed, ["u0@x", "u1@x", "u2@x", "u3@x"]);
+    // The first pass's retry was due 500 ms after it: nothing.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(messages(&h.drain_all()), []);
+    // The second's, 500 ms after it: every one, u0 too.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut to: Vec<String> = messages(&h.drain_all())
+        .into_iter()
+        .map(|(t, _, _)| t)
+        .collect();
+    to.sort_unstable();
+    assert_eq!(to, ["u0@x", "u1@x", "u2@x", "u3@x"]);
 }
 
 #[test]
