@@ -17,7 +17,7 @@ use crate::store::{PgStore, QueueStore, SledStore};
 /// Open the store the config names. Blocking: call it off the runtime.
 pub fn open_store_blocking(config: &Config) -> anyhow::Result<Arc<dyn QueueStore>> {
     let c = &config.store;
-    Ok(match c.backend {
+    let store: Arc<dyn QueueStore> = match c.backend {
         Backend::Sled => Arc::new(SledStore::open_with(
             &c.path,
             c.durability,
@@ -33,7 +33,11 @@ pub fn open_store_blocking(config: &Config) -> anyhow::Result<Arc<dyn QueueStore
             let password = config.db_password()?;
             Arc::new(PgStore::open(url, password.as_deref())?)
         }
-    })
+    };
+    // sled's open reads its whole snapshot, tens of MiB on a large store,
+    // and frees it.
+    crate::memory::release_freed();
+    Ok(store)
 }
 
 /// Where the store is, for logs: the sled directory or the database.

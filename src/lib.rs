@@ -13,6 +13,7 @@ pub mod depthlimit;
 pub mod gate;
 pub mod handoff;
 pub mod link;
+pub mod memory;
 pub mod message_kind;
 pub mod privilege;
 pub mod prometheus;

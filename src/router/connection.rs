@@ -248,14 +248,15 @@ impl Router {
             unanswered += usize::from(self.peers.await_probe_answer(name, initial));
         }
         debug!(unanswered, "every recipient probed");
-        if unanswered > 0
-            && let Some(epoch) = self.epoch
-        {
+        // Armed even when every answer came: its end of the pass also
+        // hands the pass's memory back.
+        if let Some(epoch) = self.epoch {
             self.timers.insert(Timer::ProbeRetry { epoch }, initial);
         }
     }
 
-    /// The probe pass's retry: where presence is still unknown, send.
+    /// The probe pass's retry: where presence is still unknown, send;
+    /// then return what the pass freed to the system.
     pub(super) async fn probe_retry(&mut self, epoch: u64) {
         if self.epoch != Some(epoch) {
             // A later link's pass has its own.
@@ -269,6 +270,9 @@ impl Router {
             peer.phase = Phase::Sending;
             self.pump(&name).await;
         }
+        // The pass's buffers, and the state of the recipients parked
+        // since, are free.
+        crate::memory::release_freed();
     }
 
     /// Schedule a resume for a recipient nothing is known of yet.
