@@ -116,7 +116,12 @@ fn ejabberd_module() -> PathBuf {
         .clone()
 }
 
+/// Run an install script, one at a time in this process: tests start
+/// servers in parallel, and apt-get runs one at a time (the scripts also
+/// wait for another process's dpkg lock).
 fn install(script: &str) {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let status = Command::new("bash")
         .arg(root().join("scripts").join(script))
         .status()
