@@ -262,6 +262,11 @@ impl Router {
             // A later link's pass has its own.
             return;
         }
+        let quiet = self.config.retry_initial() / 5;
+        if let Some(wait) = self.peers.answers_still_coming(quiet) {
+            self.timers.insert(Timer::ProbeRetry { epoch }, wait);
+            return;
+        }
         for name in self.peers.probe_retries() {
             let Some(peer) = self.peers.get_mut(&name) else {
                 continue;

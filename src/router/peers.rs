@@ -13,6 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tokio_util::time::DelayQueue;
 
 use super::Timer;
@@ -31,6 +32,9 @@ pub(super) struct Peers {
     /// into a whole `Peer` by `get_mut` and `entry`.
     parked: Peer,
     awaiting_state: Peer,
+    /// When a recipient last left `awaiting` (its answer, mostly): the
+    /// pass's retry waits while answers still come in.
+    last_answer: Option<Instant>,
 }
 
 impl Peers {
@@ -41,6 +45,7 @@ impl Peers {
             awaiting: HashSet::new(),
             parked: Peer::parked(initial_backoff),
             awaiting_state: Peer::awaiting(initial_backoff),
+            last_answer: None,
         }
     }
 
@@ -105,10 +110,21 @@ impl Peers {
         }
     }
 
+    /// How much longer the pass's retry waits: answers still coming in
+    /// within `quiet` of each other are a backlog being read, not silence
+    /// (on a large store the router reads them seconds after they were
+    /// sent), and a retry now would send to recipients whose
+    /// "unavailable" is already queued.
+    pub(super) fn answers_still_coming(&self, quiet: Duration) -> Option<Duration> {
+        let since = self.last_answer?.elapsed();
+        (since < quiet && !self.awaiting.is_empty()).then(|| quiet - since)
+    }
+
     /// The pass's retry is due: those still waiting for it, in backoff
     /// with no timer of their own, all whole `Peer`s now (they are about
     /// to be sent to).
     pub(super) fn probe_retries(&mut self) -> Vec<String> {
+        self.last_answer = None;
         for name in std::mem::take(&mut self.awaiting) {
             let peer = Peer::awaiting(self.awaiting_state.backoff);
             self.busy.insert(name.into_string(), Box::new(peer));
@@ -160,6 +176,7 @@ impl Peers {
             let peer = Peer::parked(self.parked.backoff);
             self.busy.insert(name.into_string(), Box::new(peer));
         } else if let Some(name) = self.awaiting.take(recipient) {
+            self.last_answer = Some(Instant::now());
             let peer = Peer::awaiting(self.awaiting_state.backoff);
             self.busy.insert(name.into_string(), Box::new(peer));
         }

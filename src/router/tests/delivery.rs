@@ -240,6 +240,37 @@ async fn a_new_link_forgets_who_was_offline_and_the_old_retry() {
     assert_eq!(to, ["u0@x", "u1@x", "u2@x", "u3@x"]);
 }
 
+/// The pass's retry waits while answers are still being read: answers
+/// that keep coming past its time are a backlog, not silence, and only
+/// the recipients that never answered are sent to.
+#[tokio::test(start_paused = true)]
+async fn the_retry_waits_for_answers_still_coming_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 64);
+    let store = subscribed_store(&config, 20);
+    let mut h = harness_on(store, config, dir).await;
+    settle().await;
+    h.drain_all();
+    // The retry is due 500 ms after the pass; answers come every 10 ms
+    // from 450 ms to 590.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    for i in 0..15 {
+        h.feed(&format!(
+            "<presence xmlns='{NS}' from='u{i}@x' to='relay.x' type='unavailable'/>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(messages(&h.drain_all()), [], "not while answers come in");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut to: Vec<String> = messages(&h.drain_all())
+        .into_iter()
+        .map(|(t, _, _)| t)
+        .collect();
+    to.sort_unstable();
+    assert_eq!(to, ["u15@x", "u16@x", "u17@x", "u18@x", "u19@x"]);
+}
+
 #[test]
 fn fresh_messages_are_bounded_by_bytes_and_entries() {
     let mut f = Fresh::default();
