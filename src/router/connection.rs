@@ -262,18 +262,34 @@ impl Router {
             // A later link's pass has its own.
             return;
         }
-        let quiet = self.config.retry_initial() / 5;
-        if let Some(wait) = self.peers.answers_still_coming(quiet) {
-            self.timers.insert(Timer::ProbeRetry { epoch }, wait);
-            return;
+        if !self.peers.retrying() {
+            // A fifth of retry_initial_ms without an answer is silence;
+            // four times it past its time, the retry waits no more.
+            let initial = self.config.retry_initial();
+            if let Some(wait) = self.peers.retry_wait(initial / 5, initial * 4) {
+                self.timers.insert(Timer::ProbeRetry { epoch }, wait);
+                return;
+            }
+            self.peers.start_retries();
         }
-        for name in self.peers.probe_retries() {
+        // In steps, as the pass: what is read meanwhile is handled
+        // between them.
+        for name in self.peers.next_retries(PROBE_STEP) {
             let Some(peer) = self.peers.get_mut(&name) else {
                 continue;
             };
+            if peer.phase != Phase::Backoff || peer.timer.is_some() {
+                // Something else decided meanwhile.
+                continue;
+            }
             peer.halt(&mut self.timers);
             peer.phase = Phase::Sending;
             self.pump(&name).await;
+        }
+        if self.peers.retrying() {
+            self.timers
+                .insert(Timer::ProbeRetry { epoch }, Duration::ZERO);
+            return;
         }
         // The pass's buffers, and the state of the recipients parked
         // since, are free.
@@ -320,7 +336,8 @@ impl Router {
         self.gauge_link();
         // What was on the wire is in doubt: it stays pending and is
         // replayed once presence is known again.
-        for name in self.peers.link_down(&mut self.timers) {
+        let initial = self.config.retry_initial();
+        for name in self.peers.link_down(&mut self.timers, initial) {
             self.forget_if_idle(&name);
         }
         self.disco_pending.clear();

@@ -23,6 +23,8 @@ impl Router {
             }
             Phase::Grace | Phase::Offline | Phase::Backoff => {}
         }
+        // Held for presence or the probe pass's retry: a name is enough.
+        self.peers.park_if_quiet(recipient, initial);
     }
 
     /// Send pending messages in order while the window has room; how
@@ -347,8 +349,6 @@ impl Router {
         if subscribed || !bounced {
             peer.presence_known = subscribed;
             peer.phase = Phase::Offline;
-            let initial = self.config.retry_initial();
-            self.peers.park_if_quiet(recipient, initial);
         } else {
             peer.presence_known = false;
             peer.phase = Phase::Backoff;

@@ -34,6 +34,19 @@ pub(super) struct InFlight {
     pub(super) expect: bool,
 }
 
+/// The states [`super::peers::Peers`] keeps as a recipient's name only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Parked {
+    /// Presence unknown, nothing scheduled: what a new `Peer` is (kept
+    /// after a link went down, for recipients with pending messages).
+    Idle,
+    /// Known offline: waiting for presence.
+    Offline,
+    /// Probed, no answer when the probe pass ended: in backoff until the
+    /// pass's retry.
+    Awaiting,
+}
+
 /// An available resource of a recipient.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Resource {
@@ -94,23 +107,42 @@ impl Peer {
         }
     }
 
-    /// Known offline, waiting for presence, and nothing else: the state
-    /// of a recipient [`super::peers::Peers`] keeps as a name only.
-    pub(super) fn parked(initial_backoff: Duration) -> Peer {
+    /// The state a recipient parked as `kind` stands for.
+    pub(super) fn parked(kind: Parked, initial_backoff: Duration) -> Peer {
+        let (phase, presence_known) = match kind {
+            Parked::Idle => (Phase::Idle, false),
+            Parked::Offline => (Phase::Offline, true),
+            Parked::Awaiting => (Phase::Backoff, false),
+        };
         Peer {
-            phase: Phase::Offline,
-            presence_known: true,
+            phase,
+            presence_known,
             ..Peer::new(initial_backoff)
         }
     }
 
-    /// Probed, presence unknown, waiting in backoff for the probe pass's
-    /// retry (no timer of its own): the other state
-    /// [`super::peers::Peers`] keeps as a name only.
-    pub(super) fn awaiting(initial_backoff: Duration) -> Peer {
-        Peer {
-            phase: Phase::Backoff,
-            ..Peer::new(initial_backoff)
+    /// Which parked state says all this one does, if any: nothing on the
+    /// wire, scheduled, counted or forced, no resource known. Client
+    /// habits are not looked at: they are a cache of the store's.
+    pub(super) fn parks_as(&self, initial_backoff: Duration) -> Option<Parked> {
+        let quiet = self.resources.is_empty()
+            && self.in_flight.is_empty()
+            && self.cursor == 0
+            && self.timer.is_none()
+            && self.backoff == initial_backoff
+            && self.attempts.is_empty()
+            && self.unsaved_confirms.is_empty()
+            && !self.forced
+            && self.contact_timer.is_none();
+        if !quiet {
+            return None;
+        }
+        match (self.phase, self.presence_known) {
+            (Phase::Idle, false) => Some(Parked::Idle),
+            (Phase::Offline, true) => Some(Parked::Offline),
+            // In backoff with no timer of its own: the probe pass's retry.
+            (Phase::Backoff, false) => Some(Parked::Awaiting),
+            _ => None,
         }
     }
 

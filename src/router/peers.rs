@@ -1,64 +1,64 @@
 //! The router's delivery state of every recipient it knows something of:
 //! a whole [`Peer`] for those it is busy with, only the name of those in
-//! one of two states with nothing else to remember: known offline, or
-//! probed and awaiting the answer.
+//! a state with nothing else to remember ([`Parked`]: known offline,
+//! probed and awaiting the answer, or idle after the link went down).
 //!
 //! After a connect every recipient with a subscription is probed, and on
 //! a large store most answer "unavailable", many after the probe pass has
 //! ended. Kept as a `Peer` with a retry timer each, that cost about 400
 //! bytes per recipient (the boxed state, its key, its slot in the map and
-//! the timer's); parked, it costs the name and a slot, about 50
+//! the timer's); parked, it costs the name and a slot, about 60
 //! (docs/benchmarks.md, "Parked recipients").
+//!
+//! It also runs the probe pass's one retry: who waits for it, whether
+//! answers are still being read, and who is due.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::time::DelayQueue;
 
 use super::Timer;
-use super::peer::{Peer, Phase};
+use super::peer::{Parked, Peer, Phase};
 
 pub(super) struct Peers {
     busy: HashMap<String, Box<Peer>>,
-    /// Known offline and waiting for presence, nothing in flight, nothing
-    /// scheduled, nothing counted: what [`Peer::parked`] reads as.
-    offline: HashSet<Box<str>>,
-    /// Probed after a connect, presence still unknown when the pass
-    /// ended: in backoff until the pass's one retry
-    /// ([`Peers::probe_retries`]), what [`Peer::awaiting`] reads as.
-    awaiting: HashSet<Box<str>>,
-    /// The states of parked recipients, handed out by `get` and copied
-    /// into a whole `Peer` by `get_mut` and `entry`.
-    parked: Peer,
-    awaiting_state: Peer,
-    /// When a recipient last left `awaiting` (its answer, mostly): the
-    /// pass's retry waits while answers still come in.
+    parked: HashMap<Box<str>, Parked>,
+    /// What a parked recipient's state reads as, by kind (see
+    /// [`Peer::parked`]), handed out by `get`.
+    idle: Peer,
+    offline: Peer,
+    awaiting: Peer,
+    /// When a recipient waiting for the probe pass's retry was last heard
+    /// from: the retry waits while answers still come in.
     last_answer: Option<Instant>,
+    /// When the retry was first due: it waits for answers that long at
+    /// most.
+    first_due: Option<Instant>,
+    /// The retry under way: recipients not sent to yet.
+    retry_due: Vec<String>,
 }
 
 impl Peers {
     pub(super) fn new(initial_backoff: Duration) -> Peers {
         Peers {
             busy: HashMap::new(),
-            offline: HashSet::new(),
-            awaiting: HashSet::new(),
-            parked: Peer::parked(initial_backoff),
-            awaiting_state: Peer::awaiting(initial_backoff),
+            parked: HashMap::new(),
+            idle: Peer::parked(Parked::Idle, initial_backoff),
+            offline: Peer::parked(Parked::Offline, initial_backoff),
+            awaiting: Peer::parked(Parked::Awaiting, initial_backoff),
             last_answer: None,
+            first_due: None,
+            retry_due: Vec::new(),
         }
     }
 
     pub(super) fn get(&self, recipient: &str) -> Option<&Peer> {
         if let Some(p) = self.busy.get(recipient) {
-            Some(p)
-        } else if self.offline.contains(recipient) {
-            Some(&self.parked)
-        } else {
-            self.awaiting
-                .contains(recipient)
-                .then_some(&self.awaiting_state)
+            return Some(p);
         }
+        self.parked.get(recipient).map(|kind| self.template(*kind))
     }
 
     /// A parked recipient becomes a whole `Peer` again.
@@ -76,15 +76,28 @@ impl Peers {
     }
 
     pub(super) fn contains(&self, recipient: &str) -> bool {
-        self.busy.contains_key(recipient)
-            || self.offline.contains(recipient)
-            || self.awaiting.contains(recipient)
+        self.busy.contains_key(recipient) || self.parked.contains_key(recipient)
     }
 
     pub(super) fn remove(&mut self, recipient: &str) {
         self.busy.remove(recipient);
-        self.offline.remove(recipient);
-        self.awaiting.remove(recipient);
+        self.parked.remove(recipient);
+    }
+
+    /// Keep only the name of `recipient` when its state is one a name
+    /// says ([`Peer::parks_as`]).
+    pub(super) fn park_if_quiet(&mut self, recipient: &str, initial_backoff: Duration) {
+        let Some(kind) = self
+            .busy
+            .get(recipient)
+            .and_then(|p| p.parks_as(initial_backoff))
+        else {
+            return;
+        };
+        self.set_initial_backoff(initial_backoff);
+        if let Some((name, _)) = self.busy.remove_entry(recipient) {
+            self.parked.insert(name.into_boxed_str(), kind);
+        }
     }
 
     /// The probe pass ended and `recipient`'s presence is still unknown:
@@ -96,88 +109,107 @@ impl Peers {
         initial_backoff: Duration,
     ) -> bool {
         self.set_initial_backoff(initial_backoff);
-        match self.busy.get_mut(&recipient) {
-            Some(p) if p.phase == Phase::Idle && p.timer.is_none() => {
+        if let Some(p) = self.busy.get_mut(&recipient) {
+            if p.phase == Phase::Idle && p.timer.is_none() {
                 p.phase = Phase::Backoff;
+                return true;
+            }
+            return false;
+        }
+        match self.parked.get_mut(recipient.as_str()) {
+            Some(kind @ Parked::Idle) => {
+                *kind = Parked::Awaiting;
                 true
             }
-            Some(_) => false,
-            None if self.offline.contains(recipient.as_str()) => false,
+            Some(Parked::Awaiting) => true,
+            Some(Parked::Offline) => false,
             None => {
-                self.awaiting.insert(recipient.into_boxed_str());
+                self.parked
+                    .insert(recipient.into_boxed_str(), Parked::Awaiting);
                 true
             }
         }
     }
 
-    /// How much longer the pass's retry waits: answers still coming in
-    /// within `quiet` of each other are a backlog being read, not silence
-    /// (on a large store the router reads them seconds after they were
-    /// sent), and a retry now would send to recipients whose
-    /// "unavailable" is already queued.
-    pub(super) fn answers_still_coming(&self, quiet: Duration) -> Option<Duration> {
-        let since = self.last_answer?.elapsed();
-        (since < quiet && !self.awaiting.is_empty()).then(|| quiet - since)
+    /// A presence from `recipient`: if it waits for the pass's retry, an
+    /// answer to its probe, read now.
+    pub(super) fn heard(&mut self, recipient: &str) {
+        if self
+            .get(recipient)
+            .is_some_and(|p| p.phase == Phase::Backoff && p.timer.is_none())
+        {
+            self.last_answer = Some(Instant::now());
+        }
     }
 
-    /// The pass's retry is due: those still waiting for it, in backoff
-    /// with no timer of their own, all whole `Peer`s now (they are about
-    /// to be sent to).
-    pub(super) fn probe_retries(&mut self) -> Vec<String> {
+    /// How much longer the pass's retry, due now, waits: answers still
+    /// read within `quiet` of each other are a backlog, not silence (on a
+    /// large store the router reads them seconds after they were sent),
+    /// and a retry now would send to recipients whose "unavailable" is
+    /// already queued. At most `most` past the first time it was due,
+    /// so that answers trickling in for long do not hold it back.
+    pub(super) fn retry_wait(&mut self, quiet: Duration, most: Duration) -> Option<Duration> {
+        let first_due = *self.first_due.get_or_insert_with(Instant::now);
+        let since = self.last_answer?.elapsed();
+        let left = most
+            .checked_sub(first_due.elapsed())
+            .filter(|left| !left.is_zero())?;
+        (since < quiet).then(|| (quiet - since).min(left))
+    }
+
+    /// The pass's retry starts: every recipient waiting for it is due
+    /// (whole `Peer`s now: they are about to be sent to).
+    pub(super) fn start_retries(&mut self) {
         self.last_answer = None;
-        for name in std::mem::take(&mut self.awaiting) {
-            let peer = Peer::awaiting(self.awaiting_state.backoff);
-            self.busy.insert(name.into_string(), Box::new(peer));
+        self.first_due = None;
+        let waiting: Vec<Box<str>> = self
+            .parked
+            .iter()
+            .filter(|(_, kind)| **kind == Parked::Awaiting)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in waiting {
+            self.unpark(&name);
         }
-        self.busy
+        self.retry_due = self
+            .busy
             .iter()
             .filter(|(_, p)| p.phase == Phase::Backoff && p.timer.is_none())
             .map(|(r, _)| r.clone())
-            .collect()
+            .collect();
     }
 
-    /// Keep only the name of `recipient` when its state says no more than
-    /// "offline, waiting for presence": the client habits it holds are a
-    /// cache of the store's, read again at first use.
-    pub(super) fn park_if_quiet(&mut self, recipient: &str, initial_backoff: Duration) {
-        let Some(p) = self.busy.get(recipient) else {
-            return;
-        };
-        let quiet = p.phase == Phase::Offline
-            && p.presence_known
-            && p.resources.is_empty()
-            && p.in_flight.is_empty()
-            && p.cursor == 0
-            && p.timer.is_none()
-            && p.backoff == initial_backoff
-            && p.attempts.is_empty()
-            && p.unsaved_confirms.is_empty()
-            && !p.forced
-            && p.contact_timer.is_none();
-        if !quiet {
-            return;
-        }
-        self.set_initial_backoff(initial_backoff);
-        if let Some((name, _)) = self.busy.remove_entry(recipient) {
-            self.offline.insert(name.into_boxed_str());
-        }
+    /// Whether the pass's retry has recipients left to send to.
+    pub(super) fn retrying(&self) -> bool {
+        !self.retry_due.is_empty()
+    }
+
+    /// The next `n` recipients the retry sends to.
+    pub(super) fn next_retries(&mut self, n: usize) -> Vec<String> {
+        let keep = self.retry_due.len().saturating_sub(n);
+        self.retry_due.split_off(keep)
     }
 
     /// Parked ones come back with the backoff given last: the initial
     /// one, unless a reload changed it, and a fresh `Peer` would take the
     /// new one too.
     fn set_initial_backoff(&mut self, initial_backoff: Duration) {
-        self.parked.backoff = initial_backoff;
-        self.awaiting_state.backoff = initial_backoff;
+        self.idle.backoff = initial_backoff;
+        self.offline.backoff = initial_backoff;
+        self.awaiting.backoff = initial_backoff;
+    }
+
+    fn template(&self, kind: Parked) -> &Peer {
+        match kind {
+            Parked::Idle => &self.idle,
+            Parked::Offline => &self.offline,
+            Parked::Awaiting => &self.awaiting,
+        }
     }
 
     fn unpark(&mut self, recipient: &str) {
-        if let Some(name) = self.offline.take(recipient) {
-            let peer = Peer::parked(self.parked.backoff);
-            self.busy.insert(name.into_string(), Box::new(peer));
-        } else if let Some(name) = self.awaiting.take(recipient) {
-            self.last_answer = Some(Instant::now());
-            let peer = Peer::awaiting(self.awaiting_state.backoff);
+        if let Some((name, kind)) = self.parked.remove_entry(recipient) {
+            let peer = Peer::parked(kind, self.template(kind).backoff);
             self.busy.insert(name.into_string(), Box::new(peer));
         }
     }
@@ -214,15 +246,18 @@ impl Peers {
     }
 
     /// The link went down: presence is unknown again everywhere, nothing
-    /// stays in flight or scheduled. Returns the recipients held, all
-    /// idle now (the parked ones too).
-    pub(super) fn link_down(&mut self, timers: &mut DelayQueue<Timer>) -> Vec<String> {
-        let parked = std::mem::take(&mut self.offline)
-            .into_iter()
-            .chain(std::mem::take(&mut self.awaiting));
-        for name in parked {
-            let peer = Peer::new(self.parked.backoff);
-            self.busy.insert(name.into_string(), Box::new(peer));
+    /// stays in flight or scheduled, no retry is under way. Returns every
+    /// recipient held, all idle now, parked where nothing else is left.
+    pub(super) fn link_down(
+        &mut self,
+        timers: &mut DelayQueue<Timer>,
+        initial_backoff: Duration,
+    ) -> Vec<String> {
+        self.retry_due = Vec::new();
+        self.last_answer = None;
+        self.first_due = None;
+        for kind in self.parked.values_mut() {
+            *kind = Parked::Idle;
         }
         for peer in self.busy.values_mut() {
             peer.halt(timers);
@@ -230,6 +265,13 @@ impl Peers {
             peer.presence_known = false;
             peer.phase = Phase::Idle;
         }
-        self.busy.keys().cloned().collect()
+        let mut names: Vec<String> = self.busy.keys().cloned().collect();
+        for name in &names {
+            self.park_if_quiet(name, initial_backoff);
+        }
+        names.extend(self.parked.keys().map(|n| n.to_string()));
+        names.sort_unstable();
+        names.dedup();
+        names
     }
 }

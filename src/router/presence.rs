@@ -111,6 +111,7 @@ impl Router {
             return;
         }
         let initial = self.config.retry_initial();
+        self.peers.heard(&recipient);
         match p.type_ {
             PresenceType::Subscribed => {
                 info!(to = %recipient, "presence subscription approved");

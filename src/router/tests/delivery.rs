@@ -242,33 +242,116 @@ async fn a_new_link_forgets_who_was_offline_and_the_old_retry() {
 
 /// The pass's retry waits while answers are still being read: answers
 /// that keep coming past its time are a backlog, not silence, and only
-/// the recipients that never answered are sent to.
+/// the recipients that never answered are sent to; on the first link
+/// and on the next (whose recipients the last link knew).
 #[tokio::test(start_paused = true)]
 async fn the_retry_waits_for_answers_still_coming_in() {
+    for reconnect in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), 64);
+        let store = subscribed_store(&config, 20);
+        let mut h = harness_on(store, config, dir).await;
+        settle().await;
+        if reconnect {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            h.events.send(LinkEvent::Down).await.unwrap();
+            h.events.send(LinkEvent::Up { epoch: 2 }).await.unwrap();
+            settle().await;
+        }
+        h.drain_all();
+        // The retry is due 500 ms after the pass; answers come every
+        // 10 ms from 450 ms to 590.
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        for i in 0..15 {
+            h.feed(&format!(
+                "<presence xmlns='{NS}' from='u{i}@x' to='relay.x' type='unavailable'/>"
+            ))
+            .await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            messages(&h.drain_all()),
+            [],
+            "not while answers come in (reconnect: {reconnect})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut to: Vec<String> = messages(&h.drain_all())
+            .into_iter()
+            .map(|(t, _, _)| t)
+            .collect();
+        to.sort_unstable();
+        assert_eq!(to, ["u15@x", "u16@x", "u17@x", "u18@x", "u19@x"]);
+    }
+}
+
+/// Answers that trickle in for long hold the retry back four times
+/// `retry_initial_ms` past its time at most: then those still silent are
+/// sent to.
+#[tokio::test(start_paused = true)]
+async fn trickling_answers_hold_the_retry_back_for_a_while_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 64);
+    let store = subscribed_store(&config, 40);
+    let mut h = harness_on(store, config, dir).await;
+    settle().await;
+    h.drain_all();
+    // Due at 500 ms, held until 2,500 at most; an answer every 90 ms
+    // from 450 ms (quiet: 100 ms).
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let mut sent = Vec::new();
+    for i in 0..30 {
+        h.feed(&format!(
+            "<presence xmlns='{NS}' from='u{i}@x' to='relay.x' type='unavailable'/>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(90)).await;
+        let now = messages(&h.drain_all());
+        if !now.is_empty() {
+            sent.push((i, now));
+        }
+    }
+    let [(i, first)] = &sent[..] else {
+        panic!("one retry: {sent:?}");
+    };
+    // Sent after the answer of u{i}, 450 + 90 * i ms after the pass.
+    assert_eq!(*i, 22, "at 2,500 ms");
+    let mut to: Vec<String> = first.iter().map(|(t, _, _)| t.clone()).collect();
+    to.sort_unstable();
+    let mut silent: Vec<String> = (23..40).map(|i| format!("u{i}@x")).collect();
+    silent.sort_unstable();
+    assert_eq!(to, silent);
+}
+
+/// New messages for recipients awaiting their answer are not answers:
+/// they wait for the retry, and the retry does not wait for them.
+#[tokio::test(start_paused = true)]
+async fn new_messages_do_not_hold_the_retry_back() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path(), 64);
     let store = subscribed_store(&config, 20);
     let mut h = harness_on(store, config, dir).await;
     settle().await;
     h.drain_all();
-    // The retry is due 500 ms after the pass; answers come every 10 ms
-    // from 450 ms to 590.
     tokio::time::sleep(Duration::from_millis(450)).await;
     for i in 0..15 {
         h.feed(&format!(
-            "<presence xmlns='{NS}' from='u{i}@x' to='relay.x' type='unavailable'/>"
+            "<message xmlns='{NS}' from='alice@x/r' to='u{i}@relay.x' id='new{i}' type='chat'><body>new</body></message>"
         ))
         .await;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(messages(&h.drain_all()), [], "not while answers come in");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut to: Vec<String> = messages(&h.drain_all())
+    // By 600 ms: every recipient's head, m{i}, and nothing else (presence
+    // unknown: one on the wire each).
+    let mut sent: Vec<(String, String)> = messages(&h.drain_all())
         .into_iter()
-        .map(|(t, _, _)| t)
+        .map(|(t, id, _)| (t, id))
         .collect();
-    to.sort_unstable();
-    assert_eq!(to, ["u15@x", "u16@x", "u17@x", "u18@x", "u19@x"]);
+    sent.sort_unstable();
+    let mut heads: Vec<(String, String)> = (0..20)
+        .map(|i| (format!("u{i}@x"), format!("m{i}")))
+        .collect();
+    heads.sort_unstable();
+    assert_eq!(sent, heads);
 }
 
 #[test]
