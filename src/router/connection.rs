@@ -186,7 +186,8 @@ impl Router {
         // In steps, so that a large store does not hold everything else
         // up (nor buffer a probe per recipient at once).
         self.probe_queue = recipients.into();
-        self.timers.insert(Timer::ProbeStep, Duration::ZERO);
+        self.timers
+            .insert(Timer::ProbeStep { epoch }, Duration::ZERO);
         self.send_twin_probes().await;
         // The walk runs while notices can go out; the first connect starts
         // it at once (a restart may find messages that expired while the
@@ -202,7 +203,7 @@ impl Router {
 
     /// Probe the next [`PROBE_STEP`] recipients known at link up: servers
     /// do not queue presence for a disconnected component, so ask again.
-    pub(super) async fn probe_step(&mut self) {
+    pub(super) async fn probe_step(&mut self, epoch: u64) {
         let initial = self.config.retry_initial();
         for _ in 0..PROBE_STEP {
             let Some((name, state)) = self.probe_queue.pop_front() else {
@@ -231,7 +232,8 @@ impl Router {
             }
         }
         if !self.probe_queue.is_empty() {
-            self.timers.insert(Timer::ProbeStep, Duration::ZERO);
+            self.timers
+                .insert(Timer::ProbeStep { epoch }, Duration::ZERO);
             return;
         }
         // Every probe is out. Where no presence has come back within
@@ -250,9 +252,7 @@ impl Router {
         debug!(unanswered, "every recipient probed");
         // Armed even when every answer came: its end of the pass also
         // hands the pass's memory back.
-        if let Some(epoch) = self.epoch {
-            self.timers.insert(Timer::ProbeRetry { epoch }, initial);
-        }
+        self.timers.insert(Timer::ProbeRetry { epoch }, initial);
     }
 
     /// The probe pass's retry: where presence is still unknown, send;
@@ -275,13 +275,18 @@ impl Router {
         // In steps, as the pass: what is read meanwhile is handled
         // between them.
         for name in self.peers.next_retries(PROBE_STEP) {
+            if !self
+                .peers
+                .get(&name)
+                .is_some_and(|p| p.phase == Phase::Backoff && p.timer.is_none())
+            {
+                // Something else decided meanwhile (an answer read
+                // between two steps): a parked one stays parked.
+                continue;
+            }
             let Some(peer) = self.peers.get_mut(&name) else {
                 continue;
             };
-            if peer.phase != Phase::Backoff || peer.timer.is_some() {
-                // Something else decided meanwhile.
-                continue;
-            }
             peer.halt(&mut self.timers);
             peer.phase = Phase::Sending;
             self.pump(&name).await;

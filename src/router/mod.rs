@@ -148,8 +148,10 @@ enum Timer {
     Resume {
         recipient: String,
     },
-    /// Time to probe the next recipients after a connect.
-    ProbeStep,
+    /// Time to probe the next recipients after link `epoch`'s connect.
+    ProbeStep {
+        epoch: u64,
+    },
     /// The probe pass of link `epoch` ended this long ago: retry where
     /// presence is still unknown.
     ProbeRetry {

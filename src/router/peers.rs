@@ -30,8 +30,8 @@ pub(super) struct Peers {
     idle: Peer,
     offline: Peer,
     awaiting: Peer,
-    /// When a recipient waiting for the probe pass's retry was last heard
-    /// from: the retry waits while answers still come in.
+    /// When a presence from a recipient the relay asked was last read:
+    /// the probe pass's retry waits while answers still come in.
     last_answer: Option<Instant>,
     /// When the retry was first due: it waits for answers that long at
     /// most.
@@ -131,15 +131,12 @@ impl Peers {
         }
     }
 
-    /// A presence from `recipient`: if it waits for the pass's retry, an
-    /// answer to its probe, read now.
-    pub(super) fn heard(&mut self, recipient: &str) {
-        if self
-            .get(recipient)
-            .is_some_and(|p| p.phase == Phase::Backoff && p.timer.is_none())
-        {
-            self.last_answer = Some(Instant::now());
-        }
+    /// A presence from a recipient the relay asked, read now: probes go
+    /// to every subscribed recipient, those with nothing pending too, and
+    /// their answers come in probe order, so any of them read shows that
+    /// answers are still being read.
+    pub(super) fn heard(&mut self) {
+        self.last_answer = Some(Instant::now());
     }
 
     /// How much longer the pass's retry, due now, waits: answers still
@@ -157,26 +154,21 @@ impl Peers {
         (since < quiet).then(|| (quiet - since).min(left))
     }
 
-    /// The pass's retry starts: every recipient waiting for it is due
-    /// (whole `Peer`s now: they are about to be sent to).
+    /// The pass's retry starts: every recipient waiting for it is due.
     pub(super) fn start_retries(&mut self) {
         self.last_answer = None;
         self.first_due = None;
-        let waiting: Vec<Box<str>> = self
+        let parked = self
             .parked
             .iter()
             .filter(|(_, kind)| **kind == Parked::Awaiting)
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in waiting {
-            self.unpark(&name);
-        }
-        self.retry_due = self
+            .map(|(name, _)| name.to_string());
+        let busy = self
             .busy
             .iter()
             .filter(|(_, p)| p.phase == Phase::Backoff && p.timer.is_none())
-            .map(|(r, _)| r.clone())
-            .collect();
+            .map(|(r, _)| r.clone());
+        self.retry_due = parked.chain(busy).collect();
     }
 
     /// Whether the pass's retry has recipients left to send to.

@@ -111,7 +111,7 @@ impl Router {
             return;
         }
         let initial = self.config.retry_initial();
-        self.peers.heard(&recipient);
+        self.peers.heard();
         match p.type_ {
             PresenceType::Subscribed => {
                 info!(to = %recipient, "presence subscription approved");

@@ -44,9 +44,10 @@ impl Router {
                 }
             }
             Timer::ProbeRetry { epoch } => self.probe_retry(epoch).await,
-            Timer::ProbeStep => {
-                if self.epoch.is_some() {
-                    self.probe_step().await;
+            Timer::ProbeStep { epoch } => {
+                // A pass of an earlier link is over: it ended with it.
+                if self.epoch == Some(epoch) {
+                    self.probe_step(epoch).await;
                 }
             }
             Timer::SpaceProbe => {

@@ -284,6 +284,39 @@ async fn the_retry_waits_for_answers_still_coming_in() {
     }
 }
 
+/// Answers from recipients with nothing pending hold the retry back
+/// too: they come in probe order, ahead of answers that matter.
+#[tokio::test(start_paused = true)]
+async fn answers_from_recipients_with_nothing_pending_hold_the_retry_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 64);
+    let store = subscribed_store(&config, 5);
+    for i in 0..15 {
+        store
+            .set_subscription(&format!("p{i}@x"), Subscription::Subscribed)
+            .unwrap();
+    }
+    let mut h = harness_on(store, config, dir).await;
+    settle().await;
+    h.drain_all();
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    for i in 0..15 {
+        h.feed(&format!(
+            "<presence xmlns='{NS}' from='p{i}@x' to='relay.x' type='unavailable'/>"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for i in 0..5 {
+        h.feed(&format!(
+            "<presence xmlns='{NS}' from='u{i}@x' to='relay.x' type='unavailable'/>"
+        ))
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(messages(&h.drain_all()), [], "all of them answered");
+}
+
 /// Answers that trickle in for long hold the retry back four times
 /// `retry_initial_ms` past its time at most: then those still silent are
 /// sent to.
