@@ -102,6 +102,25 @@ fn subscribed_store(config: &Config, n: usize) -> Arc<dyn QueueStore> {
     store
 }
 
+/// `who` (a bare JID) is offline: the answer to its probe.
+async fn unavailable_from(h: &Harness, who: &str) {
+    h.feed(&format!(
+        "<presence xmlns='{NS}' from='{who}' to='relay.x' type='unavailable'/>"
+    ))
+    .await;
+}
+
+/// The recipients (`to`) of the messages sent since the last drain,
+/// sorted.
+fn sorted_recipients(h: &mut Harness) -> Vec<String> {
+    let mut to: Vec<String> = messages(&h.drain_all())
+        .into_iter()
+        .map(|(t, _, _)| t)
+        .collect();
+    to.sort_unstable();
+    to
+}
+
 /// On a large store most probe answers come after the pass has ended.
 /// One that says "unavailable" holds the recipient's messages, new ones
 /// too, until its presence, and then they are replayed after the grace
@@ -122,10 +141,7 @@ async fn answers_after_the_pass_hold_messages_until_presence() {
         .count();
     assert_eq!(probes, n, "the pass is over");
     for i in 0..n / 2 {
-        h.feed(&format!(
-            "<presence xmlns='{NS}' from='u{i}@x' to='relay.x' type='unavailable'/>"
-        ))
-        .await;
+        unavailable_from(&h, &format!("u{i}@x")).await;
     }
     // New messages: for one known offline, and for one still silent.
     let silent = n - 1;
@@ -208,10 +224,7 @@ async fn a_new_link_forgets_who_was_offline_and_the_old_retry() {
     let store = subscribed_store(&config, 4);
     let mut h = harness_on(store, config, dir).await;
     settle().await;
-    h.feed(&format!(
-        "<presence xmlns='{NS}' from='u0@x' to='relay.x' type='unavailable'/>"
-    ))
-    .await;
+    unavailable_from(&h, "u0@x").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     h.drain_all();
     h.events.send(LinkEvent::Down).await.unwrap();
@@ -232,11 +245,7 @@ async fn a_new_link_forgets_who_was_offline_and_the_old_retry() {
     assert_eq!(messages(&h.drain_all()), []);
     // The second's, 500 ms after it: every one, u0 too.
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let mut to: Vec<String> = messages(&h.drain_all())
-        .into_iter()
-        .map(|(t, _, _)| t)
-        .collect();
-    to.sort_unstable();
+    let to = sorted_recipients(&mut h);
     assert_eq!(to, ["u0@x", "u1@x", "u2@x", "u3@x"]);
 }
 
@@ -263,10 +272,7 @@ async fn the_retry_waits_for_answers_still_coming_in() {
         // 10 ms from 450 ms to 590.
         tokio::time::sleep(Duration::from_millis(450)).await;
         for i in 0..15 {
-            h.feed(&format!(
-                "<presence xmlns='{NS}' from='u{i}@x' to='relay.x' type='unavailable'/>"
-            ))
-            .await;
+            unavailable_from(&h, &format!("u{i}@x")).await;
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(
@@ -275,11 +281,7 @@ async fn the_retry_waits_for_answers_still_coming_in() {
             "not while answers come in (reconnect: {reconnect})"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let mut to: Vec<String> = messages(&h.drain_all())
-            .into_iter()
-            .map(|(t, _, _)| t)
-            .collect();
-        to.sort_unstable();
+        let to = sorted_recipients(&mut h);
         assert_eq!(to, ["u15@x", "u16@x", "u17@x", "u18@x", "u19@x"]);
     }
 }
@@ -301,17 +303,11 @@ async fn answers_from_recipients_with_nothing_pending_hold_the_retry_back() {
     h.drain_all();
     tokio::time::sleep(Duration::from_millis(450)).await;
     for i in 0..15 {
-        h.feed(&format!(
-            "<presence xmlns='{NS}' from='p{i}@x' to='relay.x' type='unavailable'/>"
-        ))
-        .await;
+        unavailable_from(&h, &format!("p{i}@x")).await;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     for i in 0..5 {
-        h.feed(&format!(
-            "<presence xmlns='{NS}' from='u{i}@x' to='relay.x' type='unavailable'/>"
-        ))
-        .await;
+        unavailable_from(&h, &format!("u{i}@x")).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(messages(&h.drain_all()), [], "all of them answered");
@@ -333,10 +329,7 @@ async fn trickling_answers_hold_the_retry_back_for_a_while_only() {
     tokio::time::sleep(Duration::from_millis(450)).await;
     let mut sent = Vec::new();
     for i in 0..30 {
-        h.feed(&format!(
-            "<presence xmlns='{NS}' from='u{i}@x' to='relay.x' type='unavailable'/>"
-        ))
-        .await;
+        unavailable_from(&h, &format!("u{i}@x")).await;
         tokio::time::sleep(Duration::from_millis(90)).await;
         let now = messages(&h.drain_all());
         if !now.is_empty() {
