@@ -278,7 +278,7 @@ impl Router {
             if !self
                 .peers
                 .get(&name)
-                .is_some_and(|p| p.phase == Phase::Backoff && p.timer.is_none())
+                .is_some_and(|p| p.awaits_probe_retry())
             {
                 // Something else decided meanwhile (an answer read
                 // between two steps): a parked one stays parked.

@@ -146,6 +146,12 @@ impl Peer {
         }
     }
 
+    /// In backoff with no timer of its own: waiting for the probe pass's
+    /// retry.
+    pub(super) fn awaits_probe_retry(&self) -> bool {
+        self.phase == Phase::Backoff && self.timer.is_none()
+    }
+
     /// Some resource takes messages and has not missed a receipt.
     pub(super) fn online(&self) -> bool {
         self.resources

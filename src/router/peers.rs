@@ -166,7 +166,7 @@ impl Peers {
         let busy = self
             .busy
             .iter()
-            .filter(|(_, p)| p.phase == Phase::Backoff && p.timer.is_none())
+            .filter(|(_, p)| p.awaits_probe_retry())
             .map(|(r, _)| r.clone());
         self.retry_due = parked.chain(busy).collect();
     }
@@ -257,13 +257,15 @@ impl Peers {
             peer.presence_known = false;
             peer.phase = Phase::Idle;
         }
-        let mut names: Vec<String> = self.busy.keys().cloned().collect();
-        for name in &names {
+        let held: Vec<String> = self.busy.keys().cloned().collect();
+        for name in &held {
             self.park_if_quiet(name, initial_backoff);
         }
-        names.extend(self.parked.keys().map(|n| n.to_string()));
-        names.sort_unstable();
-        names.dedup();
-        names
+        // Busy and parked are disjoint: each name once.
+        self.busy
+            .keys()
+            .cloned()
+            .chain(self.parked.keys().map(|n| n.to_string()))
+            .collect()
     }
 }
